@@ -1,0 +1,39 @@
+"""asbound: verify robustness theory for transfer learning on real models.
+
+Nern et al. (NeurIPS 2023): the adversarial sensitivity (AS) of a representation bounds the
+robustness of any linear head on top of it (Lemma 1, Theorem 1) and certifies per-datapoint
+robustness through a margin criterion (Theorem 2). See ``SPEC.md`` sections 1-4.
+
+The public API is imported lazily, so that ``import asbound`` stays cheap::
+
+    from asbound import ScoreConfig, score, score_default
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "ScoreConfig": "asbound.api",
+    "ScoreResult": "asbound.api",
+    "score": "asbound.api",
+    "score_default": "asbound.api",
+    "load_model": "asbound.models",
+    "split_model": "asbound.models",
+    "SplitModel": "asbound.models",
+    "load_data": "asbound.data",
+    "DataSet": "asbound.data",
+    "PGD": "asbound.attacks",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'asbound' has no attribute {name!r}")

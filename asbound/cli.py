@@ -1,0 +1,143 @@
+"""``asbound`` command line: a thin layer over :mod:`asbound.api`.
+
+    asbound score                                   # the embedded offline default
+    asbound score --model robustbench:cifar100/Linf/Addepalli2022Efficient_WRN_34_10 \\
+                  --data cifar10 --eps 8/255 --n 1000 --out runs/c100-to-c10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from asbound.errors import AsboundError, ConfigError
+
+
+def _n(text: str) -> Optional[int]:
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n must be a whole number or 'all', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from asbound import __version__
+    from asbound.api import ScoreConfig
+
+    d = ScoreConfig()
+    parser = argparse.ArgumentParser(
+        prog="asbound", description="Verify robustness theory for transfer learning on real models."
+    )
+    parser.add_argument("--version", action="version", version=f"asbound {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "score",
+        help="AS score, Lemma 1 / Theorem 1 and the Theorem 2 criterion per datapoint",
+        description=(
+            "Attack the representation (AS score) and the loss with PGD; write one record per "
+            "datapoint and the bounds of Nern et al. (2023). Without --model and --data: the "
+            "embedded offline default (builtin adversarial LeNet on procedural dSprites)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD]")
+    g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt); default: user cache")
+    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True)")
+    g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict())")
+    g.add_argument("--feature-layer", help="module whose output is the representation g(x)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow file:PATH (unpickling runs code)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
+    g.add_argument("--data-root", help="where torchvision data sets live; default: user cache")
+    g.add_argument("--split", default=d.split, choices=("train", "test"))
+    g.add_argument("--n", type=_n, default=argparse.SUPPRESS, help=f"datapoints, or 'all' (default {d.n}; 500 for the embedded default)")
+    g.add_argument("--seed", type=int, default=d.seed, help="subset selection and random starts")
+    g.add_argument("--resize", type=int, help="resize inputs to RESIZE x RESIZE")
+    g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
+    g = p.add_argument_group("attack")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--norm", default=d.norm, help="inf or 2")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--rel-step", type=float, default=d.rel_step, help="step size relative to eps")
+    g.add_argument("--restarts", type=int, default=d.restarts)
+    g.add_argument("--no-random-start", action="store_true")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"))
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g = p.add_argument_group("bounds")
+    g.add_argument("--delta", type=float, default=d.delta, help="Theorem 1 confidence 1 - delta")
+    g.add_argument("--loss-cap", type=float, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="run directory (default runs/<model>__<data>); rerunning resumes")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    g.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from asbound.api import DEFAULT_N, ScoreConfig, score, score_default
+    from asbound.report import summary_table
+
+    options = dict(
+        eps=args.eps, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts,
+        random_start=not args.no_random_start, batch_size=args.batch_size, split=args.split, seed=args.seed,
+        delta=args.delta, loss_cap=args.loss_cap, device=args.device, backend=args.backend,
+        model_dir=args.model_dir, data_root=args.data_root, weights=args.weights, head=args.head,
+        feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
+        download=args.download,
+    )
+    progress = not args.no_progress
+    if args.model is None and args.data is None:
+        options["n"] = getattr(args, "n", DEFAULT_N)
+        results = score_default(args.out or "runs/default", progress=progress, **options)
+    else:
+        if args.model is None or args.data is None:
+            raise ConfigError("give both --model and --data, or neither for the embedded default")
+        ScoreConfig(model=args.model, data=args.data).validated()  # spec errors before any loading
+        options["n"] = getattr(args, "n", ScoreConfig.n)
+        out = args.out or f"runs/{_slug(args.model)}__{_slug(args.data)}"
+        results = [score(ScoreConfig(model=args.model, data=args.data), out=out, progress=progress, **options)]
+    summaries = [r.summary for r in results]
+    if args.json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+        return 0
+    console = Console()
+    console.print(summary_table(summaries))
+    for r in results:
+        for note in r.notes:
+            console.print(f"[dim]{r.summary['data']}: {note}[/dim]")
+        console.print(f"records: {r.out}/points.csv, summary.json, config.json")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "score":
+            return _score(args)
+    except AsboundError as exc:
+        print(f"asbound: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(
+            "asbound: interrupted; the records written so far are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""dSprites (Matthey et al. 2017), rendered procedurally or read from the official file.
+
+The full set has 737,280 binary 64×64 images, one per combination of the latents, in the
+official order ``color (1), shape (3), scale (6), orientation (40), posX (32), posY (32)``: the
+index of an image is the mixed-radix number of its latent classes, posY fastest. Latent values:
+shape 1 square, 2 ellipse, 3 heart; scale ``linspace(0.5, 1, 6)``; orientation
+``linspace(0, 2π, 40)`` (radians); posX, posY ``linspace(0, 1, 32)``.
+
+Rendering: the shape's centre is ``16 + 32·pos`` pixels from the left (posX) and from the top
+(posY), its unit length ``10·scale`` pixels (a square of side 20 px at scale 1), rotated
+counter-clockwise by the orientation; the largest rotated shape stays inside the image.
+
+The split of the seed paper is 80/20: ``torch.randperm(N, generator=manual_seed(0))``, the first
+80% train, the rest test; each split is reported in ascending index order. When the official
+``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz`` lies in the data root (or ``root/dsprites/``),
+its images and latents are used instead. A file with fewer than 737,280 rows (a test fixture)
+is taken as the full set: its rows are split the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from asbound.data.base import RawSource
+from asbound.errors import ConfigError, DataError
+
+LATENT_NAMES = ("color", "shape", "scale", "orientation", "posX", "posY")
+LATENT_SIZES = (1, 3, 6, 40, 32, 32)
+DSPRITES_SIZE = math.prod(LATENT_SIZES)  # 737,280
+DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+SHAPE_NAMES = ["square", "ellipse", "heart"]
+#: Column of each ``dsprites:FACTOR`` in the latents.
+FACTOR_COLUMN = {"shape": 1, "scale": 2, "orientation": 3, "posx": 4, "posy": 5}
+TRAIN_FRACTION = 0.8
+IMAGE_SIZE = 64
+
+_STRIDES = torch.tensor([math.prod(LATENT_SIZES[i + 1:]) for i in range(6)], dtype=torch.int64)
+_VALUES = (
+    torch.tensor([1.0]),
+    torch.tensor([1.0, 2.0, 3.0]),
+    torch.linspace(0.5, 1.0, 6, dtype=torch.float64),
+    torch.linspace(0.0, 2 * math.pi, 40, dtype=torch.float64),
+    torch.linspace(0.0, 1.0, 32, dtype=torch.float64),
+    torch.linspace(0.0, 1.0, 32, dtype=torch.float64),
+)
+
+
+def dsprites_latents(
+    indices: Union[torch.Tensor, Sequence[int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent classes (int64 [n, 6]) and values (float64 [n, 6]) of images by their index."""
+    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= DSPRITES_SIZE):
+        raise ConfigError(f"dSprites indices must lie in [0, {DSPRITES_SIZE})")
+    classes = idx[:, None] // _STRIDES % torch.tensor(LATENT_SIZES)
+    values = torch.stack([v.double()[classes[:, j]] for j, v in enumerate(_VALUES)], dim=1)
+    return classes, values
+
+
+def dsprites_index(latent_classes: torch.Tensor) -> torch.Tensor:
+    """The index in the full set (int64 [n]) of latent classes [n, 6]; inverse of
+    :func:`dsprites_latents`."""
+    return (torch.as_tensor(latent_classes, dtype=torch.int64) * _STRIDES).sum(dim=1)
+
+
+def _square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(u.abs(), v.abs()) <= 1
+
+
+def _ellipse(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u / 1.2) ** 2 + (v / 0.6) ** 2 <= 1  # aspect 2:1
+
+
+def _heart(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    u2, v = (1.1 * u) ** 2, 1.1 * v + 0.1  # the curve spans v in [-1, 1.2]: centre it
+    a = u2 + v * v - 1
+    return a * a * a <= u2 * v * v * v  # (u² + v² - 1)³ - u² v³ <= 0
+
+
+def render_dsprites(latent_classes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Render binary dSprites images (float32 [n, 1, 64, 64], values 0/1) from latent classes
+    [n, 6] in the official order; vectorised over each batch of images."""
+    classes = torch.as_tensor(latent_classes, dtype=torch.int64).reshape(-1, 6)
+    out = torch.empty(len(classes), 1, IMAGE_SIZE, IMAGE_SIZE)
+    grid = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    for start in range(0, len(classes), batch_size):
+        c = classes[start:start + batch_size]
+        scale, theta, px, py = (_VALUES[j].float()[c[:, j]][:, None, None] for j in (2, 3, 4, 5))
+        dx = grid[None, None, :] - (16 + 32 * px)  # columns, to the right
+        dy = (16 + 32 * py) - grid[None, :, None]  # rows, up
+        cos, sin = torch.cos(theta) / (10 * scale), torch.sin(theta) / (10 * scale)
+        mask = torch.empty(len(c), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+        for k, inside in enumerate((_square, _ellipse, _heart)):
+            sel = (c[:, 1] == k).nonzero().squeeze(1)
+            if len(sel):  # rotate back by -theta into the shape's frame, in units of 10·scale px
+                u = cos[sel] * dx[sel] + sin[sel] * dy[sel]
+                v = cos[sel] * dy[sel] - sin[sel] * dx[sel]
+                mask[sel] = inside(u, v)
+        out[start:start + batch_size, 0] = mask
+    return out
+
+
+@lru_cache(maxsize=4)
+def split_members(total: int, split: str) -> torch.Tensor:
+    """Ascending indices of ``split`` in a set of ``total`` images (80/20, permutation seed 0)."""
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0))
+    cut = int(total * TRAIN_FRACTION)
+    return (perm[:cut] if split == "train" else perm[cut:]).sort().values
+
+
+def find_dsprites_npz(root: Path) -> Optional[Path]:
+    """The official dSprites file in ``root`` or ``root/dsprites``, if present."""
+    for p in (root / DSPRITES_NPZ, root / "dsprites" / DSPRITES_NPZ):
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_npy_rows(path: Path, key: str, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Rows (sorted) of one array inside an .npz, streamed so the 3 GB image array of the
+    official file never sits in memory whole."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+            np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = reader(f)
+        if fortran or dtype.hasobject:
+            return np.load(path, allow_pickle=False)[key][rows]
+        row_items = math.prod(shape[1:])
+        out = np.empty((len(rows),) + tuple(shape[1:]), dtype=dtype)
+        done, start = 0, 0
+        while done < len(rows):
+            stop = min(start + chunk, shape[0])
+            block = np.frombuffer(f.read((stop - start) * row_items * dtype.itemsize), dtype=dtype)
+            block = block.reshape((stop - start,) + tuple(shape[1:]))
+            take = rows[done:np.searchsorted(rows, stop)]
+            out[done:done + len(take)] = block[take - start]
+            done, start = done + len(take), stop
+        return out
+
+
+def _npz_source(path: Path, factor: str, split: str) -> RawSource:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"imgs", "latents_values", "latents_classes"} - set(z.files)
+            if missing:
+                raise DataError(f"dSprites file {path} lacks {', '.join(sorted(missing))}; "
+                                f"expected imgs (N×64×64), latents_values and "
+                                f"latents_classes (N×6)")
+            values = torch.from_numpy(z["latents_values"]).double()
+            classes = torch.from_numpy(z["latents_classes"]).long()
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read dSprites file {path}: {' '.join(str(err).split())}") from None
+    if values.shape != classes.shape or values.dim() != 2 or values.shape[1] != 6:
+        raise DataError(f"dSprites file {path}: latents have shapes {tuple(values.shape)} and "
+                        f"{tuple(classes.shape)}; expected N×6")
+    members = split_members(len(values), split)
+
+    def read(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = members[pos]
+        imgs = torch.from_numpy(_read_npy_rows(path, "imgs", rows.numpy())).float()
+        if imgs.numel() and float(imgs.max()) > 1:  # stored as 0/255 rather than the official 0/1
+            imgs = imgs / 255
+        return imgs.unsqueeze(1), _targets(factor, classes[rows], values[rows])
+
+    return _make_source(factor, len(members), read, str(path), members)
+
+
+def _targets(factor: str, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    col = FACTOR_COLUMN[factor]
+    return classes[:, col].long() if factor == "shape" else values[:, col].float()
+
+
+def _make_source(factor: str, size: int, read, source: str, members: torch.Tensor) -> RawSource:
+    if factor == "shape":
+        return RawSource(size, read, "classification", 3, list(SHAPE_NAMES), source, members)
+    return RawSource(size, read, "regression", None, None, source, members)
+
+
+def dsprites_source(factor: str, root: Path, split: str) -> RawSource:
+    """One split of dSprites with the target ``factor`` (shape: classification, else the latent
+    value as a regression target)."""
+    if factor not in FACTOR_COLUMN:
+        raise ConfigError(f"unknown dSprites factor {factor!r}; valid: {', '.join(FACTOR_COLUMN)}")
+    npz = find_dsprites_npz(root)
+    if npz is not None:
+        return _npz_source(npz, factor, split)
+    members = split_members(DSPRITES_SIZE, split)
+
+    def read(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes, values = dsprites_latents(members[pos])
+        return render_dsprites(classes), _targets(factor, classes, values)
+
+    return _make_source(factor, len(members), read, "procedural", members)

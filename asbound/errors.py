@@ -1,0 +1,33 @@
+"""Errors that reach the user as one clear line (exit code 2), never a traceback.
+
+Every error raised for bad input is an :class:`AsboundError`: its message names what is
+wrong and what is valid. The CLI prints ``asbound: error: <message>`` and exits with 2.
+"""
+
+from __future__ import annotations
+
+
+class AsboundError(Exception):
+    """Bad input or an unusable environment, explained in one line."""
+
+    exit_code = 2
+
+
+class SpecError(AsboundError):
+    """A model or data spec that cannot be parsed or resolved."""
+
+
+class DataError(AsboundError):
+    """A data set that is missing, malformed, or has invalid values (NaN, out of [0, 1])."""
+
+
+class ModelError(AsboundError):
+    """A model that cannot be loaded or split into features and a linear head."""
+
+
+class ConfigError(AsboundError):
+    """An option outside its valid range (eps, steps, delta, ...)."""
+
+
+class ResumeError(AsboundError):
+    """An output directory whose earlier run does not match the current configuration."""

@@ -1,0 +1,15 @@
+"""Models: loading from a spec, and the split ``f(x) = W g(x) + b`` into features and head."""
+
+from asbound.models.loaders import LoadedModel, Normalize, default_model_dir, load_model
+from asbound.models.split import LayerOutput, SplitModel, frozen, split_model
+
+__all__ = [
+    "LayerOutput",
+    "LoadedModel",
+    "Normalize",
+    "SplitModel",
+    "default_model_dir",
+    "frozen",
+    "load_model",
+    "split_model",
+]

@@ -1,0 +1,167 @@
+"""Tiny data sets in the exact on-disk formats, for offline tests (reusable by any test file).
+
+Each ``make_*`` writes under ``root`` and returns what it wrote, so a test can check values.
+CIFAR files carry no valid MD5: torchvision's integrity check has to be bypassed in the test
+with :func:`bypass_cifar_md5` (never in production code).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, Path]
+
+
+def bypass_cifar_md5(monkeypatch: Any) -> None:
+    """Make torchvision accept fabricated CIFAR files (their MD5 cannot match)."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+
+
+def _images(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def make_cifar10(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
+    """``root/cifar-10-batches-py``: the train split spread over data_batch_1..5.
+
+    Returns ``{"train": (images uint8 [n, 3, 32, 32], labels int64 [n]), "test": ...}``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in ("train", "test"):
+        x = _images(rng, n_per_split, (3, 32, 32))
+        y = rng.integers(0, 10, size=n_per_split)
+        out[split] = (x, y)
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        parts = zip(names, np.array_split(x, len(names)), np.array_split(y, len(names)))
+        for name, xs, ys in parts:
+            _pickle(folder / name, {"data": xs.reshape(len(xs), 3072), "labels": ys.tolist()})
+    _pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    return out
+
+
+def make_cifar100(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
+    """``root/cifar-100-python/{train,test,meta}`` with fine labels; returns as make_cifar10."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in ("train", "test"):
+        x = _images(rng, n_per_split, (3, 32, 32))
+        y = rng.integers(0, 100, size=n_per_split)
+        out[split] = (x, y)
+        _pickle(folder / split, {"data": x.reshape(len(x), 3072), "fine_labels": y.tolist(),
+                                 "coarse_labels": (y // 5).tolist()})
+    _pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
+                              "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+    return out
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def _make_idx_set(folder: Path, n_per_split: int, seed: int) -> dict[str, tuple]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _images(rng, n_per_split, (28, 28))
+        y = rng.integers(0, 10, size=n_per_split).astype(np.uint8)
+        out[split] = (x, y)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", x)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", y)
+    return out
+
+
+def make_fashion_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
+    """``root/FashionMNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28])."""
+    return _make_idx_set(Path(root) / "FashionMNIST" / "raw", n_per_split, seed)
+
+
+def make_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
+    """``root/MNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28])."""
+    return _make_idx_set(Path(root) / "MNIST" / "raw", n_per_split, seed)
+
+
+def make_image_folder(
+    root: PathLike,
+    classes: Sequence[str] = ("cat", "dog"),
+    n_per_class: int = 3,
+    size: Union[int, tuple[int, int]] = 16,
+    mode: str = "RGB",
+    seed: int = 0,
+) -> dict[str, list[np.ndarray]]:
+    """``root/<class>/<k>.png`` PNG images (``mode`` RGB or L); returns the arrays per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = (size, size) if isinstance(size, int) else size
+    out: dict[str, list[np.ndarray]] = {}
+    for name in classes:
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        out[name] = []
+        for k in range(n_per_class):
+            arr = _images(rng, 1, (h, w, 3) if mode == "RGB" else (h, w))[0]
+            Image.fromarray(arr).save(Path(root) / name / f"{k:03d}.png")
+            out[name].append(arr)
+    return out
+
+
+def make_tensors_file(
+    path: PathLike,
+    n: int = 8,
+    shape: tuple[int, ...] = (3, 8, 8),
+    target: str = "int",
+    num_classes: int = 4,
+    seed: int = 0,
+    extra: Optional[dict] = None,
+) -> dict[str, Any]:
+    """Write ``{"x": float [n, *shape] in [0, 1], "y": ...}`` with torch.save, or as .npz when
+    ``path`` ends in .npz. ``target``: "int" (labels < num_classes), "float" ([n]) or
+    "float2" ([n, 2]). ``extra`` entries are added (or override x / y). Returns the dict."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n,) + tuple(shape), generator=g)
+    if target == "int":
+        y = torch.randint(0, num_classes, (n,), generator=g)
+    else:
+        y = torch.randn((n,) if target == "float" else (n, 2), generator=g)
+    obj: dict[str, Any] = {"x": x, "y": y, **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        np.savez(path, **{k: np.asarray(v) for k, v in obj.items()})
+    else:
+        torch.save(obj, path)
+    return obj
+
+
+def make_dsprites_npz(root: PathLike, indices: Sequence[int], subdir: bool = False) -> Path:
+    """A small file with the official dSprites name and keys (imgs uint8 0/1 [N, 64, 64],
+    latents_values, latents_classes [N, 6]) holding the images of ``indices``, rendered."""
+    from asbound.data import dsprites_latents, render_dsprites
+
+    classes, values = dsprites_latents(torch.as_tensor(list(indices)))
+    imgs = render_dsprites(classes)[:, 0].to(torch.uint8).numpy()
+    folder = Path(root) / "dsprites" if subdir else Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+    np.savez_compressed(path, imgs=imgs, latents_values=values.numpy(),
+                        latents_classes=classes.numpy())
+    return path

@@ -1,0 +1,376 @@
+"""asbound.data: fabricated on-disk formats, subsets, transforms, validation and dSprites."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asbound.data import (
+    DSPRITES_SIZE,
+    DataSet,
+    default_data_root,
+    dsprites_index,
+    dsprites_latents,
+    load_data,
+    render_dsprites,
+)
+from asbound.data.dsprites import split_members
+from asbound.errors import ConfigError, DataError, SpecError
+from asbound.specs import InputFormat, parse_data_spec
+from fabricate import (
+    bypass_cifar_md5,
+    make_cifar10,
+    make_cifar100,
+    make_dsprites_npz,
+    make_fashion_mnist,
+    make_image_folder,
+    make_mnist,
+    make_tensors_file,
+)
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    bypass_cifar_md5(monkeypatch)
+
+
+# --- torchvision sets -----------------------------------------------------------------------
+
+
+def test_cifar10_pixels_labels_and_names(tmp_path, no_md5):
+    written = make_cifar10(tmp_path, n_per_split=12)
+    x, y = written["test"]
+    x[3, 1, 4, 5] = 17  # a known pixel, channel-major: channel 1, row 4, column 5
+    make_cifar10_with(tmp_path, written)
+    ds = load_data("cifar10", root=tmp_path)
+    assert isinstance(ds, DataSet) and len(ds) == 12 and ds.split == "test"
+    assert ds.x.dtype == torch.float32 and ds.x.shape == (12, 3, 32, 32)
+    assert ds.x[3, 1, 4, 5] == pytest.approx(17 / 255)
+    assert torch.equal(ds.x, torch.from_numpy(x).float() / 255)
+    assert torch.equal(ds.y, torch.from_numpy(y).long()) and ds.y.dtype == torch.int64
+    assert torch.equal(ds.index, torch.arange(12))
+    assert ds.task == "classification" and ds.num_classes == 10 == ds.target_dim
+    assert ds.class_names == [f"class{i}" for i in range(10)]
+    assert ds.source == str(tmp_path / "cifar-10-batches-py") and ds.transforms == []
+    train = load_data("cifar10", root=tmp_path, split="train")
+    assert torch.equal(train.x, torch.from_numpy(written["train"][0]).float() / 255)
+
+
+def make_cifar10_with(root: Path, written: dict) -> None:
+    """Rewrite the test batch with edited images."""
+    import pickle
+
+    x, y = written["test"]
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": x.reshape(len(x), 3072), "labels": y.tolist()}, f)
+
+
+def test_cifar100_fine_labels(tmp_path, no_md5):
+    written = make_cifar100(tmp_path, n_per_split=6)
+    ds = load_data(parse_data_spec("cifar100"), root=tmp_path, split="train")
+    assert torch.equal(ds.y, torch.from_numpy(written["train"][1]).long())
+    assert torch.equal(ds.x, torch.from_numpy(written["train"][0]).float() / 255)
+    assert ds.num_classes == 100 and ds.class_names[7] == "fine7"
+
+
+@pytest.mark.parametrize("name,make", [("fashion-mnist", make_fashion_mnist),
+                                       ("mnist", make_mnist)])
+def test_idx_sets(tmp_path, name, make):
+    written = make(tmp_path, n_per_split=9)
+    ds = load_data(name, root=tmp_path, split="train")
+    x, y = written["train"]
+    assert ds.x.shape == (9, 1, 28, 28)
+    assert torch.equal(ds.x[:, 0], torch.from_numpy(x).float() / 255)
+    assert torch.equal(ds.y, torch.from_numpy(y).long()) and ds.num_classes == 10
+
+
+def test_resize_and_grey_to_rgb_recorded(tmp_path):
+    make_fashion_mnist(tmp_path, n_per_split=5)
+    ds = load_data("fashion-mnist", root=tmp_path, input_format=InputFormat(3, 32, 32))
+    assert ds.x.shape == (5, 3, 32, 32)
+    assert torch.equal(ds.x[:, 0], ds.x[:, 2]) and 0 <= ds.x.min() and ds.x.max() <= 1
+    assert ds.transforms == ["resize 28x28 -> 32x32 (bilinear, antialias)",
+                             "grey -> RGB (repeat channel)"]
+    explicit = load_data("fashion-mnist", root=tmp_path, input_format=InputFormat(1, 32, 32),
+                         resize=16)
+    assert explicit.x.shape == (5, 1, 16, 16) and len(explicit.transforms) == 1
+    same = load_data("fashion-mnist", root=tmp_path, input_format=InputFormat(1, 28, 28))
+    assert same.transforms == []
+
+
+def test_rgb_data_for_grey_model_is_an_error(tmp_path, no_md5):
+    make_cifar10(tmp_path, n_per_split=2)
+    with pytest.raises(DataError, match="grey"):
+        load_data("cifar10", root=tmp_path, input_format=InputFormat(1, 32, 32))
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"),
+                                         ("cifar100", "cifar-100-python"),
+                                         ("mnist", "MNIST/raw"),
+                                         ("fashion-mnist", "FashionMNIST/raw")])
+def test_missing_offline_names_folder_and_download(tmp_path, name, folder):
+    with pytest.raises(DataError) as err:
+        load_data(name, root=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and "--download" in msg
+    assert str(tmp_path / folder) in msg
+
+
+def test_cifar_md5_is_checked_in_production(tmp_path):
+    make_cifar10(tmp_path, n_per_split=2)  # fabricated files cannot match the MD5
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load_data("cifar10", root=tmp_path)
+
+
+# --- subsets and options --------------------------------------------------------------------
+
+
+def test_subset_is_seeded_sorted_and_deterministic(tmp_path):
+    written = make_mnist(tmp_path, n_per_split=50)
+    a = load_data("mnist", root=tmp_path, n=10, seed=3)
+    b = load_data("mnist", root=tmp_path, n=10, seed=3)
+    c = load_data("mnist", root=tmp_path, n=10, seed=4)
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:10].sort().values
+    assert torch.equal(a.index, expected) and torch.equal(a.index, b.index)
+    assert not torch.equal(a.index, c.index)
+    assert torch.equal(a.x[:, 0], torch.from_numpy(written["test"][0])[a.index].float() / 255)
+    assert torch.equal(a.y, torch.from_numpy(written["test"][1])[a.index].long())
+    assert len(load_data("mnist", root=tmp_path, n=500)) == 50
+
+
+def test_bad_split_and_n(tmp_path):
+    make_mnist(tmp_path, n_per_split=3)
+    with pytest.raises(ConfigError, match="train, test"):
+        load_data("mnist", root=tmp_path, split="val")
+    for bad in (0, -2):
+        with pytest.raises(ConfigError):
+            load_data("mnist", root=tmp_path, n=bad)
+
+
+def test_bad_specs():
+    with pytest.raises(SpecError, match="shape, scale"):
+        load_data("dsprites:colour")
+    with pytest.raises(SpecError):
+        load_data("imagenet-x")
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("ASBOUND_DATA_ROOT", str(tmp_path))
+    assert default_data_root() == tmp_path
+    monkeypatch.delenv("ASBOUND_DATA_ROOT")
+    assert default_data_root().parts[-2:] == ("asbound", "data") or "asbound" in str(
+        default_data_root())
+
+
+# --- folder ---------------------------------------------------------------------------------
+
+
+def test_image_folder(tmp_path):
+    written = make_image_folder(tmp_path / "imgs", classes=("cat", "dog"), n_per_class=3,
+                                size=(10, 12))
+    ds = load_data(f"folder:{tmp_path / 'imgs'}")
+    assert ds.x.shape == (6, 3, 10, 12) and ds.class_names == ["cat", "dog"]
+    assert torch.equal(ds.y, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert torch.equal(ds.x[4], torch.from_numpy(written["dog"][1]).permute(2, 0, 1).float() / 255)
+    sub = load_data(f"folder:{tmp_path / 'imgs'}", n=2, seed=1, resize=8)
+    assert sub.x.shape == (2, 3, 8, 8) and sub.transforms[0].startswith("resize 10x12 -> 8x8")
+
+
+def test_image_folder_grey_and_mixed_sizes(tmp_path):
+    make_image_folder(tmp_path / "g", classes=("a",), n_per_class=2, size=9, mode="L")
+    make_image_folder(tmp_path / "g", classes=("b",), n_per_class=1, size=7, mode="L")
+    with pytest.raises(DataError, match="--resize"):
+        load_data(f"folder:{tmp_path / 'g'}")
+    ds = load_data(f"folder:{tmp_path / 'g'}", input_format=InputFormat(3, 8, 8))
+    assert ds.x.shape == (3, 3, 8, 8) and ds.transforms[-1] == "grey -> RGB (repeat channel)"
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="<class>/<image>"):
+        load_data(f"folder:{tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=str(tmp_path / "empty")):
+        load_data(f"folder:{tmp_path / 'empty'}")
+
+
+# --- tensors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_tensors_classification(tmp_path, suffix):
+    obj = make_tensors_file(tmp_path / f"d{suffix}", n=8, num_classes=4)
+    ds = load_data(f"tensors:{tmp_path / f'd{suffix}'}", n=5, seed=2)
+    assert torch.allclose(ds.x, torch.as_tensor(obj["x"])[ds.index])
+    assert torch.equal(ds.y, torch.as_tensor(obj["y"])[ds.index]) and ds.y.dtype == torch.int64
+    assert ds.task == "classification" and ds.num_classes == int(obj["y"].max()) + 1
+
+
+def test_tensors_regression_grey_and_num_classes(tmp_path):
+    make_tensors_file(tmp_path / "r.pt", target="float2", shape=(6, 6))
+    ds = load_data(f"tensors:{tmp_path / 'r.pt'}")
+    assert ds.task == "regression" and ds.y.shape == (8, 2) and ds.target_dim == 2
+    assert ds.x.shape == (8, 1, 6, 6) and ds.num_classes is None
+    make_tensors_file(tmp_path / "c.pt", num_classes=3, extra={"num_classes": 7})
+    assert load_data(f"tensors:{tmp_path / 'c.pt'}").num_classes == 7
+    make_tensors_file(tmp_path / "f.pt", target="float")
+    assert load_data(f"tensors:{tmp_path / 'f.pt'}").target_dim == 1
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"y": torch.zeros(7, dtype=torch.long)}, "8 rows but y has 7"),
+    ({"x": torch.rand(8, 2, 3, 4, 5)}, "shape"),
+    ({"x": torch.zeros(8, 3, 8, 8, dtype=torch.uint8)}, "float"),
+    ({"num_classes": 2, "y": torch.full((8,), 5)}, "num_classes"),
+])
+def test_tensors_bad_contents(tmp_path, extra, match):
+    make_tensors_file(tmp_path / "b.pt", extra=extra)
+    with pytest.raises(DataError, match=match):
+        load_data(f"tensors:{tmp_path / 'b.pt'}")
+
+
+def test_tensors_bad_files(tmp_path):
+    torch.save({"x": torch.rand(2, 1, 4, 4)}, tmp_path / "noy.pt")
+    with pytest.raises(DataError, match="lacks key.*'y'"):
+        load_data(f"tensors:{tmp_path / 'noy.pt'}")
+    (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(DataError, match="not a tensors file"):
+        load_data(f"tensors:{tmp_path / 'junk.pt'}")
+    torch.save({"x": torch.rand(2, 1, 4, 4), "y": torch.zeros(2), "ns": _Unsafe()},
+               tmp_path / "unsafe.pt")
+    with pytest.raises(DataError, match=r"not a tensors file.*torch.save\(\{'x'"):
+        load_data(f"tensors:{tmp_path / 'unsafe.pt'}")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(DataError, match="not a dict"):
+        load_data(f"tensors:{tmp_path / 'list.pt'}")
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"tensors:{tmp_path / 'missing.pt'}")
+
+
+class _Unsafe:
+    """An object torch.load(weights_only=True) refuses."""
+
+
+def test_nan_inf_and_range_errors(tmp_path):
+    x = torch.rand(6, 1, 4, 4)
+    x[4, 0, 1, 1] = float("nan")
+    x[5, 0, 0, 0] = float("inf")
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long)}, tmp_path / "nan.pt")
+    with pytest.raises(DataError, match="2 pixel values are NaN or infinite.*row 4"):
+        load_data(f"tensors:{tmp_path / 'nan.pt'}")
+    x = torch.rand(6, 1, 4, 4)
+    x[2] *= 255
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long)}, tmp_path / "range.pt")
+    with pytest.raises(DataError, match=r"row 2.*pixels in \[0, 1\] with normalisation inside"):
+        load_data(f"tensors:{tmp_path / 'range.pt'}")
+    x = torch.rand(6, 1, 4, 4)
+    x[0, 0, 0, 0] = 1 + 1e-7  # rounding: accepted and clamped
+    y = torch.rand(6)
+    torch.save({"x": x, "y": y}, tmp_path / "ok.pt")
+    assert load_data(f"tensors:{tmp_path / 'ok.pt'}").x.max() <= 1
+    y[3] = float("nan")
+    torch.save({"x": x, "y": y}, tmp_path / "ynan.pt")
+    with pytest.raises(DataError, match="target values are NaN.*row 3"):
+        load_data(f"tensors:{tmp_path / 'ynan.pt'}")
+
+
+# --- dSprites -------------------------------------------------------------------------------
+
+
+def test_dsprites_latents_index_round_trip():
+    idx = torch.tensor([0, 1, 31, 32, 1023, 1024, 40959, 40960, 245759, 245760, DSPRITES_SIZE - 1])
+    classes, values = dsprites_latents(idx)
+    assert torch.equal(dsprites_index(classes), idx)
+    assert classes[1].tolist() == [0, 0, 0, 0, 0, 1]  # posY fastest
+    assert classes[-1].tolist() == [0, 2, 5, 39, 31, 31]
+    assert values[-1].tolist() == pytest.approx([1, 3, 1, 2 * math.pi, 1, 1])
+    assert values[6, 2] == pytest.approx(0.5) and values[7, 2] == pytest.approx(0.6)
+    all_classes = torch.cartesian_prod(*(torch.arange(k) for k in (1, 3, 6, 40, 32, 32)))[::997]
+    assert torch.equal(dsprites_latents(dsprites_index(all_classes))[0], all_classes)
+
+
+def _image(shape=0, scale=5, orient=0, posx=16, posy=16) -> torch.Tensor:
+    return render_dsprites(torch.tensor([[0, shape, scale, orient, posx, posy]]))[0, 0]
+
+
+def test_dsprites_render_shapes_and_values():
+    classes, _ = dsprites_latents(torch.randint(0, DSPRITES_SIZE, (300,),
+                                                generator=torch.Generator().manual_seed(0)))
+    x = render_dsprites(classes)
+    assert x.shape == (300, 1, 64, 64) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert (x.sum((1, 2, 3)) > 10).all()  # every shape is visible
+    edge = x[..., [0, -1], :].sum() + x[..., :, [0, -1]].sum()
+    assert edge == 0  # the largest shape at the extreme positions stays inside
+
+
+def test_dsprites_render_factors_act():
+    cols = torch.arange(64.0)
+    left, right = _image(posx=0), _image(posx=31)
+    assert (right.sum(0) * cols).sum() / right.sum() > (left.sum(0) * cols).sum() / left.sum() + 25
+    top, bottom = _image(posy=0), _image(posy=31)
+    assert (bottom.sum(1) * cols).sum() / bottom.sum() > (top.sum(1) * cols).sum() / top.sum() + 25
+    for shape in range(3):
+        assert _image(shape, scale=5).sum() > 2 * _image(shape, scale=0).sum()
+    heart = _image(2, orient=0)
+    assert not torch.equal(heart, _image(2, orient=10))
+    assert not torch.equal(heart, _image(2, orient=20))  # a heart has no 180° symmetry
+    centre = 16 + 32 * 16 / 31 - 0.5  # in pixel indices
+    assert (heart.sum(0) * cols).sum() / heart.sum() == pytest.approx(centre, abs=0.3)
+    assert torch.equal(_image(0, orient=0), _image(0, orient=39))  # 0 and 2π
+    assert not torch.equal(_image(0), _image(1)) and not torch.equal(_image(1), _image(2))
+
+
+def test_dsprites_render_is_vectorised():
+    """10,000 images in well under a second on an idle CPU; the bound only catches pixel loops."""
+    import time
+
+    classes, _ = dsprites_latents(torch.arange(0, DSPRITES_SIZE, 74))
+    start = time.perf_counter()
+    render_dsprites(classes)
+    assert time.perf_counter() - start < 20
+
+
+def test_dsprites_splits(tmp_path):
+    train, test = split_members(DSPRITES_SIZE, "train"), split_members(DSPRITES_SIZE, "test")
+    assert len(train) == 589_824 and len(test) == 147_456
+    perm = torch.randperm(DSPRITES_SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(train, perm[:589_824].sort().values)
+    assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(DSPRITES_SIZE))
+    ds = load_data("dsprites:orientation", root=tmp_path, split="test", n=40, seed=1)
+    again = load_data("dsprites", root=tmp_path, split="test", n=40, seed=1)
+    assert torch.equal(ds.index, again.index) and torch.equal(ds.x, again.x)
+    assert ds.source == "procedural" and ds.task == "regression" and ds.y.shape == (40,)
+    assert bool(torch.isin(ds.index, test).all()) and torch.equal(ds.index, ds.index.sort().values)
+    classes, values = dsprites_latents(ds.index)
+    assert torch.equal(ds.x, render_dsprites(classes))
+    assert torch.allclose(ds.y, values[:, 3].float())
+    shape = load_data("dsprites:shape", root=tmp_path, split="train", n=30)
+    assert shape.task == "classification" and shape.class_names == ["square", "ellipse", "heart"]
+    assert torch.equal(shape.y, dsprites_latents(shape.index)[0][:, 1])
+    assert bool(torch.isin(shape.index, train).all())
+    posx = load_data("dsprites:posx", root=tmp_path, n=5)
+    assert torch.allclose(posx.y, dsprites_latents(posx.index)[1][:, 4].float())
+    big = load_data("dsprites:scale", root=tmp_path, n=5, input_format=InputFormat(3, 32, 32))
+    assert big.x.shape == (5, 3, 32, 32) and len(big.transforms) == 2
+
+
+@pytest.mark.parametrize("subdir", [False, True])
+def test_dsprites_official_file(tmp_path, subdir):
+    full = torch.arange(0, DSPRITES_SIZE, 7373)[:100]
+    path = make_dsprites_npz(tmp_path, full.tolist(), subdir=subdir)
+    with np.load(path) as z:  # mark the file's images so that they are recognisably read
+        imgs, lv, lc = z["imgs"].copy(), z["latents_values"], z["latents_classes"]
+    imgs[:, 0, 0] = 1
+    np.savez_compressed(path, imgs=imgs, latents_values=lv, latents_classes=lc)
+    ds = load_data("dsprites:posy", root=tmp_path, split="train", n=10, seed=5)
+    members = split_members(100, "train")
+    assert len(members) == 80 and ds.source == str(path)
+    pos = torch.randperm(80, generator=torch.Generator().manual_seed(5))[:10].sort().values
+    assert torch.equal(ds.index, members[pos])
+    assert torch.equal(ds.x[:, 0], torch.from_numpy(imgs)[ds.index].float())
+    assert torch.allclose(ds.y, torch.from_numpy(lv)[ds.index, 5].float())
+    assert len(load_data("dsprites", root=tmp_path)) == 20
