@@ -76,7 +76,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(sel)
+            total += float(loss.detach()) * len(sel)
         print(f"  epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}", flush=True)
     return model.eval()
 

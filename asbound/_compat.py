@@ -2,6 +2,8 @@
 
 * robustbench 1.1.1 imports ``autoattack``, which PyPI ships as ``pyautoattack``: alias the
   module before the first robustbench import.
+* importing robustbench warns about ``pkg_resources``, ``torch.jit`` and timm's moved modules:
+  those warnings are silenced for the import only.
 * torch >= 2.6 loads checkpoints with ``weights_only=True``; zoo checkpoints that hold numpy
   scalars or an ``argparse.Namespace`` need those types allow-listed (never a silent fallback to
   unrestricted unpickling).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from types import ModuleType
 
 from asbound.errors import ModelError
@@ -37,20 +40,32 @@ def allow_checkpoint_types() -> None:
     _SAFE_GLOBALS_ADDED = True
 
 
+def _quiet_import_warnings() -> None:
+    """Filters for the deprecation noise that importing robustbench (and timm, torch.jit) emits."""
+    warnings.filterwarnings("ignore", message=r".*pkg_resources", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*pkg_resources", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"Importing from timm", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(robustbench|timm|pyautoattack|autoattack)")
+
+
 def import_robustbench() -> ModuleType:
     """Import robustbench with the ``autoattack`` alias in place; a missing install gives a hint."""
-    try:
-        sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
-    except ImportError:
-        pass  # robustbench raises its own ImportError below if it needs the module
-    try:
-        robustbench = importlib.import_module("robustbench")
-        importlib.import_module("robustbench.utils")
-        importlib.import_module("robustbench.model_zoo")
-    except ImportError as exc:
-        raise ModelError(
-            f"robustbench is not importable ({exc}); install it with "
-            f"`pip install -c constraints.txt robustbench==1.1.1 pyautoattack 'setuptools<81'`"
-        ) from None
+    with warnings.catch_warnings():
+        _quiet_import_warnings()
+        try:
+            sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
+        except ImportError:
+            pass  # robustbench raises its own ImportError below if it needs the module
+        try:
+            robustbench = importlib.import_module("robustbench")
+            importlib.import_module("robustbench.utils")
+            importlib.import_module("robustbench.model_zoo")
+        except ImportError as exc:
+            raise ModelError(
+                f"robustbench is not importable ({exc}); install it with "
+                f"`pip install -c constraints.txt robustbench==1.1.1 pyautoattack 'setuptools<81'`"
+            ) from None
     allow_checkpoint_types()
     return robustbench

@@ -131,7 +131,11 @@ def _load_head(path: str, split: SplitModel) -> SplitModel:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"--head {p} is not loadable with weights_only=True ({str(exc).splitlines()[0]})") from None
+        first = " ".join(str(exc).strip().splitlines()[:1])
+        raise ModelError(
+            f"--head {p} is not loadable with weights_only=True ({type(exc).__name__}: {first}); "
+            f"save it with torch.save(nn.Linear({split.feature_dim}, K).state_dict(), PATH)"
+        ) from None
     if not (isinstance(state, dict) and isinstance(state.get("weight"), Tensor) and state["weight"].dim() == 2):
         raise ModelError(
             f"--head {p} must hold {{'weight': [K, {split.feature_dim}] tensor, 'bias': [K] tensor}} "
@@ -143,13 +147,17 @@ def _load_head(path: str, split: SplitModel) -> SplitModel:
     return split.with_head(head)
 
 
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
 def head_mismatch(split: SplitModel, data: DataSet) -> Optional[str]:
     """Why the head does not fit the task (then only the AS score is computed), or None."""
     k = split.num_outputs
     if data.task == "classification":
         if k != data.num_classes:
             return (
-                f"the head has {k} outputs but {data.spec} has {data.num_classes} classes; only the "
+                f"the head has {_count(k, 'output')} but {data.spec} has {data.num_classes} classes; only the "
                 f"AS score is computed (give a head for this task with --head PATH)"
             )
         if k < 2:
@@ -157,7 +165,7 @@ def head_mismatch(split: SplitModel, data: DataSet) -> Optional[str]:
         return None
     if k != data.target_dim:
         return (
-            f"the head has {k} outputs but {data.spec} has {data.target_dim}-dimensional targets; "
+            f"the head has {_count(k, 'output')} but {data.spec} has {data.target_dim}-dimensional targets; "
             f"only the AS score is computed (give a head for this task with --head PATH)"
         )
     return None
@@ -257,7 +265,16 @@ def score(
         data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
         download=cfg.download, input_format=loaded.input_format, resize=cfg.resize,
     )
-    split = split_model(loaded.module, data.x[: min(len(data), 8)], feature_layer=cfg.feature_layer)
+    try:
+        split = split_model(loaded.module, data.x[: min(len(data), 8)], feature_layer=cfg.feature_layer)
+    except RuntimeError as exc:  # the model cannot run on these inputs (shape / channel mismatch)
+        first = " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
+        expects = f" (it expects {loaded.input_format})" if loaded.input_format else ""
+        raise ModelError(
+            f"{loaded.spec} cannot run on {data.spec} inputs of shape "
+            f"{'x'.join(map(str, data.x.shape[1:]))}{expects}: {first}; give data in the "
+            f"model's input format, or --resize SIDE"
+        ) from None
     if cfg.head is not None:
         split = _load_head(cfg.head, split)
     split = split.to(device)
@@ -336,11 +353,13 @@ class _progress:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda k: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # on stderr: stdout carries the results (the table, or the summary JSON with --json)
         self._bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=False,
+            transient=False, console=Console(stderr=True),
         )
         self._bar.__enter__()
         task = self._bar.add_task(self.label, total=self.total, completed=self.completed)

@@ -255,7 +255,8 @@ def foolbox_pgd(
     """Run foolbox's ``LinfPGD`` / ``L2PGD`` on ``objective`` (last iterate, one restart).
 
     The objective replaces foolbox's cross-entropy through its ``get_loss_fn`` override point.
-    ``start`` fixes the random start so that foolbox and :class:`PGD` can be compared exactly.
+    ``start`` fixes the random-start *offset* so that foolbox and :class:`PGD` (whose ``start``
+    is the starting point ``x + offset``) can be compared exactly.
     """
     import eagerpy as ep
     import foolbox as fb
@@ -270,14 +271,14 @@ def foolbox_pgd(
             return loss_fn
 
         def get_random_start(self, x0, epsilon):  # noqa: ANN001, ANN202
-            if start is not None:
-                return ep.astensor(start.to(x0.raw.device, x0.raw.dtype))
+            if start is not None:  # foolbox's random start is a point, x0 + offset
+                return x0 + ep.astensor(start.to(x0.raw.device, x0.raw.dtype))
             return super().get_random_start(x0, epsilon)
 
     fb_attack = _ObjectivePGD(
         rel_stepsize=attack.rel_step, steps=attack.steps, random_start=attack.random_start or start is not None
     )
-    identity = torch.nn.Identity()
+    identity = torch.nn.Identity().eval()
     fmodel = fb.PyTorchModel(identity, bounds=(0.0, 1.0), device=x.device)
     dummy = fb.criteria.Misclassification(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
     return fb_attack.run(fmodel, x.detach(), dummy, epsilon=float(attack.eps)).detach()

@@ -128,7 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "score":
             return _score(args)
     except AsboundError as exc:
-        print(f"asbound: error: {exc}", file=sys.stderr)
+        # one line, whatever the message holds (an underlying library's error may span several)
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"asbound: error: {message or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(

@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from asbound.errors import ResumeError
+from asbound.errors import ConfigError, ResumeError
 
 CONFIG = "config.json"
 POINTS = "points.csv"
@@ -44,6 +44,10 @@ def versions() -> "dict[str, str]":
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    import torch
+
+    found["torch"] = torch.__version__  # with the build tag (+cpu, +cu130)
+    found["cuda"] = torch.version.cuda or "none"
     return found
 
 
@@ -68,25 +72,46 @@ class RunDir:
     def start(self, config: dict) -> "set[int]":
         """Create or resume the directory; return the positions already recorded.
 
-        Raises :class:`ResumeError` if the directory holds a run with another configuration.
+        Raises :class:`ResumeError` if the directory holds a run with another configuration
+        (or records that cannot be attributed to one); nothing in it is changed then.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"--out {str(self.path)!r} cannot be used as a run directory "
+                f"({exc.strerror or type(exc).__name__}); give a directory path that can be created"
+            ) from None
+        if not self.path.is_dir():
+            raise ConfigError(f"--out {str(self.path)!r} is not a directory; give a directory path")
+        config = _normalised(config)
         config_path = self.path / CONFIG
         if config_path.exists():
             try:
                 old = json.loads(config_path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 old = None
-            if old is not None and _identity(old) != _identity(config):
+            if not isinstance(old, dict):
+                raise ResumeError(
+                    f"{config_path} is not a readable asbound config, so the run in {self.path} "
+                    f"cannot be resumed; choose another --out, or delete that directory to start over"
+                )
+            if _identity(old) != _identity(config):
                 diff = sorted(
                     k for k in set(_identity(old)) | set(_identity(config))
                     if old.get(k) != config.get(k)
                 )
                 shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+                more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise ResumeError(
-                    f"{self.path} holds a run with other settings ({shown}); "
+                    f"{self.path} holds a run with other settings ({shown}{more}); "
                     f"choose another --out, or delete that directory to start over"
                 )
+        elif self.points_path.exists():
+            raise ResumeError(
+                f"{self.path} holds a {POINTS} without a {CONFIG}, so its records cannot be "
+                f"resumed; choose another --out, or delete that directory to start over"
+            )
         done = self._repair_points()
         _write_json(config_path, config)
         return done
@@ -110,10 +135,12 @@ class RunDir:
             if len(row) != width:
                 break
             good.append(line)
+        if len(good) == 1:
+            # no complete record (perhaps not even a complete header): start the file afresh
+            path.unlink()
+            return set()
         if len(good) != len(lines):
             path.write_text("".join(good))
-        if len(good) == 1:
-            return set()
         frame = pd.read_csv(io.StringIO("".join(good)))
         return set(int(p) for p in frame["position"])
 
@@ -132,6 +159,12 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         _write_json(self.path / SUMMARY, summary)
+
+
+def _normalised(config: dict) -> dict:
+    """The config as it reads back from config.json (tuples -> lists, Path -> str, numpy -> int/float),
+    so that a resumption compares like with like."""
+    return json.loads(json.dumps(clean_json(config), default=_json_default, allow_nan=False))
 
 
 def _write_json(path: Path, obj: dict) -> None:

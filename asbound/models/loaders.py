@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,39 +80,69 @@ def _closest(name: str, names: "list[str]", n: int = 5) -> str:
     return ", ".join(close) if close else ", ".join(sorted(names)[:n]) + ", ..."
 
 
+def _robustbench_checkpoints(name: str, entry: dict, folder: Path) -> "list[Path]":
+    """The files ``robustbench.utils.load_model`` reads for a zoo entry (ensembles: one per member)."""
+    ids = entry.get("gdrive_id")
+    if isinstance(ids, (list, tuple)):
+        return [folder / f"{name}.pt_m{i}.pt" for i in range(len(ids))]
+    return [folder / f"{name}.pt"]
+
+
 def _load_robustbench(spec: ModelSpec, model_dir: Path, download: bool) -> LoadedModel:
     from asbound._compat import import_robustbench
 
     import_robustbench()
+    import timm
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     from robustbench.utils import load_model as rb_load_model
 
     dataset = BenchmarkDataset(spec.dataset)
     threat = ThreatModel(spec.threat_model)
-    zoo = model_dicts[dataset].get(threat, {})
+    # RobustBench evaluates the corruptions models on 3D corruptions too: same zoo, same folder
+    stored = ThreatModel(threat.value.replace("_3d", ""))
+    zoo = model_dicts[dataset].get(stored, {})
+    if not zoo:
+        raise ModelError(
+            f"RobustBench has no {spec.dataset}/{spec.threat_model} models; threat models for "
+            f"{spec.dataset}: {', '.join(t.value for t in model_dicts[dataset])}"
+        )
     if spec.name not in zoo:
         raise ModelError(
             f"unknown RobustBench model {spec.name!r} for {spec.dataset}/{spec.threat_model} "
             f"({len(zoo)} entries); closest: {_closest(spec.name, list(zoo))}"
         )
-    path = model_dir / dataset.value / threat.value / f"{spec.name}.pt"
-    if not path.is_file() and not download:
+    timm_name = f"{spec.name.lower().replace('-', '_')}_{dataset.value.lower()}_{stored.value.lower()}"
+    if timm.is_model(timm_name) or zoo[spec.name].get("gdrive_id") is None:
+        if not download:
+            raise ModelError(
+                f"{spec} is loaded by RobustBench through timm with pretrained weights from the "
+                f"network, not from --model-dir; pass --download when online"
+            )
+        paths: "list[Path]" = []
+    else:
+        paths = _robustbench_checkpoints(spec.name, zoo[spec.name], model_dir / dataset.value / stored.value)
+    missing = [p for p in paths if not p.is_file()]
+    if missing and not download:
         raise ModelError(
-            f"no checkpoint for {spec} at {path}; copy the RobustBench checkpoint there "
-            f"(layout MODEL_DIR/<dataset>/<threat_model>/<name>.pt, set with --model-dir) "
-            f"or pass --download when online"
+            f"no checkpoint for {spec} at {missing[0]}"
+            + (f" (and {len(missing) - 1} more ensemble members)" if len(missing) > 1 else "")
+            + "; copy the RobustBench checkpoint there (layout MODEL_DIR/<dataset>/<threat_model>/"
+            "<name>.pt, set MODEL_DIR with --model-dir) or pass --download when online"
         )
+    where = ", ".join(map(str, paths)) or "timm"
     try:
-        module = rb_load_model(
-            spec.name, model_dir=str(model_dir), dataset=dataset.value, threat_model=threat.value
-        )
+        with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation in zoo constructors
+            warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum)", category=UserWarning)
+            module = rb_load_model(
+                spec.name, model_dir=str(model_dir), dataset=dataset.value, threat_model=threat.value
+            )
     except ModelError:
         raise
     except Exception as exc:  # robustbench raises many types; report the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"RobustBench could not load {spec} from {path}: {first}") from None
-    return LoadedModel(module.eval(), spec, ROBUSTBENCH_INPUT[spec.dataset], [f"checkpoint {path}"])
+        raise ModelError(f"RobustBench could not load {spec} from {where}: {_first_line(exc)}") from None
+    notes = [f"checkpoint {p}" for p in paths] or ["timm pretrained weights"]
+    return LoadedModel(module.eval(), spec, ROBUSTBENCH_INPUT[spec.dataset], notes)
 
 
 def _load_file(spec: ModelSpec, allow_pickle: bool) -> LoadedModel:
@@ -127,7 +158,7 @@ def _load_file(spec: ModelSpec, allow_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelError(f"{spec} is not a torch.save file that loads: {exc}") from None
+        raise ModelError(f"{spec} is not a torch.save file that loads ({_first_line(exc)})") from None
     if not isinstance(obj, nn.Module):
         raise ModelError(
             f"{spec} holds a {type(obj).__name__}, not an nn.Module; file:PATH expects "
@@ -168,7 +199,7 @@ def _load_torchvision(spec: ModelSpec, weights: "str | os.PathLike | None") -> L
         except Exception as exc:
             raise ModelError(
                 f"--weights {wpath} is not a state dict loadable with weights_only=True "
-                f"({str(exc).splitlines()[0]}); save it with torch.save(model.state_dict(), PATH)"
+                f"({_first_line(exc)}); save it with torch.save(model.state_dict(), PATH)"
             ) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
@@ -187,11 +218,15 @@ def _load_torchvision(spec: ModelSpec, weights: "str | os.PathLike | None") -> L
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             missing, unexpected = _key_diff(net.state_dict(), state)
-            raise ModelError(
-                f"--weights do not fit torchvision:{spec.name}: {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            detail = (
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]})"
                 if missing or unexpected
-                else f"--weights do not fit torchvision:{spec.name}: {str(exc).splitlines()[1:2]}"
+                else " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+            )
+            raise ModelError(
+                f"--weights do not fit torchvision:{spec.name}: {detail}; save the state dict of "
+                f"torchvision.models.{spec.name}(num_classes=K)"
             ) from None
     module = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net).eval()
     return LoadedModel(module, spec, InputFormat(3, 224, 224), notes)
@@ -204,6 +239,11 @@ def _head_outputs(state: dict) -> Optional[int]:
         if key.endswith("weight") and isinstance(value, torch.Tensor) and value.dim() == 2:
             last = value
     return int(last.shape[0]) if last is not None else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _key_diff(expected: dict, got: dict) -> "tuple[list[str], list[str]]":

@@ -83,13 +83,14 @@ class LayerOutput(nn.Module):
         super().__init__()
         self.model = model
         self.layer = layer
-        self._module = dict(model.named_modules())[layer]
+        model.get_submodule(layer)  # fail early on a wrong name
 
     def forward(self, x: Tensor) -> Tensor:
         def stop(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
             raise _StopForward(output)
 
-        handle = self._module.register_forward_hook(stop)
+        # looked up per call (not stored as an attribute: that would register the layer twice)
+        handle = self.model.get_submodule(self.layer).register_forward_hook(stop)
         try:
             self.model(x)
         except _StopForward as caught:
@@ -244,8 +245,12 @@ def _describe(obj: object) -> str:
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients for the duration; both restored afterwards."""
-    was_training = model.training
+    """Eval mode and no parameter gradients for the duration; both restored afterwards.
+
+    Each submodule gets its own mode back (a model may keep, e.g., frozen BatchNorm layers in
+    eval mode inside a module in training mode).
+    """
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -255,4 +260,5 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,437 @@
+"""``asbound score``: the summary, the run directory, resumption and one-line errors for bad input.
+
+Most runs use a tiny pickled model on a tensors file (fast); the embedded default and the
+head/task checks use the shipped builtin LeNet on procedural dSprites with ``--n`` 8-16 and
+``--steps 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import asbound.api as api
+from asbound.cli import main
+from fabricate import make_tensors_file
+
+EPS = 8 / 255
+CLASSIFICATION_COLUMNS = {"index", "label", "pred", "sensitivity", "margin", "fulfilled",
+                          "loss_clean", "loss_adv", "robust"}
+SUMMARY_KEYS = {"as_score", "lhs", "rhs", "lipschitz", "head_norm", "n", "eps", "norm",
+                "clean_accuracy", "robust_accuracy", "prop_fulfilled", "rob_fulfilled"}
+
+
+# --- helpers and shared assets ----------------------------------------------------------------
+
+
+def _strict_json(text: str) -> object:
+    """Parse JSON, refusing NaN / Infinity (not JSON)."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _snapshot(folder: Path) -> "dict[str, bytes]":
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _words(text: str) -> str:
+    """Whitespace collapsed (rich wraps long lines)."""
+    return " ".join(text.split())
+
+
+def _cli(capsys, *args: str) -> "tuple[int, str, str]":
+    capsys.readouterr()
+    rc = main(["score", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
+    assert lines[0].startswith("asbound: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """Tiny models (pickled nn.Modules), tensors files, heads and a foreign 'checkpoint'."""
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+
+    def body() -> "list[nn.Module]":
+        return [nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU()]
+
+    torch.save(nn.Sequential(*body(), nn.Linear(16, 4)), root / "tiny.pt")
+    torch.save(nn.Sequential(*body(), nn.Linear(16, 1)), root / "tiny_reg.pt")
+    torch.save(nn.Sequential(*body(), nn.Linear(16, 2)), root / "tiny_reg2.pt")
+    make_tensors_file(root / "data.pt", n=32, shape=(3, 8, 8), num_classes=4, seed=1)
+    make_tensors_file(root / "reg.pt", n=16, shape=(3, 8, 8), target="float", seed=2)
+    make_tensors_file(root / "reg2.pt", n=16, shape=(3, 8, 8), target="float2", seed=3)
+    make_tensors_file(root / "nan.pt", n=8, extra={"x": torch.rand(8, 3, 8, 8).index_put_(
+        (torch.tensor([2]), torch.tensor([1]), torch.tensor([3]), torch.tensor([4])),
+        torch.tensor(float("nan")))})
+    make_tensors_file(root / "range.pt", n=8, extra={"x": torch.full((8, 3, 8, 8), 2.0)})
+    (root / "text.pt").write_text("this is not a checkpoint\njust text\n")
+    torch.save(nn.Linear(84, 3).state_dict(), root / "head3.pt")
+    torch.save(nn.Linear(10, 3).state_dict(), root / "head_bad.pt")
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("not a directory\n")
+    return root
+
+
+def _tiny(assets: Path, n: int = 24, batch_size: int = 8) -> "list[str]":
+    return ["--model", f"file:{assets / 'tiny.pt'}", "--allow-pickle", "--data",
+            f"tensors:{assets / 'data.pt'}", "--n", str(n), "--batch-size", str(batch_size),
+            "--steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def baseline(assets, tmp_path_factory) -> Path:
+    """An uninterrupted run: tiny model, n=24, batch size 8 (three batches)."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    assert main(["score", *_tiny(assets), "--json", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def populated(baseline, tmp_path) -> Path:
+    """A copy of the finished baseline run, to rerun into."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    return out
+
+
+# --- a run and its records --------------------------------------------------------------------
+
+
+def test_run_writes_points_summary_and_config(baseline, assets):
+    points = pd.read_csv(baseline / "points.csv")
+    assert len(points) == 24 and CLASSIFICATION_COLUMNS <= set(points.columns)
+    assert sorted(points["position"]) == list(range(24))
+    assert points["index"].is_unique and points["index"].between(0, 31).all()
+    labels = torch.load(assets / "data.pt")["y"].numpy()
+    assert (points["label"].to_numpy() == labels[points["index"].to_numpy()]).all()
+
+    summary = _strict_json((baseline / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["n"] == 24 and summary["eps"] == pytest.approx(EPS) and summary["norm"] == "inf"
+    # the summary is derived from the records
+    assert summary["as_score"] == pytest.approx(points["sensitivity"].mean(), rel=1e-6)
+    assert summary["rhs"] == summary["as_score"]
+    assert summary["clean_accuracy"] == pytest.approx(points["correct"].mean())
+    assert summary["robust_accuracy"] == pytest.approx(points["robust"].mean())
+    assert summary["prop_fulfilled"] == pytest.approx(points["fulfilled"].mean())
+    fulfilled = points[points["fulfilled"]]
+    if len(fulfilled):
+        assert summary["rob_fulfilled"] == pytest.approx(fulfilled["robust"].mean())
+    # Lemma 1 holds pointwise for the loss attack, whose shift the sensitivity dominates
+    assert summary["lhs"] <= summary["rhs"] + 1e-9 and summary["lemma1_holds"] is True
+    assert summary["loss"] == "cross_entropy" and summary["lipschitz"] == 2.0
+    assert summary["theorem1"]["confidence"] == pytest.approx(10 * math.sqrt(math.log(20) / 48))
+
+    config = _strict_json((baseline / "config.json").read_text())
+    assert config["seed"] == 0 and config["eps"] == pytest.approx(EPS)
+    assert config["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert config["device"] == "cpu"
+    assert config["model"] == f"file:{assets / 'tiny.pt'}"
+    assert config["data"] == f"tensors:{assets / 'data.pt'}"
+    assert config["n"] == 24 and config["batch_size"] == 8 and config["steps"] == 2
+    assert config["task"] == "classification" and config["head_outputs"] == 4
+
+
+def test_json_goes_alone_to_stdout_and_progress_to_stderr(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # room for the long description and the count
+    args = [a for a in _tiny(assets, n=8) if a != "--no-progress"]
+    rc, out, err = _cli(capsys, *args, "--json", "--out", tmp_path / "run")
+    assert rc == 0
+    summary = _strict_json(out)  # nothing but the JSON on stdout, though the progress bar ran
+    assert summary == _strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n"] == 8 and "as_score" in summary
+    assert "8/8" in err  # the progress bar, on stderr
+
+
+def test_regression_rows_give_lemma1_without_accuracies(assets, tmp_path, capsys):
+    for model, data, dim in (("tiny_reg.pt", "reg.pt", 1), ("tiny_reg2.pt", "reg2.pt", 2)):
+        out = tmp_path / model
+        rc, stdout, _ = _cli(capsys, "--model", f"file:{assets / model}", "--allow-pickle",
+                             "--data", f"tensors:{assets / data}", "--n", "8", "--steps", "2",
+                             "--no-progress", "--json", "--out", out)
+        assert rc == 0
+        summary = _strict_json(stdout)
+        assert summary["task"] == "regression" and summary["loss"] == "euclidean_error"
+        assert summary["lhs"] <= summary["rhs"] + 1e-9 and summary["q"] == "2"
+        assert "clean_accuracy" not in summary
+        points = pd.read_csv(out / "points.csv")
+        assert len(points) == 8 and {"label", "pred", "sensitivity", "loss_clean", "loss_adv"} <= set(points)
+        if dim == 2:  # multi-dimensional targets are written as "a;b"
+            assert points["label"].str.count(";").eq(1).all() and points["pred"].str.count(";").eq(1).all()
+
+
+def test_head_that_does_not_match_the_task_gives_as_only(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "as-only"
+    common = ["--data", "dsprites:shape", "--n", "8", "--steps", "2", "--no-progress"]
+    rc, stdout, _ = _cli(capsys, "--model", "builtin:lenet-adversarial/orientation", *common,
+                         "--json", "--out", out)
+    assert rc == 0
+    summary = _strict_json(stdout)
+    assert summary["as_score"] is not None and summary["as_score"] >= 0
+    assert "lhs" not in summary and "clean_accuracy" not in summary
+    assert "3 classes" in summary["task_note"] and "--head" in summary["task_note"]
+    # the table says why (rerunning the finished run only reprints it)
+    rc, stdout, _ = _cli(capsys, "--model", "builtin:lenet-adversarial/orientation", *common, "--out", out)
+    assert rc == 0
+    text = _words(stdout)
+    assert "AS only" in text and "only the AS score is computed" in text and "3 classes" in text
+
+    # a head for the task fixes it
+    rc, stdout, _ = _cli(capsys, "--model", "builtin:lenet-adversarial/orientation", *common,
+                         "--head", assets / "head3.pt", "--json", "--out", tmp_path / "with-head")
+    assert rc == 0
+    summary = _strict_json(stdout)
+    assert summary["task_note"] is None and summary["loss"] == "cross_entropy"
+    assert {"lhs", "clean_accuracy", "prop_fulfilled"} <= set(summary)
+    # ... but not into the directory of the AS-only run
+    before = _snapshot(out)
+    rc, _, err = _cli(capsys, "--model", "builtin:lenet-adversarial/orientation", *common,
+                      "--head", assets / "head3.pt", "--out", out)
+    assert rc == 2 and "head" in _one_line_error(err)
+    assert _snapshot(out) == before
+
+
+def test_head_mismatch_on_regression_targets(assets, tmp_path, capsys):
+    rc, stdout, _ = _cli(capsys, "--model", f"file:{assets / 'tiny.pt'}", "--allow-pickle", "--data",
+                         f"tensors:{assets / 'reg.pt'}", "--n", "8", "--steps", "2", "--no-progress",
+                         "--json", "--out", tmp_path / "run")
+    assert rc == 0
+    summary = _strict_json(stdout)
+    assert "lhs" not in summary and "1-dimensional targets" in summary["task_note"]
+
+
+def test_embedded_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "default"
+    rc, stdout, err = _cli(capsys, "--n", "16", "--steps", "2", "--json", "--out", out)
+    assert rc == 0
+    reg, cls = _strict_json(stdout)
+    assert "dsprites:orientation" in err and "16/16" in err  # the progress bars
+    assert reg["data"] == "dsprites:orientation" and reg["task"] == "regression"
+    assert cls["data"] == "dsprites:shape" and cls["task"] == "classification"
+    for s in (reg, cls):
+        assert s["model"].startswith("builtin:lenet-adversarial")
+        assert s["n"] == 16 and s["eps"] == pytest.approx(EPS) and s["steps"] == 2
+        assert s["task_note"] is None and s["lhs"] <= s["rhs"] + 1e-9
+        assert s["theorem1"]["confidence"] == pytest.approx(10 * math.sqrt(math.log(20) / 32))
+    assert "clean_accuracy" not in reg and SUMMARY_KEYS <= set(cls)
+    for sub, s in (("orientation", reg), ("shape", cls)):
+        assert _strict_json((out / sub / "summary.json").read_text()) == s
+        assert len(pd.read_csv(out / sub / "points.csv")) == 16
+        assert _strict_json((out / sub / "config.json").read_text())["data"] == s["data"]
+    assert CLASSIFICATION_COLUMNS <= set(pd.read_csv(out / "shape" / "points.csv").columns)
+
+    # the same command without --json: the table (the finished runs are only reread)
+    monkeypatch.setattr(api._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
+    rc, stdout, _ = _cli(capsys, "--n", "16", "--steps", "2", "--out", out)
+    assert rc == 0
+    text = _words(stdout)
+    for label in ("AS score = RHS", "Lemma 1 LHS", "q, L", "||W||_(q)", "Thm 1 bound",
+                  "clean accuracy", "robust accuracy", "prop. fulfilled", "rob. fulfilled",
+                  "dsprites:orientation", "dsprites:shape", "euclidean_error", "cross_entropy"):
+        assert label in text, label
+    assert f"{reg['as_score']:.4g}" in text and f"{cls['lhs']:.4g}" in text
+
+
+# --- bad input: one line, exit code 2, nothing lost -------------------------------------------
+
+
+def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
+    tiny = _tiny(assets, n=8)
+    with_tiny = lambda *extra: tiny + list(extra)  # noqa: E731 - later options win
+    return {
+        "unknown prefix": (["--model", "foo:bar", "--data", "dsprites:shape"], ["foo:bar", "builtin:", "file:"]),
+        "unknown builtin": (["--model", "builtin:nope", "--data", "dsprites:shape"], ["nope", "lenet-adversarial"]),
+        "unknown data": (["--model", "builtin:lenet-adversarial", "--data", "imagenette"], ["imagenette", "cifar10", "dsprites"]),
+        "missing tensors": (["--model", "builtin:lenet-adversarial", "--data", "tensors:/nonexistent.pt"], ["/nonexistent.pt", "does not exist"]),
+        "missing model": (["--model", "file:/nonexistent.pt", "--data", "dsprites:shape"], ["/nonexistent.pt", "does not exist"]),
+        "absent offline": (["--model", "builtin:lenet-adversarial", "--data", "cifar10", "--data-root", str(assets / "empty")],
+                           ["cifar10", str(assets / "empty"), "--download"]),
+        "eps 2": (with_tiny("--eps", "2"), ["eps", "[0, 1]"]),
+        "eps -0.1": (with_tiny("--eps", "-0.1"), ["eps", "[0, 1]"]),
+        "eps abc": (with_tiny("--eps", "abc"), ["'abc'", "[0, 1]"]),
+        "steps -1": (with_tiny("--steps", "-1"), ["steps", ">= 0"]),
+        "n 0": (with_tiny("--n", "0"), ["n must be >= 1"]),
+        "batch size 0": (with_tiny("--batch-size", "0"), ["batch size", ">= 1"]),
+        "delta 1.5": (with_tiny("--delta", "1.5"), ["delta", "(0, 1)"]),
+        "head misfit": (["--model", "builtin:lenet-adversarial/orientation", "--data", "dsprites:shape",
+                         "--head", str(assets / "head_bad.pt")], ["10 features", "Linear(84, K)"]),
+        "head not a state dict": (with_tiny("--head", str(assets / "text.pt")), ["--head", "state_dict"]),
+        "NaN input": (with_tiny("--data", f"tensors:{assets / 'nan.pt'}"), ["NaN", "row 2"]),
+        "out of range": (with_tiny("--data", f"tensors:{assets / 'range.pt'}"), ["outside [0, 1]"]),
+        "foreign checkpoint": (with_tiny("--model", f"file:{assets / 'text.pt'}"), ["text.pt", "torch.save"]),
+        "pickle not allowed": ([a for a in with_tiny() if a != "--allow-pickle"], ["--allow-pickle"]),
+        "foreign, pickle not allowed": ([a for a in with_tiny("--model", f"file:{assets / 'text.pt'}") if a != "--allow-pickle"],
+                                        ["--allow-pickle"]),
+        "model without data": (["--model", "builtin:lenet-adversarial"], ["--data"]),
+        "data without model": (["--data", "dsprites:shape"], ["--model"]),
+        "input size misfit": (with_tiny("--data", "dsprites:shape"), ["1x64x64", "--resize"]),
+    }
+
+
+BAD_INPUTS = list(_bad_inputs(Path("/x")))
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, assets, populated, capsys):
+    args, expected = _bad_inputs(assets)[case]
+    before = _snapshot(populated)
+    rc, out, err = _cli(capsys, *args, "--out", populated)
+    line = _one_line_error(err)
+    assert rc == 2 and out == ""
+    for text in expected:
+        assert text in line, (text, line)
+    assert _snapshot(populated) == before
+
+
+def test_out_that_is_a_file(assets, capsys):
+    rc, _, err = _cli(capsys, *_tiny(assets, n=8), "--out", assets / "a_file")
+    assert rc == 2 and "--out" in _one_line_error(err)
+    rc, _, err = _cli(capsys, *_tiny(assets, n=8), "--out", assets / "a_file" / "sub")
+    assert rc == 2 and "--out" in _one_line_error(err)
+    assert (assets / "a_file").read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--eps", "2"], "eps"),
+    (["--model", "file:/nonexistent.pt", "--data", "dsprites:shape"], "/nonexistent.pt"),
+])
+def test_subprocess_bad_input_has_no_traceback(args, expected, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "asbound.cli", "score", *args, "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asbound: error: ") and expected in lines[0]
+
+
+# --- resumption -------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for the API's progress bar and batch scorer, to see what a rerun does."""
+
+    def __init__(self, monkeypatch):
+        self.progress: "list[tuple[int, int]]" = []
+        self.batches: "list[int]" = []
+        original_progress, original_call = api._progress, api._Scorer.__call__
+
+        def progress(enabled, total, completed, cfg):
+            self.progress.append((total, completed))
+            return original_progress(False, total, completed, cfg)
+
+        def call(scorer, x, *args, **kwargs):
+            self.batches.append(len(x))
+            return original_call(scorer, x, *args, **kwargs)
+
+        monkeypatch.setattr(api, "_progress", progress)
+        monkeypatch.setattr(api._Scorer, "__call__", call)
+
+
+def _assert_same_run(out: Path, baseline: Path) -> None:
+    got = pd.read_csv(out / "points.csv")
+    want = pd.read_csv(baseline / "points.csv")
+    assert len(got) == 24
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert _strict_json((out / "summary.json").read_text()) == _strict_json((baseline / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("rows_kept, completed, rescored", [(8, 8, [8, 8]), (13, 8, [8, 8])])
+def test_resume_after_a_torn_write(rows_kept, completed, rescored, assets, baseline, populated, capsys, monkeypatch):
+    lines = (populated / "points.csv").read_text().splitlines(keepends=True)
+    torn = lines[rows_kept + 1][: len(lines[rows_kept + 1]) // 2]
+    (populated / "points.csv").write_text("".join(lines[: rows_kept + 1]) + torn)
+    (populated / "summary.json").unlink()
+    seen = _Recorder(monkeypatch)
+    rc, _, _ = _cli(capsys, *_tiny(assets), "--out", populated)
+    assert rc == 0
+    assert seen.progress == [(24, completed)]  # the bar starts at the completed batches
+    assert seen.batches == rescored  # only the unfinished batches are scored again
+    _assert_same_run(populated, baseline)
+
+
+def test_rerunning_a_finished_run_scores_nothing(assets, baseline, populated, capsys, monkeypatch):
+    seen = _Recorder(monkeypatch)
+    rc, out, _ = _cli(capsys, *_tiny(assets), "--json", "--out", populated)
+    assert rc == 0 and seen.batches == [] and seen.progress == [(24, 24)]
+    assert _strict_json(out) == _strict_json((baseline / "summary.json").read_text())
+    _assert_same_run(populated, baseline)
+
+
+def test_keyboard_interrupt_keeps_finished_batches(assets, baseline, tmp_path, capsys, monkeypatch):
+    original = api._Scorer.__call__
+    calls = []
+
+    def interrupted(scorer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(scorer, *args, **kwargs)
+
+    monkeypatch.setattr(api._Scorer, "__call__", interrupted)
+    out = tmp_path / "run"
+    args = [a for a in _tiny(assets) if a != "--no-progress"]  # with the progress bar running
+    rc, stdout, err = _cli(capsys, *args, "--out", out)
+    assert rc == 130 and "Traceback" not in err
+    assert "rerun" in err and "resume" in err
+    kept = pd.read_csv(out / "points.csv")
+    pd.testing.assert_frame_equal(kept, pd.read_csv(baseline / "points.csv").iloc[:8], check_exact=True)
+    assert not (out / "summary.json").exists()
+
+    monkeypatch.setattr(api._Scorer, "__call__", original)
+    rc, _, _ = _cli(capsys, *_tiny(assets), "--out", out)
+    assert rc == 0
+    _assert_same_run(out, baseline)
+
+
+@pytest.mark.parametrize("change, key", [
+    (["--eps", "4/255"], "eps"),
+    (["--seed", "1"], "seed"),
+    (["--steps", "3"], "steps"),
+    (["--batch-size", "4"], "batch_size"),
+    (["--n", "16"], "n"),
+])
+def test_resume_with_other_settings_is_refused(change, key, assets, populated, capsys):
+    before = _snapshot(populated)
+    rc, out, err = _cli(capsys, *_tiny(assets), *change, "--out", populated)
+    line = _one_line_error(err)
+    assert rc == 2 and out == ""
+    assert f"{key}:" in line and "--out" in line
+    assert _snapshot(populated) == before  # points.csv (and all else) unchanged byte for byte
+
+
+def test_versions_and_device_do_not_block_resume(assets, baseline, populated, capsys, monkeypatch):
+    config = json.loads((populated / "config.json").read_text())
+    config["versions"] = {**config["versions"], "torch": "0.0.1"}
+    config["device"] = "cuda:3"
+    config["python"] = "2.7"
+    (populated / "config.json").write_text(json.dumps(config))
+    seen = _Recorder(monkeypatch)
+    rc, _, _ = _cli(capsys, *_tiny(assets), "--out", populated)
+    assert rc == 0 and seen.batches == []
+    config = json.loads((populated / "config.json").read_text())
+    assert config["versions"]["torch"] != "0.0.1" and config["device"] == "cpu"
+    _assert_same_run(populated, baseline)

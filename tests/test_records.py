@@ -1,0 +1,282 @@
+"""Run directories: config.json, points.csv written batch by batch, torn-line repair, resumption."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import asbound.api as api
+from asbound.api import ScoreConfig, score
+from asbound.errors import AsboundError, ConfigError, ResumeError
+from asbound.records import (
+    CONFIG,
+    POINTS,
+    SUMMARY,
+    VOLATILE_KEYS,
+    RunDir,
+    clean_json,
+    environment,
+    read_summary,
+)
+from fabricate import make_tensors_file
+
+HEADER = "position,index,label,sensitivity,fulfilled\n"
+
+
+def _config(**changes) -> dict:
+    config = {"model": "builtin:lenet-adversarial/shape", "data": "dsprites:shape", "eps": 8 / 255,
+              "n": 6, "seed": 0, "batch_size": 3, "steps": 2, "transforms": [], "device": "cpu",
+              **environment()}
+    config.update(changes)
+    return config
+
+
+def _batch(positions, offset: float = 0.0) -> pd.DataFrame:
+    positions = list(positions)
+    return pd.DataFrame({
+        "position": positions,
+        "index": [10 * p for p in positions],
+        "label": [p % 3 for p in positions],
+        "sensitivity": [0.125 * p + offset for p in positions],
+        "fulfilled": [p % 2 == 0 for p in positions],
+    })
+
+
+def _strict_json(text: str) -> object:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _snapshot(folder: Path) -> "dict[str, bytes]":
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def run(tmp_path) -> RunDir:
+    """A run directory holding two finished batches of three (positions 0-5)."""
+    rd = RunDir(tmp_path / "run")
+    assert rd.start(_config()) == set()
+    rd.append(_batch(range(0, 3)))
+    rd.append(_batch(range(3, 6)))
+    return rd
+
+
+# --- writing and resuming ---------------------------------------------------------------------
+
+
+def test_fresh_directory(tmp_path):
+    rd = RunDir(tmp_path / "a" / "b")
+    assert rd.start(_config()) == set()
+    assert (tmp_path / "a" / "b" / CONFIG).is_file() and not rd.points_path.exists()
+    written = _strict_json((tmp_path / "a" / "b" / CONFIG).read_text())
+    assert written["eps"] == 8 / 255 and written["seed"] == 0
+    assert not list((tmp_path / "a" / "b").glob("*.tmp"))
+
+
+def test_batches_are_appended_with_one_header(run):
+    text = run.points_path.read_text()
+    assert text.count("position") == 1 and text.endswith("\n") and len(text.splitlines()) == 7
+    pd.testing.assert_frame_equal(run.points(), pd.concat([_batch(range(6))], ignore_index=True))
+
+
+def test_points_are_sorted_by_position(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.start(_config())
+    rd.append(_batch([3, 4, 5]))
+    rd.append(_batch([0, 1, 2]))
+    assert list(rd.points()["position"]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_resume_returns_recorded_positions(run):
+    assert RunDir(run.path).start(_config()) == set(range(6))
+    assert len(run.points()) == 6
+
+
+@pytest.mark.parametrize("torn", [
+    "6,60,0,0.7",  # fewer fields, no newline
+    "6,60,0,0.75,Tr",  # all fields, the last cut short: no newline
+    "6",
+])
+def test_torn_last_line_is_dropped(run, torn):
+    complete = run.points_path.read_text()
+    run.points_path.write_text(complete + torn)
+    assert RunDir(run.path).start(_config()) == set(range(6))
+    assert run.points_path.read_text() == complete
+    run.append(_batch([6, 7, 8]))
+    points = run.points()
+    assert list(points["position"]) == list(range(9))
+    pd.testing.assert_frame_equal(points, _batch(range(9)))
+
+
+def test_malformed_line_and_everything_after_it_are_dropped(run):
+    lines = run.points_path.read_text().splitlines(keepends=True)
+    run.points_path.write_text("".join(lines[:3]) + "2,20\n" + "".join(lines[3:]))
+    assert RunDir(run.path).start(_config()) == {0, 1}
+    assert run.points_path.read_text() == "".join(lines[:3])
+
+
+def test_torn_header_starts_the_file_afresh(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.start(_config())
+    rd.points_path.write_text(HEADER[:9])  # interrupted while writing the first batch
+    assert RunDir(tmp_path).start(_config()) == set()
+    rd.append(_batch([0, 1, 2]))
+    pd.testing.assert_frame_equal(rd.points(), _batch([0, 1, 2]))
+
+
+def test_empty_or_header_only_points_file(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.start(_config())
+    for text in ("", HEADER):
+        rd.points_path.write_text(text)
+        assert RunDir(tmp_path).start(_config()) == set()
+        rd.append(_batch([0]))
+        assert list(rd.points()["position"]) == [0]
+        rd.points_path.unlink()
+
+
+# --- refusing a directory that holds another run ----------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [("eps", 4 / 255), ("seed", 1), ("model", "builtin:lenet-standard/shape"),
+                                        ("n", 7), ("transforms", ["resize 8x8 -> 64x64"])])
+def test_other_settings_are_refused_and_nothing_changes(run, key, value):
+    torn = run.points_path.read_text() + "6,60"
+    run.points_path.write_text(torn)
+    before = _snapshot(run.path)
+    with pytest.raises(ResumeError) as info:
+        RunDir(run.path).start(_config(**{key: value}))
+    message = str(info.value)
+    assert f"{key}:" in message and repr(value) in message and "--out" in message
+    assert len(message.splitlines()) == 1
+    assert _snapshot(run.path) == before  # not even the torn line is repaired
+
+
+def test_added_or_removed_keys_are_refused(run):
+    with pytest.raises(ResumeError, match="head"):
+        RunDir(run.path).start(_config(head="probe.pt"))
+    config = _config()
+    del config["seed"]
+    with pytest.raises(ResumeError, match="seed"):
+        RunDir(run.path).start(config)
+
+
+def test_many_differences_are_summarised(run):
+    with pytest.raises(ResumeError, match="and 2 more"):
+        RunDir(run.path).start(_config(eps=0.1, seed=3, n=9, steps=5, batch_size=1))
+
+
+def test_volatile_keys_do_not_block_resume(run):
+    assert {"versions", "device"} <= set(VOLATILE_KEYS)
+    new = _config(versions={"torch": "0.0.1", "asbound": "9"}, device="cuda:1", python="3.99",
+                  platform="elsewhere")
+    assert RunDir(run.path).start(new) == set(range(6))
+    written = json.loads((run.path / CONFIG).read_text())
+    assert written["versions"] == {"torch": "0.0.1", "asbound": "9"} and written["device"] == "cuda:1"
+
+
+def test_values_compare_as_they_read_back(tmp_path):
+    """Tuples, paths and numpy scalars are stored as JSON: a rerun with them still resumes."""
+    config = _config(data_root=tmp_path / "data", shape=(1, 64, 64), n=np.int64(6), eps=np.float64(8 / 255))
+    rd = RunDir(tmp_path / "run")
+    rd.start(config)
+    rd.append(_batch([0, 1, 2]))
+    assert RunDir(tmp_path / "run").start(config) == {0, 1, 2}
+
+
+def test_unreadable_config_is_refused(run):
+    (run.path / CONFIG).write_text('{"model": "builtin:lenet-adv')
+    before = _snapshot(run.path)
+    with pytest.raises(ResumeError, match=CONFIG):
+        RunDir(run.path).start(_config())
+    assert _snapshot(run.path) == before
+
+
+def test_points_without_config_are_refused(run):
+    (run.path / CONFIG).unlink()
+    before = _snapshot(run.path)
+    with pytest.raises(ResumeError, match=CONFIG):
+        RunDir(run.path).start(_config())
+    assert _snapshot(run.path) == before
+
+
+def test_out_that_cannot_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(ConfigError, match="--out") as info:
+            RunDir(path).start(_config())
+        assert isinstance(info.value, AsboundError) and info.value.exit_code == 2
+    assert (tmp_path / "file").read_text() == "x"
+
+
+# --- summaries and the environment -----------------------------------------------------------
+
+
+def test_clean_json_replaces_non_finite_numbers():
+    obj = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": (2, None), "e": "nan"}
+    assert clean_json(obj) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, None], "e": "nan"}
+
+
+def test_summary_is_strict_json(tmp_path):
+    rd = RunDir(tmp_path)
+    assert read_summary(tmp_path) is None
+    rd.write_summary(clean_json({"as_score": np.float64(0.5), "n": np.int64(3), "lhs": math.nan,
+                                 "where": tmp_path, "terms": [{"x": math.inf}]}))
+    summary = _strict_json((tmp_path / SUMMARY).read_text())
+    assert summary == {"as_score": 0.5, "n": 3, "lhs": None, "where": str(tmp_path), "terms": [{"x": None}]}
+    assert read_summary(tmp_path) == summary
+    with pytest.raises(ValueError):  # NaN is never written
+        rd.write_summary({"lhs": math.nan})
+    assert read_summary(tmp_path) == summary
+
+
+def test_environment_records_versions():
+    env = environment()
+    assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert {"asbound", "numpy", "pandas"} <= set(env["versions"]) and env["python"].count(".") == 2
+
+
+# --- through the API --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny(tmp_path) -> "tuple[str, str]":
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "m.pt")
+    make_tensors_file(tmp_path / "d.pt", n=12, shape=(3, 4, 4), num_classes=3)
+    return f"file:{tmp_path / 'm.pt'}", f"tensors:{tmp_path / 'd.pt'}"
+
+
+def test_api_run_directory_and_resume(tiny, tmp_path, monkeypatch):
+    model, data = tiny
+    cfg = ScoreConfig(model=model, data=data, n=12, batch_size=4, steps=2, allow_pickle=True)
+    out = tmp_path / "out"
+    # an API caller may pass paths: recorded as strings, and the rerun still resumes
+    first = score(cfg, out=out, progress=False, data_root=tmp_path / "root")
+    assert first.out == out and len(first.points) == 12
+    assert set(p.name for p in out.iterdir()) == {CONFIG, POINTS, SUMMARY}
+    config = _strict_json((out / CONFIG).read_text())
+    assert config["data_root"] == str(tmp_path / "root") and config["seed"] == 0
+    assert config["model"] == model and config["data"] == data and config["device"] == "cpu"
+    assert config["versions"]["torch"] and config["eps"] == pytest.approx(8 / 255)
+    assert _strict_json((out / SUMMARY).read_text()) == first.summary
+
+    in_memory = score(cfg, out=None, progress=False)
+    assert in_memory.out is None
+    for column in ("index", "label", "pred", "correct", "robust", "fulfilled"):
+        assert (in_memory.points[column].to_numpy() == first.points[column].to_numpy()).all()
+    np.testing.assert_allclose(in_memory.points["sensitivity"], first.points["sensitivity"], rtol=1e-5)
+
+    monkeypatch.setattr(api._Scorer, "__call__", lambda *a, **k: pytest.fail("resumed run rescored"))
+    again = score(cfg, out=out, progress=False, data_root=tmp_path / "root")
+    assert again.summary == first.summary
+    pd.testing.assert_frame_equal(again.points, first.points)
