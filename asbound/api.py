@@ -21,14 +21,14 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from asbound.attacks import PGD, foolbox_pgd, loss_objective, representation_shift
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
-from asbound.errors import ConfigError, ModelError
+from asbound.errors import ConfigError, ModelError, describe
 from asbound.losses import Loss, loss_for_task
-from asbound.models import SplitModel, frozen, load_model, split_model
+from asbound.models import SplitModel, frozen, load_head, load_model, split_model
 from asbound.records import RunDir, clean_json, environment
 from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
@@ -122,29 +122,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(device)
-
-
-def _load_head(path: str, split: SplitModel) -> SplitModel:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelError(f"--head {str(p)!r} does not exist")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = " ".join(str(exc).strip().splitlines()[:1])
-        raise ModelError(
-            f"--head {p} is not loadable with weights_only=True ({type(exc).__name__}: {first}); "
-            f"save it with torch.save(nn.Linear({split.feature_dim}, K).state_dict(), PATH)"
-        ) from None
-    if not (isinstance(state, dict) and isinstance(state.get("weight"), Tensor) and state["weight"].dim() == 2):
-        raise ModelError(
-            f"--head {p} must hold {{'weight': [K, {split.feature_dim}] tensor, 'bias': [K] tensor}} "
-            f"(a torch.save of nn.Linear.state_dict())"
-        )
-    weight = state["weight"]
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
-    head.load_state_dict({k: v for k, v in state.items() if k in ("weight", "bias")}, strict=True)
-    return split.with_head(head)
 
 
 def _count(k: int, noun: str) -> str:
@@ -268,15 +245,14 @@ def score(
     try:
         split = split_model(loaded.module, data.x[: min(len(data), 8)], feature_layer=cfg.feature_layer)
     except RuntimeError as exc:  # the model cannot run on these inputs (shape / channel mismatch)
-        first = " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
         expects = f" (it expects {loaded.input_format})" if loaded.input_format else ""
         raise ModelError(
             f"{loaded.spec} cannot run on {data.spec} inputs of shape "
-            f"{'x'.join(map(str, data.x.shape[1:]))}{expects}: {first}; give data in the "
+            f"{'x'.join(map(str, data.x.shape[1:]))}{expects}: {describe(exc)}; give data in the "
             f"model's input format, or --resize SIDE"
         ) from None
     if cfg.head is not None:
-        split = _load_head(cfg.head, split)
+        split = split.with_head(load_head(cfg.head, split.feature_dim))
     split = split.to(device)
     mismatch = head_mismatch(split, data)
     loss = None if mismatch else loss_for_task(data.task)

@@ -31,3 +31,9 @@ class ConfigError(AsboundError):
 
 class ResumeError(AsboundError):
     """An output directory whose earlier run does not match the current configuration."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception from a library as one short line: its type and the first line of its text."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from asbound.data.base import RawSource, check_values
-from asbound.errors import DataError
+from asbound.errors import DataError, describe
 
 # name -> (torchvision class, sub-folder under root, files expected there)
 _TORCHVISION = {
@@ -38,10 +38,6 @@ _TENSORS_FORMAT = (
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
 def torchvision_source(name: str, root: Path, split: str, download: bool) -> RawSource:
     """One split of CIFAR-10/100, Fashion-MNIST or MNIST, read through torchvision."""
     import torchvision.datasets as tvd
@@ -51,7 +47,7 @@ def torchvision_source(name: str, root: Path, split: str, download: bool) -> Raw
     try:
         ds = getattr(tvd, cls_name)(str(root), train=split == "train", download=download)
     except (RuntimeError, OSError) as err:
-        how = (f"could not be downloaded into {folder} ({_one_line(err)})" if download
+        how = (f"could not be downloaded into {folder} ({describe(err)})" if download
                else f"not found (or corrupted) in {folder}")
         raise DataError(
             f"data set {name} {how}; run with --download when online, or copy the files "
@@ -81,7 +77,7 @@ def folder_source(path: str) -> RawSource:
     try:
         ds = ImageFolder(str(root), loader=lambda p: p)  # decode lazily, below
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"folder {root}: {_one_line(err)}; {layout}") from None
+        raise DataError(f"folder {root}: {describe(err)}; {layout}") from None
     paths = [p for p, _ in ds.samples]
     targets = torch.as_tensor(ds.targets, dtype=torch.int64)
 
@@ -93,7 +89,7 @@ def folder_source(path: str) -> RawSource:
                     im.load()
                     images.append(im)
             except OSError as err:
-                raise DataError(f"cannot read image {paths[i]}: {_one_line(err)}") from None
+                raise DataError(f"cannot read image {paths[i]}: {describe(err)}") from None
         grey = all(im.mode in _GREY_MODES for im in images)
         arrays = [np.asarray(im.convert("L" if grey else "RGB")) for im in images]
         x = [torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
@@ -111,11 +107,11 @@ def _load_tensors_file(p: Path) -> Any:
                 return {k: z[k] for k in z.files}
         except Exception as err:  # any failure means: not an npz of plain arrays
             raise DataError(
-                f"not a tensors file: {p} ({_one_line(err)}); {_TENSORS_FORMAT}") from None
+                f"not a tensors file: {p} ({describe(err)}); {_TENSORS_FORMAT}") from None
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to load safely means: not a tensors file
-        msg = _one_line(err).split(". ")[0][:200]
+        msg = describe(err).split(". ")[0][:200]
         raise DataError(f"not a tensors file: {p} ({type(err).__name__}: {msg}); "
                         f"{_TENSORS_FORMAT}") from None
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from asbound.errors import ModelError
+from asbound.errors import ModelError, describe
 from asbound.specs import InputFormat, ModelSpec, parse_model_spec
 
 ROBUSTBENCH_INPUT = {
@@ -140,7 +140,7 @@ def _load_robustbench(spec: ModelSpec, model_dir: Path, download: bool) -> Loade
     except ModelError:
         raise
     except Exception as exc:  # robustbench raises many types; report the first line
-        raise ModelError(f"RobustBench could not load {spec} from {where}: {_first_line(exc)}") from None
+        raise ModelError(f"RobustBench could not load {spec} from {where}: {describe(exc)}") from None
     notes = [f"checkpoint {p}" for p in paths] or ["timm pretrained weights"]
     return LoadedModel(module.eval(), spec, ROBUSTBENCH_INPUT[spec.dataset], notes)
 
@@ -158,7 +158,7 @@ def _load_file(spec: ModelSpec, allow_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelError(f"{spec} is not a torch.save file that loads ({_first_line(exc)})") from None
+        raise ModelError(f"{spec} is not a torch.save file that loads ({describe(exc)})") from None
     if not isinstance(obj, nn.Module):
         raise ModelError(
             f"{spec} holds a {type(obj).__name__}, not an nn.Module; file:PATH expects "
@@ -192,15 +192,7 @@ def _load_torchvision(spec: ModelSpec, weights: "str | os.PathLike | None") -> L
     state = None
     if weights is not None:
         wpath = Path(weights).expanduser()
-        if not wpath.is_file():
-            raise ModelError(f"--weights {str(wpath)!r} does not exist")
-        try:
-            state = torch.load(wpath, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(
-                f"--weights {wpath} is not a state dict loadable with weights_only=True "
-                f"({_first_line(exc)}); save it with torch.save(model.state_dict(), PATH)"
-            ) from None
+        state = load_tensor_file(wpath, "--weights", "save it with torch.save(model.state_dict(), PATH)")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -241,10 +233,31 @@ def _head_outputs(state: dict) -> Optional[int]:
     return int(last.shape[0]) if last is not None else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def _key_diff(expected: dict, got: dict) -> "tuple[list[str], list[str]]":
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def load_tensor_file(path: Path, flag: str, hint: str) -> object:
+    """``torch.load(path, weights_only=True)``; a missing or unloadable file is a ModelError."""
+    if not path.is_file():
+        raise ModelError(f"{flag} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{flag} {path} is not loadable with weights_only=True ({describe(exc)}); {hint}") from None
+
+
+def load_head(path: "str | os.PathLike", feature_dim: int) -> nn.Linear:
+    """A linear head ``Linear(feature_dim, K)`` from ``torch.save(head.state_dict(), PATH)`` (``--head``)."""
+    p = Path(path).expanduser()
+    hint = f"save it with torch.save(nn.Linear({feature_dim}, K).state_dict(), PATH)"
+    state = load_tensor_file(p, "--head", hint)
+    weight = state.get("weight") if isinstance(state, dict) else None
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+        raise ModelError(f"--head {p} must hold {{'weight': [K, {feature_dim}], 'bias': [K]}}; {hint}")
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
+    try:
+        head.load_state_dict({k: v for k, v in state.items() if k in ("weight", "bias")}, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"--head {p} does not form a linear layer ({describe(exc)}); {hint}") from None
+    return head
