@@ -169,10 +169,10 @@ class _Scorer:
     def __call__(self, x: Tensor, y: Tensor, task: str, seed: int) -> "dict[str, object]":
         split = self.split
         gen = torch.Generator().manual_seed(seed)
-        rep_objective = representation_shift(split.features, x)
-        x_rep = self._run(rep_objective, x, gen)
         with torch.no_grad():
             g0 = split.features(x)
+        x_rep = self._run(representation_shift(split.features, x, g0), x, gen)
+        with torch.no_grad():
             s_rep = torch.linalg.vector_norm(split.features(x_rep) - g0, dim=1)
         rows: "dict[str, object]" = {"s_rep": s_rep.cpu().numpy()}
         if self.loss is None:

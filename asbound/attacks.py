@@ -220,10 +220,17 @@ def _keep_best(
 # --- objectives -------------------------------------------------------------------------------
 
 
-def representation_shift(features: Callable[[Tensor], Tensor], x0: Tensor) -> Objective:
-    """The AS objective ``||g(x') - g(x0)||_2`` per example (SPEC section 2)."""
-    with torch.no_grad():
-        g0 = features(x0).flatten(1)
+def representation_shift(
+    features: Callable[[Tensor], Tensor], x0: Tensor, g0: Optional[Tensor] = None
+) -> Objective:
+    """The AS objective ``||g(x') - g(x0)||_2`` per example (SPEC section 2).
+
+    ``g0`` passes ``g(x0)`` when the caller has it already.
+    """
+    if g0 is None:
+        with torch.no_grad():
+            g0 = features(x0)
+    g0 = g0.detach().flatten(1)
 
     def objective(x_adv: Tensor) -> Tensor:
         return torch.linalg.vector_norm(features(x_adv).flatten(1) - g0, dim=1)
