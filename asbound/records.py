@@ -21,7 +21,7 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ VOLATILE_KEYS = ("versions", "device", "python", "platform", "resumed", "out")
 def versions() -> "dict[str, str]":
     """Versions of the packages that determine the numbers."""
     found = {}
-    for name in ("asbound", "torch", "torchvision", "numpy", "foolbox", "robustbench", "pandas"):
+    for name in ("asbound", "torchvision", "numpy", "foolbox", "robustbench", "pandas"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -192,10 +192,6 @@ def clean_json(obj: object) -> object:
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj
-
-
-def columns(frame: pd.DataFrame, names: Iterable[str]) -> "dict[str, np.ndarray]":
-    return {name: frame[name].to_numpy() for name in names if name in frame}
 
 
 def read_summary(path: "str | os.PathLike") -> Optional[dict]:

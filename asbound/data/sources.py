@@ -112,7 +112,7 @@ def _load_tensors_file(p: Path) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to load safely means: not a tensors file
         msg = describe(err).split(". ")[0][:200]
-        raise DataError(f"not a tensors file: {p} ({type(err).__name__}: {msg}); "
+        raise DataError(f"not a tensors file: {p} ({msg}); "
                         f"{_TENSORS_FORMAT}") from None
 
 
