@@ -1,8 +1,10 @@
 """asbound: verify robustness theory for transfer learning on real models.
 
 Nern et al. (NeurIPS 2023): the adversarial sensitivity (AS) of a representation bounds the
-robustness of any linear head on top of it (Lemma 1, Theorem 1) and certifies per-datapoint
-robustness through a margin criterion (Theorem 2). See ``SPEC.md`` sections 1-4.
+robustness of any linear head on top of it (Lemma 1, Theorem 1), and a margin criterion
+(Theorem 2) decides per datapoint whether its prediction can change. asbound estimates the AS
+score with PGD, from below, so its Lemma 1 RHS and Theorem 1 bound are estimates and its
+Theorem 2 criterion is empirical, not a certificate. See ``docs/SPEC.md`` sections 1-4.
 
 The public API is imported lazily, so that ``import asbound`` stays cheap::
 

@@ -11,6 +11,7 @@ over this module; a notebook calls it directly::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from asbound.attacks import PGD, foolbox_pgd, loss_objective, representation_shift
+from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.errors import ConfigError, ModelError, describe
@@ -69,16 +70,23 @@ class ScoreConfig:
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
-        eps = parse_eps(self.eps)
         norm = parse_norm(self.norm)
+        eps = parse_eps(self.eps, norm)
         for name in ("steps", "restarts", "batch_size", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1, got {self.restarts}")
+        if self.restarts > 1 and not self.random_start:
+            raise ConfigError(
+                f"{self.restarts} restarts without a random start would repeat one deterministic attack; "
+                f"use one restart, or drop --no-random-start"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.n is not None and self.n < 1:
@@ -100,7 +108,7 @@ class ScoreConfig:
     @property
     def attack(self) -> PGD:
         return PGD(
-            eps=float(parse_eps(self.eps)), norm=parse_norm(self.norm), steps=self.steps,
+            eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
             rel_step=self.rel_step, random_start=self.random_start, restarts=self.restarts,
         )
 
@@ -156,58 +164,68 @@ def _format_values(values: Tensor) -> "np.ndarray | list[str]":
 
 
 class _Scorer:
-    """Scores one batch: the AS attack, the loss attack, and the per-datapoint quantities."""
+    """Scores one batch: the AS attack, the loss attack, and the per-datapoint quantities.
+
+    Each attack runs under a :class:`~asbound.attacks.Watch` that sees every point it evaluates
+    (each step, each restart, the clean input): ``s_rep`` / ``s_loss`` are the largest
+    representation shifts seen by each attack, ``loss_adv`` the largest loss seen by the loss
+    attack (so ``loss_adv >= loss_clean``), and a point is ``robust`` only if no evaluated
+    point of either attack is misclassified.
+    """
 
     def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float) -> None:
         self.split, self.loss, self.attack, self.backend, self.scale = split, loss, attack, backend, scale
 
-    def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator) -> Tensor:
+    def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor) -> None:
         if self.backend == "foolbox":
-            return foolbox_pgd(self.attack, objective, x)
-        return self.attack(objective, x, generator=gen).x_adv
+            foolbox_pgd(self.attack, objective, x, generator=gen)
+        else:
+            self.attack(objective, x, generator=gen, clean_value=clean)
 
     def __call__(self, x: Tensor, y: Tensor, task: str, seed: int) -> "dict[str, object]":
         split = self.split
         gen = torch.Generator().manual_seed(seed)
+        head = split.exact_head()  # predictions, losses and margins all in float64
         with torch.no_grad():
             g0 = split.features(x)
-        x_rep = self._run(representation_shift(split.features, x, g0), x, gen)
-        with torch.no_grad():
-            s_rep = torch.linalg.vector_norm(split.features(x_rep) - g0, dim=1)
-        rows: "dict[str, object]" = {"s_rep": s_rep.cpu().numpy()}
+            out_clean = head(g0)
+        labels = y if task == "classification" and self.loss is not None else None
+        rep = Watch(head, g0, labels=labels)
+        rep.observe(g0)
+        self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device))
+        rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
         if self.loss is None:
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
             return rows
         targets = y if task == "classification" else y.to(x.dtype)
-        x_loss = self._run(loss_objective(split, self.loss, targets), x, gen)
-        with torch.no_grad():
-            out_clean = split.head(g0)
-            g_adv = split.features(x_loss)
-            out_adv = split.head(g_adv)
-            s_loss = torch.linalg.vector_norm(g_adv - g0, dim=1)
-            loss_clean = self.loss(out_clean, targets)
-            loss_adv = self.loss(out_adv, targets)
-        best = torch.maximum(s_rep, s_loss)
+        adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
+        adv.observe(g0)
+        loss_clean = adv.loss.clone()
+        self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype))
+        best = torch.maximum(rep.shift, adv.shift)
+        delta = adv.loss - loss_clean
+        ratio = delta / self.scale if self.scale > 0 else torch.where(delta > 0, math.inf, 0.0).to(delta)
         rows.update(
-            s_loss=s_loss.cpu().numpy(),
+            s_loss=adv.shift.cpu().numpy(),
             sensitivity=best.cpu().numpy(),
-            sensitivity_source=np.where((s_loss > s_rep).cpu().numpy(), "loss", "rep"),
+            sensitivity_source=np.where((adv.shift > rep.shift).cpu().numpy(), "loss", "rep"),
             loss_clean=loss_clean.cpu().numpy(),
-            loss_adv=loss_adv.cpu().numpy(),
-            lemma1_ratio=((loss_adv - loss_clean) / self.scale).cpu().numpy(),
+            loss_adv=adv.loss.cpu().numpy(),
+            lemma1_ratio=ratio.cpu().numpy(),
         )
         if task == "classification":
-            pred, pred_adv = out_clean.argmax(1), out_adv.argmax(1)
-            m = margins(out_clean, y, split.W)
+            pred = out_clean.argmax(1)
+            m = margins(g0, y, split.W, split.b)
             rows.update(
                 pred=pred.cpu().numpy(),
-                pred_adv=pred_adv.cpu().numpy(),
+                # the first misclassified point in evaluation order: clean, AS attack, loss attack
+                pred_adv=torch.where(rep.fooled, rep.witness, adv.witness).cpu().numpy(),
                 correct=(pred == y).cpu().numpy(),
-                robust=(pred_adv == y).cpu().numpy(),
+                robust=(~(rep.fooled | adv.fooled)).cpu().numpy(),
                 margin=m.cpu().numpy(),
                 fulfilled=(best < m).cpu().numpy(),
-                fulfilled_rep=(s_rep < m).cpu().numpy(),
+                fulfilled_rep=(rep.shift < m).cpu().numpy(),
             )
         else:
             rows["pred"] = _format_values(out_clean)
@@ -278,32 +296,33 @@ def score(
         **environment(),
     }
     run = RunDir(out) if out is not None else None
-    done = run.start(resolved) if run else set()
-    scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale)
-    frames: "list[pd.DataFrame]" = []
-    batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
-    todo = [b for b in batches if not set(b) <= done]
-    with frozen(split), _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg) as advance:
-        for positions in todo:
-            sel = torch.tensor(list(positions))
-            x = data.x[sel].to(device)
-            y = data.y[sel].to(device)
-            rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
-            frame = pd.DataFrame(
-                {"position": list(positions), "index": data.index[sel].numpy(), "label": _format_values(data.y[sel]), **rows}
-            )
-            frame = frame[~frame["position"].isin(done)]
-            if run:
-                run.append(frame)
-            else:
-                frames.append(frame)
-            advance(len(positions))
-    points = run.points() if run else pd.concat(frames, ignore_index=True)
-    summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
-    summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
-    summary = clean_json(summary)
-    if run:
-        run.write_summary(summary)
+    with run.locked() if run else contextlib.nullcontext():
+        done = run.start(resolved) if run else set()
+        scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale)
+        frames: "list[pd.DataFrame]" = []
+        batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
+        todo = [b for b in batches if not set(b) <= done]
+        with frozen(split), _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg) as advance:
+            for positions in todo:
+                sel = torch.tensor(list(positions))
+                x = data.x[sel].to(device)
+                y = data.y[sel].to(device)
+                rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
+                frame = pd.DataFrame(
+                    {"position": list(positions), "index": data.index[sel].numpy(), "label": _format_values(data.y[sel]), **rows}
+                )
+                frame = frame[~frame["position"].isin(done)]
+                if run:
+                    run.append(frame)
+                else:
+                    frames.append(frame)
+                advance(len(positions))
+        points = run.points() if run else pd.concat(frames, ignore_index=True)
+        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
+        summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
+        summary = clean_json(summary)
+        if run:
+            run.write_summary(summary)
     return ScoreResult(clean_json(resolved), summary, points, Path(out) if out else None, notes)
 
 

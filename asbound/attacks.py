@@ -11,10 +11,16 @@ semantics of foolbox's ``LinfPGD`` / ``L2PGD`` (Rauber et al. 2017, 2020):
 Tensor shapes: ``x`` is ``[N, C, H, W]`` (any ``[N, ...]``) in ``[0, 1]``; an objective maps a
 batch ``x'`` to per-example values ``[N]`` that the attack *maximises*.
 
-Every iterate lies in the threat set, so each one gives a valid lower bound on the maximum of
-the objective. ``select="best"`` (default) keeps the best iterate per example over all steps and
-restarts; ``select="last"`` returns foolbox's last iterate. Only input gradients are taken
-(``torch.autograd.grad``); the caller freezes parameters (:func:`asbound.models.frozen`).
+Every point evaluated lies in the threat set (an explicit ``start`` is projected onto it), so
+each one gives a valid lower bound on the maximum of the objective. ``select="best"`` (default)
+keeps the best point per example over every step, every restart and the clean input itself
+(which lies in the set too); ``select="last"`` returns foolbox's last iterate. Only input
+gradients are taken (``torch.autograd.grad``); the caller freezes parameters
+(:func:`asbound.models.frozen`).
+
+A :class:`Watch` sees every point an objective is evaluated at: the largest representation
+shift, the largest loss and whether any evaluated point is misclassified, per example. ``score``
+judges robustness and the sensitivity estimate by it, whatever point the attack keeps.
 
 The objective ``||g(x') - g(x)||_2`` has zero gradient at ``x' = x``: without a random start it
 never moves.
@@ -126,10 +132,11 @@ class PGD:
     select: str = "best"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0.0 <= self.eps <= 1.0):
-            raise ConfigError(f"eps {self.eps!r} is outside [0, 1]; eps is in pixel units, e.g. 8/255")
         if self.norm not in GEOMETRIES:
             raise ConfigError(f"norm {self.norm!r} is not supported; valid: {', '.join(GEOMETRIES)}")
+        top = 1.0 if self.norm == "inf" else math.inf  # an L2 radius may exceed 1
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0.0 <= self.eps <= top):
+            raise ConfigError(f"eps {self.eps!r} is outside [0, {top:g}] for L{self.norm}; eps is in pixel units, e.g. 8/255")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"steps must be a whole number >= 0, got {self.steps!r}")
         if not isinstance(self.restarts, int) or self.restarts < 1:
@@ -150,41 +157,52 @@ class PGD:
         *,
         generator: Optional[torch.Generator] = None,
         start: Optional[Tensor] = None,
+        clean_value: Optional[Tensor] = None,
     ) -> AttackResult:
         """Run the attack on the batch ``x``.
 
         ``generator`` (a CPU ``torch.Generator``) makes the random starts reproducible;
-        ``start`` gives the first restart's starting point explicitly (tests pin foolbox with it).
+        ``start`` gives the first restart's starting point explicitly (tests pin foolbox with it);
+        it is projected onto the threat set like every iterate. With ``select="best"`` the clean
+        input is a candidate too; ``clean_value`` passes the objective there when the caller has
+        it (else it is evaluated once).
         """
         x0 = x.detach()
         if generator is None:
             generator = torch.Generator().manual_seed(0)
+        best_x = best_v = None
+        if self.select == "best" or self.eps == 0.0:
+            if clean_value is None:
+                with torch.no_grad():
+                    clean_value = objective(x0)
+            best_x, best_v = x0.clone(), clean_value.detach()
         if self.eps == 0.0:
-            with torch.no_grad():
-                return AttackResult(x0.clone(), objective(x0).detach())
-        best_x, best_v = None, None
+            return AttackResult(best_x, best_v)
         for restart in range(self.restarts):
             first = start if (restart == 0 and start is not None) else None
             cand_x, cand_v = self._run_once(objective, x0, generator, first)
-            if best_x is None:
-                best_x, best_v = cand_x, cand_v
-            else:
-                better = cand_v > best_v
-                best_x = torch.where(_expand(better, x0), cand_x, best_x)
-                best_v = torch.where(better, cand_v, best_v)
+            best_x, best_v = (cand_x, cand_v) if best_x is None else _keep_best(best_x, best_v, cand_x, cand_v)
         return AttackResult(best_x, best_v)
+
+    def start_point(self, x0: Tensor, generator: torch.Generator, start: Optional[Tensor] = None) -> Tensor:
+        """The first point of one restart: ``start`` or a random start, in ``B(x0, eps) ∩ [0, 1]^d``."""
+        eps = float(self.eps)
+        if start is not None:
+            return self.clip(x0, start.detach().to(x0.device, x0.dtype))
+        if self.random_start:
+            return (x0 + self.geometry.random_start(x0, eps, generator)).clamp(0.0, 1.0)
+        return x0.clone()
+
+    def clip(self, x0: Tensor, x: Tensor) -> Tensor:
+        """Project ``x`` onto the ball around ``x0``, then clip to ``[0, 1]`` (foolbox's order)."""
+        return (x0 + self.geometry.project(x - x0, float(self.eps))).clamp(0.0, 1.0)
 
     def _run_once(
         self, objective: Objective, x0: Tensor, generator: torch.Generator, start: Optional[Tensor]
     ) -> "tuple[Tensor, Tensor]":
-        geo, eps = self.geometry, float(self.eps)
-        alpha = self.rel_step * eps
-        if start is not None:
-            x_adv = start.detach().clamp(0.0, 1.0)
-        elif self.random_start:
-            x_adv = (x0 + geo.random_start(x0, eps, generator)).clamp(0.0, 1.0)
-        else:
-            x_adv = x0.clone()
+        geo = self.geometry
+        alpha = self.rel_step * float(self.eps)
+        x_adv = self.start_point(x0, generator, start)
         best_x = best_v = None
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
@@ -195,8 +213,7 @@ class PGD:
             if self.select == "best":
                 best_x, best_v = _keep_best(best_x, best_v, x_adv, value)
             grad = torch.nan_to_num(grad)
-            x_adv = x_adv + alpha * geo.direction(grad)
-            x_adv = (x0 + geo.project(x_adv - x0, eps)).clamp(0.0, 1.0)
+            x_adv = self.clip(x0, x_adv + alpha * geo.direction(grad))
         with torch.no_grad():
             value = objective(x_adv).detach()
         if self.select == "best":
@@ -217,15 +234,76 @@ def _keep_best(
     return torch.where(_expand(better, x), x, best_x), torch.where(better, v, best_v)
 
 
-# --- objectives -------------------------------------------------------------------------------
+# --- objectives and the watch over every evaluated point ----------------------------------------
+
+
+class Watch:
+    """Sees every point an attack evaluates and keeps, per example, what each one proves.
+
+    Every evaluated ``x'`` lies in the threat set, so ``||g(x') - g(x)||_2`` is a lower bound on
+    the sensitivity ``s_i`` and ``l(f(x'), y)`` one on the worst-case loss; and if the head
+    classifies any evaluated ``x'`` other than ``y``, the point is not robust, whichever iterate
+    the attack keeps in the end. Shapes: ``g0`` ``[N, m]``, ``labels`` / ``targets`` ``[N]``.
+
+    Shifts are computed in float64 and the judgments use ``head`` on the representation: pass
+    the exact float64 head (:meth:`asbound.models.SplitModel.exact_head`) so that predictions,
+    losses and Theorem 2's margins come from the same arithmetic (a float32 head can pick another
+    class at a near-tie than the float64 margin implies).
+
+    Attributes (``[N]``): ``shift`` (largest shift seen), ``loss`` (largest loss seen, with a
+    ``loss``), ``fooled`` (some evaluated point misclassified, with ``labels``) and ``witness``
+    (the class predicted at the first such point; the label where there is none).
+    """
+
+    def __init__(
+        self,
+        head: Callable[[Tensor], Tensor],
+        g0: Tensor,
+        *,
+        labels: Optional[Tensor] = None,
+        loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        targets: Optional[Tensor] = None,
+    ) -> None:
+        self.head, self.g0 = head, g0.detach().flatten(1).double()
+        self.labels, self.loss_fn = labels, loss
+        self.targets = targets if targets is not None else labels
+        n = self.g0.shape[0]
+        self.shift = torch.zeros(n, device=self.g0.device, dtype=torch.float64)
+        self.loss: Optional[Tensor] = None
+        self.fooled = torch.zeros(n, dtype=torch.bool, device=self.g0.device)
+        self.witness = labels.clone() if labels is not None else None
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def observe(self, g: Tensor) -> None:
+        """Record the representation ``g(x')`` ``[N, m]`` of one batch of evaluated points."""
+        g = g.detach().flatten(1)
+        self.evaluations += 1
+        self.shift = torch.maximum(self.shift, torch.linalg.vector_norm(g.double() - self.g0, dim=1))
+        if self.labels is None and self.loss_fn is None:
+            return
+        out = self.head(g)
+        if self.loss_fn is not None:
+            targets = self.targets if not self.targets.is_floating_point() else self.targets.to(out.dtype)
+            value = self.loss_fn(out, targets).detach()
+            self.loss = value if self.loss is None else torch.maximum(self.loss, value)
+        if self.labels is not None:
+            pred = out.argmax(1)
+            wrong = pred != self.labels
+            self.witness = torch.where(wrong & ~self.fooled, pred, self.witness)
+            self.fooled |= wrong
 
 
 def representation_shift(
-    features: Callable[[Tensor], Tensor], x0: Tensor, g0: Optional[Tensor] = None
+    features: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    g0: Optional[Tensor] = None,
+    *,
+    watch: Optional[Watch] = None,
 ) -> Objective:
     """The AS objective ``||g(x') - g(x0)||_2`` per example (SPEC section 2).
 
-    ``g0`` passes ``g(x0)`` when the caller has it already.
+    ``g0`` passes ``g(x0)`` when the caller has it already; ``watch`` sees every ``g(x')``.
     """
     if g0 is None:
         with torch.no_grad():
@@ -233,18 +311,34 @@ def representation_shift(
     g0 = g0.detach().flatten(1)
 
     def objective(x_adv: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(features(x_adv).flatten(1) - g0, dim=1)
+        g = features(x_adv).flatten(1)
+        if watch is not None:
+            watch.observe(g)
+        return torch.linalg.vector_norm(g - g0, dim=1)
 
     return objective
 
 
 def loss_objective(
-    model: Callable[[Tensor], Tensor], loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor
+    model: Callable[[Tensor], Tensor],
+    loss: Callable[[Tensor, Tensor], Tensor],
+    targets: Tensor,
+    *,
+    watch: Optional[Watch] = None,
 ) -> Objective:
-    """The loss ``l(f(x'), y)`` per example (cross-entropy or the Euclidean error)."""
+    """The loss ``l(f(x'), y)`` per example (cross-entropy or the Euclidean error).
+
+    With a ``watch``, ``model`` must expose ``features`` and ``head`` (a split model): the watch
+    sees every ``g(x')``.
+    """
+    if watch is None:
+        return lambda x_adv: loss(model(x_adv), targets)
+    features, head = model.features, model.head  # type: ignore[attr-defined]
 
     def objective(x_adv: Tensor) -> Tensor:
-        return loss(model(x_adv), targets)
+        g = features(x_adv)
+        watch.observe(g)
+        return loss(head(g), targets)
 
     return objective
 
@@ -258,17 +352,26 @@ def foolbox_pgd(
     x: Tensor,
     *,
     start: Optional[Tensor] = None,
-) -> Tensor:
-    """Run foolbox's ``LinfPGD`` / ``L2PGD`` on ``objective`` (last iterate, one restart).
+    generator: Optional[torch.Generator] = None,
+) -> AttackResult:
+    """Run foolbox's ``LinfPGD`` / ``L2PGD`` on ``objective``, once per restart.
 
     The objective replaces foolbox's cross-entropy through its ``get_loss_fn`` override point.
-    ``start`` fixes the random-start *offset* so that foolbox and :class:`PGD` (whose ``start``
-    is the starting point ``x + offset``) can be compared exactly.
+    Each restart runs foolbox's loop and returns its last iterate; the objective is evaluated
+    there and the best restart per example is kept (foolbox itself has no restarts). Random
+    starts are drawn from ``generator`` through foolbox's ``get_random_start`` override point,
+    with the distribution foolbox uses (uniform in the ball), so runs are reproducible.
+    ``start`` fixes the first restart's random-start *offset* so that foolbox and :class:`PGD`
+    (whose ``start`` is the starting point ``x + offset``) can be compared exactly.
     """
     import eagerpy as ep
     import foolbox as fb
 
     base = fb.attacks.LinfPGD if attack.norm == "inf" else fb.attacks.L2PGD
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    x0 = x.detach()
+    offset: "list[Optional[Tensor]]" = [None]
 
     class _ObjectivePGD(base):  # type: ignore[misc, valid-type]
         def get_loss_fn(self, model, labels):  # noqa: ANN001, ANN202 - foolbox's signature
@@ -278,14 +381,22 @@ def foolbox_pgd(
             return loss_fn
 
         def get_random_start(self, x0, epsilon):  # noqa: ANN001, ANN202
-            if start is not None:  # foolbox's random start is a point, x0 + offset
-                return x0 + ep.astensor(start.to(x0.raw.device, x0.raw.dtype))
-            return super().get_random_start(x0, epsilon)
+            # foolbox's random start is a point, x0 + offset (it clips it to the bounds itself)
+            return x0 + ep.astensor(offset[0].to(x0.raw.device, x0.raw.dtype))
 
     fb_attack = _ObjectivePGD(
         rel_stepsize=attack.rel_step, steps=attack.steps, random_start=attack.random_start or start is not None
     )
-    identity = torch.nn.Identity().eval()
-    fmodel = fb.PyTorchModel(identity, bounds=(0.0, 1.0), device=x.device)
-    dummy = fb.criteria.Misclassification(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-    return fb_attack.run(fmodel, x.detach(), dummy, epsilon=float(attack.eps)).detach()
+    fmodel = fb.PyTorchModel(torch.nn.Identity().eval(), bounds=(0.0, 1.0), device=x0.device)
+    dummy = fb.criteria.Misclassification(torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device))
+    best_x = best_v = None
+    for restart in range(attack.restarts):
+        if restart == 0 and start is not None:
+            offset[0] = attack.geometry.project(start.detach().to(x0.device, x0.dtype), float(attack.eps))
+        elif attack.random_start:
+            offset[0] = attack.geometry.random_start(x0, float(attack.eps), generator)
+        last = fb_attack.run(fmodel, x0, dummy, epsilon=float(attack.eps)).detach()
+        with torch.no_grad():
+            value = objective(last).detach()
+        best_x, best_v = _keep_best(best_x, best_v, last, value)
+    return AttackResult(best_x, best_v)

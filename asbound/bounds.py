@@ -11,6 +11,8 @@ Notation (SPEC sections 1-4): ``f(x) = W g(x) + b``, rows ``w_k`` of ``W``; ``s_
 * Theorem 1: for ``0 <= l <= C``, with probability ``>= 1 - delta`` over an i.i.d. sample of
   size n, ``E[max_x' l(f(x'), y) - l(f(x), y)] <= L ||W||_(q) AS + C sqrt(ln(1/delta) / (2n))``;
   stated for the capped loss ``min(l, C)`` (same L), with C fixed before seeing the data.
+  The theorem needs the true ``s_i``; with asbound's PGD estimate (a lower bound) the bound
+  computed here is an *estimate* of the theorem's right-hand side, not a guaranteed bound.
 * Theorem 2: ``m_i = min_{j != y} (f_y(x_i) - f_j(x_i)) / ||w_y - w_j||_2``; ``s_i < m_i``
   implies every ``x'`` in the ball is classified ``y``. Empirical with a PGD estimate of
   ``s_i`` (a lower bound); a certificate only with an upper bound.
@@ -50,20 +52,49 @@ def head_norms(W: Tensor) -> "dict[str, float]":
     }
 
 
-def margins(outputs: Tensor, labels: Tensor, W: Tensor) -> Tensor:
-    """Theorem 2's normalised margin ``m_i = min_{j != y} (f_y - f_j) / ||w_y - w_j||_2`` ``[N]``.
+def row_distances(W: Tensor, rows: Tensor, *, budget: int = 2**24) -> Tensor:
+    """``||w_r - w_j||_2`` for each ``r`` in ``rows`` and every ``j``, ``[len(rows), K]``, float64.
 
-    ``outputs`` are the logits ``f(x_i)`` (bias included), ``[N, K]``. Where ``w_j = w_y`` the
-    difference ``f_y - f_j = b_y - b_j`` is the same everywhere, so the term is ``+inf`` if it is
-    positive and ``-inf`` otherwise. ``m_i <= 0`` when ``x_i`` is misclassified.
+    The Gram formula ``||a||² + ||b||² - 2 a·b`` (in float64) is fast, but it loses the digits of
+    nearly equal rows: in float32 (``torch.cdist`` above 25 rows) it returns 0 for rows of norm 10
+    that differ by 1e-3. Every pair whose squared distance is below 1e-3 of ``||a||² + ||b||²``
+    is therefore recomputed from the difference itself; elsewhere the formula's relative error is
+    below about ``m 1e-13`` of the squared distance. The exact recomputation runs in chunks of at
+    most ``budget`` numbers (at least one pair at a time).
     """
-    W = W.detach().to(outputs.dtype)
-    dist = torch.cdist(W, W)  # [K, K], ||w_i - w_j||_2
-    f_y = outputs.gather(1, labels.view(-1, 1))  # [N, 1]
-    num = f_y - outputs  # [N, K]
-    den = dist[labels]  # [N, K]
+    W = W.detach().double()
+    rows = rows.to(W.device)
+    sq = (W * W).sum(1)
+    scale = sq[rows][:, None] + sq[None, :]
+    d2 = (scale - 2.0 * (W[rows] @ W.T)).clamp_min(0.0)
+    suspect = (d2 <= 1e-3 * scale).nonzero()  # [P, 2]: (position in rows, j)
+    chunk = max(1, budget // max(1, W.shape[1]))
+    for i in range(0, len(suspect), chunk):
+        r, j = suspect[i:i + chunk].unbind(1)
+        d2[r, j] = ((W[rows[r]] - W[j]) ** 2).sum(1)
+    return d2.sqrt()
+
+
+def margins(features: Tensor, labels: Tensor, W: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """Theorem 2's normalised margin ``m_i = min_{j != y} (f_y - f_j) / ||w_y - w_j||_2``, float64 ``[N]``.
+
+    ``features`` are the representations ``g(x_i)`` ``[N, m]``; ``f = W g + b`` and the row
+    distances are evaluated in float64, the distances from the row differences (exact even for
+    nearly equal rows). ``m_i`` is the l2 distance from ``g(x_i)`` to the nearest decision
+    boundary of ``y_i`` in feature space. Where ``w_j = w_y`` the difference
+    ``f_y - f_j = b_y - b_j`` is the same everywhere, so the term is ``+inf`` if it is positive
+    and ``-inf`` otherwise. ``m_i <= 0`` when ``x_i`` is misclassified.
+    """
+    g = features.detach().double().flatten(1)
+    W = W.detach().double().to(g.device)
+    bias = torch.zeros(W.shape[0], dtype=torch.float64, device=g.device) if b is None else b.detach().double().to(g.device)
+    labels = labels.to(g.device)
+    f = g @ W.T + bias  # [N, K]
+    present, inverse = torch.unique(labels, return_inverse=True)
+    den = row_distances(W, present)[inverse]  # [N, K], ||w_y - w_j||_2
+    num = f.gather(1, labels.view(-1, 1)) - f  # [N, K], f_y - f_j
     pos_inf = torch.full_like(num, math.inf)
-    ratio = torch.where(den > 0, num / den.clamp_min(1e-30), torch.where(num > 0, pos_inf, -pos_inf))
+    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, pos_inf, -pos_inf))
     ratio = ratio.scatter(1, labels.view(-1, 1), math.inf)  # j == y does not count
     return ratio.amin(dim=1)
 
@@ -111,7 +142,11 @@ def confidence_term(cap: float, n: int, delta: float) -> float:
 
 @dataclass(frozen=True)
 class Theorem1:
-    """Theorem 1 for the capped loss ``min(l, C)`` with its confidence term."""
+    """Theorem 1 for the capped loss ``min(l, C)`` with its confidence term.
+
+    ``bound`` uses the AS score as given; with a PGD estimate of AS (a lower bound on the true
+    score) it is an estimate of the theorem's bound, not a guarantee.
+    """
 
     cap: float
     delta: float
@@ -125,6 +160,7 @@ class Theorem1:
 def theorem1(
     term: Lemma1Term, as_score: float, loss_clean: np.ndarray, loss_adv: np.ndarray, *, cap: float, delta: float
 ) -> Theorem1:
+    """Theorem 1: ``L ||W||_(q) AS + C sqrt(ln(1/delta) / (2n))`` and the capped sample LHS."""
     n = int(len(loss_clean))
     conf = confidence_term(cap, n, delta)
     lhs = float(np.mean(np.minimum(loss_adv, cap) - np.minimum(loss_clean, cap)))
@@ -177,6 +213,7 @@ def summarize_points(
         lhs=head.lhs,
         rhs=out["as_score"],
         lemma1_holds=bool(head.lhs <= out["as_score"] + 1e-9),
+        lemma1_holds_rep=bool(head.lhs <= out["as_score_rep"] + 1e-9),
         lemma1_all=[asdict(t) for t in terms],
         head_norms=dict(norms),
         theorem1=asdict(thm1),

@@ -8,11 +8,70 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
-from typing import Optional, Sequence
+import textwrap
+from typing import NoReturn, Optional, Sequence
 
 from asbound.errors import AsboundError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line ``asbound: error: ...`` and exit code 2, like every other
+    error of the command line (argparse's own prints the whole usage block). Subparsers inherit
+    the class; ``--help`` is untouched."""
+
+    commands: "Optional[dict[str, argparse.ArgumentParser]]" = None  # set on the top-level parser
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        if self.commands and "required: COMMAND" in message:
+            message += f" (choose from {', '.join(self.commands)})"
+        self.exit(2, f"asbound: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        # unknown options are reported by the subcommand's parser, which knows its options
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = (self.commands or {}).get(getattr(parsed, "command", None), self)
+            options = {o.lstrip("-"): o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+            hints = []
+            for extra in extras:
+                name = extra.split("=")[0]
+                close = difflib.get_close_matches(name.lstrip("-"), options, n=1) if name.startswith("--") else []
+                if close:
+                    hints.append(f"{name}: did you mean {options[close[0]]}?")
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help unless the default is None (the option's help
+    then says what happens without it), the option is a flag, or the help already names it.
+    Lines break at spaces only, so that paths and option names stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> "list[str]":
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "(default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _escape(path: object) -> str:
+    return str(path).replace("%", "%%")  # help strings are %-formatted
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
 def _n(text: str) -> Optional[int]:
@@ -21,15 +80,24 @@ def _n(text: str) -> Optional[int]:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--n must be a whole number or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'all', got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     from asbound import __version__
-    from asbound.api import ScoreConfig
+    from asbound.api import DEFAULT_N, DEFAULT_TASKS, ScoreConfig
+    from asbound.data import default_data_root
+    from asbound.models import default_model_dir
 
     d = ScoreConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asbound", description="Verify robustness theory for transfer learning on real models."
     )
     parser.add_argument("--version", action="version", version=f"asbound {__version__}")
@@ -42,40 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
             "datapoint and the bounds of Nern et al. (2023). Without --model and --data: the "
             "embedded offline default (builtin adversarial LeNet on procedural dSprites)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
+    default_subs = ",".join(task.split(":")[1] for task in DEFAULT_TASKS)
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD]")
-    g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt); default: user cache")
-    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True)")
-    g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict())")
-    g.add_argument("--feature-layer", help="module whose output is the representation g(x)")
+    g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD]; "
+                   "without --model and --data: the embedded default")
+    g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
+                   f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
+    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
+    g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict()); without it: the model's last layer")
+    g.add_argument("--feature-layer", help="module whose output is the representation g(x); without it: found automatically")
     g.add_argument("--allow-pickle", action="store_true", help="allow file:PATH (unpickling runs code)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
-    g.add_argument("--data-root", help="where torchvision data sets live; default: user cache")
-    g.add_argument("--split", default=d.split, choices=("train", "test"))
-    g.add_argument("--n", type=_n, default=argparse.SUPPRESS, help=f"datapoints, or 'all' (default {d.n}; 500 for the embedded default)")
-    g.add_argument("--seed", type=int, default=d.seed, help="subset selection and random starts")
-    g.add_argument("--resize", type=int, help="resize inputs to RESIZE x RESIZE")
+    g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live "
+                   f"(default: $ASBOUND_DATA_ROOT or the user cache, here {_escape(default_data_root())})")
+    g.add_argument("--split", default=d.split, choices=("train", "test"), help="which split to draw from")
+    g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
+                   help=f"datapoints, or 'all' (default: {d.n}; {DEFAULT_N} for the embedded default)")
+    g.add_argument("--seed", type=_whole, default=d.seed, help="subset selection and random starts")
+    g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
     g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--rel-step", type=float, default=d.rel_step, help="step size relative to eps")
-    g.add_argument("--restarts", type=int, default=d.restarts)
-    g.add_argument("--no-random-start", action="store_true")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"))
+    g.add_argument("--steps", type=_whole, default=d.steps, help="PGD steps")
+    g.add_argument("--rel-step", type=_number, default=d.rel_step, help="step size relative to eps")
+    g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack (every point they evaluate counts); more than 1 needs the random start")
+    g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean input")
+    g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
+    g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g = p.add_argument_group("bounds")
-    g.add_argument("--delta", type=float, default=d.delta, help="Theorem 1 confidence 1 - delta")
-    g.add_argument("--loss-cap", type=float, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
+    g.add_argument("--delta", type=_number, default=d.delta, help="Theorem 1 confidence 1 - delta")
+    g.add_argument("--loss-cap", type=_number, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="run directory (default runs/<model>__<data>); rerunning resumes")
+    g.add_argument("--out", help="run directory; rerunning resumes (default: runs/<model>__<data>, "
+                   f"runs/default/{{{default_subs}}} for the embedded default)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -123,7 +198,10 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         if args.command == "score":
             return _score(args)

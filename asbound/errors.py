@@ -33,6 +33,10 @@ class ResumeError(AsboundError):
     """An output directory whose earlier run does not match the current configuration."""
 
 
+class RunLockedError(AsboundError):
+    """An output directory that another process is writing."""
+
+
 def describe(exc: BaseException) -> str:
     """An exception from a library as one short line: its type and the first line of its text."""
     text = str(exc).strip()

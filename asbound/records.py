@@ -8,7 +8,8 @@ A run directory holds::
 
 Rerunning the same configuration into the same directory skips the datapoints already in
 ``points.csv``. A directory holding a run with another configuration is refused, never
-overwritten.
+overwritten. While a process writes a run it holds an exclusive lock on ``DIR/.lock``
+(:meth:`RunDir.locked`); a second process on the same directory is refused.
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ import io
 import json
 import os
 import platform
+import socket
 import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
-from asbound.errors import ConfigError, ResumeError
+from asbound.errors import ConfigError, ResumeError, RunLockedError
 
 CONFIG = "config.json"
 POINTS = "points.csv"
 SUMMARY = "summary.json"
+LOCK = ".lock"
 
 # config keys that may differ between an interrupted run and its resumption
 VOLATILE_KEYS = ("versions", "device", "python", "platform", "resumed", "out")
@@ -69,12 +74,8 @@ class RunDir:
     def points_path(self) -> Path:
         return self.path / POINTS
 
-    def start(self, config: dict) -> "set[int]":
-        """Create or resume the directory; return the positions already recorded.
-
-        Raises :class:`ResumeError` if the directory holds a run with another configuration
-        (or records that cannot be attributed to one); nothing in it is changed then.
-        """
+    def create(self) -> None:
+        """Create the directory (and its parents); a path that cannot be one is a ConfigError."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -84,6 +85,55 @@ class RunDir:
             ) from None
         if not self.path.is_dir():
             raise ConfigError(f"--out {str(self.path)!r} is not a directory; give a directory path")
+
+    @contextmanager
+    def locked(self) -> Iterator["RunDir"]:
+        """Hold an exclusive lock on the run for the duration (``flock`` on ``DIR/.lock``).
+
+        A second holder, in this process or another, gets :class:`RunLockedError` naming the
+        process that writes the run. The lock dies with its process, so a killed run never
+        leaves the directory locked. (``flock`` is not reliable on some network file systems.)
+        """
+        import fcntl
+
+        self.create()
+        path = self.path / LOCK
+        handle = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLockedError(
+                    f"{self.path} is being written by {holder}; wait for it to finish, or choose "
+                    f"another --out"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            handle.write(f"asbound pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
+            handle.flush()
+            yield self
+        finally:
+            handle.close()  # releases the lock
+
+    def start(self, config: dict) -> "set[int]":
+        """Create or resume the directory; return the positions already recorded.
+
+        Raises :class:`ResumeError` if the directory holds a run with another configuration
+        (or records that cannot be attributed to one); nothing in it is changed then.
+        """
+        self.claim(config)
+        return self._repair_points()
+
+    def claim(self, config: dict) -> None:
+        """Create the directory and write ``config``, or check it against the recorded one.
+
+        Raises :class:`ResumeError` if the directory holds a run with another configuration;
+        nothing in it is changed then.
+        """
+        self.create()
         config = _normalised(config)
         config_path = self.path / CONFIG
         if config_path.exists():
@@ -112,9 +162,7 @@ class RunDir:
                 f"{self.path} holds a {POINTS} without a {CONFIG}, so its records cannot be "
                 f"resumed; choose another --out, or delete that directory to start over"
             )
-        done = self._repair_points()
-        _write_json(config_path, config)
-        return done
+        write_json(config_path, config)
 
     def _repair_points(self) -> "set[int]":
         """Drop a torn last line left by an interruption; return the recorded positions."""
@@ -158,7 +206,7 @@ class RunDir:
         return frame.sort_values("position").reset_index(drop=True)
 
     def write_summary(self, summary: dict) -> None:
-        _write_json(self.path / SUMMARY, summary)
+        write_json(self.path / SUMMARY, summary)
 
 
 def _normalised(config: dict) -> dict:
@@ -167,9 +215,19 @@ def _normalised(config: dict) -> dict:
     return json.loads(json.dumps(clean_json(config), default=_json_default, allow_nan=False))
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n")
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as strict JSON, atomically (a temporary file, fsync'ed, then renamed)."""
+    atomic_write(path, lambda handle: handle.write(
+        (json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n").encode()))
+
+
+def atomic_write(path: Path, write: "Callable[[io.BufferedWriter], object]") -> None:
+    """Write ``path`` through ``write(handle)`` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

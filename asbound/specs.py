@@ -161,8 +161,12 @@ def parse_data_spec(text: str) -> DataSpec:
     return DataSpec("dsprites", factor=factor)
 
 
-def parse_eps(value: "str | float") -> float:
-    """Parse eps in pixel units: a number (``0.03``) or a fraction (``8/255``), within [0, 1]."""
+def parse_eps(value: "str | float", norm: str = "inf") -> float:
+    """Parse eps in pixel units: a number (``0.03``) or a fraction (``8/255``).
+
+    An L-inf radius lies in [0, 1] (inputs are pixels in [0, 1]); an L2 radius may exceed 1
+    (e.g. the L2 eps = 3 ImageNet models), so it only has to be a finite number >= 0.
+    """
     text = str(value).strip()
     try:
         eps = float(Fraction(text)) if "/" in text else float(text)
@@ -170,6 +174,10 @@ def parse_eps(value: "str | float") -> float:
         raise ConfigError(
             f"eps {text!r} is not a number; give a value in [0, 1] such as 0.03 or 8/255"
         ) from None
+    if norm == "2":
+        if not math.isfinite(eps) or eps < 0:
+            raise ConfigError(f"eps {text!r} = {eps:g} is not a valid L2 radius; give a finite number >= 0")
+        return eps
     if not math.isfinite(eps) or not 0.0 <= eps <= 1.0:
         raise ConfigError(
             f"eps {text!r} = {eps:g} is outside [0, 1]; eps is in pixel units "
@@ -181,7 +189,7 @@ def parse_eps(value: "str | float") -> float:
 def format_eps(eps: float) -> str:
     """Print eps as ``k/255`` when it is one, else as a short decimal."""
     k = eps * 255.0
-    if abs(k - round(k)) < 1e-6:
+    if 0 < eps < 1 and abs(k - round(k)) < 1e-6:
         return f"{int(round(k))}/255"
     return f"{eps:.6g}"
 

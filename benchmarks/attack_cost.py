@@ -12,7 +12,8 @@ One run measures:
 
 and reports (a) ``pgd / (S * grad)``, how close the attack gets to the cost of its gradients
 (PGD also runs one final forward pass, so about ``1 + 1/(3S)`` is the floor), and (b)
-``pgd / foolbox``. Each time is the median of ``--repeats`` rounds (the three measurements
+``pgd / foolbox`` (both evaluate the objective at their final point; foolbox's loop does not,
+so :func:`asbound.attacks.foolbox_pgd` adds that forward pass). Each time is the median of ``--repeats`` rounds (the three measurements
 interleaved in every round) after one warm-up call of each.
 
     python benchmarks/attack_cost.py [--batch-size 128] [--steps 20] [--device auto|cpu|cuda]
@@ -68,6 +69,7 @@ def main() -> None:
 
     with frozen(split):
         objective = representation_shift(split.features, x)
+        zeros = torch.zeros(len(x), device=device)
 
         def grad_pass() -> None:
             xr = x.clone().requires_grad_(True)
@@ -75,7 +77,10 @@ def main() -> None:
 
         runs = {
             "grad": lambda steps: grad_pass(),
-            "pgd": lambda steps: attack(steps)(objective, x, generator=torch.Generator().manual_seed(0)),
+            # as `score` calls it: the objective at the clean input (0) is known, not evaluated
+            "pgd": lambda steps: attack(steps)(
+                objective, x, generator=torch.Generator().manual_seed(0), clean_value=zeros
+            ),
             "foolbox": lambda steps: foolbox_pgd(attack(steps), objective, x),
         }
         for run in runs.values():  # warm-up: one short call of each

@@ -77,12 +77,13 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def _make_idx_set(folder: Path, n_per_split: int, seed: int) -> dict[str, tuple]:
+def _make_idx_set(folder: Path, n_per_split: int, seed: int,
+                  images: Optional[np.ndarray] = None) -> dict[str, tuple]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = _images(rng, n_per_split, (28, 28))
+        x = _images(rng, n_per_split, (28, 28)) if images is None else np.asarray(images, np.uint8)
         y = rng.integers(0, 10, size=n_per_split).astype(np.uint8)
         out[split] = (x, y)
         _write_idx(folder / f"{prefix}-images-idx3-ubyte", x)
@@ -90,14 +91,18 @@ def _make_idx_set(folder: Path, n_per_split: int, seed: int) -> dict[str, tuple]
     return out
 
 
-def make_fashion_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
-    """``root/FashionMNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28])."""
-    return _make_idx_set(Path(root) / "FashionMNIST" / "raw", n_per_split, seed)
+def make_fashion_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0,
+                       images: Optional[np.ndarray] = None) -> dict[str, tuple]:
+    """``root/FashionMNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28];
+    ``images`` replaces the random ones in both splits, ``n_per_split`` must match it)."""
+    return _make_idx_set(Path(root) / "FashionMNIST" / "raw", n_per_split, seed, images)
 
 
-def make_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0) -> dict[str, tuple]:
-    """``root/MNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28])."""
-    return _make_idx_set(Path(root) / "MNIST" / "raw", n_per_split, seed)
+def make_mnist(root: PathLike, n_per_split: int = 10, seed: int = 0,
+               images: Optional[np.ndarray] = None) -> dict[str, tuple]:
+    """``root/MNIST/raw``: the four uncompressed IDX files (images uint8 [n, 28, 28];
+    ``images`` replaces the random ones in both splits, ``n_per_split`` must match it)."""
+    return _make_idx_set(Path(root) / "MNIST" / "raw", n_per_split, seed, images)
 
 
 def make_image_folder(
@@ -152,16 +157,51 @@ def make_tensors_file(
     return obj
 
 
-def make_dsprites_npz(root: PathLike, indices: Sequence[int], subdir: bool = False) -> Path:
+def make_dsprites_npz(
+    root: PathLike,
+    indices: Sequence[int],
+    subdir: bool = False,
+    white: int = 1,
+    images: Optional[np.ndarray] = None,
+) -> Path:
     """A small file with the official dSprites name and keys (imgs uint8 0/1 [N, 64, 64],
-    latents_values, latents_classes [N, 6]) holding the images of ``indices``, rendered."""
+    latents_values, latents_classes [N, 6]) holding the images of ``indices``, rendered.
+
+    ``white``: the stored value of a set pixel (1 in the official file; 255 for a file saved as
+    0/255 images). ``images`` replaces the rendered images (any [N, ...] array, e.g. tiny
+    images so that a file can hold many rows cheaply)."""
     from asbound.data import dsprites_latents, render_dsprites
 
     classes, values = dsprites_latents(torch.as_tensor(list(indices)))
-    imgs = render_dsprites(classes)[:, 0].to(torch.uint8).numpy()
+    if images is None:
+        imgs = render_dsprites(classes)[:, 0].to(torch.uint8).numpy() * np.uint8(white)
+    else:
+        assert len(images) == len(classes), "one image per index"
+        imgs = images
     folder = Path(root) / "dsprites" if subdir else Path(root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
     np.savez_compressed(path, imgs=imgs, latents_values=values.numpy(),
                         latents_classes=classes.numpy())
+    return path
+
+
+def write_npz(
+    path: PathLike,
+    arrays: "dict[str, np.ndarray]",
+    compressed: bool = False,
+    version: Optional[tuple[int, int]] = None,
+) -> Path:
+    """An .npz like ``np.savez[_compressed]``, with the .npy format ``version`` of each member
+    chosen ((1, 0), (2, 0) or None: numpy's choice); arrays keep their memory order."""
+    import zipfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        for key, array in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), version=version,
+                                          allow_pickle=False)
     return path

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from asbound.attacks import PGD, foolbox_pgd, loss_objective, representation_shift
+from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.errors import ConfigError
 from asbound.losses import cross_entropy
-from asbound.models import frozen
+from asbound.models import frozen, split_model
 
 
 def linear_features(A: torch.Tensor):
@@ -104,17 +104,126 @@ def test_representation_objective_needs_a_random_start():
     assert torch.all(moved.value > 0)
 
 
-def test_same_generator_same_result_and_best_beats_last():
+def _recording(objective):
+    """The objective, with every batch it is evaluated at recorded: ``[(x', value)]``."""
+    seen = []
+
+    def wrapped(x_adv):
+        value = objective(x_adv)
+        seen.append((x_adv.detach().clone(), value.detach().clone()))
+        return value
+
+    return wrapped, seen
+
+
+def test_best_is_the_best_evaluated_point_and_last_is_the_last():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4))
     x = torch.rand(6, 10)
-    objective = representation_shift(net, x)
     with frozen(net):
-        a = PGD(eps=0.3, steps=8, rel_step=1.0)(objective, x, generator=torch.Generator().manual_seed(5))
-        b = PGD(eps=0.3, steps=8, rel_step=1.0)(objective, x, generator=torch.Generator().manual_seed(5))
+        objective, seen = _recording(representation_shift(net, x))
+        best = PGD(eps=0.3, steps=8, rel_step=1.0, restarts=2)(objective, x, generator=torch.Generator().manual_seed(5))
+        again = PGD(eps=0.3, steps=8, rel_step=1.0, restarts=2)(representation_shift(net, x), x, generator=torch.Generator().manual_seed(5))
+        assert len(seen) == 1 + 2 * (8 + 1)  # the clean input, then steps + the final point per restart
+        values = torch.stack([v for _, v in seen])  # [evaluations, N]
+        torch.testing.assert_close(best.value, values.max(0).values, rtol=0, atol=0)
+        for i, k in enumerate(values.argmax(0).tolist()):
+            torch.testing.assert_close(best.x_adv[i], seen[k][0][i], rtol=0, atol=0)
+        assert (values.argmax(0) > 0).all()  # some step beat the clean point on every example
+        objective, seen = _recording(representation_shift(net, x))
         last = PGD(eps=0.3, steps=8, rel_step=1.0, select="last")(objective, x, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(a.x_adv, b.x_adv)
-    assert torch.all(a.value >= last.value - 1e-7)
+        assert len(seen) == 8 + 1
+        torch.testing.assert_close(last.x_adv, seen[-1][0], rtol=0, atol=0)
+        torch.testing.assert_close(last.value, seen[-1][1], rtol=0, atol=0)
+    torch.testing.assert_close(best.x_adv, again.x_adv, rtol=0, atol=0)  # same generator, same result
+
+
+def test_the_clean_point_is_a_candidate():
+    """An objective that peaks at x itself: PGD's iterates oscillate around it, the clean point wins."""
+    x = torch.rand(5, 7) * 0.5 + 0.25
+    x0 = x.clone()
+
+    def peak(x_adv):
+        return -((x_adv - x0) ** 2).sum(1)
+
+    result = PGD(eps=0.1, steps=5, rel_step=0.7)(peak, x)
+    torch.testing.assert_close(result.value, torch.zeros(5), rtol=0, atol=0)
+    torch.testing.assert_close(result.x_adv, x, rtol=0, atol=0)
+    last = PGD(eps=0.1, steps=5, rel_step=0.7, select="last")(peak, x)
+    assert torch.all(last.value < 0)  # without the clean point the attack stays below it
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_an_explicit_start_is_projected_onto_the_threat_set(norm):
+    x = torch.full((3, 4), 0.5)
+    A = torch.eye(4)
+    eps = 0.01
+    start = x + 0.4  # far outside the ball
+    result = PGD(eps=eps, norm=norm, steps=0, select="last")(representation_shift(linear_features(A), x), x, start=start)
+    delta = result.x_adv - x
+    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+    assert torch.all(size <= eps * (1 + 1e-6))
+    exact = eps * 2.0 if norm == "inf" else eps  # max ||d||_2 over the ball: sqrt(4) eps for L-inf
+    assert torch.all(result.value <= exact * (1 + 1e-6))  # it reported 0.8 before the projection
+    torch.testing.assert_close(result.value, torch.full((3,), exact), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_foolbox_projects_an_explicit_start_too(norm):
+    x = torch.full((3, 4), 0.5)
+    eps = 0.01
+    attack = PGD(eps=eps, norm=norm, steps=0, select="last")
+    result = foolbox_pgd(attack, representation_shift(linear_features(torch.eye(4)), x), x,
+                         start=torch.full((3, 4), 0.4))
+    delta = result.x_adv - x
+    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+    assert torch.all(size <= eps * (1 + 1e-6))
+
+
+def test_watch_sees_every_evaluated_point():
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    split = split_model(net, torch.rand(2, 12))
+    x = torch.rand(9, 12)
+    y = torch.randint(0, 3, (9,))
+    with frozen(split), torch.no_grad():
+        g0 = split.features(x)
+    watch = Watch(split.exact_head(), g0, labels=y, loss=cross_entropy)
+    with frozen(split):
+        objective, seen = _recording(loss_objective(split, cross_entropy, y, watch=watch))
+        PGD(eps=0.2, steps=6, restarts=3)(objective, x)
+        points = torch.stack([p for p, _ in seen])  # [evaluations, N, 12]
+        with torch.no_grad():
+            g = split.features(points.flatten(0, 1)).view(len(seen), 9, -1).double()
+    W, b = net[3].weight.double(), net[3].bias.double()
+    out = g @ W.T + b  # the exact head, float64
+    assert watch.evaluations == len(seen) == 1 + 3 * 7
+    assert watch.shift.dtype == torch.float64
+    torch.testing.assert_close(watch.shift, (g - g0.double()).norm(dim=2).amax(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(watch.loss, torch.stack([cross_entropy(o, y) for o in out]).amax(0), rtol=1e-12, atol=1e-12)
+    wrong = out.argmax(2) != y  # [evaluations, N]
+    assert torch.equal(watch.fooled, wrong.any(0))
+    assert bool(watch.fooled.any()) and not bool(watch.fooled.all())
+    first = wrong.float().argmax(0)
+    expected = torch.where(wrong.any(0), out.argmax(2).gather(0, first[None]).squeeze(0), y)
+    assert torch.equal(watch.witness, expected)
+
+
+def test_watch_witness_is_the_first_wrong_class():
+    """Three classes, the head the identity: the point goes to class 1, then to class 2."""
+    head = lambda g: g.double()  # noqa: E731
+    watch = Watch(head, torch.tensor([[1.0, 0.0, 0.0]]), labels=torch.tensor([0]))
+    for g in ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):
+        watch.observe(torch.tensor([g]))
+    assert watch.fooled.tolist() == [True] and watch.witness.tolist() == [1]
+    assert watch.shift.tolist() == [pytest.approx(math.sqrt(2))]
+
+
+def test_best_includes_the_final_iterate():
+    """A linear objective with no random start: every step improves, so the final point is the best."""
+    x = torch.full((2, 5), 0.5, dtype=torch.float64)
+    result = PGD(eps=0.1, steps=3, rel_step=0.25, random_start=False)(lambda t: t.sum(1), x)
+    torch.testing.assert_close(result.value, torch.full((2,), 5 * (0.5 + 0.075), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
@@ -129,8 +238,28 @@ def test_pinned_to_foolbox(norm):
     with frozen(net):
         for objective in (representation_shift(net, x), loss_objective(net[:], lambda o, y: cross_entropy(o, y), torch.arange(5) % 8)):
             ours = attack(objective, x, start=start).x_adv
-            theirs = foolbox_pgd(attack, objective, x, start=start - x)
+            theirs = foolbox_pgd(attack, objective, x, start=start - x).x_adv
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_foolbox_honours_seed_and_restarts():
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.Tanh(), nn.Linear(16, 6))
+    x = torch.rand(16, 3, 8, 8)
+    objective = representation_shift(net, x)
+
+    def run(restarts, seed):
+        attack = PGD(eps=8 / 255, steps=3, restarts=restarts)
+        return foolbox_pgd(attack, objective, x, generator=torch.Generator().manual_seed(seed))
+
+    with frozen(net):
+        a, b, other = run(1, 0), run(1, 0), run(1, 1)
+        four = run(4, 0)
+    torch.testing.assert_close(a.x_adv, b.x_adv, rtol=0, atol=0)  # same seed, same result
+    assert not torch.equal(a.x_adv, other.x_adv)  # another seed, other starts
+    assert torch.all(four.value >= a.value) and torch.any(four.value > a.value)  # restart 0 is the same
+    with frozen(net), torch.no_grad():
+        torch.testing.assert_close(four.value, (net(four.x_adv) - net(x)).norm(dim=1))
 
 
 def test_invalid_settings_are_config_errors():

@@ -87,7 +87,7 @@ def test_margins_by_hand():
     b = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)
     g = torch.tensor([[2.0, 1.0], [2.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     f = g @ W.T + b  # (2, 1.5, -2), (2, 1.5, -2), (0, 0.5, 0)
-    m = margins(f, torch.tensor([0, 1, 1]), W)
+    m = margins(g, torch.tensor([0, 1, 1]), W, b)
     expected = [
         min((2 - 1.5) / math.sqrt(2), (2 + 2) / 2.0),
         min((1.5 - 2) / math.sqrt(2), (1.5 + 2) / math.sqrt(2)),
@@ -98,9 +98,11 @@ def test_margins_by_hand():
 
 def test_margin_with_identical_rows_depends_on_the_bias_only():
     W = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
-    f = torch.tensor([[3.0, 2.0], [3.0, 2.0]])
-    m = margins(f, torch.tensor([0, 1]), W)
+    g = torch.tensor([[0.3, -1.0], [5.0, 2.0]])  # f_0 - f_1 = b_0 - b_1 = 1 wherever g is
+    m = margins(g, torch.tensor([0, 1]), W, torch.tensor([3.0, 2.0]))
     assert m[0] == math.inf and m[1] == -math.inf
+    tie = margins(g, torch.tensor([0, 1]), W, torch.tensor([2.0, 2.0]))  # identical rows, equal biases
+    assert tie[0] == -math.inf and tie[1] == -math.inf  # a tie is never robust
 
 
 def test_margin_is_the_feature_distance_to_the_decision_boundary():
@@ -112,7 +114,7 @@ def test_margin_is_the_feature_distance_to_the_decision_boundary():
     g = torch.randn(200, m_dim, dtype=torch.float64)
     f = g @ W.T + b
     y = f.argmax(1)
-    m = margins(f, y, W)
+    m = margins(g, y, W, b)
     assert torch.all(m > 0)
     # random perturbations of norm 0.999 m never flip the class
     for _ in range(20):
@@ -139,7 +141,7 @@ def test_theorem2_certifies_with_the_exact_sensitivity_of_a_linear_representatio
     s = eps * torch.linalg.matrix_norm(A, ord=2)
     f = x @ A.T @ W.T + b
     y = f.argmax(1)
-    fulfilled = s < margins(f, y, W)
+    fulfilled = s < margins(x @ A.T, y, W, b)
     assert 0 < int(fulfilled.sum()) < 300  # both cases occur
     model = nn.Sequential(nn.Linear(8, 4, bias=False), nn.Linear(4, 3)).double()
     model[0].weight.data, model[1].weight.data, model[1].bias.data = A, W, b
@@ -147,6 +149,67 @@ def test_theorem2_certifies_with_the_exact_sensitivity_of_a_linear_representatio
         adv = PGD(eps=eps, norm="2", steps=30, restarts=2)(loss_objective(model, cross_entropy, y), x).x_adv
         for xs in [adv] + [x + eps * (lambda d: d / d.norm(dim=1, keepdim=True))(torch.randn_like(x)) for _ in range(5)]:
             assert torch.all(model(xs.clamp(0, 1)).argmax(1)[fulfilled] == y[fulfilled])
+
+
+def _nearly_equal_rows(K: int = 30, m: int = 512) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """Issue 5's repro: rows of norm 10, ``w_1 = w_0 + 1e-3 u``, ``b_0 = 1e-4``, ``b_1 = 0``, the
+    other biases -10, ``g = 0``: the binding class is 1, at feature distance 1e-4 / 1e-3 = 0.1."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(K, m, generator=gen)
+    W = 10 * W / W.norm(dim=1, keepdim=True)
+    u = torch.randn(m, generator=gen)
+    W[1] = W[0] + 1e-3 * u / u.norm()
+    b = torch.full((K,), -10.0)
+    b[0], b[1] = 1e-4, 0.0
+    return W, b, torch.zeros(1, m)
+
+
+def test_margin_with_nearly_equal_rows_among_many_classes():
+    W, b, g = _nearly_equal_rows()
+    m = margins(g, torch.tensor([0]), W, b)
+    W64, b64 = W.double(), b.double()
+    exact = (b64[0] - b64[1]) / (W64[0] - W64[1]).norm()
+    assert float(exact) == pytest.approx(0.1, rel=1e-4)
+    assert float(m) == pytest.approx(float(exact), rel=1e-9)  # torch.cdist in float32 gave 0.68
+    # the margin is the distance to the boundary: a shift of 1.01 m along w_1 - w_0 flips the class
+    d = (W64[1] - W64[0]) / (W64[1] - W64[0]).norm()
+    assert int(((g.double() + 1.01 * float(m) * d) @ W64.T + b64).argmax()) == 1
+    assert int(((g.double() + 0.99 * float(m) * d) @ W64.T + b64).argmax()) == 0
+
+
+@pytest.mark.parametrize("K", [2, 30, 200])
+def test_margins_match_a_float64_loop(K):
+    gen = torch.Generator().manual_seed(K)
+    m_dim = 64
+    W = torch.randn(K, m_dim, generator=gen) * 3
+    W[K - 1] = W[0] + 1e-4 * torch.randn(m_dim, generator=gen)  # nearly equal rows
+    b = torch.randn(K, generator=gen)
+    g = torch.randn(25, m_dim, generator=gen)
+    y = torch.randint(0, K, (25,), generator=gen)
+    y[:5] = 0
+    got = margins(g, y, W, b)
+    assert got.dtype == torch.float64
+    W64, b64, g64 = W.double(), b.double(), g.double()
+    for i in range(len(g)):
+        yi = int(y[i])
+        expected = min(
+            float(((W64[yi] - W64[j]) @ g64[i] + b64[yi] - b64[j]) / (W64[yi] - W64[j]).norm())
+            for j in range(K) if j != yi
+        )
+        assert float(got[i]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_row_distances_in_small_chunks_equal_one_pass():
+    from asbound.bounds import row_distances
+
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(40, 16, generator=gen)
+    rows = torch.tensor([3, 0, 39, 3])
+    full = row_distances(W, rows)
+    chunked = row_distances(W, rows, budget=1)  # one row at a time
+    torch.testing.assert_close(full, chunked, rtol=0, atol=0)
+    torch.testing.assert_close(full[1, 0], torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(full[0], (W[3].double() - W.double()).norm(dim=1), rtol=1e-15, atol=0)
 
 
 # --- Lemma 1 pointwise, Theorem 1 ---------------------------------------------------------------
@@ -223,6 +286,26 @@ def test_summary_by_hand():
     none = summarize_points({**points, "fulfilled": np.zeros(4, bool)}, loss=CROSS_ENTROPY, norms=norms,
                             num_outputs=3, cap=10.0, delta=0.1)
     assert none["rob_fulfilled"] is None  # no fulfilled point: reported as "-"
+
+
+def test_lemma1_verdicts_both_ways():
+    """``lemma1_holds`` compares LHS with the AS score of both attacks, ``lemma1_holds_rep`` with the
+    AS attack alone (the paper's estimator); each can fail."""
+    norms = {"row_max": 1.0, "row_sum": 3.0, "frobenius": 2.0, "spectral": 1.5}
+    base = {"loss_clean": np.array([0.0, 0.0]), "correct": np.ones(2, bool), "robust": np.ones(2, bool),
+            "fulfilled": np.ones(2, bool), "fulfilled_rep": np.ones(2, bool)}
+
+    def summary(loss_adv, sensitivity, s_rep):
+        points = {**base, "loss_adv": np.array(loss_adv), "sensitivity": np.array(sensitivity), "s_rep": np.array(s_rep)}
+        return summarize_points(points, loss=CROSS_ENTROPY, norms=norms, num_outputs=3, cap=10.0, delta=0.1)
+
+    # LHS = mean(loss_adv) / (L ||W||) = mean(loss_adv) / 2
+    ok = summary([0.4, 0.4], [0.3, 0.3], [0.25, 0.25])  # LHS 0.2 <= 0.25 <= 0.3
+    assert ok["lhs"] == pytest.approx(0.2) and ok["lemma1_holds"] and ok["lemma1_holds_rep"]
+    rep_only = summary([0.4, 0.4], [0.3, 0.3], [0.1, 0.1])  # LHS 0.2 > AS attack alone 0.1
+    assert rep_only["lemma1_holds"] and not rep_only["lemma1_holds_rep"]
+    neither = summary([1.0, 1.0], [0.3, 0.3], [0.1, 0.1])  # LHS 0.5 > 0.3
+    assert not neither["lemma1_holds"] and not neither["lemma1_holds_rep"]
 
 
 # --- end to end through the API on a linear representation --------------------------------------

@@ -1,14 +1,17 @@
-"""``asbound score``: the summary, the run directory, resumption and one-line errors for bad input.
+"""``asbound score``: the summary, the run directory, resumption, one-line errors for bad input
+(argparse's included), the defaults ``--help`` shows, and that the attack options reach the run.
 
 Most runs use a tiny pickled model on a tensors file (fast); the embedded default and the
 head/task checks use the shipped builtin LeNet on procedural dSprites with ``--n`` 8-16 and
-``--steps 2``.
+``--steps 2``. ``conftest.py`` points ``$ASBOUND_DATA_ROOT``, ``$ASBOUND_MODEL_DIR`` and
+``$XDG_CACHE_HOME`` at empty folders for every test.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,10 @@ import torch
 from torch import nn
 
 import asbound.api as api
-from asbound.cli import main
+from asbound.api import ScoreConfig
+from asbound.cli import _slug, build_parser, main
+from asbound.data import default_data_root
+from asbound.models import default_model_dir
 from fabricate import make_tensors_file
 
 EPS = 8 / 255
@@ -42,7 +48,9 @@ def _strict_json(text: str) -> object:
 
 
 def _snapshot(folder: Path) -> "dict[str, bytes]":
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The run's files (the lock file, which only names the last writer, aside)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def _words(text: str) -> str:
@@ -275,6 +283,8 @@ def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
         "n 0": (with_tiny("--n", "0"), ["n must be >= 1"]),
         "batch size 0": (with_tiny("--batch-size", "0"), ["batch size", ">= 1"]),
         "delta 1.5": (with_tiny("--delta", "1.5"), ["delta", "(0, 1)"]),
+        "seed too large": (with_tiny("--seed", str(2**70)), ["seed", "2**63"]),
+        "restarts without random start": (with_tiny("--restarts", "2", "--no-random-start"), ["random start"]),
         "head misfit": (["--model", "builtin:lenet-adversarial/orientation", "--data", "dsprites:shape",
                          "--head", str(assets / "head_bad.pt")], ["10 features", "Linear(84, K)"]),
         "head not a state dict": (with_tiny("--head", str(assets / "text.pt")), ["--head", "state_dict"]),
@@ -326,6 +336,210 @@ def test_subprocess_bad_input_has_no_traceback(args, expected, tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("asbound: error: ") and expected in lines[0]
+
+
+# --- argparse's errors: one line too; --help unchanged -----------------------------------------
+
+
+USAGE_ERRORS = {
+    "split val": (["score", "--split", "val"], ["argument --split", "'val'", "train", "test"]),
+    "n abc": (["score", "--n", "abc"], ["argument --n", "'abc'", "whole number", "'all'"]),
+    "steps 1.5": (["score", "--steps", "1.5"], ["argument --steps", "'1.5'", "whole number"]),
+    "backend x": (["score", "--backend", "x"], ["argument --backend", "'x'", "asbound", "foolbox"]),
+    "unknown option": (["score", "--bogus"], ["unrecognized arguments: --bogus", "asbound score --help"]),
+    "misspelt option": (["score", "--seeds", "3"], ["--seeds", "did you mean --seed?"]),
+    "no command": ([], ["COMMAND", "score"]),
+    "unknown command": (["scroe"], ["'scroe'", "score"]),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_exit_2(case, capsys):
+    args, expected = USAGE_ERRORS[case]
+    capsys.readouterr()
+    rc = main(args)
+    out, err = capsys.readouterr()
+    line = _one_line_error(err)
+    assert rc == 2 and out == ""
+    assert "usage:" not in err
+    for text in expected:
+        assert text in line, (text, line)
+
+
+@pytest.mark.parametrize("case", ["split val", "n abc", "steps 1.5", "backend x", "unknown option"])
+def test_subprocess_usage_errors_are_one_line(case, tmp_path):
+    args, expected = USAGE_ERRORS[case]
+    entry = Path(sys.executable).with_name("asbound")  # the console script, where installed
+    command = [str(entry)] if entry.exists() and case == "unknown option" else [sys.executable, "-m", "asbound.cli"]
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asbound: error: "), proc.stderr
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_and_version_still_work(capsys):
+    capsys.readouterr()
+    assert main(["score", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: asbound score") and "--no-random-start" in out and err == ""
+    assert main(["--help"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("usage: asbound") and "score" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("asbound ")
+
+
+def _help_entries(text: str) -> "dict[str, str]":
+    """``asbound score --help`` as {option: its help text, whitespace collapsed}."""
+    entries: "dict[str, str]" = {}
+    current = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") and stripped.startswith("-"):
+            current = next(w.rstrip(",") for w in stripped.split() if w.startswith("--"))  # "-h, --help"
+            entries[current] = stripped
+        elif current and line.startswith("    ") and stripped:
+            entries[current] += " " + stripped
+        else:
+            current = None
+    return {k: _words(v) for k, v in entries.items()}
+
+
+def _score_help(capsys) -> str:
+    capsys.readouterr()
+    assert main(["score", "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_real_defaults(capsys, monkeypatch):
+    text = _score_help(capsys)
+    assert "None" not in text
+    help_of = _help_entries(text)
+    d = ScoreConfig()
+    for option, value in (("--split", d.split), ("--steps", d.steps), ("--restarts", d.restarts),
+                          ("--batch-size", d.batch_size), ("--backend", d.backend), ("--seed", d.seed),
+                          ("--eps", d.eps), ("--norm", d.norm), ("--rel-step", d.rel_step),
+                          ("--device", d.device), ("--delta", d.delta), ("--loss-cap", d.loss_cap)):
+        assert help_of[option].endswith(f"(default: {value})"), help_of[option]
+    assert help_of["--n"].endswith(f"(default: {d.n}; {api.DEFAULT_N} for the embedded default)")
+    assert help_of["--out"].endswith(
+        "(default: runs/<model>__<data>, runs/default/{orientation,shape} for the embedded default)")
+    # computed at run time: shown as the environment variable or the user cache, and where that is now
+    assert help_of["--model-dir"].endswith(
+        f"(default: $ASBOUND_MODEL_DIR or the user cache, here {default_model_dir()})")
+    assert help_of["--data-root"].endswith(
+        f"(default: $ASBOUND_DATA_ROOT or the user cache, here {default_data_root()})")
+    # every option explains itself
+    parser = build_parser()
+    score_parser = parser.commands["score"]
+    for action in score_parser._actions:
+        assert action.help, action.option_strings
+    assert set(help_of) >= {o for a in score_parser._actions for o in a.option_strings if o.startswith("--")}
+
+    # without the variables: the user cache (under $XDG_CACHE_HOME, which conftest isolates)
+    monkeypatch.delenv("ASBOUND_MODEL_DIR")
+    monkeypatch.delenv("ASBOUND_DATA_ROOT")
+    help_of = _help_entries(_score_help(capsys))
+    for option, path in (("--model-dir", default_model_dir()), ("--data-root", default_data_root())):
+        assert path.is_relative_to(Path(os.environ["XDG_CACHE_HOME"])), path
+        assert help_of[option].endswith(f"here {path})"), help_of[option]
+
+
+def test_the_default_out_is_what_help_says(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, data = f"file:{assets / 'tiny.pt'}", f"tensors:{assets / 'data.pt'}"
+    rc, _, _ = _cli(capsys, *_tiny(assets, n=8))
+    assert rc == 0
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"{_slug(model)}__{_slug(data)}"]
+    assert (tmp_path / "runs" / f"{_slug(model)}__{_slug(data)}" / "summary.json").is_file()
+    rc, _, _ = _cli(capsys, "--n", "4", "--steps", "1", "--no-progress")
+    assert rc == 0
+    for sub in ("orientation", "shape"):
+        assert (tmp_path / "runs" / "default" / sub / "summary.json").is_file()
+
+
+# --- the attack options reach the run -----------------------------------------------------------
+
+
+def _run_json(capsys, *args) -> dict:
+    rc, stdout, err = _cli(capsys, *args, "--json")
+    assert rc == 0, err
+    return _strict_json(stdout)
+
+
+def test_no_random_start_reaches_the_run(assets, baseline, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _run_json(capsys, *_tiny(assets), "--no-random-start", "--restarts", "1", "--out", out)
+    config = _strict_json((out / "config.json").read_text())
+    assert config["random_start"] is False and config["restarts"] == 1
+    # at x' = x the gradient of ||g(x') - g(x)|| is zero: PGD started there never moves
+    points = pd.read_csv(out / "points.csv")
+    assert (points["s_rep"] == 0).all() and summary["as_score_rep"] == 0
+    # with the random start (the baseline) it does
+    assert _strict_json((baseline / "config.json").read_text())["random_start"] is True
+    assert (pd.read_csv(baseline / "points.csv")["s_rep"] > 0).all()
+
+
+def test_restarts_reach_the_run(assets, baseline, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _run_json(capsys, *_tiny(assets), "--restarts", "3", "--out", out)
+    assert _strict_json((out / "config.json").read_text())["restarts"] == 3 and summary["restarts"] == 3
+    # the first restart draws the baseline's start; the best of three is at least as far, and further somewhere
+    three = pd.read_csv(out / "points.csv")["s_rep"].to_numpy()
+    one = pd.read_csv(baseline / "points.csv")["s_rep"].to_numpy()
+    assert (three >= one - 1e-6).all() and (three > one + 1e-6).any()
+
+
+def test_seed_reaches_the_run(assets, baseline, tmp_path, capsys):
+    out = tmp_path / "seed1"
+    summary = _run_json(capsys, *_tiny(assets), "--seed", "1", "--out", out)
+    assert _strict_json((out / "config.json").read_text())["seed"] == 1 and summary["seed"] == 1
+    # another subset (24 of 32) ...
+    assert set(pd.read_csv(out / "points.csv")["index"]) != set(pd.read_csv(baseline / "points.csv")["index"])
+    # ... and, on the same points, other random starts
+    s_rep = {}
+    for seed in ("0", "1"):
+        _run_json(capsys, *_tiny(assets, n=8), "--n", "all", "--seed", seed, "--out", tmp_path / f"all{seed}")
+        points = pd.read_csv(tmp_path / f"all{seed}" / "points.csv")
+        assert sorted(points["index"]) == list(range(32))
+        s_rep[seed] = points.sort_values("index")["s_rep"].to_numpy()
+    assert not (abs(s_rep["0"] - s_rep["1"]) < 1e-6).all()
+
+
+def test_backend_foolbox_runs_foolbox(assets, tmp_path, capsys, monkeypatch):
+    calls = []
+    original = api.foolbox_pgd
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "foolbox_pgd", counting)
+    out = tmp_path / "run"
+    summary = _run_json(capsys, *_tiny(assets, n=8), "--backend", "foolbox", "--out", out)
+    assert calls == [8, 8]  # the AS attack and the loss attack of the one batch
+    assert _strict_json((out / "config.json").read_text())["backend"] == "foolbox"
+    assert summary["n"] == 8 and summary["as_score"] > 0 and summary["lhs"] <= summary["rhs"] + 1e-9
+    points = pd.read_csv(out / "points.csv")
+    assert len(points) == 8 and (points["s_rep"] > 0).all() and points[["loss_clean", "loss_adv"]].notna().all().all()
+
+
+def test_one_output_head_on_classification_gives_as_only(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _run_json(capsys, "--model", f"file:{assets / 'tiny_reg.pt'}", "--allow-pickle", "--data",
+                        f"tensors:{assets / 'data.pt'}", "--n", "8", "--steps", "2", "--no-progress", "--out", out)
+    note = summary["task_note"]
+    assert "1 output" in note and "4 classes" in note and "only the AS score" in note and "--head" in note
+    assert summary["task"] == "classification" and summary["as_score"] > 0
+    assert not {"lhs", "clean_accuracy", "prop_fulfilled", "loss"} & {k for k, v in summary.items() if v is not None}
+    points = pd.read_csv(out / "points.csv")
+    assert len(points) == 8 and "loss_clean" not in points and (points["sensitivity_source"] == "rep").all()
+    config = _strict_json((out / "config.json").read_text())
+    assert config["head_outputs"] == 1 and config["task_note"] == note
 
 
 # --- resumption -------------------------------------------------------------------------------
@@ -405,6 +619,41 @@ def test_keyboard_interrupt_keeps_finished_batches(assets, baseline, tmp_path, c
     rc, _, _ = _cli(capsys, *_tiny(assets), "--out", out)
     assert rc == 0
     _assert_same_run(out, baseline)
+
+
+def test_a_run_directory_being_written_is_refused(assets, baseline, tmp_path, capsys):
+    from asbound.records import RunDir
+
+    out = tmp_path / "run"
+    with RunDir(out).locked():
+        rc, _, err = _cli(capsys, *_tiny(assets), "--out", out)
+    line = _one_line_error(err)
+    assert rc == 2 and "being written by asbound pid" in line and "another --out" in line
+    assert not (out / "points.csv").exists() and not (out / "config.json").exists()
+    rc, _, _ = _cli(capsys, *_tiny(assets), "--out", out)  # the lock went with its holder
+    assert rc == 0
+    _assert_same_run(out, baseline)
+
+
+def test_a_second_process_on_the_same_run_is_refused(assets, tmp_path):
+    """Another process holds the run (as a running `asbound score` does): `asbound score` on the same
+    --out is refused and writes nothing (before the lock, two processes wrote 600 rows for --n 300)."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from asbound.records import RunDir\n"
+         f"with RunDir({str(out)!r}).locked():\n print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-m", "asbound.cli", "score", *_tiny(assets), "--out", str(out)],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        holder.communicate("", timeout=60)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert f"being written by asbound pid {holder.pid}" in second.stderr and "another --out" in second.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
 @pytest.mark.parametrize("change, key", [

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from asbound.data import (
     DSPRITES_SIZE,
@@ -18,7 +21,8 @@ from asbound.data import (
     load_data,
     render_dsprites,
 )
-from asbound.data.dsprites import split_members
+import asbound.data.loaders as data_loaders
+from asbound.data.dsprites import _read_npy_rows, split_members
 from asbound.errors import ConfigError, DataError, SpecError
 from asbound.specs import InputFormat, parse_data_spec
 from fabricate import (
@@ -30,6 +34,7 @@ from fabricate import (
     make_image_folder,
     make_mnist,
     make_tensors_file,
+    write_npz,
 )
 
 
@@ -89,10 +94,14 @@ def test_idx_sets(tmp_path, name, make):
 
 
 def test_resize_and_grey_to_rgb_recorded(tmp_path):
-    make_fashion_mnist(tmp_path, n_per_split=5)
+    written = make_fashion_mnist(tmp_path, n_per_split=5)
     ds = load_data("fashion-mnist", root=tmp_path, input_format=InputFormat(3, 32, 32))
     assert ds.x.shape == (5, 3, 32, 32)
-    assert torch.equal(ds.x[:, 0], ds.x[:, 2]) and 0 <= ds.x.min() and ds.x.max() <= 1
+    grey = torch.from_numpy(written["test"][0]).float()[:, None] / 255
+    expected = F.interpolate(grey, size=(32, 32), mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 1)
+    for c in range(3):  # each channel is the resized grey image
+        torch.testing.assert_close(ds.x[:, c:c + 1], expected, rtol=0, atol=1e-6)
     assert ds.transforms == ["resize 28x28 -> 32x32 (bilinear, antialias)",
                              "grey -> RGB (repeat channel)"]
     explicit = load_data("fashion-mnist", root=tmp_path, input_format=InputFormat(1, 32, 32),
@@ -162,8 +171,9 @@ def test_default_root(monkeypatch, tmp_path):
     monkeypatch.setenv("ASBOUND_DATA_ROOT", str(tmp_path))
     assert default_data_root() == tmp_path
     monkeypatch.delenv("ASBOUND_DATA_ROOT")
-    assert default_data_root().parts[-2:] == ("asbound", "data") or "asbound" in str(
-        default_data_root())
+    import platformdirs
+
+    assert default_data_root() == Path(platformdirs.user_cache_dir("asbound")) / "data"
 
 
 # --- folder ---------------------------------------------------------------------------------
@@ -181,12 +191,18 @@ def test_image_folder(tmp_path):
 
 
 def test_image_folder_grey_and_mixed_sizes(tmp_path):
-    make_image_folder(tmp_path / "g", classes=("a",), n_per_class=2, size=9, mode="L")
-    make_image_folder(tmp_path / "g", classes=("b",), n_per_class=1, size=7, mode="L")
+    a = make_image_folder(tmp_path / "g", classes=("a",), n_per_class=2, size=9, mode="L")
+    b = make_image_folder(tmp_path / "g", classes=("b",), n_per_class=1, size=7, mode="L")
     with pytest.raises(DataError, match="--resize"):
         load_data(f"folder:{tmp_path / 'g'}")
     ds = load_data(f"folder:{tmp_path / 'g'}", input_format=InputFormat(3, 8, 8))
     assert ds.x.shape == (3, 3, 8, 8) and ds.transforms[-1] == "grey -> RGB (repeat channel)"
+    assert ds.transforms[0] == "resize 2 sizes -> 8x8 (bilinear, antialias)"
+    for i, img in enumerate(a["a"] + b["b"]):  # each image resized on its own, then repeated
+        grey = torch.from_numpy(img).float()[None, None] / 255
+        expected = F.interpolate(grey, size=(8, 8), mode="bilinear", antialias=True,
+                                 align_corners=False).clamp(0, 1)[0]
+        torch.testing.assert_close(ds.x[i], expected.expand(3, 8, 8), rtol=0, atol=1e-6)
 
 
 def test_image_folder_errors(tmp_path):
@@ -204,20 +220,22 @@ def test_image_folder_errors(tmp_path):
 def test_tensors_classification(tmp_path, suffix):
     obj = make_tensors_file(tmp_path / f"d{suffix}", n=8, num_classes=4)
     ds = load_data(f"tensors:{tmp_path / f'd{suffix}'}", n=5, seed=2)
-    assert torch.allclose(ds.x, torch.as_tensor(obj["x"])[ds.index])
+    assert torch.equal(ds.x, torch.as_tensor(obj["x"])[ds.index])
     assert torch.equal(ds.y, torch.as_tensor(obj["y"])[ds.index]) and ds.y.dtype == torch.int64
     assert ds.task == "classification" and ds.num_classes == int(obj["y"].max()) + 1
 
 
 def test_tensors_regression_grey_and_num_classes(tmp_path):
-    make_tensors_file(tmp_path / "r.pt", target="float2", shape=(6, 6))
+    obj = make_tensors_file(tmp_path / "r.pt", target="float2", shape=(6, 6))
     ds = load_data(f"tensors:{tmp_path / 'r.pt'}")
     assert ds.task == "regression" and ds.y.shape == (8, 2) and ds.target_dim == 2
     assert ds.x.shape == (8, 1, 6, 6) and ds.num_classes is None
+    assert torch.equal(ds.x[:, 0], obj["x"]) and torch.equal(ds.y, obj["y"])
     make_tensors_file(tmp_path / "c.pt", num_classes=3, extra={"num_classes": 7})
     assert load_data(f"tensors:{tmp_path / 'c.pt'}").num_classes == 7
-    make_tensors_file(tmp_path / "f.pt", target="float")
-    assert load_data(f"tensors:{tmp_path / 'f.pt'}").target_dim == 1
+    obj = make_tensors_file(tmp_path / "f.pt", target="float")
+    ds = load_data(f"tensors:{tmp_path / 'f.pt'}")
+    assert ds.target_dim == 1 and ds.y.shape == (8,) and torch.equal(ds.y, obj["y"])
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -225,6 +243,8 @@ def test_tensors_regression_grey_and_num_classes(tmp_path):
     ({"x": torch.rand(8, 2, 3, 4, 5)}, "shape"),
     ({"x": torch.zeros(8, 3, 8, 8, dtype=torch.uint8)}, "float"),
     ({"num_classes": 2, "y": torch.full((8,), 5)}, "num_classes"),
+    ({"y": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0])}, "labels must be >= 0, found -1"),
+    ({"num_classes": 4, "class_names": ["a", "b"]}, "2 class_names for 4 classes"),
 ])
 def test_tensors_bad_contents(tmp_path, extra, match):
     make_tensors_file(tmp_path / "b.pt", extra=extra)
@@ -269,8 +289,11 @@ def test_nan_inf_and_range_errors(tmp_path):
     x = torch.rand(6, 1, 4, 4)
     x[0, 0, 0, 0] = 1 + 1e-7  # rounding: accepted and clamped
     y = torch.rand(6)
+    x[1, 0, 0, 0] = -1e-7
     torch.save({"x": x, "y": y}, tmp_path / "ok.pt")
-    assert load_data(f"tensors:{tmp_path / 'ok.pt'}").x.max() <= 1
+    ok = load_data(f"tensors:{tmp_path / 'ok.pt'}").x
+    assert ok[0, 0, 0, 0] == 1.0 and ok[1, 0, 0, 0] == 0.0
+    assert torch.equal(ok, x.clamp(0, 1))
     y[3] = float("nan")
     torch.save({"x": x, "y": y}, tmp_path / "ynan.pt")
     with pytest.raises(DataError, match="target values are NaN.*row 3"):
@@ -366,11 +389,222 @@ def test_dsprites_official_file(tmp_path, subdir):
         imgs, lv, lc = z["imgs"].copy(), z["latents_values"], z["latents_classes"]
     imgs[:, 0, 0] = 1
     np.savez_compressed(path, imgs=imgs, latents_values=lv, latents_classes=lc)
-    ds = load_data("dsprites:posy", root=tmp_path, split="train", n=10, seed=5)
+    with _deadline(20):  # a broken chunk loop would never end
+        ds = load_data("dsprites:posy", root=tmp_path, split="train", n=10, seed=5)
     members = split_members(100, "train")
     assert len(members) == 80 and ds.source == str(path)
     pos = torch.randperm(80, generator=torch.Generator().manual_seed(5))[:10].sort().values
     assert torch.equal(ds.index, members[pos])
     assert torch.equal(ds.x[:, 0], torch.from_numpy(imgs)[ds.index].float())
     assert torch.allclose(ds.y, torch.from_numpy(lv)[ds.index, 5].float())
-    assert len(load_data("dsprites", root=tmp_path)) == 20
+    with _deadline(20):
+        assert len(load_data("dsprites", root=tmp_path)) == 20
+
+
+# --- pixel scaling, resizing, validation ------------------------------------------------------
+
+
+def test_uint8_pixels_become_exact_unit_values(tmp_path):
+    """Every byte value k comes out as k / 255 exactly: 0 -> 0.0, 255 -> 1.0 (torchvision source
+    and image folder)."""
+    imgs = np.zeros((3, 28, 28), dtype=np.uint8)
+    imgs[1] = 255
+    imgs[2].flat[:256] = np.arange(256)
+    make_mnist(tmp_path, n_per_split=3, images=imgs)
+    ds = load_data("mnist", root=tmp_path)
+    assert torch.equal(ds.x[0], torch.zeros(1, 28, 28)) and torch.equal(ds.x[1], torch.ones(1, 28, 28))
+    assert torch.equal(ds.x[2, 0].flatten()[:256], torch.arange(256, dtype=torch.float32) / 255)
+
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    ramp = (np.arange(16 * 16 * 3) % 256).astype(np.uint8).reshape(16, 16, 3)
+    Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8)).save(folder / "0.png")
+    Image.fromarray(ramp).save(folder / "1.png")
+    ds = load_data(f"folder:{tmp_path / 'imgs'}")
+    assert torch.equal(ds.x[0], torch.ones(3, 16, 16))
+    assert torch.equal(ds.x[1], torch.from_numpy(ramp).permute(2, 0, 1).float() / 255)
+    assert ds.x[1].min() == 0.0 and ds.x[1].max() == 1.0
+
+
+def test_resize_is_antialiased_bilinear_of_unit_pixels_in_batches(tmp_path, monkeypatch):
+    """uint8 images are scaled to [0, 1] before resizing; a non-square target keeps height and
+    width apart; resizing in batches (here 2, 2, 1) gives the one-shot result."""
+    written = make_image_folder(tmp_path / "imgs", classes=("a",), n_per_class=5, size=(10, 12))
+    monkeypatch.setattr(data_loaders, "_RESIZE_BATCH", 2)
+    ds = load_data(f"folder:{tmp_path / 'imgs'}", input_format=InputFormat(3, 6, 9))
+    x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in written["a"]]).float() / 255
+    expected = F.interpolate(x, size=(6, 9), mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 1)
+    assert ds.x.shape == (5, 3, 6, 9)
+    assert ds.transforms == ["resize 10x12 -> 6x9 (bilinear, antialias)"]
+    torch.testing.assert_close(ds.x, expected, rtol=0, atol=1e-6)
+    again = load_data(f"folder:{tmp_path / 'imgs'}", resize=7)  # the explicit side
+    assert again.x.shape == (5, 3, 7, 7)
+
+
+def test_bad_resize_is_a_config_error(tmp_path):
+    make_mnist(tmp_path, n_per_split=2)
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ConfigError, match="resize"):
+            load_data("mnist", root=tmp_path, resize=bad)
+
+
+def test_negative_pixels_are_an_error(tmp_path):
+    x = torch.rand(6, 1, 4, 4)
+    x[3, 0, 2, 2] = -0.5
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long)}, tmp_path / "neg.pt")
+    with pytest.raises(DataError, match=r"1 pixel values lie outside \[0, 1\].*row 3"):
+        load_data(f"tensors:{tmp_path / 'neg.pt'}")
+
+
+def test_image_folder_of_grey_and_colour_images_is_colour(tmp_path):
+    grey = make_image_folder(tmp_path / "m", classes=("a",), n_per_class=1, size=6, mode="L")
+    rgb = make_image_folder(tmp_path / "m", classes=("b",), n_per_class=1, size=6, mode="RGB")
+    ds = load_data(f"folder:{tmp_path / 'm'}")
+    assert ds.x.shape == (2, 3, 6, 6)
+    for c in range(3):  # the grey image in all three channels
+        assert torch.equal(ds.x[0, c], torch.from_numpy(grey["a"][0]).float() / 255)
+    assert torch.equal(ds.x[1], torch.from_numpy(rgb["b"][0]).permute(2, 0, 1).float() / 255)
+
+
+def test_tensors_class_names(tmp_path):
+    names = ["a", "b", "c", "d", "e"]
+    extras = {".pt": {"num_classes": 5, "class_names": names},
+              ".npz": {"num_classes": np.int64(5), "class_names": np.array(names)}}
+    for suffix, extra in extras.items():
+        path = tmp_path / f"names{suffix}"
+        make_tensors_file(path, num_classes=3, extra=extra)
+        ds = load_data(f"tensors:{path}")
+        assert ds.num_classes == 5 and ds.class_names == names, suffix
+
+
+# --- dSprites: factors, indices, the official file --------------------------------------------
+
+
+@pytest.mark.parametrize("factor, column", [("shape", 1), ("scale", 2), ("orientation", 3),
+                                            ("posx", 4), ("posy", 5)])
+def test_dsprites_factor_targets(tmp_path, factor, column):
+    ds = load_data(f"dsprites:{factor}", root=tmp_path, n=6, seed=2)
+    classes, values = dsprites_latents(ds.index)
+    if factor == "shape":
+        assert ds.y.dtype == torch.int64 and torch.equal(ds.y, classes[:, 1])
+    else:
+        assert ds.y.dtype == torch.float32 and torch.equal(ds.y, values[:, column].float())
+    grids = {"scale": torch.linspace(0.5, 1, 6), "orientation": torch.linspace(0, 2 * math.pi, 40),
+             "posx": torch.linspace(0, 1, 32), "posy": torch.linspace(0, 1, 32)}
+    if factor in grids:  # the values lie on the latent's published grid
+        assert bool(torch.isclose(ds.y[:, None], grids[factor][None]).any(1).all())
+
+
+def test_dsprites_indices_out_of_range():
+    assert dsprites_latents([0, DSPRITES_SIZE - 1])[0].shape == (2, 6)
+    for bad in ([DSPRITES_SIZE], [-1], [3, DSPRITES_SIZE + 5]):
+        with pytest.raises(ConfigError, match="737280"):
+            dsprites_latents(bad)
+
+
+def _npz_arrays(n: int, seed: int = 0) -> "dict[str, np.ndarray]":
+    rng = np.random.default_rng(seed)
+    return {"imgs": rng.integers(0, 256, (n, 3, 5), dtype=np.uint8),
+            "latents_values": rng.standard_normal((n, 6)),  # 8-byte items
+            "flat": rng.integers(-2**40, 2**40, n)}  # one item per row
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Turn a hang (a reading loop that never ends) into a failure, where SIGALRM exists."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)], ids=["npy1", "npy2", "npy3"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_read_npy_rows_across_chunks(tmp_path, version, compressed):
+    """Streaming rows chunk by chunk returns exactly np.load's rows: first and last rows, rows
+    on both sides of every chunk boundary, a whole chunk, the short last chunk, no rows; for
+    each .npy format version (their headers differ)."""
+    n, chunk = 103, 10
+    arrays = _npz_arrays(n)
+    path = write_npz(tmp_path / "rows.npz", arrays, compressed=compressed, version=version)
+    rng = np.random.default_rng(1)
+    cases = {
+        "all": np.arange(n), "first": [0], "last": [n - 1],
+        "chunk edges": [0, 9, 10, 11, 19, 20, 21, 49, 50, 89, 90, 99, 100, 101, 102],
+        "one whole chunk": np.arange(20, 30), "short last chunk": [100, 101, 102],
+        "far apart": [5, 95], "none": [], "random": np.sort(rng.choice(n, 37, replace=False)),
+    }
+    with np.load(path) as z:
+        expected = {key: z[key] for key in arrays}
+    for key in arrays:
+        for name, rows in cases.items():
+            rows = np.asarray(rows, dtype=np.int64)
+            for size in (chunk, 1, 7, n, 4096):
+                with _deadline(5):
+                    got = _read_npy_rows(path, key, rows, chunk=size)
+                assert got.dtype == expected[key].dtype, (key, name, size)
+                np.testing.assert_array_equal(got, expected[key][rows],
+                                              err_msg=f"{key}, {name}, chunk {size}")
+                assert got.shape == (len(rows),) + expected[key].shape[1:]
+
+
+def test_read_npy_rows_of_a_fortran_order_array(tmp_path):
+    arrays = {key: np.asfortranarray(a) for key, a in _npz_arrays(40, seed=3).items()}
+    path = write_npz(tmp_path / "fortran.npz", arrays)
+    rows = np.array([0, 7, 8, 21, 39])
+    for key, array in arrays.items():
+        np.testing.assert_array_equal(_read_npy_rows(path, key, rows, chunk=8), array[rows])
+
+
+def test_dsprites_official_file_larger_than_one_chunk(tmp_path):
+    """9,000 rows of tiny images: the default chunk of 4,096 rows is crossed twice; the two
+    splits together read every row, boundary rows included."""
+    n = 9000
+    imgs = np.random.default_rng(2).integers(0, 2, (n, 2, 3), dtype=np.uint8)
+    make_dsprites_npz(tmp_path, range(n), images=imgs)
+    seen = []
+    for split in ("train", "test"):
+        with _deadline(20):
+            ds = load_data("dsprites:shape", root=tmp_path, split=split)
+        members = split_members(n, split)
+        assert torch.equal(ds.index, members)
+        assert torch.equal(ds.x[:, 0], torch.from_numpy(imgs)[members].float()), split
+        assert torch.equal(ds.y, dsprites_latents(members)[0][:, 1])
+        seen.append(members)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(n))
+
+
+def test_dsprites_file_stored_as_0_255_is_scaled_to_0_1(tmp_path):
+    idx = torch.arange(0, DSPRITES_SIZE, 9973)[:50]
+    path = make_dsprites_npz(tmp_path, idx.tolist(), white=255)
+    with np.load(path) as z:
+        assert z["imgs"].max() == 255
+    ds = load_data("dsprites:shape", root=tmp_path, split="train")
+    assert torch.equal(ds.x, render_dsprites(dsprites_latents(idx[ds.index])[0]))
+    assert set(ds.x.unique().tolist()) == {0.0, 1.0}
+
+
+def test_invalid_pixels_in_the_file_are_reported_by_their_row(tmp_path):
+    """The error names the row of the file (the reported index), not the position in the subset."""
+    n = 40
+    imgs = np.zeros((n, 2, 2), dtype=np.float32)
+    test_rows = split_members(n, "test")
+    bad = int(test_rows[3])
+    assert bad != 3  # the row in the file differs from the position in the split
+    imgs[bad, 1, 1] = np.nan
+    make_dsprites_npz(tmp_path, range(n), images=imgs)
+    with pytest.raises(DataError, match=rf"1 pixel values are NaN or infinite \(first in row {bad}\)"):
+        load_data("dsprites", root=tmp_path, split="test")

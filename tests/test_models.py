@@ -17,10 +17,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch import nn
 
 from asbound.errors import AsboundError, ModelError, SpecError
-from asbound.models import LayerOutput, Normalize, SplitModel, frozen, load_model, split_model
+from asbound.models import (
+    LayerOutput,
+    Normalize,
+    SplitModel,
+    frozen,
+    load_head,
+    load_model,
+    split_model,
+)
 from asbound.models.loaders import IMAGENET_MEAN, IMAGENET_STD, default_model_dir
 from fabricate import make_tensors_file
 
@@ -120,6 +129,32 @@ def _nested() -> nn.Module:
     return nn.Sequential(OrderedDict(normalize=Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), model=SmallCNN()))
 
 
+class Stateful(nn.Module):
+    """Scales its input by the number of forward calls so far, even in eval mode: the first call
+    (where the split finds its head) and any later one compute different functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.fc1 = nn.Linear(48, 16)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(self.act(self.fc1(x.flatten(1) * self.calls)))
+
+
+def _identity_after_head() -> nn.Module:
+    """Two linear layers whose outputs both equal the model's output (the last is the identity):
+    the head is the last of them."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 5), nn.Linear(5, 5))
+    with torch.no_grad():
+        net[4].weight.copy_(torch.eye(5))
+        net[4].bias.zero_()
+    return net
+
+
 # name: (constructor, input shape, head module name)
 SPLITTABLE = {
     "mlp": (_mlp, (3, 4, 4), "3"),
@@ -208,18 +243,149 @@ def test_feature_layer_errors():
     assert "flatten" in str(info.value)
     with pytest.raises(ModelError, match="feeds no nn.Linear"):
         split_model(model, probe, feature_layer="conv")
+    with pytest.raises(ModelError, match="'' is not a module"):  # the root is not a layer
+        split_model(model, probe, feature_layer="")
+
+
+class Tokens(nn.Module):
+    """A linear layer over tokens: the output is [N, T, K], not [N, K]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(len(x), -1, 4))
+
+
+def test_output_that_is_not_n_by_k_is_named():
+    with pytest.raises(ModelError, match=r"output is a tensor of shape \(2, 12, 5\), not a \[N, K\]"):
+        split_model(Tokens(), torch.rand(2, 3, 4, 4))
+
+
+class SharedAct(nn.Module):
+    """One ReLU module called twice: the feature layer's output is that of its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.fc1 = nn.Linear(48, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.act(x.flatten(1) - 0.5))))
+
+
+def test_feature_layer_called_twice_is_taken_at_its_first_call():
+    torch.manual_seed(0)
+    model = SharedAct().eval()
+    x = torch.rand(3, 3, 4, 4)
+    split = split_model(model, x, feature_layer="act")
+    assert split.split_note.startswith("representation = act, head = fc1")
+    with torch.no_grad():
+        _close(split.features(x), torch.relu(x.flatten(1) - 0.5))
+        _close(split(x), model.fc1(torch.relu(x.flatten(1) - 0.5)))
+
+
+def test_with_head_and_load_head(tmp_path):
+    torch.manual_seed(0)
+    split = split_model(_mlp().eval(), torch.rand(2, 3, 4, 4))
+    for bias in (True, False):
+        probe = nn.Linear(16, 3, bias=bias)
+        path = tmp_path / f"head-{bias}.pt"
+        torch.save(probe.state_dict(), path)
+        head = load_head(path, feature_dim=16)
+        assert (head.bias is not None) == bias and torch.equal(head.weight, probe.weight)
+        other = split.with_head(head)
+        x = torch.rand(4, 3, 4, 4)
+        with torch.no_grad():
+            _close(other(x), probe(split.features(x)))
+        assert other.num_outputs == 3 and torch.equal(other.b, probe.bias if bias else torch.zeros(3))
+    with pytest.raises(ModelError, match="takes 10 features but the representation has 16"):
+        split.with_head(nn.Linear(10, 3))
 
 
 def test_same_linear_twice_is_refused():
     model = Twice()
-    with pytest.raises(ModelError, match="--feature-layer"):
+    # refused because fc is called twice, not later because the split fails its check
+    with pytest.raises(ModelError, match="no nn.Linear called once.*--feature-layer"):
         split_model(model, torch.rand(3, 3, 4, 4))
+
+
+@pytest.mark.parametrize("feature_layer", [None, "act"], ids=["auto", "feature-layer"])
+def test_split_that_does_not_reproduce_the_model_is_refused(feature_layer):
+    """The head is found on the first forward pass; the split is then checked on the probe.
+    A model that computes something else on a second call fails that check."""
+    torch.manual_seed(0)
+    model = Stateful().eval()
+    probe = torch.rand(4, 3, 4, 4)
+    with pytest.raises(ModelError, match="'fc' does not reproduce the model's output") as info:
+        split_model(model, probe, feature_layer=feature_layer)
+    assert "--feature-layer" in str(info.value)
+    assert float(model.calls) == 0  # the split worked on a copy
+    # the same architecture without the state splits fine at the same places
+    class Stateless(Stateful):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.act(self.fc1(x.flatten(1))))
+
+    plain = Stateless()
+    plain.load_state_dict(model.state_dict())
+    split = split_model(plain.eval(), probe, feature_layer=feature_layer)
+    with torch.no_grad():
+        _close(split(probe), plain(probe))
+
+
+def test_the_last_linear_producing_the_output_is_the_head():
+    torch.manual_seed(0)
+    model = _identity_after_head().eval()
+    x = torch.rand(3, 3, 4, 4)
+    split = split_model(model, x)
+    assert split.split_note == "head = 4 (auto)"
+    assert torch.equal(split.W, torch.eye(5)) and split.feature_dim == 5
+    with torch.no_grad():
+        _close(split.features(x), model[:4](x))
+        _close(split(x), model(x))
+
+
+def test_feature_layer_feeding_the_output_head_is_no_post_processing():
+    torch.manual_seed(0)
+    model = _mlp().eval()
+    x = torch.rand(3, 3, 4, 4)
+    split = split_model(model, x, feature_layer="2")
+    assert split.split_note == "representation = 2, head = 3"  # nothing after the head
+    with torch.no_grad():
+        _close(split.features(x), model[:3](x))
+        _close(split(x), model(x))
+
+
+def _hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("make, shape, layer", [
+    (_mlp, (3, 4, 4), None),
+    (lambda: ConvEnd(flatten_out=True), (3, 8, 8), "flatten"),
+], ids=["auto", "feature-layer"])
+def test_split_leaves_no_hooks_behind(make, shape, layer):
+    """The hooks that find the head, and the one that stops the forward pass at the feature
+    layer, are removed after use: none stays on the split model, however often it is called."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand((2,) + shape)
+    split = split_model(model, x, feature_layer=layer)
+    assert _hooks(split) == 0
+    with torch.no_grad():
+        first = split(x)
+        for _ in range(3):
+            split.features(x)
+        _close(split(x), first)
+    assert _hooks(split) == 0 and _hooks(model) == 0
 
 
 def test_tuple_output_is_refused_then_split_at_a_layer():
     model = TupleOut().eval()
     probe = torch.rand(3, 3, 8, 8)
-    with pytest.raises(ModelError, match="--feature-layer"):
+    with pytest.raises(ModelError, match="output is a tuple.*--feature-layer"):
         split_model(model, probe)
     split = split_model(model, probe, feature_layer="pool")
     with torch.no_grad():
@@ -303,7 +469,7 @@ def test_robustbench_loads_offline_and_splits(zoo, dataset, threat, name, head_n
     loaded = load_model(f"robustbench:{dataset}/{threat}/{name}", model_dir=model_dir)
     assert str(loaded.spec) == f"robustbench:{dataset}/{threat}/{name}"
     assert loaded.input_format.height == _side(dataset) and loaded.input_format.channels == 3
-    assert not loaded.module.training
+    assert not any(m.training for m in loaded.module.modules())
     assert any(str(model_dir) in note for note in loaded.notes)
 
     n = 1 if dataset == "imagenet" else 2
@@ -317,6 +483,20 @@ def test_robustbench_loads_offline_and_splits(zoo, dataset, threat, name, head_n
     assert torch.equal(split.W, head.weight) and torch.equal(split.b, head.bias)
     with torch.no_grad():
         _close(split.head(split.features(x)), expected)
+
+
+def test_robustbench_model_is_put_in_eval_mode(zoo, monkeypatch):
+    """asbound puts the loaded model in eval mode itself, whatever mode RobustBench returns."""
+    from asbound._compat import import_robustbench
+
+    import_robustbench()
+    import robustbench.utils
+
+    model_dir, _ = zoo
+    rb_load_model = robustbench.utils.load_model
+    monkeypatch.setattr(robustbench.utils, "load_model", lambda *a, **k: rb_load_model(*a, **k).train())
+    loaded = load_model(f"robustbench:cifar10/Linf/{CLI_MODEL}", model_dir=model_dir)
+    assert not any(m.training for m in loaded.module.modules())
 
 
 def test_robustbench_end_to_end_through_cli(zoo, tmp_path, capsys):
@@ -462,6 +642,17 @@ def test_file_models(tmp_path):
     with pytest.raises(ModelError, match="torchvision:ARCH models only"):
         load_model(f"file:{path}", weights=state, allow_pickle=True)
 
+    # a module saved in training mode is loaded in eval mode (BatchNorm running stats, no dropout)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.Dropout(0.5),
+                        nn.Linear(16, 5)).train()
+    net(torch.rand(8, 3, 4, 4))  # give BatchNorm running stats that differ from a batch's
+    torch.save(net, tmp_path / "train-mode.pt")
+    module = load_model(f"file:{tmp_path / 'train-mode.pt'}", allow_pickle=True).module
+    assert not any(m.training for m in module.modules())
+    with torch.no_grad():
+        _close(module(x), net.eval()(x))
+
 
 # --- torchvision: ----------------------------------------------------------------------------------
 
@@ -479,10 +670,12 @@ def test_torchvision_models(tmp_path):
     torch.save(net.state_dict(), weights)
     loaded = load_model("torchvision:resnet18", weights=weights)
     assert loaded.input_format.height == 224
-    reference = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net).eval()
+    assert not any(m.training for m in loaded.module.modules())
     x = torch.rand(2, 3, 32, 32)  # small inputs keep the test fast; the net pools adaptively
     with torch.no_grad():
-        expected = reference(x)
+        # the reference normalises with torchvision's own function and the published ImageNet
+        # statistics, not with asbound's Normalize and constants
+        expected = net(TF.normalize(x, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
         _close(loaded.module(x), expected)
     split = split_model(loaded.module, x)
     assert split.split_note == "head = 1.fc (auto)" and split.W.shape == (10, 512)
@@ -511,6 +704,33 @@ def test_torchvision_models(tmp_path):
     torch.save({"state_dict": net.state_dict(), "extra": _Opaque()}, pickled)
     with pytest.raises(ModelError, match="weights_only=True"):
         load_model("torchvision:resnet18", weights=pickled)
+
+
+def test_normalize_by_hand():
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    norm = Normalize((0.5, 0.25, 0.0), (0.5, 2.0, 4.0))
+    x = torch.ones(2, 3, 2, 2)
+    x[1] = 0.0
+    out = norm(x)
+    assert torch.equal(out[0, :, 0, 0], torch.tensor([1.0, 0.375, 0.25]))
+    assert torch.equal(out[1, :, 1, 1], torch.tensor([-1.0, -0.125, 0.0]))
+    assert torch.equal(out[:, :, 0, 0], out[:, :, 1, 0])  # per channel, the same at every pixel
+
+
+def test_torchvision_classes_come_from_the_last_linear(tmp_path):
+    """mobilenet_v3_small has two linear layers (576 -> 1024 -> K): K is the last one's."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=7).eval()
+    weights = tmp_path / "mnv3.pt"
+    torch.save(net.state_dict(), weights)
+    loaded = load_model("torchvision:mobilenet_v3_small", weights=weights)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = loaded.module(x)
+        assert out.shape == (2, 7)
+        _close(out, net(TF.normalize(x, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))))
 
 
 # --- builtin: and spec errors ----------------------------------------------------------------------

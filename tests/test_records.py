@@ -88,6 +88,29 @@ def test_batches_are_appended_with_one_header(run):
     pd.testing.assert_frame_equal(run.points(), pd.concat([_batch(range(6))], ignore_index=True))
 
 
+def test_each_batch_is_synced_to_disk(tmp_path, monkeypatch):
+    import os
+
+    synced = []  # (inode, size) of each file synced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rd = RunDir(tmp_path)
+    rd.start(_config())
+    rd.append(_batch([0, 1, 2]))
+    rd.append(_batch([3, 4]))
+    # points.csv (not config.json's atomic write) is synced once per batch, after the batch was
+    # written: its size at each sync
+    points = rd.points_path.stat().st_ino
+    lines = rd.points_path.read_bytes().splitlines(keepends=True)
+    sizes = [size for inode, size in synced if inode == points]
+    assert sizes == [len(b"".join(lines[:4])), len(b"".join(lines))]  # header + 3 rows, all
+
+
 def test_points_are_sorted_by_position(tmp_path):
     rd = RunDir(tmp_path)
     rd.start(_config())
@@ -182,6 +205,13 @@ def test_volatile_keys_do_not_block_resume(run):
     assert RunDir(run.path).start(new) == set(range(6))
     written = json.loads((run.path / CONFIG).read_text())
     assert written["versions"] == {"torch": "0.0.1", "asbound": "9"} and written["device"] == "cuda:1"
+    # each volatile key on its own, including the resumption flag and the output path
+    for key, value in (("versions", {}), ("device", "mps"), ("python", "2.7"),
+                       ("platform", "other"), ("resumed", True), ("out", "/elsewhere")):
+        assert RunDir(run.path).start(_config(**{key: value})) == set(range(6)), key
+    # and a key that is not volatile still blocks
+    with pytest.raises(ResumeError, match="steps"):
+        RunDir(run.path).start(_config(steps=3))
 
 
 def test_values_compare_as_they_read_back(tmp_path):
@@ -240,9 +270,32 @@ def test_summary_is_strict_json(tmp_path):
 
 
 def test_environment_records_versions():
+    """Each recorded version against a source independent of how it was recorded: the
+    packages' own ``__version__`` (torch with its build tag), the installed metadata, the
+    interpreter."""
+    import importlib.util
+    import platform
+    from importlib import metadata
+
+    import torchvision
+
+    import asbound
+
     env = environment()
-    assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert {"asbound", "numpy", "pandas"} <= set(env["versions"]) and env["python"].count(".") == 2
+    assert set(env) == {"python", "platform", "versions"}
+    versions = env["versions"]
+    assert versions["torch"] == torch.__version__  # the build tag (+cpu, +cu130) included
+    assert versions["cuda"] == (torch.version.cuda or "none")
+    assert versions["numpy"] == np.__version__ == metadata.version("numpy")
+    assert versions["pandas"] == pd.__version__
+    assert versions["asbound"] == asbound.__version__
+    assert versions["torchvision"].split("+")[0] == torchvision.__version__.split("+")[0]
+    optional = {name for name in ("foolbox", "robustbench") if importlib.util.find_spec(name)}
+    assert set(versions) == {"asbound", "torchvision", "numpy", "pandas", "torch", "cuda"} | optional
+    for name in optional:
+        assert versions[name] == metadata.version(name)
+    assert env["python"] == platform.python_version()
+    assert env["platform"] == platform.platform()
 
 
 # --- through the API --------------------------------------------------------------------------
@@ -263,11 +316,11 @@ def test_api_run_directory_and_resume(tiny, tmp_path, monkeypatch):
     # an API caller may pass paths: recorded as strings, and the rerun still resumes
     first = score(cfg, out=out, progress=False, data_root=tmp_path / "root")
     assert first.out == out and len(first.points) == 12
-    assert set(p.name for p in out.iterdir()) == {CONFIG, POINTS, SUMMARY}
+    assert set(p.name for p in out.iterdir()) == {CONFIG, POINTS, SUMMARY, ".lock"}
     config = _strict_json((out / CONFIG).read_text())
     assert config["data_root"] == str(tmp_path / "root") and config["seed"] == 0
     assert config["model"] == model and config["data"] == data and config["device"] == "cpu"
-    assert config["versions"]["torch"] and config["eps"] == pytest.approx(8 / 255)
+    assert config["versions"]["torch"] == torch.__version__ and config["eps"] == pytest.approx(8 / 255)
     assert _strict_json((out / SUMMARY).read_text()) == first.summary
 
     in_memory = score(cfg, out=None, progress=False)

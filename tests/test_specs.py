@@ -86,9 +86,19 @@ def test_bad_eps(text):
     assert "[0, 1]" in str(err.value)
 
 
+def test_an_l2_radius_may_exceed_one():
+    assert parse_eps("3", "2") == 3.0 and parse_eps("0.5", "2") == 0.5
+    for bad in ("-1", "nan", "inf", "abc"):
+        with pytest.raises(ConfigError):
+            parse_eps(bad, "2")
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        parse_eps("3", "inf")
+
+
 def test_eps_prints_as_a_fraction_of_255():
     assert format_eps(8 / 255) == "8/255"
     assert format_eps(0.1) == "0.1"
+    assert format_eps(3.0) == "3" and format_eps(1.0) == "1" and format_eps(0.0) == "0"
 
 
 def test_norms():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,16 @@ class SplitModel(nn.Module):
         if self.head.bias is None:
             return torch.zeros(self.head.out_features, device=self.W.device, dtype=self.W.dtype)
         return self.head.bias
+
+    def exact_head(self) -> "Callable[[Tensor], Tensor]":
+        """``g -> W g + b`` in float64: the head that predictions, losses and margins are judged by.
+
+        The model's own float32 head can pick another class at a near-tie than the float64
+        Theorem 2 margin implies; judging both in float64 keeps them consistent.
+        """
+        W = self.W.detach().double()
+        b = self.b.detach().double()
+        return lambda g: g.detach().double().flatten(1) @ W.T + b
 
     @property
     def num_outputs(self) -> int:
