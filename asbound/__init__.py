@@ -8,7 +8,7 @@ Theorem 2 criterion is empirical, not a certificate. See ``docs/SPEC.md`` sectio
 
 The public API is imported lazily, so that ``import asbound`` stays cheap::
 
-    from asbound import ScoreConfig, score, score_default
+    from asbound import ScoreConfig, score, score_default, TransferConfig, transfer
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ _API = {
     "ScoreResult": "asbound.api",
     "score": "asbound.api",
     "score_default": "asbound.api",
+    "TransferConfig": "asbound.api",
+    "transfer": "asbound.api",
     "load_model": "asbound.models",
     "split_model": "asbound.models",
     "SplitModel": "asbound.models",

@@ -1,380 +1,45 @@
-"""The typed Python API: ``score`` turns (model, data) into per-datapoint records and bounds.
+"""The typed Python API: every capability of asbound, re-exported from the room that holds it.
 
-Data flows one way: specs -> model (features + linear head) and data -> attacks ->
-per-datapoint records -> bounds and summaries. The CLI (:mod:`asbound.cli`) is a thin layer
-over this module; a notebook calls it directly::
+    from asbound.api import ScoreConfig, score, TransferConfig, transfer
 
-    from asbound import ScoreConfig, score
-    result = score(ScoreConfig(model="builtin:lenet-adversarial", data="dsprites:shape", n=200))
-    result.summary["as_score"], result.points.head()
+* :mod:`asbound.scoring`: ``score`` (AS score, Lemma 1, Theorem 1, Theorem 2 per datapoint);
+* :mod:`asbound.transfer`: ``transfer`` (LP, FT, LP-FT, adversarial LP / FT, TRADES FT), whose
+  runs re-enter as ``run:DIR`` models.
+
+The command line (:mod:`asbound.cli`) is a thin layer over these names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Optional
+from asbound.devices import resolve_device
+from asbound.scoring import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    DEFAULT_N,
+    DEFAULT_TASKS,
+    ScoreConfig,
+    ScoreResult,
+    head_mismatch,
+    score,
+    score_default,
+    summarize,
+)
+from asbound.transfer import METHODS, MethodResult, TransferConfig, transfer
 
-import numpy as np
-import pandas as pd
-import torch
-from torch import Tensor
-
-from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
-from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
-from asbound.data import DataSet, load_data
-from asbound.errors import ConfigError, ModelError, describe
-from asbound.losses import Loss, loss_for_task
-from asbound.models import SplitModel, frozen, load_head, load_model, split_model
-from asbound.records import RunDir, clean_json, environment
-from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
-
-DEFAULT_MODEL = "builtin:lenet-adversarial"
-DEFAULT_TASKS = ("dsprites:orientation", "dsprites:shape")
-DEFAULT_N = 500
-BACKENDS = ("asbound", "foolbox")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Everything that determines a ``score`` run. Eps is in pixel units (a number or ``"8/255"``)."""
-
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_TASKS[0]
-    eps: "float | str" = "8/255"
-    norm: str = "inf"
-    steps: int = 20
-    rel_step: float = 0.7
-    restarts: int = 1
-    random_start: bool = True
-    batch_size: int = 128
-    n: Optional[int] = 1000
-    split: str = "test"
-    seed: int = 0
-    delta: float = 0.05
-    loss_cap: float = 10.0
-    device: str = "auto"
-    backend: str = "asbound"
-    model_dir: Optional[str] = None
-    data_root: Optional[str] = None
-    weights: Optional[str] = None
-    head: Optional[str] = None
-    feature_layer: Optional[str] = None
-    resize: Optional[int] = None
-    allow_pickle: bool = False
-    download: bool = False
-
-    def validated(self) -> "ScoreConfig":
-        """Check every option's range; return the config with eps as a float and norm normalised."""
-        norm = parse_norm(self.norm)
-        eps = parse_eps(self.eps, norm)
-        for name in ("steps", "restarts", "batch_size", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
-        if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
-        if self.restarts < 1:
-            raise ConfigError(f"restarts must be >= 1, got {self.restarts}")
-        if self.restarts > 1 and not self.random_start:
-            raise ConfigError(
-                f"{self.restarts} restarts without a random start would repeat one deterministic attack; "
-                f"use one restart, or drop --no-random-start"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"n must be >= 1 (or 'all'), got {self.n}")
-        if not (math.isfinite(self.rel_step) and self.rel_step > 0):
-            raise ConfigError(f"rel-step must be > 0, got {self.rel_step}")
-        if not 0.0 < self.delta < 1.0:
-            raise ConfigError(f"delta must lie in (0, 1), got {self.delta}")
-        if not (math.isfinite(self.loss_cap) and self.loss_cap > 0):
-            raise ConfigError(f"loss cap must be a positive number, got {self.loss_cap}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device {self.device!r} is not valid; valid: auto, cpu, cuda")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend {self.backend!r} is not valid; valid: {', '.join(BACKENDS)}")
-        parse_model_spec(self.model)
-        parse_data_spec(self.data)
-        return dataclasses.replace(self, eps=eps, norm=norm)
-
-    @property
-    def attack(self) -> PGD:
-        return PGD(
-            eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
-            rel_step=self.rel_step, random_start=self.random_start, restarts=self.restarts,
-        )
-
-
-@dataclass
-class ScoreResult:
-    """A finished run: its resolved config, the per-datapoint records and the summary."""
-
-    config: dict
-    summary: dict
-    points: pd.DataFrame
-    out: Optional[Path] = None
-    notes: "list[str]" = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(device)
-
-
-def _count(k: int, noun: str) -> str:
-    return f"{k} {noun}" + ("" if k == 1 else "s")
-
-
-def head_mismatch(split: SplitModel, data: DataSet) -> Optional[str]:
-    """Why the head does not fit the task (then only the AS score is computed), or None."""
-    k = split.num_outputs
-    if data.task == "classification":
-        if k != data.num_classes:
-            return (
-                f"the head has {_count(k, 'output')} but {data.spec} has {data.num_classes} classes; only the "
-                f"AS score is computed (give a head for this task with --head PATH)"
-            )
-        if k < 2:
-            return "a classification head needs at least 2 outputs; only the AS score is computed"
-        return None
-    if k != data.target_dim:
-        return (
-            f"the head has {_count(k, 'output')} but {data.spec} has {data.target_dim}-dimensional targets; "
-            f"only the AS score is computed (give a head for this task with --head PATH)"
-        )
-    return None
-
-
-def _format_values(values: Tensor) -> "np.ndarray | list[str]":
-    values = values.detach().cpu()
-    if values.dim() == 1 or values.shape[1] == 1:
-        return values.reshape(-1).numpy()
-    return [";".join(f"{v:.6g}" for v in row) for row in values.tolist()]
-
-
-class _Scorer:
-    """Scores one batch: the AS attack, the loss attack, and the per-datapoint quantities.
-
-    Each attack runs under a :class:`~asbound.attacks.Watch` that sees every point it evaluates
-    (each step, each restart, the clean input): ``s_rep`` / ``s_loss`` are the largest
-    representation shifts seen by each attack, ``loss_adv`` the largest loss seen by the loss
-    attack (so ``loss_adv >= loss_clean``), and a point is ``robust`` only if no evaluated
-    point of either attack is misclassified.
-    """
-
-    def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float) -> None:
-        self.split, self.loss, self.attack, self.backend, self.scale = split, loss, attack, backend, scale
-
-    def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor) -> None:
-        if self.backend == "foolbox":
-            foolbox_pgd(self.attack, objective, x, generator=gen)
-        else:
-            self.attack(objective, x, generator=gen, clean_value=clean)
-
-    def __call__(self, x: Tensor, y: Tensor, task: str, seed: int) -> "dict[str, object]":
-        split = self.split
-        gen = torch.Generator().manual_seed(seed)
-        head = split.exact_head()  # predictions, losses and margins all in float64
-        with torch.no_grad():
-            g0 = split.features(x)
-            out_clean = head(g0)
-        labels = y if task == "classification" and self.loss is not None else None
-        rep = Watch(head, g0, labels=labels)
-        rep.observe(g0)
-        self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device))
-        rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
-        if self.loss is None:
-            rows["sensitivity"] = rows["s_rep"]
-            rows["sensitivity_source"] = np.full(len(x), "rep")
-            return rows
-        targets = y if task == "classification" else y.to(x.dtype)
-        adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
-        adv.observe(g0)
-        loss_clean = adv.loss.clone()
-        self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype))
-        best = torch.maximum(rep.shift, adv.shift)
-        delta = adv.loss - loss_clean
-        ratio = delta / self.scale if self.scale > 0 else torch.where(delta > 0, math.inf, 0.0).to(delta)
-        rows.update(
-            s_loss=adv.shift.cpu().numpy(),
-            sensitivity=best.cpu().numpy(),
-            sensitivity_source=np.where((adv.shift > rep.shift).cpu().numpy(), "loss", "rep"),
-            loss_clean=loss_clean.cpu().numpy(),
-            loss_adv=adv.loss.cpu().numpy(),
-            lemma1_ratio=ratio.cpu().numpy(),
-        )
-        if task == "classification":
-            pred = out_clean.argmax(1)
-            m = margins(g0, y, split.W, split.b)
-            rows.update(
-                pred=pred.cpu().numpy(),
-                # the first misclassified point in evaluation order: clean, AS attack, loss attack
-                pred_adv=torch.where(rep.fooled, rep.witness, adv.witness).cpu().numpy(),
-                correct=(pred == y).cpu().numpy(),
-                robust=(~(rep.fooled | adv.fooled)).cpu().numpy(),
-                margin=m.cpu().numpy(),
-                fulfilled=(best < m).cpu().numpy(),
-                fulfilled_rep=(rep.shift < m).cpu().numpy(),
-            )
-        else:
-            rows["pred"] = _format_values(out_clean)
-        return rows
-
-
-def _batch_seed(seed: int, position: int) -> int:
-    # one generator per batch, keyed by its first position: a resumed run draws the same starts
-    return (seed * 1_000_003 + position) % (2**63)
-
-
-def score(
-    config: Optional[ScoreConfig] = None,
-    *,
-    out: "str | os.PathLike | None" = None,
-    progress: bool = True,
-    **overrides: object,
-) -> ScoreResult:
-    """Attack the representation and the loss; return per-datapoint records and the bounds.
-
-    ``out`` names a run directory (written batch by batch, resumed on rerun); None keeps
-    everything in memory. Keyword overrides replace fields of ``config``.
-    """
-    cfg = dataclasses.replace(config or ScoreConfig(), **overrides).validated()
-    device = resolve_device(cfg.device)
-    model_spec, data_spec = parse_model_spec(cfg.model), parse_data_spec(cfg.data)
-    loaded = load_model(
-        model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
-        download=cfg.download, builtin_head=data_spec.factor,
-    )
-    data = load_data(
-        data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
-        download=cfg.download, input_format=loaded.input_format, resize=cfg.resize,
-    )
-    try:
-        split = split_model(loaded.module, data.x[: min(len(data), 8)], feature_layer=cfg.feature_layer)
-    except RuntimeError as exc:  # the model cannot run on these inputs (shape / channel mismatch)
-        expects = f" (it expects {loaded.input_format})" if loaded.input_format else ""
-        raise ModelError(
-            f"{loaded.spec} cannot run on {data.spec} inputs of shape "
-            f"{'x'.join(map(str, data.x.shape[1:]))}{expects}: {describe(exc)}; give data in the "
-            f"model's input format, or --resize SIDE"
-        ) from None
-    if cfg.head is not None:
-        split = split.with_head(load_head(cfg.head, split.feature_dim))
-    split = split.to(device)
-    mismatch = head_mismatch(split, data)
-    loss = None if mismatch else loss_for_task(data.task)
-    norms = head_norms(split.W)
-    scale = headline_term(loss, lemma1_terms(loss, norms, split.num_outputs, 0.0)).scale if loss else 1.0
-    notes = list(loaded.notes) + [split.split_note] + ([mismatch] if mismatch else [])
-
-    resolved = {
-        **{k: v for k, v in dataclasses.asdict(cfg).items()},
-        "eps_text": format_eps(float(cfg.eps)),
-        "model": str(loaded.spec),
-        "data": str(data.spec),
-        "task": data.task,
-        "n": len(data),
-        "data_source": data.source,
-        "transforms": data.transforms,
-        "input_format": str(loaded.input_format) if loaded.input_format else None,
-        "split_note": split.split_note,
-        "head_outputs": split.num_outputs,
-        "feature_dim": split.feature_dim,
-        "task_note": mismatch,
-        "device": str(device),
-        **environment(),
-    }
-    run = RunDir(out) if out is not None else None
-    with run.locked() if run else contextlib.nullcontext():
-        done = run.start(resolved) if run else set()
-        scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale)
-        frames: "list[pd.DataFrame]" = []
-        batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
-        todo = [b for b in batches if not set(b) <= done]
-        with frozen(split), _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg) as advance:
-            for positions in todo:
-                sel = torch.tensor(list(positions))
-                x = data.x[sel].to(device)
-                y = data.y[sel].to(device)
-                rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
-                frame = pd.DataFrame(
-                    {"position": list(positions), "index": data.index[sel].numpy(), "label": _format_values(data.y[sel]), **rows}
-                )
-                frame = frame[~frame["position"].isin(done)]
-                if run:
-                    run.append(frame)
-                else:
-                    frames.append(frame)
-                advance(len(positions))
-        points = run.points() if run else pd.concat(frames, ignore_index=True)
-        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
-        summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
-        summary = clean_json(summary)
-        if run:
-            run.write_summary(summary)
-    return ScoreResult(clean_json(resolved), summary, points, Path(out) if out else None, notes)
-
-
-def summarize(points: pd.DataFrame, *, loss: Optional[Loss], norms: Optional[dict], num_outputs: int, cfg: ScoreConfig) -> dict:
-    """The data-set summary, derived from the per-datapoint records only."""
-    cols = {c: points[c].to_numpy() for c in points.columns}
-    summary = summarize_points(cols, loss=loss, norms=norms, num_outputs=num_outputs, cap=cfg.loss_cap, delta=cfg.delta)
-    summary.update(
-        eps=float(cfg.eps), eps_text=format_eps(float(cfg.eps)), norm=cfg.norm, steps=cfg.steps,
-        rel_step=cfg.rel_step, restarts=cfg.restarts, seed=cfg.seed,
-        sensitivity_from_loss_attack=int((points["sensitivity_source"] == "loss").sum()),
-    )
-    return summary
-
-
-class _progress:
-    """A rich progress bar over datapoints (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, completed: int, cfg: ScoreConfig) -> None:
-        self.enabled, self.total, self.completed = enabled, total, completed
-        self.label = f"{cfg.model} on {cfg.data}"
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda k: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        # on stderr: stdout carries the results (the table, or the summary JSON with --json)
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=False, console=Console(stderr=True),
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total, completed=self.completed)
-        return lambda k: self._bar.advance(task, k)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
-
-
-def score_default(
-    out: "str | os.PathLike | None" = "runs/default", *, progress: bool = True, **overrides: object
-) -> "list[ScoreResult]":
-    """The embedded default: the shipped adversarial LeNet on procedural dSprites, offline.
-
-    Two rows: Lemma 1 on orientation regression and Theorem 2 on shape classification.
-    """
-    overrides.setdefault("n", DEFAULT_N)
-    results = []
-    for task in DEFAULT_TASKS:
-        sub = Path(out) / task.split(":")[1] if out is not None else None
-        results.append(score(ScoreConfig(model=DEFAULT_MODEL, data=task), out=sub, progress=progress, **overrides))
-    return results
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MODEL",
+    "DEFAULT_N",
+    "DEFAULT_TASKS",
+    "METHODS",
+    "MethodResult",
+    "ScoreConfig",
+    "ScoreResult",
+    "TransferConfig",
+    "head_mismatch",
+    "resolve_device",
+    "score",
+    "score_default",
+    "summarize",
+    "transfer",
+]

@@ -3,6 +3,8 @@
     asbound score                                   # the embedded offline default
     asbound score --model robustbench:cifar100/Linf/Addepalli2022Efficient_WRN_34_10 \\
                   --data cifar10 --eps 8/255 --n 1000 --out runs/c100-to-c10
+    asbound transfer --method lp,ft,lp-ft --model builtin:... --data digits --classes 5-9 --out runs/d
+    asbound score --model run:runs/d/lp --data digits --classes 5-9
 """
 
 from __future__ import annotations
@@ -90,11 +92,39 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
+def _model_options(p: argparse.ArgumentParser, *, with_head: bool) -> None:
+    from asbound.models import default_model_dir
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD] | "
+                   "run:DIR (a finished transfer run)" + ("; without --model and --data: the embedded default" if with_head else ""))
+    g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
+                   f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
+    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
+    if with_head:
+        g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict()); without it: the model's last layer")
+    g.add_argument("--feature-layer", help="module whose output is the representation g(x); without it: found automatically")
+    g.add_argument("--allow-pickle", action="store_true", help="allow file:PATH (unpickling runs code)")
+
+
+def _data_options(p: argparse.ArgumentParser, seed: int) -> argparse._ArgumentGroup:
+    from asbound.data import default_data_root
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | digits | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
+    g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live "
+                   f"(default: $ASBOUND_DATA_ROOT or the user cache, here {_escape(default_data_root())})")
+    g.add_argument("--classes", help="a subset of classes, relabelled 0..k-1 in the order given, e.g. 0-4, 5-9 or 0,2,4; "
+                   "without it: every class")
+    g.add_argument("--seed", type=_whole, default=seed, help="subset selection, splits and every random draw")
+    g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
+    g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     from asbound import __version__
     from asbound.api import DEFAULT_N, DEFAULT_TASKS, ScoreConfig
-    from asbound.data import default_data_root
-    from asbound.models import default_model_dir
 
     d = ScoreConfig()
     parser = _Parser(
@@ -113,25 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
     )
     default_subs = ",".join(task.split(":")[1] for task in DEFAULT_TASKS)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD]; "
-                   "without --model and --data: the embedded default")
-    g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
-                   f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
-    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
-    g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict()); without it: the model's last layer")
-    g.add_argument("--feature-layer", help="module whose output is the representation g(x); without it: found automatically")
-    g.add_argument("--allow-pickle", action="store_true", help="allow file:PATH (unpickling runs code)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
-    g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live "
-                   f"(default: $ASBOUND_DATA_ROOT or the user cache, here {_escape(default_data_root())})")
+    _model_options(p, with_head=True)
+    g = _data_options(p, d.seed)
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help=f"datapoints, or 'all' (default: {d.n}; {DEFAULT_N} for the embedded default)")
-    g.add_argument("--seed", type=_whole, default=d.seed, help="subset selection and random starts")
-    g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
-    g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
@@ -142,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g.add_argument("--as-only", action="store_true", help="the AS score alone: no labels, no loss attack")
     g = p.add_argument_group("bounds")
     g.add_argument("--delta", type=_number, default=d.delta, help="Theorem 1 confidence 1 - delta")
     g.add_argument("--loss-cap", type=_number, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
@@ -150,8 +167,74 @@ def build_parser() -> argparse.ArgumentParser:
                    f"runs/default/{{{default_subs}}} for the embedded default)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
+    _transfer_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
+
+
+def _steps_list(text: str) -> "tuple[int, ...]":
+    try:
+        steps = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers separated by commas, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError(f"must name at least one step count, got {text!r}")
+    return steps
+
+
+def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
+    from asbound.transfer import METHODS, TransferConfig
+    from asbound.transfer.config import AMPS, AUGMENTS, SELECTS
+    from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
+
+    d = TransferConfig(model="", data="")
+    p = sub.add_parser(
+        "transfer",
+        help="transfer a pretrained model (LP, FT, LP-FT, adversarial LP / FT, TRADES FT) and tabulate it against the bounds",
+        description=(
+            "Train downstream models from a pretrained representation, one run directory per method "
+            "(it resumes after the last complete epoch), evaluate clean / PGD / AutoAttack accuracy on "
+            "the test split, and score the representation before and after transfer. Each run is a "
+            "model again: --model run:DIR."
+        ),
+        formatter_class=_DefaultsFormatter,
+    )
+    g = p.add_argument_group("method")
+    g.add_argument("--method", required=True, help=f"one or several, comma-separated: {', '.join(METHODS)}")
+    g.add_argument("--epochs", type=_whole, default=d.epochs, help="epochs per method (LP-FT: LP, then half as many of FT)")
+    g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="training and evaluation batch size")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimiser")
+    g.add_argument("--lr", type=_number, default=d.lr, help="learning rate of head-only stages (LP, adv-LP)")
+    g.add_argument("--lr-ft", type=_number, default=d.lr_ft, help="learning rate of stages that train everything (FT, adv-FT, TRADES)")
+    g.add_argument("--momentum", type=_number, default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_number, default=d.weight_decay, help="weight decay")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule, stepped per iteration")
+    g.add_argument("--augment", default=d.augment, choices=AUGMENTS,
+                   help="training augmentation; auto: random crop and flip for natural images, crop for digits, none for dSprites and tensors")
+    g.add_argument("--val-fraction", type=_number, default=d.val_fraction, help="seeded validation split of the training data, for model selection")
+    g.add_argument("--select", default=d.select, choices=SELECTS,
+                   help="model selection; auto: best robust validation accuracy for adversarial stages, best clean for the others")
+    g.add_argument("--amp", default=d.amp, choices=AMPS, help="mixed precision for training; auto: bf16 on CUDA, off on the CPU")
+    g.add_argument("--workers", type=_whole, default=d.workers, help="data loader worker processes")
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g = p.add_argument_group("attack (training and evaluation; L-inf)")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")
+    g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
+    g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
+    g.add_argument("--eval-steps", type=_steps_list, default=d.eval_steps,
+                   help="PGD step counts of the test evaluation, comma-separated (default: 10,20)")
+    g.add_argument("--autoattack", action="store_true", help="also run AutoAttack standard on the test data")
+    _model_options(p, with_head=False)
+    g = _data_options(p, d.seed)
+    g.add_argument("--n", type=_n, default=None, help="training images, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
+    g.add_argument("--score-n", type=_n, default=d.score_n, help="test images for `score` before and after transfer, or 'all'")
+    g.add_argument("--no-score", action="store_true", help="skip `score` before and after transfer")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory (OUT for one method, OUT/<method> for several); rerunning resumes")
+    g.add_argument("--json", action="store_true", help="print the final records as JSON on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
 
 
 def _slug(text: str) -> str:
@@ -170,7 +253,7 @@ def _score(args: argparse.Namespace) -> int:
         delta=args.delta, loss_cap=args.loss_cap, device=args.device, backend=args.backend,
         model_dir=args.model_dir, data_root=args.data_root, weights=args.weights, head=args.head,
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
-        download=args.download,
+        download=args.download, classes=args.classes, as_only=args.as_only,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:
@@ -196,6 +279,39 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from asbound.api import TransferConfig, transfer
+    from asbound.report import transfer_table
+
+    cfg = TransferConfig(
+        model=args.model or "", data=args.data or "", method=args.method, classes=args.classes, epochs=args.epochs,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, lr_ft=args.lr_ft, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, eps=args.eps, attack_steps=args.attack_steps,
+        attack_step=args.attack_step, trades_beta=args.trades_beta, val_fraction=args.val_fraction,
+        select=args.select, augment=args.augment, n=args.n, n_test=args.n_test, score_n=args.score_n,
+        eval_steps=args.eval_steps, autoattack=args.autoattack, score=not args.no_score, seed=args.seed,
+        device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
+        weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
+        download=args.download,
+    )
+    if args.model is None or args.data is None:
+        raise ConfigError("give --model and --data (the pretrained model and the downstream data)")
+    err = Console(stderr=True)
+    results = transfer(cfg, args.out, progress=not args.no_progress, printer=lambda line: err.print(line, highlight=False))
+    finals = [r.final for r in results]
+    if args.json:
+        print(json.dumps(finals[0] if len(finals) == 1 else finals, indent=2))
+        return 0
+    console = Console()
+    console.print(transfer_table(finals, title=f"asbound transfer: {cfg.model} -> {cfg.data}"
+                                 + (f" (classes {cfg.classes})" if cfg.classes else "")))
+    for r in results:
+        console.print(f"{r.method}: {r.out} (model: --model run:{r.out})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -205,6 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "transfer":
+            return _transfer(args)
     except AsboundError as exc:
         # one line, whatever the message holds (an underlying library's error may span several)
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
@@ -212,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(
-            "asbound: interrupted; the records written so far are kept, rerun the same command to resume",
+            "asbound: interrupted; the records and checkpoints written so far are kept, rerun the same "
+            "command to resume",
             file=sys.stderr,
         )
         return 130

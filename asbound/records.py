@@ -252,6 +252,12 @@ def clean_json(obj: object) -> object:
     return obj
 
 
+def read_json(path: "str | os.PathLike") -> Optional[object]:
+    """The JSON object in ``path``, or None when the file does not exist."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def read_summary(path: "str | os.PathLike") -> Optional[dict]:
     p = Path(path) / SUMMARY
     return json.loads(p.read_text()) if p.exists() else None

@@ -79,10 +79,61 @@ def summary_table(summaries: Iterable[dict], title: str = "asbound score") -> Ta
     models = {s["model"] for s in summaries}
     shared = len(models) == 1 and len(summaries) > 1
     table = Table(title=f"{title}: {summaries[0]['model']}" if shared else title, title_justify="left")
-    table.add_column("", style="bold")
+    table.add_column("", style="bold", no_wrap=True)
     for s in summaries:
         model = s["model"].replace("/", "/\n")  # long specs break at their slashes, not mid-word
         table.add_column(s["data"] if shared else f"{model}\n-> {s['data']}", justify="right", overflow="fold")
     for label, cell in ROWS:
         table.add_row(label, *(cell(s) for s in summaries))
+    return table
+
+
+# --- transfer: seed 001 Tables 5 and 9, one column per method -------------------------------------
+
+
+def _after(key: str, fmt: Callable[[Optional[float]], str] = _num) -> Callable[[dict], str]:
+    return lambda f: fmt((f.get("score_after") or {}).get(key))
+
+
+def _pgd(k: str) -> Callable[[dict], str]:
+    return lambda f: _pct(f["test"]["pgd"].get(k))
+
+
+def _stages(f: dict) -> str:
+    return ", ".join(f"{s['stage']} {s['selected_epoch']}/{s['epochs']}" for s in f.get("stages", []))
+
+
+def transfer_rows(finals: "list[dict]") -> "list[tuple[str, Callable[[dict], str]]]":
+    """The rows of the transfer table; the PGD rows follow the evaluated step counts."""
+    steps = sorted({k for f in finals for k in f["test"]["pgd"]}, key=int)
+    eps = finals[0]["test"].get("eps_text", "")
+    rows: "list[tuple[str, Callable[[dict], str]]]" = [
+        ("test images", lambda f: str(f["test"]["n"])),
+        ("clean accuracy", lambda f: _pct(f["test"].get("clean_accuracy"))),
+        *((f"PGD-{k} accuracy ({eps})", _pgd(k)) for k in steps),
+    ]
+    if any(f["test"].get("autoattack") is not None for f in finals):
+        rows.append(("AutoAttack accuracy", lambda f: _pct(f["test"].get("autoattack"))))
+    rows += [
+        ("AS before transfer (AS attack)", lambda f: _num((f.get("score_before") or {}).get("as_score"))),
+        ("AS after transfer (AS attack)", _after("as_score_rep")),
+        ("RHS after = AS, both attacks", _after("as_score")),
+        ("CE clean / robust", lambda f: _loss_pair(f.get("score_after") or {})),
+        ("||W||_(q)", _after("head_norm")),
+        ("Lemma 1 LHS", _after("lhs")),
+        ("prop. fulfilled (criterion)", _after("prop_fulfilled", _pct)),
+        ("rob. fulfilled (both attacks)", _after("rob_fulfilled", _pct)),
+        ("selected epoch / epochs", _stages),
+    ]
+    return rows
+
+
+def transfer_table(finals: "list[dict]", title: str = "asbound transfer") -> Table:
+    """One column per method (seed 001, Tables 5 and 9), read from each run's ``final.json``."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold", no_wrap=True)
+    for f in finals:
+        table.add_column(f["method"], justify="right")
+    for label, cell in transfer_rows(finals):
+        table.add_row(label, *(cell(f) for f in finals))
     return table

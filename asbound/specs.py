@@ -6,13 +6,18 @@ Model specs::
     file:PATH                                 a whole nn.Module saved with torch.save(model, PATH)
     torchvision:ARCH                          e.g. torchvision:resnet18 (weights from --weights PATH)
     builtin:NAME[/HEAD]                       the small models shipped with asbound
+    run:DIR                                   a finished `asbound transfer` run (its trained model)
 
 Data specs::
 
     cifar10 | cifar100 | fashion-mnist | mnist  torchvision data sets under --data-root
+    digits                                      scikit-learn's bundled 8x8 handwritten digits
     folder:PATH                                 an ImageFolder tree (one sub-folder per class)
     tensors:PATH                                torch.save({"x": ..., "y": ...}) or an .npz with x, y
     dsprites[:FACTOR]                           FACTOR in shape, scale, orientation, posx, posy
+
+``--classes`` selects classes of a classification data set and relabels them 0..k-1 in the order
+given: ``0-4``, ``5-9``, ``0,2,4``, ``1-3,7`` (see :func:`parse_classes`).
 
 Eps is always in pixel units ([0, 1] inputs) and may be written as a fraction (``8/255``).
 """
@@ -20,15 +25,16 @@ Eps is always in pixel units ([0, 1] inputs) and may be written as a fraction (`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from asbound.errors import ConfigError, SpecError
 
-MODEL_SOURCES = ("robustbench", "file", "torchvision", "builtin")
+MODEL_SOURCES = ("robustbench", "file", "torchvision", "builtin", "run")
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist")
-DATA_SOURCES = TORCHVISION_DATASETS + ("folder", "tensors", "dsprites")
+DATA_SOURCES = TORCHVISION_DATASETS + ("digits", "folder", "tensors", "dsprites")
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posx", "posy")
 ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "imagenet")
 ROBUSTBENCH_THREAT_MODELS = ("Linf", "L2", "corruptions", "corruptions_3d")
@@ -89,10 +95,10 @@ def _split_prefix(text: str, what: str, valid: str) -> tuple[str, str]:
 
 
 _MODEL_FORMS = (
-    "robustbench:[DATASET/THREAT_MODEL/]NAME, file:PATH, torchvision:ARCH, builtin:NAME[/HEAD]"
+    "robustbench:[DATASET/THREAT_MODEL/]NAME, file:PATH, torchvision:ARCH, builtin:NAME[/HEAD], run:DIR"
 )
 _DATA_FORMS = (
-    "cifar10, cifar100, fashion-mnist, mnist, folder:PATH, tensors:PATH, dsprites[:FACTOR]"
+    "cifar10, cifar100, fashion-mnist, mnist, digits, folder:PATH, tensors:PATH, dsprites[:FACTOR]"
 )
 
 
@@ -143,7 +149,7 @@ def parse_data_spec(text: str) -> DataSpec:
     prefix, rest = _split_prefix(text, "data", _DATA_FORMS)
     if prefix not in DATA_SOURCES:
         raise SpecError(f"unknown data spec {text!r}; valid: {_DATA_FORMS}")
-    if prefix in TORCHVISION_DATASETS:
+    if prefix in TORCHVISION_DATASETS or prefix == "digits":
         if rest:
             raise SpecError(f"data spec {text!r}: {prefix} takes no argument; valid: {_DATA_FORMS}")
         return DataSpec(prefix)
@@ -159,6 +165,76 @@ def parse_data_spec(text: str) -> DataSpec:
             f"valid: {', '.join(DSPRITES_FACTORS)}"
         )
     return DataSpec("dsprites", factor=factor)
+
+
+_CLASSES_FORMS = (
+    "class labels >= 0, each once, as numbers and inclusive ranges separated by commas, "
+    "e.g. 0-4, 5-9, 0,2,4 or 1-3,7"
+)
+_CLASS_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?", re.ASCII)
+_MAX_CLASSES = 100_000
+
+
+def parse_classes(text: "Union[str, Sequence[int]]") -> tuple[int, ...]:
+    """Parse ``--classes``: ``"0-4"`` -> (0, 1, 2, 3, 4), ``"1-3,7"`` -> (1, 2, 3, 7), in the order
+    given (class ``k`` of the list becomes label ``k``). A sequence of ints is checked the same way.
+    Empty lists, negative labels, reversed ranges (``4-0``), repeated labels and non-numbers are a
+    :class:`ConfigError` that shows the valid forms."""
+    if not isinstance(text, str):
+        try:
+            items = list(text)
+        except TypeError:
+            raise ConfigError(f"classes {text!r} is not valid; give {_CLASSES_FORMS}") from None
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in items):
+            raise ConfigError(f"classes {text!r} is not valid: labels must be integers; "
+                              f"give {_CLASSES_FORMS}")
+        labels = [int(c) for c in items]
+        shown = repr(text)
+    else:
+        shown = repr(text)
+        labels = []
+        for part in text.split(","):
+            part = part.strip()
+            m = _CLASS_PART.fullmatch(part)
+            if not m:
+                why = ("an empty entry" if not part else
+                       "a negative label" if part.startswith("-") else f"{part!r} is not a label or range")
+                raise ConfigError(f"classes {shown} is not valid ({why}); give {_CLASSES_FORMS}")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo:
+                raise ConfigError(f"classes {shown} is not valid (the range {part!r} is reversed; "
+                                  f"write {hi}-{lo}); give {_CLASSES_FORMS}")
+            if hi - lo + len(labels) >= _MAX_CLASSES:
+                raise ConfigError(f"classes {shown} is not valid (more than {_MAX_CLASSES} labels); "
+                                  f"give {_CLASSES_FORMS}")
+            labels.extend(range(lo, hi + 1))
+    if not labels:
+        raise ConfigError(f"classes {shown} is not valid (no classes); give {_CLASSES_FORMS}")
+    negative = [c for c in labels if c < 0]
+    if negative:
+        raise ConfigError(f"classes {shown} is not valid (a negative label, {negative[0]}); "
+                          f"give {_CLASSES_FORMS}")
+    seen: set[int] = set()
+    repeated = sorted({c for c in labels if c in seen or seen.add(c)})
+    if repeated:
+        raise ConfigError(f"classes {shown} is not valid (labels given twice: "
+                          f"{', '.join(map(str, repeated))}); give {_CLASSES_FORMS}")
+    return tuple(labels)
+
+
+def format_classes(labels: "Sequence[int]") -> str:
+    """Labels in the compact form :func:`parse_classes` reads: (0, 1, 2, 5) -> ``0-2,5``."""
+    parts: list[str] = []
+    i = 0
+    labels = list(labels)
+    while i < len(labels):
+        j = i
+        while j + 1 < len(labels) and labels[j + 1] == labels[j] + 1:
+            j += 1
+        parts.append(str(labels[i]) if j == i else f"{labels[i]}-{labels[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 def parse_eps(value: "str | float", norm: str = "inf") -> float:

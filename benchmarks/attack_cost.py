@@ -23,24 +23,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable
 
 import torch
 
 from asbound._compat import import_robustbench
 from asbound.attacks import PGD, foolbox_pgd, representation_shift
 from asbound.models import frozen, split_model
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+from timing import timed  # benchmarks/timing.py
 
 
 def main() -> None:

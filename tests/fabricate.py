@@ -7,10 +7,13 @@ with :func:`bypass_cifar_md5` (never in production code).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -205,3 +208,18 @@ def write_npz(
                 np.lib.format.write_array(f, np.asanyarray(array), version=version,
                                           allow_pickle=False)
     return path
+
+
+@contextlib.contextmanager
+def run_held_by_another_process(out: PathLike) -> "Iterator[int]":
+    """Another process holds the run directory's lock for the duration; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from asbound.records import RunDir\n"
+         f"with RunDir({str(out)!r}).locked():\n print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.communicate("", timeout=60)

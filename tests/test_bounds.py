@@ -86,7 +86,7 @@ def test_margins_by_hand():
     W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)
     g = torch.tensor([[2.0, 1.0], [2.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
-    f = g @ W.T + b  # (2, 1.5, -2), (2, 1.5, -2), (0, 0.5, 0)
+    # f = g W^T + b: (2, 1.5, -2), (2, 1.5, -2), (0, 0.5, 0)
     m = margins(g, torch.tensor([0, 1, 1]), W, b)
     expected = [
         min((2 - 1.5) / math.sqrt(2), (2 + 2) / 2.0),

@@ -22,12 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-import asbound.api as api
+import asbound.scoring as scoring
 from asbound.api import ScoreConfig
 from asbound.cli import _slug, build_parser, main
 from asbound.data import default_data_root
 from asbound.models import default_model_dir
-from fabricate import make_tensors_file
+from fabricate import make_tensors_file, run_held_by_another_process
 
 EPS = 8 / 255
 CLASSIFICATION_COLUMNS = {"index", "label", "pred", "sensitivity", "margin", "fulfilled",
@@ -251,7 +251,7 @@ def test_embedded_default(tmp_path, capsys, monkeypatch):
     assert CLASSIFICATION_COLUMNS <= set(pd.read_csv(out / "shape" / "points.csv").columns)
 
     # the same command without --json: the table (the finished runs are only reread)
-    monkeypatch.setattr(api._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
+    monkeypatch.setattr(scoring._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
     rc, stdout, _ = _cli(capsys, "--n", "16", "--steps", "2", "--out", out)
     assert rc == 0
     text = _words(stdout)
@@ -425,7 +425,7 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
                           ("--eps", d.eps), ("--norm", d.norm), ("--rel-step", d.rel_step),
                           ("--device", d.device), ("--delta", d.delta), ("--loss-cap", d.loss_cap)):
         assert help_of[option].endswith(f"(default: {value})"), help_of[option]
-    assert help_of["--n"].endswith(f"(default: {d.n}; {api.DEFAULT_N} for the embedded default)")
+    assert help_of["--n"].endswith(f"(default: {d.n}; {scoring.DEFAULT_N} for the embedded default)")
     assert help_of["--out"].endswith(
         "(default: runs/<model>__<data>, runs/default/{orientation,shape} for the embedded default)")
     # computed at run time: shown as the environment variable or the user cache, and where that is now
@@ -512,13 +512,13 @@ def test_seed_reaches_the_run(assets, baseline, tmp_path, capsys):
 
 def test_backend_foolbox_runs_foolbox(assets, tmp_path, capsys, monkeypatch):
     calls = []
-    original = api.foolbox_pgd
+    original = scoring.foolbox_pgd
 
     def counting(*args, **kwargs):
         calls.append(len(args[2]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(api, "foolbox_pgd", counting)
+    monkeypatch.setattr(scoring, "foolbox_pgd", counting)
     out = tmp_path / "run"
     summary = _run_json(capsys, *_tiny(assets, n=8), "--backend", "foolbox", "--out", out)
     assert calls == [8, 8]  # the AS attack and the loss attack of the one batch
@@ -551,7 +551,7 @@ class _Recorder:
     def __init__(self, monkeypatch):
         self.progress: "list[tuple[int, int]]" = []
         self.batches: "list[int]" = []
-        original_progress, original_call = api._progress, api._Scorer.__call__
+        original_progress, original_call = scoring._progress, scoring._Scorer.__call__
 
         def progress(enabled, total, completed, cfg):
             self.progress.append((total, completed))
@@ -561,8 +561,8 @@ class _Recorder:
             self.batches.append(len(x))
             return original_call(scorer, x, *args, **kwargs)
 
-        monkeypatch.setattr(api, "_progress", progress)
-        monkeypatch.setattr(api._Scorer, "__call__", call)
+        monkeypatch.setattr(scoring, "_progress", progress)
+        monkeypatch.setattr(scoring._Scorer, "__call__", call)
 
 
 def _assert_same_run(out: Path, baseline: Path) -> None:
@@ -596,7 +596,7 @@ def test_rerunning_a_finished_run_scores_nothing(assets, baseline, populated, ca
 
 
 def test_keyboard_interrupt_keeps_finished_batches(assets, baseline, tmp_path, capsys, monkeypatch):
-    original = api._Scorer.__call__
+    original = scoring._Scorer.__call__
     calls = []
 
     def interrupted(scorer, *args, **kwargs):
@@ -605,7 +605,7 @@ def test_keyboard_interrupt_keeps_finished_batches(assets, baseline, tmp_path, c
             raise KeyboardInterrupt
         return original(scorer, *args, **kwargs)
 
-    monkeypatch.setattr(api._Scorer, "__call__", interrupted)
+    monkeypatch.setattr(scoring._Scorer, "__call__", interrupted)
     out = tmp_path / "run"
     args = [a for a in _tiny(assets) if a != "--no-progress"]  # with the progress bar running
     rc, stdout, err = _cli(capsys, *args, "--out", out)
@@ -615,7 +615,7 @@ def test_keyboard_interrupt_keeps_finished_batches(assets, baseline, tmp_path, c
     pd.testing.assert_frame_equal(kept, pd.read_csv(baseline / "points.csv").iloc[:8], check_exact=True)
     assert not (out / "summary.json").exists()
 
-    monkeypatch.setattr(api._Scorer, "__call__", original)
+    monkeypatch.setattr(scoring._Scorer, "__call__", original)
     rc, _, _ = _cli(capsys, *_tiny(assets), "--out", out)
     assert rc == 0
     _assert_same_run(out, baseline)
@@ -639,20 +639,12 @@ def test_a_second_process_on_the_same_run_is_refused(assets, tmp_path):
     """Another process holds the run (as a running `asbound score` does): `asbound score` on the same
     --out is refused and writes nothing (before the lock, two processes wrote 600 rows for --n 300)."""
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from asbound.records import RunDir\n"
-         f"with RunDir({str(out)!r}).locked():\n print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with run_held_by_another_process(out) as pid:
         second = subprocess.run([sys.executable, "-m", "asbound.cli", "score", *_tiny(assets), "--out", str(out)],
                                 capture_output=True, text=True, timeout=120)
-    finally:
-        holder.communicate("", timeout=60)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    assert f"being written by asbound pid {holder.pid}" in second.stderr and "another --out" in second.stderr
+    assert f"being written by asbound pid {pid}" in second.stderr and "another --out" in second.stderr
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 

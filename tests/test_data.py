@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,12 @@ from asbound.data import (
     dsprites_latents,
     load_data,
     render_dsprites,
+    resolve_augment,
+    validation_split,
 )
-import asbound.data.loaders as data_loaders
+import asbound.data.sources as data_sources
+import asbound.data.transforms as data_transforms
+from asbound.data.augment import augment_batch, grown, pad_of, row_seed
 from asbound.data.dsprites import _read_npy_rows, split_members
 from asbound.errors import ConfigError, DataError, SpecError
 from asbound.specs import InputFormat, parse_data_spec
@@ -432,7 +437,7 @@ def test_resize_is_antialiased_bilinear_of_unit_pixels_in_batches(tmp_path, monk
     """uint8 images are scaled to [0, 1] before resizing; a non-square target keeps height and
     width apart; resizing in batches (here 2, 2, 1) gives the one-shot result."""
     written = make_image_folder(tmp_path / "imgs", classes=("a",), n_per_class=5, size=(10, 12))
-    monkeypatch.setattr(data_loaders, "_RESIZE_BATCH", 2)
+    monkeypatch.setattr(data_transforms, "_RESIZE_BATCH", 2)
     ds = load_data(f"folder:{tmp_path / 'imgs'}", input_format=InputFormat(3, 6, 9))
     x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in written["a"]]).float() / 255
     expected = F.interpolate(x, size=(6, 9), mode="bilinear", antialias=True,
@@ -606,5 +611,375 @@ def test_invalid_pixels_in_the_file_are_reported_by_their_row(tmp_path):
     assert bad != 3  # the row in the file differs from the position in the split
     imgs[bad, 1, 1] = np.nan
     make_dsprites_npz(tmp_path, range(n), images=imgs)
-    with pytest.raises(DataError, match=rf"1 pixel values are NaN or infinite \(first in row {bad}\)"):
-        load_data("dsprites", root=tmp_path, split="test")
+    ds = load_data("dsprites", root=tmp_path, split="test")  # a file: checked batch by batch
+    assert ds.batch(torch.tensor([0, 1, 2, 4])).shape == (4, 1, 2, 2)  # rows without the NaN
+    for read in (lambda: ds.x, lambda: ds.batch(torch.tensor([5, 3])),
+                 lambda: list(ds.loader(3, shuffle=True))):
+        with pytest.raises(DataError, match=rf"1 pixel values are NaN or infinite \(first in row {bad}\)"):
+            read()
+
+
+
+# --- streaming: lazy views read batch by batch -----------------------------------------------
+
+
+def _streaming_sets(tmp_path: Path) -> "dict[str, DataSet]":
+    """One small view of every kind of source, with transforms."""
+    make_mnist(tmp_path, n_per_split=12)
+    make_image_folder(tmp_path / "f", classes=("a",), n_per_class=3, size=9, mode="L")
+    make_image_folder(tmp_path / "f", classes=("b",), n_per_class=3, size=(7, 5), mode="RGB")
+    make_tensors_file(tmp_path / "t.pt", n=10)
+    make_dsprites_npz(tmp_path / "ds", range(30))
+    return {
+        "mnist": load_data("mnist", root=tmp_path, input_format=InputFormat(3, 16, 16)),
+        "folder": load_data(f"folder:{tmp_path / 'f'}", resize=8),
+        "tensors": load_data(f"tensors:{tmp_path / 't.pt'}", n=9, seed=1),
+        "digits": load_data("digits", n=40, seed=2),
+        "dsprites": load_data("dsprites:shape", n=6, seed=0),
+        "dsprites file": load_data("dsprites:shape", root=tmp_path / "ds", split="test"),
+    }
+
+
+def test_batch_is_the_materialised_rows_for_any_selection(tmp_path):
+    """batch(sel) equals x[sel] exactly: any order, repeats, one row, none; subset views follow."""
+    for name, ds in _streaming_sets(tmp_path).items():
+        n, x = len(ds), ds.x
+        assert x.dtype == torch.float32 and x.shape == (n, *ds.shape), name
+        selections = {
+            "all": torch.arange(n), "reversed": torch.arange(n).flip(0),
+            "shuffled": torch.randperm(n, generator=torch.Generator().manual_seed(1)),
+            "repeats": torch.tensor([1, 1, 0, n - 1, 1]), "one": torch.tensor([n - 1]),
+            "none": torch.tensor([], dtype=torch.int64),
+        }
+        for what, sel in selections.items():
+            got = ds.batch(sel)
+            assert got.dtype == torch.float32 and torch.equal(got, x[sel]), (name, what)
+            sub = ds.subset(sel)
+            assert len(sub) == len(sel) and torch.equal(sub.x, x[sel]), (name, what)
+            assert torch.equal(sub.index, ds.index[sel]) and torch.equal(sub.y, ds.y[sel])
+            assert sub.transforms == ds.transforms and sub.num_classes == ds.num_classes
+        again = ds.subset(torch.tensor([2, 0])).subset(torch.tensor([1]))  # a view of a view
+        assert torch.equal(again.x, x[[0]]) and torch.equal(again.index, ds.index[[0]])
+
+
+def test_load_reads_no_pixels_and_the_loader_reads_batch_by_batch(tmp_path, monkeypatch):
+    """A large set: load_data reads no image; the loader reads each batch in one call of at most
+    batch_size rows, every row once per epoch; the view holds no float image tensor."""
+    make_mnist(tmp_path, n_per_split=3000)
+    calls: "list[torch.Tensor]" = []
+    read = data_sources._ChannelsFirst.__call__
+
+    def spy(self, pos):
+        calls.append(pos.clone())
+        return read(self, pos)
+
+    monkeypatch.setattr(data_sources._ChannelsFirst, "__call__", spy)
+    ds = load_data("mnist", root=tmp_path, split="train", input_format=InputFormat(3, 32, 32))
+    assert calls == [] and len(ds) == 3000
+    assert not any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vars(ds).values())
+    shapes = [(tuple(x.shape), len(y)) for x, y in ds.loader(256, shuffle=True, augment="crop")]
+    assert shapes[0] == ((256, 3, 32, 32), 256) and shapes[-1] == ((3000 - 11 * 256, 3, 32, 32), 184)
+    assert len(calls) == 12 and max(len(c) for c in calls) <= 256
+    assert torch.equal(torch.cat(calls).sort().values, torch.arange(3000))
+
+
+def test_folder_load_reads_image_headers_only(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    written = make_image_folder(tmp_path / "f", classes=("a", "b"), n_per_class=2, size=(6, 9))
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("load_data decoded pixels")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ImageFile.ImageFile, "load", no_decoding)
+        ds = load_data(f"folder:{tmp_path / 'f'}", resize=4, n=3, seed=0)
+    assert ds.transforms == ["resize 6x9 -> 4x4 (bilinear, antialias)"] and ds.shape == (3, 4, 4)
+    images = written["a"] + written["b"]
+    x = torch.stack([torch.from_numpy(images[i]).permute(2, 0, 1) for i in ds.index]).float() / 255
+    expected = F.interpolate(x, size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(ds.x, expected.clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def test_folder_channels_are_decided_over_the_whole_folder(tmp_path):
+    """A grey image drawn from a folder that also holds colour images comes out RGB, as when the
+    whole folder is loaded; a folder of grey images only stays grey."""
+    grey = make_image_folder(tmp_path / "m", classes=("a",), n_per_class=1, size=6, mode="L")
+    make_image_folder(tmp_path / "m", classes=("b",), n_per_class=1, size=6, mode="RGB")
+    one = load_data(f"folder:{tmp_path / 'm'}", n=1, seed=0)
+    assert one.index.tolist() == [0] and one.y.tolist() == [0]  # the grey image
+    assert one.x.shape == (1, 3, 6, 6) == (1, *load_data(f"folder:{tmp_path / 'm'}").shape)
+    for c in range(3):
+        assert torch.equal(one.x[0, c], torch.from_numpy(grey["a"][0]).float() / 255)
+    make_image_folder(tmp_path / "g", classes=("a", "b"), n_per_class=1, size=6, mode="L")
+    assert load_data(f"folder:{tmp_path / 'g'}", n=1).x.shape == (1, 1, 6, 6)
+
+
+def test_data_sets_pickle_for_worker_processes(tmp_path):
+    """Worker processes started by spawn or forkserver get a pickled copy of the view."""
+    for name, ds in _streaming_sets(tmp_path).items():
+        back = pickle.loads(pickle.dumps(ds))
+        assert torch.equal(back.x, ds.x) and torch.equal(back.y, ds.y), name
+        assert back.transforms == ds.transforms and torch.equal(back.index, ds.index)
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+
+def test_digits_splits_shape_and_values():
+    train, test = load_data("digits", split="train"), load_data("digits", split="test")
+    assert len(train) == 1437 and len(test) == 360
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(train.index, perm[:1437].sort().values)
+    assert torch.equal(test.index, perm[1437:].sort().values)
+    assert torch.equal(torch.cat([train.index, test.index]).sort().values, torch.arange(1797))
+    for ds in (train, test):
+        x = ds.x
+        assert x.shape == (len(ds), 1, 8, 8) and x.dtype == torch.float32 and ds.shape == (1, 8, 8)
+        k = x * 16  # every pixel is exactly k / 16, k = 0..16
+        assert torch.equal(k, k.round()) and k.min() == 0 and k.max() == 16
+        assert ds.task == "classification" and ds.num_classes == 10 and ds.y.dtype == torch.int64
+        assert ds.class_names == [str(d) for d in range(10)] and ds.transforms == []
+        assert ds.source.startswith("scikit-learn ") and ds.spec == "digits"
+    # the real data: the class counts and the first image (a zero) of the set
+    assert torch.bincount(torch.cat([train.y, test.y])).tolist() == [
+        178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    home = train if bool((train.index == 0).any()) else test
+    row = int((home.index == 0).nonzero()[0, 0])
+    assert (home.x[row, 0, 0] * 16).tolist() == [0, 0, 5, 13, 9, 1, 0, 0] and home.y[row] == 0
+    again = load_data("digits", split="train")
+    assert torch.equal(again.x, train.x) and torch.equal(again.y, train.y)
+    sub = load_data("digits", n=50, seed=3)
+    pos = torch.randperm(360, generator=torch.Generator().manual_seed(3))[:50].sort().values
+    assert torch.equal(sub.index, test.index[pos]) and torch.equal(sub.x, test.x[pos])
+    big = load_data("digits", n=4, input_format=InputFormat(3, 16, 16))
+    assert big.x.shape == (4, 3, 16, 16) and len(big.transforms) == 2
+
+
+def test_digits_are_scikit_learns_load_digits(monkeypatch, tmp_path):
+    """The bundled file read directly gives load_digits()'s images / 16 and labels; where the
+    file is not in its place, load_digits() itself is used."""
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    x, y, _ = data_sources.digits_arrays()
+    np.testing.assert_array_equal(x[:, 0].numpy() * 16, reference.images)
+    np.testing.assert_array_equal(y.numpy(), reference.target)
+    calls = []
+    monkeypatch.setattr(data_sources, "digits_csv", lambda: (tmp_path / "moved.csv.gz", "9.9"))
+    monkeypatch.setattr("sklearn.datasets.load_digits", lambda: calls.append(1) or reference)
+    data_sources.digits_arrays.cache_clear()
+    try:
+        x2, y2, source = data_sources.digits_arrays()
+    finally:
+        data_sources.digits_arrays.cache_clear()
+    assert calls == [1] and torch.equal(x2, x) and torch.equal(y2, y) and "9.9" in source
+
+
+# --- classes ----------------------------------------------------------------------------------
+
+
+def test_classes_select_and_relabel_in_the_order_given():
+    full = load_data("digits")
+    five = load_data("digits", classes="5-9")
+    keep = full.y >= 5
+    assert torch.equal(five.index, full.index[keep]) and torch.equal(five.y, full.y[keep] - 5)
+    assert torch.equal(five.x, full.x[keep])
+    assert five.num_classes == 5 == five.target_dim and five.class_names == ["5", "6", "7", "8", "9"]
+    odd = load_data("digits", classes=(7, 2))  # a sequence of labels, in its order: 7 -> 0, 2 -> 1
+    mask = (full.y == 7) | (full.y == 2)
+    assert torch.equal(odd.index, full.index[mask]) and torch.equal(odd.y, (full.y[mask] == 2).long())
+    assert odd.num_classes == 2 and odd.class_names == ["7", "2"]
+
+
+def test_n_is_drawn_after_the_class_filter():
+    full = load_data("digits", split="train")
+    kept = (full.y <= 1).nonzero().squeeze(1)
+    sub = load_data("digits", split="train", classes="0-1", n=10, seed=4)
+    pos = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(4))[:10].sort().values]
+    assert torch.equal(sub.index, full.index[pos]) and torch.equal(sub.y, full.y[pos])
+    assert len(load_data("digits", split="train", classes="0-1", n=10_000)) == len(kept)
+
+
+def test_classes_of_a_tensors_file_and_errors(tmp_path):
+    y = torch.tensor([0, 3, 1, 3, 2, 0, 1, 3])
+    make_tensors_file(tmp_path / "c.pt", extra={"y": y, "num_classes": 5})
+    ds = load_data(f"tensors:{tmp_path / 'c.pt'}", classes="3,1")
+    assert ds.index.tolist() == [1, 2, 3, 6, 7] and ds.y.tolist() == [0, 1, 0, 1, 0]
+    assert ds.class_names == ["3", "1"] and ds.num_classes == 2  # the file names no classes
+    with pytest.raises(DataError) as err:
+        load_data(f"tensors:{tmp_path / 'c.pt'}", classes="1,4")
+    assert "no class 4" in str(err.value) and "classes present: 0-3" in str(err.value)
+    with pytest.raises(DataError, match=r"no class 12.*present: 0-9"):
+        load_data("digits", classes="3,12")
+    with pytest.raises(ConfigError, match="regression"):
+        load_data("dsprites:scale", classes="0-1")
+    with pytest.raises(ConfigError, match="0-4, 5-9"):
+        load_data("digits", classes="4-0")
+
+
+# --- validation split ---------------------------------------------------------------------------
+
+
+def test_validation_split():
+    for size, fraction, seed in ((100, 0.05, 0), (10, 0.01, 3), (7, 0.5, 1), (2, 0.1, 5)):
+        train, val = validation_split(size, fraction, seed)
+        k = max(1, round(fraction * size))
+        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(val, perm[:k].sort().values), (size, fraction)
+        assert torch.equal(train, perm[k:].sort().values), (size, fraction)
+        assert train.dtype == val.dtype == torch.int64
+    assert len(validation_split(100, 0.05, 0)[1]) == 5 and len(validation_split(10, 0.01, 0)[1]) == 1
+    assert not torch.equal(validation_split(100, 0.1, 0)[1], validation_split(100, 0.1, 1)[1])
+    for size in (0, 1):
+        with pytest.raises(DataError, match="at least 2"):
+            validation_split(size, 0.1, 0)
+
+
+# --- loader and augmentation ------------------------------------------------------------------
+
+
+def _indexed(tmp_path: Path, n: int = 23, shape: tuple = (3, 8, 8), name: str = "o") -> DataSet:
+    """A tensors file whose labels are 0..n-1, so the labels of a batch show its rows."""
+    path = tmp_path / f"{name}.pt"
+    make_tensors_file(path, n=n, shape=shape, extra={"y": torch.arange(n)})
+    return load_data(f"tensors:{path}")
+
+
+def test_loader_order_is_torch_randperm_of_the_seed(tmp_path):
+    ds = _indexed(tmp_path)
+    x = ds.x
+    loader = ds.loader(5, shuffle=True, seed=7)
+    assert isinstance(loader, torch.utils.data.DataLoader) and len(loader) == 5
+    batches = list(loader)
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(7))
+    assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
+    assert torch.equal(torch.cat([y for _, y in batches]), order)
+    assert torch.equal(torch.cat([b for b, _ in batches]), x[order])
+    assert torch.equal(torch.cat([y for _, y in ds.loader(5)]), torch.arange(23))
+    assert torch.equal(torch.cat([b for b, _ in ds.loader(5)]), x)
+    assert [len(y) for _, y in ds.loader(5, drop_last=True)] == [5, 5, 5, 5]
+    other = torch.cat([y for _, y in ds.loader(5, shuffle=True, seed=8)])
+    assert not torch.equal(other, order)
+    state = torch.random.get_rng_state()
+    list(ds.loader(5, shuffle=True, augment="crop", seed=7))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is not used
+
+
+def test_loader_batches_depend_on_the_seed_only(tmp_path):
+    """Same seed: the same batches, twice, with 0 or 2 worker processes, and the same images
+    whatever the batch size (each row's draws depend on its position); another seed differs."""
+    ds = _indexed(tmp_path)
+
+    def epoch(**kw):
+        batches = list(ds.loader(kw.pop("batch_size", 4), shuffle=True, augment="crop-flip", **kw))
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    first = epoch(seed=3)
+    for again in (epoch(seed=3), epoch(seed=3, workers=2), epoch(seed=3, batch_size=7)):
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    other = epoch(seed=4)
+    by_row = other[0][torch.argsort(other[1])]  # labels are rows: the images row by row
+    assert not torch.equal(by_row[first[1]], first[0])  # other crops, not only another order
+    assert row_seed(3, 5) == row_seed(3, 5) != row_seed(3, 6) and row_seed(3, 5) != row_seed(4, 5)
+
+
+def _shift_of(image: torch.Tensor, out: torch.Tensor, p: int) -> "list[tuple[int, int]]":
+    """Every (dy, dx) in [-p, p]² for which ``out`` is ``image`` moved by (dy, dx), zero-filled."""
+    h, w = image.shape[-2:]
+    padded = F.pad(image, (p, p, p, p))
+    return [(a - p, b - p) for a in range(2 * p + 1) for b in range(2 * p + 1)
+            if torch.equal(padded[:, a:a + h, b:b + w], out)]
+
+
+def test_crop_is_a_zero_filled_shift_by_at_most_the_padding(tmp_path):
+    assert [pad_of(s) for s in (8, 28, 32, 64, 224)] == [1, 4, 4, 8, 28]
+    assert grown(224) == 256 and grown(65) == 74
+    for side, n in ((8, 120), (32, 30), (64, 8)):
+        ds = _indexed(tmp_path, n=n, shape=(3, side, side), name=f"s{side}")
+        x, (out, _) = ds.x, next(iter(ds.loader(n, augment="crop", seed=1)))
+        assert out.shape == x.shape and out.dtype == torch.float32
+        assert 0 <= float(out.min()) and float(out.max()) <= 1
+        shifts = [_shift_of(x[i], out[i], pad_of(side)) for i in range(n)]
+        assert all(len(s) == 1 for s in shifts), side  # each row: one shift within the padding
+        moves = {s[0] for s in shifts}
+        assert len(moves) > 1 and moves != {(0, 0)}, side  # the crop does change images
+        if side == 8:  # every offset in [-1, 1]² is drawn
+            assert moves == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}
+        if side == 32:
+            assert max(max(abs(a), abs(b)) for a, b in moves) > 2
+
+
+def test_crop_flip_is_the_crop_or_its_horizontal_mirror(tmp_path):
+    ds = _indexed(tmp_path, n=40, shape=(3, 12, 10))
+    crop = next(iter(ds.loader(40, augment="crop", seed=2)))[0]
+    flip = next(iter(ds.loader(40, augment="crop-flip", seed=2)))[0]
+    mirrored = [not torch.equal(f, c) for f, c in zip(flip, crop)]
+    for f, c, m in zip(flip, crop, mirrored):
+        assert torch.equal(f, c.flip(-1) if m else c)
+    assert 5 < sum(mirrored) < 35  # about half of the rows are mirrored
+
+
+def test_augmentation_of_a_constant_image(tmp_path):
+    """Flipping and the resize-crop of large inputs leave a constant image as it is; the padded
+    crop keeps the constant everywhere but in the zero band it shifts in."""
+    for side in (16, 72):
+        const = torch.full((6, 3, side, side), 0.625)
+        for augment in ("crop", "crop-flip"):
+            out = augment_batch(const, range(6), augment, seed=0)
+            if side > 64:
+                assert torch.equal(out, const), (side, augment)
+            else:
+                p = pad_of(side)
+                assert torch.equal(out[..., p:-p, p:-p], const[..., p:-p, p:-p])
+                assert set(out.unique().tolist()) <= {0.0, 0.625}
+                assert [len(_shift_of(c, o, p)) for c, o in zip(const, out)] != [0] * 6
+        flip = augment_batch(torch.zeros(4, 1, 8, 8), range(4), "crop-flip", seed=0)
+        assert torch.equal(flip, torch.zeros(4, 1, 8, 8))
+
+
+def test_large_inputs_are_resized_up_then_cropped(tmp_path):
+    """Above 64 px: resize to round(side * 8 / 7) (bilinear, antialias), then a side x side crop
+    (Resize(256) -> RandomCrop(224)); 64 px and below: the padded crop."""
+    ds = _indexed(tmp_path, n=6, shape=(3, 65, 65))
+    x = ds.x
+    out = next(iter(ds.loader(6, augment="crop", seed=5)))[0]
+    assert out.shape == (6, 3, 65, 65)
+    up = F.interpolate(x, size=(74, 74), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    offsets = []
+    for i in range(6):
+        found = [(a, b) for a in range(10) for b in range(10)
+                 if torch.equal(up[i, :, a:a + 65, b:b + 65], out[i])]
+        assert len(found) == 1, i
+        offsets += found
+    assert len(set(offsets)) > 1
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_loader_and_augment_option_errors(tmp_path):
+    ds = _indexed(tmp_path, n=4)
+    with pytest.raises(ConfigError, match="none, crop, crop-flip"):
+        ds.loader(2, augment="flip")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ConfigError, match="batch size"):
+            ds.loader(bad)
+
+
+def test_resolve_augment(tmp_path, no_md5):
+    make_cifar10(tmp_path, n_per_split=2)
+    make_cifar100(tmp_path, n_per_split=2)
+    make_mnist(tmp_path, n_per_split=2)
+    make_fashion_mnist(tmp_path, n_per_split=2)
+    make_image_folder(tmp_path / "f", classes=("a",), n_per_class=1, size=4)
+    make_tensors_file(tmp_path / "t.pt", n=2)
+    expected = {"cifar10": "crop-flip", "cifar100": "crop-flip", "fashion-mnist": "crop-flip",
+                f"folder:{tmp_path / 'f'}": "crop-flip", "mnist": "crop", "digits": "crop",
+                f"tensors:{tmp_path / 't.pt'}": "none", "dsprites:shape": "none",
+                "dsprites:orientation": "none"}
+    for spec, auto in expected.items():
+        ds = load_data(spec, root=tmp_path / ("ds" if spec.startswith("dsprites") else ""), n=2)
+        assert resolve_augment(ds, "auto") == auto, spec
+        for given in ("none", "crop", "crop-flip"):
+            assert resolve_augment(ds, given) == given
+    with pytest.raises(ConfigError, match="valid: auto, none, crop, crop-flip"):
+        resolve_augment(ds, "flip")

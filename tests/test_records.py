@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import asbound.api as api
+import asbound.scoring as scoring
 from asbound.api import ScoreConfig, score
 from asbound.errors import AsboundError, ConfigError, ResumeError
 from asbound.records import (
@@ -329,7 +329,7 @@ def test_api_run_directory_and_resume(tiny, tmp_path, monkeypatch):
         assert (in_memory.points[column].to_numpy() == first.points[column].to_numpy()).all()
     np.testing.assert_allclose(in_memory.points["sensitivity"], first.points["sensitivity"], rtol=1e-5)
 
-    monkeypatch.setattr(api._Scorer, "__call__", lambda *a, **k: pytest.fail("resumed run rescored"))
+    monkeypatch.setattr(scoring._Scorer, "__call__", lambda *a, **k: pytest.fail("resumed run rescored"))
     again = score(cfg, out=out, progress=False, data_root=tmp_path / "root")
     assert again.summary == first.summary
     pd.testing.assert_frame_equal(again.points, first.points)

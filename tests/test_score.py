@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import asbound.api as api
+import asbound.scoring as scoring
 from asbound import ScoreConfig, score
 from asbound.losses import cross_entropy
 
@@ -138,8 +138,8 @@ def _recorded(monkeypatch):
 
         return factory
 
-    monkeypatch.setattr(api, "representation_shift", wrap(api.representation_shift, "rep"))
-    monkeypatch.setattr(api, "loss_objective", wrap(api.loss_objective, "loss"))
+    monkeypatch.setattr(scoring, "representation_shift", wrap(scoring.representation_shift, "rep"))
+    monkeypatch.setattr(scoring, "loss_objective", wrap(scoring.loss_objective, "loss"))
     return seen
 
 
@@ -280,13 +280,13 @@ def test_points_fooled_by_the_as_attack_alone_are_not_robust(tmp_path, monkeypat
     torch.save(net, root / "net.pt")
     torch.save({"x": x, "y": y, "num_classes": 3}, root / "data.pt")
     seen = _recorded(monkeypatch)
-    make = api.loss_objective
+    make = scoring.loss_objective
 
     def inert(*args, **kwargs):
         objective = make(*args, **kwargs)
         return lambda x_adv: 0.0 * objective(x_adv)
 
-    monkeypatch.setattr(api, "loss_objective", inert)
+    monkeypatch.setattr(scoring, "loss_objective", inert)
     pts = score(ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
                 eps=0.3, steps=4, n=None, batch_size=64, progress=False).points
     with torch.no_grad():

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from asbound.errors import ConfigError, SpecError
-from asbound.specs import DataSpec, ModelSpec, format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
+from asbound.specs import (
+    DATA_SOURCES,
+    DataSpec,
+    ModelSpec,
+    format_classes,
+    format_eps,
+    parse_classes,
+    parse_data_spec,
+    parse_eps,
+    parse_model_spec,
+    parse_norm,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +69,8 @@ def test_bad_model_specs_list_what_is_valid(text, fragment):
         ("tensors:x.npz", DataSpec("tensors", path="x.npz")),
         ("dsprites", DataSpec("dsprites", factor="orientation")),
         ("dsprites:shape", DataSpec("dsprites", factor="shape")),
+        ("digits", DataSpec("digits")),
+        ("Digits", DataSpec("digits")),
     ],
 )
 def test_data_specs(text, expected):
@@ -66,7 +79,8 @@ def test_data_specs(text, expected):
 
 @pytest.mark.parametrize(
     "text, fragment",
-    [("imagenet", "cifar10, cifar100"), ("dsprites:color", "shape, scale"), ("folder:", "folder:PATH"), ("cifar10:x", "takes no argument")],
+    [("imagenet", "cifar10, cifar100"), ("imagenet", "mnist, digits, folder:PATH"), ("dsprites:color", "shape, scale"),
+     ("folder:", "folder:PATH"), ("cifar10:x", "takes no argument"), ("digits:8x8", "takes no argument")],
 )
 def test_bad_data_specs_list_what_is_valid(text, fragment):
     with pytest.raises(SpecError) as err:
@@ -105,3 +119,61 @@ def test_norms():
     assert [parse_norm(t) for t in ("inf", "Linf", "L2", "2")] == ["inf", "inf", "2", "2"]
     with pytest.raises(ConfigError):
         parse_norm("1")
+
+
+def test_digits_is_a_data_source():
+    assert "digits" in DATA_SOURCES and str(parse_data_spec("digits")) == "digits"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0-4", (0, 1, 2, 3, 4)),
+        ("5-9", (5, 6, 7, 8, 9)),
+        ("0,2,4", (0, 2, 4)),
+        ("1-3,7", (1, 2, 3, 7)),
+        (" 3 ", (3,)),
+        ("7, 2", (7, 2)),  # the order given is the new labelling
+        ("0 - 2, 10", (0, 1, 2, 10)),
+        ("4-4", (4,)),
+        ([9, 0], (9, 0)),
+        ((5,), (5,)),
+    ],
+)
+def test_classes(text, expected):
+    assert parse_classes(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty entry"),
+        ("  ", "empty entry"),
+        ("1,,2", "empty entry"),
+        ("-1", "negative"),
+        ("2,-3", "negative"),
+        ("4-0", "reversed"),
+        ("1,1", "given twice: 1"),
+        ("1-3,2", "given twice: 2"),
+        ("a", "'a' is not a label"),
+        ("1.5", "not a label"),
+        ("0-", "not a label"),
+        ("0-99999999", "more than"),
+        ([], "no classes"),
+        ([-1, 2], "negative"),
+        ([1, 1], "twice"),
+        ([True], "integers"),
+        (3, "give class labels"),
+    ],
+)
+def test_bad_classes_show_the_valid_forms(text, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_classes(text)
+    msg = str(err.value)
+    assert fragment in msg and "0-4, 5-9, 0,2,4 or 1-3,7" in msg and "\n" not in msg
+
+
+def test_classes_print_compactly():
+    assert format_classes((0, 1, 2, 5, 7, 8)) == "0-2,5,7-8" and format_classes(()) == ""
+    for text in ("0-9", "5-9,0", "3", "1,3,5"):
+        assert format_classes(parse_classes(text)) == text

@@ -1,34 +1,74 @@
 """The small models shipped with asbound, for offline runs and demos.
 
-``builtin:lenet-{random,standard,adversarial}[/HEAD]``: the LeNet of seed 001 Table 6 on
-64x64 dSprites, at random initialisation, trained on orientation regression, and adversarially
-trained on it (L-inf PGD), as in seed 001 B.2. Each carries linear heads for the dSprites
-factors (``orientation``, ``scale``, ``posx``, ``posy``: regression, one output; ``shape``: a
-3-class classifier), trained by linear probing on the frozen representation. The weights and
-the record of the run that made them come from ``analyses/train_builtin.py``.
+Each ``builtin:NAME[/HEAD]`` is a representation with one or more linear heads; the weights and
+the records of the runs that made them come from ``analyses/train_builtin.py``:
+
+* ``lenet-{random,standard,adversarial}``: the LeNet of seed 001 Table 6 on 64x64 dSprites, at
+  random initialisation, trained on orientation regression, and adversarially trained on it
+  (seed 001 B.2); heads for every dSprites factor (``orientation``, ``scale``, ``posx``,
+  ``posy``: regression; ``shape``: 3 classes), fitted by linear probing;
+* ``lenet-shape-{standard,adversarial}``: the same LeNet trained to classify the dSprites shape
+  (standard, and adversarially), with the same linear-probe heads;
+* ``digits-{random,standard,adversarial}``: a small CNN (:mod:`asbound.builtin.digits`) on
+  scikit-learn's 8x8 digits 0-4, random, trained, and adversarially trained; head ``digits0-4``
+  (the pretraining classifier, 5 classes), for transfer to digits 5-9.
+
+Without ``/HEAD`` the head is the dSprites factor of ``--data`` when the model has it, else the
+model's default head.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from asbound.builtin.lenet import LeNet
 from asbound.errors import ModelError
 from asbound.specs import InputFormat, ModelSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[[int], nn.Module]  # number of outputs -> model with .features and .head
+    input_format: InputFormat
+
+
+def _lenet(k: int) -> nn.Module:
+    from asbound.builtin.lenet import LeNet
+
+    return LeNet(num_outputs=k)
+
+
+def _digits(k: int) -> nn.Module:
+    from asbound.builtin.digits import DigitsNet
+
+    return DigitsNet(num_outputs=k)
+
+
+ARCHITECTURES = {
+    "lenet": Architecture(_lenet, InputFormat(1, 64, 64)),
+    "digits-cnn": Architecture(_digits, InputFormat(1, 8, 8)),
+}
+
 BUILTINS = {
     "lenet-random": "LeNet (seed 001 Table 6), random initialisation, linear-probe heads",
     "lenet-standard": "LeNet trained on dSprites orientation regression, linear-probe heads",
     "lenet-adversarial": "LeNet adversarially trained (L-inf PGD) on dSprites orientation, linear-probe heads",
+    "lenet-shape-standard": "LeNet trained to classify the dSprites shape, linear-probe heads",
+    "lenet-shape-adversarial": "LeNet adversarially trained to classify the dSprites shape, linear-probe heads",
+    "digits-random": "digits CNN, random initialisation, head digits0-4 fitted by linear probing",
+    "digits-standard": "digits CNN trained on digits 0-4",
+    "digits-adversarial": "digits CNN adversarially trained (L-inf PGD) on digits 0-4",
 }
+#: the heads of the dSprites LeNets (kept for the training script)
 HEADS = ("orientation", "scale", "posx", "posy", "shape")
 DEFAULT_HEAD = "orientation"
-INPUT_FORMAT = InputFormat(1, 64, 64)
+INPUT_FORMAT = ARCHITECTURES["lenet"].input_format
 
 
 def list_builtins() -> "list[str]":
@@ -40,7 +80,8 @@ def weights_path(name: str) -> Path:
 
 
 def load_checkpoint(name: str) -> dict:
-    """The shipped state: ``{"features": state_dict, "heads": {factor: {weight, bias}}, "meta": {...}}``."""
+    """The shipped state: ``{"arch", "features": state_dict, "heads": {name: {weight, bias}},
+    "default_head", "meta"}`` (the first LeNets predate ``arch`` and ``default_head``)."""
     path = weights_path(name)
     if not path.is_file():
         raise ModelError(
@@ -50,17 +91,22 @@ def load_checkpoint(name: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_builtin(name: str, head: Optional[str]) -> "tuple[nn.Module, InputFormat, list[str], ModelSpec]":
-    """Build ``builtin:NAME/HEAD``; ``head`` defaults to ``orientation``."""
+def load_builtin(
+    name: str, head: Optional[str], data_factor: Optional[str] = None
+) -> "tuple[nn.Module, InputFormat, list[str], ModelSpec]":
+    """Build ``builtin:NAME/HEAD``. Without ``head``: the data's dSprites factor when the model has
+    a head for it, else the model's default head."""
     if name not in BUILTINS:
         raise ModelError(f"unknown builtin model {name!r}; valid: {', '.join(list_builtins())}")
-    head = head or DEFAULT_HEAD
-    if head not in HEADS:
-        raise ModelError(f"builtin:{name} has no head {head!r}; valid heads: {', '.join(HEADS)}")
     state = load_checkpoint(name)
-    head_state = state["heads"][head]
-    model = LeNet(num_outputs=head_state["weight"].shape[0])
+    heads = state["heads"]
+    if head is None:
+        head = data_factor if data_factor in heads else state.get("default_head", DEFAULT_HEAD)
+    if head not in heads:
+        raise ModelError(f"builtin:{name} has no head {head!r}; valid heads: {', '.join(heads)}")
+    arch = ARCHITECTURES[state.get("arch", "lenet")]
+    model = arch.build(heads[head]["weight"].shape[0])
     model.features.load_state_dict(state["features"], strict=True)
-    model.head.load_state_dict(head_state, strict=True)
+    model.head.load_state_dict(heads[head], strict=True)
     notes = [f"builtin weights {weights_path(name).name}, head {head}"]
-    return model.eval(), INPUT_FORMAT, notes, ModelSpec("builtin", name, head=head)
+    return model.eval(), arch.input_format, notes, ModelSpec("builtin", name, head=head)

@@ -1,8 +1,11 @@
-"""Data sets as pixels in [0, 1]: torchvision sets, image folders, tensors files, dSprites.
+"""Data sets as pixels in [0, 1]: torchvision sets, scikit-learn's digits, image folders, tensors
+files, dSprites.
 
-``load_data(spec, ...)`` is the one entry point; see :mod:`asbound.data.loaders`.
+``load_data(spec, ...)`` is the one entry point (see :mod:`asbound.data.loaders`); it returns a
+lazy :class:`DataSet` read batch by batch (``batch``, ``loader``).
 """
 
+from asbound.data.augment import AUGMENTS, resolve_augment
 from asbound.data.base import DataSet
 from asbound.data.dsprites import (
     DSPRITES_SIZE,
@@ -13,9 +16,18 @@ from asbound.data.dsprites import (
     dsprites_latents,
     render_dsprites,
 )
-from asbound.data.loaders import SPLITS, default_data_root, load_data, select_indices
+from asbound.data.loaders import (
+    SPLITS,
+    default_data_root,
+    load_data,
+    select_indices,
+    validation_split,
+)
+from asbound.data.sources import DIGITS_SIZE
 
 __all__ = [
+    "AUGMENTS",
+    "DIGITS_SIZE",
     "DSPRITES_SIZE",
     "DataSet",
     "LATENT_NAMES",
@@ -27,5 +39,7 @@ __all__ = [
     "dsprites_latents",
     "load_data",
     "render_dsprites",
+    "resolve_augment",
     "select_indices",
+    "validation_split",
 ]

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 import zipfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from asbound.data.base import RawSource
+from asbound.data.base import RawSource, Tensors, split_members
 from asbound.errors import ConfigError, DataError
 
 LATENT_NAMES = ("color", "shape", "scale", "orientation", "posX", "posY")
@@ -38,7 +37,6 @@ DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 SHAPE_NAMES = ["square", "ellipse", "heart"]
 #: Column of each ``dsprites:FACTOR`` in the latents.
 FACTOR_COLUMN = {"shape": 1, "scale": 2, "orientation": 3, "posx": 4, "posy": 5}
-TRAIN_FRACTION = 0.8
 IMAGE_SIZE = 64
 
 _STRIDES = torch.tensor([math.prod(LATENT_SIZES[i + 1:]) for i in range(6)], dtype=torch.int64)
@@ -107,14 +105,6 @@ def render_dsprites(latent_classes: torch.Tensor, batch_size: int = 256) -> torc
     return out
 
 
-@lru_cache(maxsize=4)
-def split_members(total: int, split: str) -> torch.Tensor:
-    """Ascending indices of ``split`` in a set of ``total`` images (80/20, permutation seed 0)."""
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0))
-    cut = int(total * TRAIN_FRACTION)
-    return (perm[:cut] if split == "train" else perm[cut:]).sort().values
-
-
 def find_dsprites_npz(root: Path) -> Optional[Path]:
     """The official dSprites file in ``root`` or ``root/dsprites``, if present."""
     for p in (root / DSPRITES_NPZ, root / "dsprites" / DSPRITES_NPZ):
@@ -146,6 +136,35 @@ def _read_npy_rows(path: Path, key: str, rows: np.ndarray, chunk: int = 4096) ->
         return out
 
 
+class _NpzImages:
+    """Images of rows of the dSprites file, streamed (:func:`_read_npy_rows`); stored 0/255 images
+    are scaled to 0/1."""
+
+    def __init__(self, path: Path, members: torch.Tensor) -> None:
+        self.path, self.members = path, members
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        rows = self.members[pos]
+        imgs = torch.from_numpy(_read_npy_rows(self.path, "imgs", rows.numpy())).float()
+        return _unit(imgs).unsqueeze(1)
+
+
+def _unit(imgs: torch.Tensor) -> torch.Tensor:
+    if imgs.numel() and float(imgs.max()) > 1:  # stored as 0/255 rather than the official 0/1
+        imgs = imgs / 255
+    return imgs
+
+
+class _Preloaded:
+    """Images of the selected rows of the dSprites file, read once (as stored) in one pass."""
+
+    def __init__(self, imgs: torch.Tensor) -> None:
+        self.imgs = imgs
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        return _unit(self.imgs[pos].float()).unsqueeze(1)
+
+
 def _npz_source(path: Path, factor: str, split: str) -> RawSource:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -162,15 +181,33 @@ def _npz_source(path: Path, factor: str, split: str) -> RawSource:
         raise DataError(f"dSprites file {path}: latents have shapes {tuple(values.shape)} and "
                         f"{tuple(classes.shape)}; expected N×6")
     members = split_members(len(values), split)
+    targets = _targets(factor, classes[members], values[members])
+    hw = _npz_image_size(path)
+    source = _make_source(factor, len(members), _NpzImages(path, members), Tensors(targets),
+                          str(path), members, hw)
 
-    def read(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def preload(pos: torch.Tensor) -> RawSource:
+        # The file is a zip: random access to a row costs a pass over the rows before it, so the
+        # selection's images are read in one pass, kept as stored (uint8 in the official file).
         rows = members[pos]
-        imgs = torch.from_numpy(_read_npy_rows(path, "imgs", rows.numpy())).float()
-        if imgs.numel() and float(imgs.max()) > 1:  # stored as 0/255 rather than the official 0/1
-            imgs = imgs / 255
-        return imgs.unsqueeze(1), _targets(factor, classes[rows], values[rows])
+        imgs = torch.from_numpy(_read_npy_rows(path, "imgs", rows.numpy()))
+        return _make_source(factor, len(pos), _Preloaded(imgs), Tensors(targets[pos]),
+                            str(path), rows, hw)
 
-    return _make_source(factor, len(members), read, str(path), members)
+    source.preload = preload
+    return source
+
+
+def _npz_image_size(path: Path) -> "tuple[int, int]":
+    """(H, W) of the file's images, from the .npy header of ``imgs``."""
+    with zipfile.ZipFile(path) as zf, zf.open("imgs.npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+            np.lib.format.read_array_header_2_0)
+        shape = reader(f)[0]
+    if len(shape) != 3:
+        raise DataError(f"dSprites file {path}: imgs has shape {shape}; expected N×H×W")
+    return int(shape[1]), int(shape[2])
 
 
 def _targets(factor: str, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -178,10 +215,32 @@ def _targets(factor: str, classes: torch.Tensor, values: torch.Tensor) -> torch.
     return classes[:, col].long() if factor == "shape" else values[:, col].float()
 
 
-def _make_source(factor: str, size: int, read, source: str, members: torch.Tensor) -> RawSource:
-    if factor == "shape":
-        return RawSource(size, read, "classification", 3, list(SHAPE_NAMES), source, members)
-    return RawSource(size, read, "regression", None, None, source, members)
+def _make_source(factor: str, size: int, read, targets, source: str, members: torch.Tensor,
+                 hw: "tuple[int, int]" = (IMAGE_SIZE, IMAGE_SIZE), checked: bool = False) -> RawSource:
+    task, k, names = ("classification", 3, list(SHAPE_NAMES)) if factor == "shape" else (
+        "regression", None, None)
+    return RawSource(size, read, targets, task, k, names, source, channels=1, hw=hw,
+                     members=members, checked=checked)
+
+
+class _Rendered:
+    """Procedural images of rows of a split."""
+
+    def __init__(self, members: torch.Tensor) -> None:
+        self.members = members
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        return render_dsprites(dsprites_latents(self.members[pos])[0])
+
+
+class _LatentTargets:
+    """The ``factor`` targets of rows of a split, from their latents."""
+
+    def __init__(self, factor: str, members: torch.Tensor) -> None:
+        self.factor, self.members = factor, members
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        return _targets(self.factor, *dsprites_latents(self.members[pos]))
 
 
 def dsprites_source(factor: str, root: Path, split: str) -> RawSource:
@@ -193,9 +252,5 @@ def dsprites_source(factor: str, root: Path, split: str) -> RawSource:
     if npz is not None:
         return _npz_source(npz, factor, split)
     members = split_members(DSPRITES_SIZE, split)
-
-    def read(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes, values = dsprites_latents(members[pos])
-        return render_dsprites(classes), _targets(factor, classes, values)
-
-    return _make_source(factor, len(members), read, "procedural", members)
+    return _make_source(factor, len(members), _Rendered(members), _LatentTargets(factor, members),
+                        "procedural", members, checked=True)

@@ -1,22 +1,29 @@
-"""``load_data``: resolve a data spec, take a seeded subset, validate, transform for the model."""
+"""``load_data``: resolve a data spec, select classes and a seeded subset, validate the targets,
+and plan the transform for the model; the images are read later, batch by batch."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from asbound.data.base import DataSet, Images, RawSource, check_values
+from asbound.data.base import DataSet, RawSource, check_values
 from asbound.data.dsprites import dsprites_source
-from asbound.data.sources import folder_source, tensors_source, torchvision_source
+from asbound.data.sources import digits_source, folder_source, tensors_source, torchvision_source
+from asbound.data.transforms import plan_transform
 from asbound.errors import ConfigError, DataError
-from asbound.specs import TORCHVISION_DATASETS, DataSpec, InputFormat, parse_data_spec
+from asbound.specs import (
+    TORCHVISION_DATASETS,
+    DataSpec,
+    InputFormat,
+    format_classes,
+    parse_classes,
+    parse_data_spec,
+)
 
 SPLITS = ("train", "test")
-_RESIZE_BATCH = 512
 
 
 def default_data_root() -> Path:
@@ -37,6 +44,22 @@ def select_indices(size: int, n: Optional[int], seed: int) -> torch.Tensor:
     return perm[:n].sort().values
 
 
+def validation_split(size: int, fraction: float, seed: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """``(train, val)`` positions of a set of ``size`` rows: a permutation seeded with ``seed``
+    (``torch.Generator().manual_seed(seed)``), its first ``max(1, round(fraction * size))``
+    positions for validation and the rest for training, each sorted ascending (int64)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise DataError(f"a validation split needs at least 2 rows, got {size}")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation fraction must lie in (0, 1), got {fraction}")
+    k = max(1, round(fraction * size))
+    if k >= size:
+        raise DataError(f"a validation fraction of {fraction} takes {k} of {size} rows and leaves "
+                        f"none for training; give more rows or a smaller fraction")
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
 def load_data(
     spec: Union[DataSpec, str],
     *,
@@ -47,14 +70,18 @@ def load_data(
     download: bool = False,
     input_format: Optional[InputFormat] = None,
     resize: Optional[int] = None,
+    classes: Union[str, Sequence[int], None] = None,
 ) -> DataSet:
-    """Load ``split`` of a data set as float32 pixels in [0, 1], shaped for ``input_format``.
+    """Open ``split`` of a data set as a lazy :class:`DataSet`: pixels in [0, 1], shaped for
+    ``input_format``, read batch by batch.
 
-    ``n`` rows are drawn by a permutation seeded with ``seed`` and kept in ascending order;
-    ``resize`` (a square side) overrides the size of ``input_format``. ``folder:`` and
-    ``tensors:`` sources have no splits: either split is the whole set. Raises
-    :class:`~asbound.errors.DataError` for missing or invalid data and
-    :class:`~asbound.errors.ConfigError` for invalid options.
+    ``classes`` (``"5-9"``, ``"0,2,4"`` or a sequence of labels) keeps the rows with those labels
+    and relabels each to its position in the list. Then ``n`` rows are drawn by a permutation
+    seeded with ``seed`` and kept in ascending order. ``resize`` (a square side) overrides the
+    size of ``input_format``. ``folder:`` and ``tensors:`` sources have no splits: either split
+    is the whole set. The transform is decided here for the whole selection (from image sizes
+    and channels, no pixels). Raises :class:`~asbound.errors.DataError` for missing or invalid
+    data and :class:`~asbound.errors.ConfigError` for invalid options.
     """
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
@@ -65,27 +92,58 @@ def load_data(
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
                                or resize <= 0):
         raise ConfigError(f"resize = {resize!r} is not valid; give a positive side length")
+    wanted = parse_classes(classes) if classes is not None else None
     data_root = Path(root).expanduser() if root is not None else default_data_root()
 
     raw = _raw_source(spec, data_root, split, download)
-    pos = select_indices(raw.size, n, seed)
-    index = raw.members[pos] if raw.members is not None else pos
-    x, y = raw.read(pos)
     what = f"data set {spec} ({raw.source})"
-    if isinstance(x, torch.Tensor):
-        check_values(x, y, index, what)
-    transforms: list[str] = []
-    x = _transform(x, input_format, resize, transforms, what)
+    num_classes, names = raw.num_classes, raw.class_names
+    if wanted is None:
+        pos = select_indices(raw.size, n, seed)
+        y = raw.targets(pos)
+    else:
+        pos, y = _select_classes(raw, wanted, n, seed, spec, split)
+        num_classes = len(wanted)
+        names = [names[c] for c in wanted] if names is not None else [str(c) for c in wanted]
+    index = raw.index_of(pos)
+    check_values(torch.empty(0), y, index, what)
+    plan, transforms = plan_transform(raw.channels, raw.sizes_of(pos), input_format, resize, what)
+    rows = pos
+    if raw.preload is not None:
+        raw, rows = raw.preload(pos), torch.arange(len(pos))
     return DataSet(
-        spec=str(spec), split=split, x=x, y=y, index=index, task=raw.task,
-        num_classes=raw.num_classes, class_names=raw.class_names, source=raw.source,
-        transforms=transforms,
+        spec=str(spec), split=split, task=raw.task, num_classes=num_classes, class_names=names,
+        source=raw.source, transforms=transforms, index=index, y=y, raw=raw, rows=rows, plan=plan,
     )
+
+
+def _select_classes(raw: RawSource, wanted: "tuple[int, ...]", n: Optional[int], seed: int,
+                    spec: DataSpec, split: str) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Positions (``n`` drawn after the filter) and relabelled targets of the rows whose label is
+    in ``wanted``."""
+    if raw.task != "classification":
+        raise ConfigError(f"classes select classes of classification data; {spec} has "
+                          f"{raw.task} targets")
+    targets = raw.targets(torch.arange(raw.size))
+    present = torch.unique(targets).tolist()
+    missing = [c for c in wanted if c not in set(present)]
+    if missing:
+        raise DataError(
+            f"data set {spec} ({split} split) has no class {format_classes(missing)} "
+            f"(classes {format_classes(wanted)} asked for); classes present: "
+            f"{format_classes(present) or 'none'}")
+    keep = torch.isin(targets, torch.tensor(wanted)).nonzero().squeeze(1)
+    pos = keep[select_indices(len(keep), n, seed)]
+    relabel = torch.full((max([*wanted, *present]) + 1,), -1, dtype=torch.int64)
+    relabel[torch.tensor(wanted)] = torch.arange(len(wanted))
+    return pos, relabel[targets[pos]]
 
 
 def _raw_source(spec: DataSpec, root: Path, split: str, download: bool) -> RawSource:
     if spec.source in TORCHVISION_DATASETS:
         return torchvision_source(spec.source, root, split, download)
+    if spec.source == "digits":
+        return digits_source(split)
     if spec.source == "folder":
         return folder_source(str(spec.path))
     if spec.source == "tensors":
@@ -93,57 +151,3 @@ def _raw_source(spec: DataSpec, root: Path, split: str, download: bool) -> RawSo
     if spec.source == "dsprites":
         return dsprites_source(spec.factor or "orientation", root, split)
     raise ConfigError(f"data source {spec.source!r} is not supported")
-
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255) if not x.is_floating_point() else x.float().clamp(0, 1)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of float images [n, C, h, w], in batches, clamped to [0, 1]."""
-    out = torch.empty(x.shape[0], x.shape[1], *size)
-    for i in range(0, x.shape[0], _RESIZE_BATCH):
-        out[i:i + _RESIZE_BATCH] = F.interpolate(
-            _to_float(x[i:i + _RESIZE_BATCH]), size=size, mode="bilinear",
-            antialias=True, align_corners=False,
-        ).clamp_(0, 1)
-    return out
-
-
-def _hw(size: "torch.Size | tuple[int, ...]") -> str:
-    return f"{size[-2]}x{size[-1]}"
-
-
-def _transform(x: Images, fmt: Optional[InputFormat], resize: Optional[int],
-               transforms: list[str], what: str) -> torch.Tensor:
-    """Resize (``resize`` or the model's size) and turn grey into RGB; record each step."""
-    target = (resize, resize) if resize is not None else (
-        (fmt.height, fmt.width) if fmt is not None else None)
-    note = "(bilinear, antialias)"
-    if isinstance(x, list):
-        sizes = sorted({tuple(t.shape[-2:]) for t in x})
-        if len(sizes) > 1:
-            if target is None:
-                raise DataError(f"{what}: images have different sizes "
-                                f"({', '.join(map(_hw, sizes[:4]))}, ...); pass --resize SIDE")
-            x = torch.cat([_resize(t[None], target) for t in x])
-            transforms.append(f"resize {len(sizes)} sizes -> {_hw(target)} {note}")
-        elif x:
-            x = torch.stack(x)
-        else:
-            x = torch.empty(0, 3, *(target or (0, 0)))
-    if target is not None and tuple(x.shape[-2:]) != target:
-        transforms.append(f"resize {_hw(x.shape)} -> {_hw(target)} {note}")
-        x = _resize(x, target)
-    else:
-        x = _to_float(x)
-    channels = x.shape[1]
-    if fmt is not None and channels != fmt.channels:
-        if channels == 1 and fmt.channels == 3:
-            x = x.expand(-1, 3, -1, -1).contiguous()
-            transforms.append("grey -> RGB (repeat channel)")
-        else:
-            kind = "grey" if fmt.channels == 1 else f"{fmt.channels}-channel"
-            raise DataError(f"{what}: images have {channels} channels but the model expects "
-                            f"{kind} images ({fmt}); give data with {fmt.channels} channel(s)")
-    return x

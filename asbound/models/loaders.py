@@ -1,4 +1,4 @@
-"""Loading models from every spec source: RobustBench, a saved module, torchvision, builtin.
+"""Loading models from every spec source: RobustBench, a saved module, torchvision, builtin, a run.
 
 Each loader returns a :class:`LoadedModel`: the whole ``nn.Module`` (pixels in [0, 1] in,
 normalisation inside), the input format it expects when known, and notes for the record.
@@ -69,9 +69,14 @@ def load_model(
         return _load_file(spec, allow_pickle)
     if spec.source == "torchvision":
         return _load_torchvision(spec, weights)
+    if spec.source == "run":
+        from asbound.models.runs import load_run
+
+        module, input_format, notes = load_run(spec, allow_pickle=allow_pickle, download=download)
+        return LoadedModel(module, spec, input_format, notes)
     from asbound.builtin import load_builtin
 
-    module, input_format, notes, resolved = load_builtin(spec.name, spec.head or builtin_head)
+    module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head)
     return LoadedModel(module, resolved, input_format, notes)
 
 

@@ -1,0 +1,40 @@
+"""Devices and precision: CUDA when present, mixed precision for training only.
+
+Every reported number (accuracies, losses, AS scores, margins) is computed in float32; low
+precision (``--amp``) speeds up the training passes on a GPU and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from asbound.errors import ConfigError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when torch sees a device, else the CPU; ``cuda`` without a device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not valid; valid: auto, cpu, cuda, cuda:N") from None
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for training: ``auto`` is bf16 on CUDA and off on the CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"amp {amp!r} is not valid; valid: auto, off, {', '.join(AMP_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
+    return AMP_DTYPES[amp]

@@ -1,0 +1,128 @@
+"""``TransferConfig``: everything that determines a transfer run, with the seeds' defaults.
+
+Defaults (``docs/SPEC.md`` section 8; seed 001 B.1 and B.4, seed 002):
+
+================================ =================================================================
+LP, adv-LP                       20 epochs, batch 128, SGD momentum 0.9, lr 0.01, cosine per iteration
+FT, adv-FT, TRADES-FT            lr 0.001 (``--lr-ft``), otherwise as LP
+LP-FT                            LP as above, then FT from that head for half the epochs
+training attack                  L-inf PGD-10, eps 8/255, step 2/255, uniform random start
+TRADES                           beta 6, PGD-10 on the KL from x + 0.001 N(0, I)
+model selection                  5% seeded validation split of the training data; the epoch with
+                                 the best robust validation accuracy (adversarial stages) or clean
+                                 validation accuracy (standard stages); the test split is used once
+evaluation                       clean, PGD-10 and PGD-20 accuracy (step 2/255) on the test split,
+                                 AutoAttack standard with ``--autoattack``; ``score`` before and after
+================================ =================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from asbound.errors import ConfigError
+from asbound.specs import parse_data_spec, parse_eps, parse_model_spec
+from asbound.transfer.methods import parse_methods
+from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
+
+AUGMENTS = ("auto", "none", "crop", "crop-flip")
+SELECTS = ("auto", "robust", "clean", "last")
+AMPS = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """A transfer run: ``method`` (one or several, comma-separated) from ``model`` to ``data``."""
+
+    model: str
+    data: str
+    method: str = "lp"
+    classes: Optional[str] = None
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    lr_ft: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    eps: "float | str" = "8/255"
+    attack_steps: int = 10
+    attack_step: "float | str" = "2/255"
+    trades_beta: float = 6.0
+    val_fraction: float = 0.05
+    select: str = "auto"
+    augment: str = "auto"
+    n: Optional[int] = None  # training images (after the validation split is taken out); None: all
+    n_test: Optional[int] = None  # test images for the evaluation and the scores; None: all
+    score_n: Optional[int] = 1000  # test images for `score` before and after (the attacks are costly)
+    eval_steps: "tuple[int, ...]" = (10, 20)
+    autoattack: bool = False
+    score: bool = True
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0
+    model_dir: Optional[str] = None
+    data_root: Optional[str] = None
+    weights: Optional[str] = None
+    feature_layer: Optional[str] = None
+    resize: Optional[int] = None
+    allow_pickle: bool = False
+    download: bool = False
+
+    def validated(self) -> "TransferConfig":
+        """Check every option; eps and the attack step become floats."""
+        parse_model_spec(self.model)
+        parse_data_spec(self.data)
+        parse_methods(self.method)
+        eps, step = parse_eps(self.eps), parse_eps(self.attack_step)
+        for name in ("epochs", "batch_size", "attack_steps", "seed", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name.replace('_', '-')} must be a whole number, got {value!r}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.attack_steps < 1:
+            raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        for name in ("lr", "lr_ft"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 10):
+                raise ConfigError(f"{name.replace('_', '-')} must lie in (0, 10], got {value!r}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.trades_beta) and self.trades_beta >= 0):
+            raise ConfigError(f"trades beta must be >= 0, got {self.trades_beta}")
+        if not (math.isfinite(self.val_fraction) and 0 < self.val_fraction < 1):
+            raise ConfigError(f"validation fraction must lie in (0, 1), got {self.val_fraction}")
+        if not step > 0:
+            raise ConfigError(f"attack step must be > 0, got {step:g} (e.g. 2/255; FGSM with a random start: 1.25 eps)")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
+        for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select", SELECTS),
+                            ("augment", AUGMENTS), ("amp", AMPS)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not valid; valid: {', '.join(valid)}")
+        for name in ("n", "n_test", "score_n"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (or 'all'), got {value!r}")
+        steps = tuple(self.eval_steps)
+        if not steps or any(not isinstance(k, int) or k < 1 for k in steps):
+            raise ConfigError(f"eval steps must be whole numbers >= 1, got {self.eval_steps!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device {self.device!r} is not valid; valid: auto, cpu, cuda")
+        return dataclasses.replace(self, eps=eps, attack_step=step, eval_steps=steps)
+
+    @property
+    def methods(self) -> list:
+        return parse_methods(self.method)

@@ -1,0 +1,288 @@
+"""The one training loop: every method runs its stages through :func:`train_stage`.
+
+Per epoch: shuffle (and augment) with generators seeded by ``(seed, method, stage, epoch)``,
+minimise the stage's objective (:func:`asbound.transfer.methods.batch_loss`) with the stage's
+optimiser and per-iteration schedule, validate (clean, and robust accuracy under the training
+attack with ``--attack-steps``), keep the best epoch for model selection, then checkpoint. A
+rerun resumes after the last complete epoch and, with the same seed on the CPU, ends with the
+same weights as an uninterrupted run: every random draw is a function of the epoch's seed.
+
+A head-only stage with the plain cross-entropy and no augmentation trains on features computed
+once (the backbone is frozen and in eval mode, so they do not change): 20 epochs then cost one
+pass of the backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from asbound.attacks import Watch, loss_objective
+from asbound.errors import AsboundError
+from asbound.models import SplitModel, frozen
+from asbound.transfer.methods import AttackSettings, Stage, batch_loss, set_scope, train_mode
+from asbound.transfer.optim import make_optimizer, make_scheduler
+
+
+class TrainingDiverged(AsboundError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from the parts (the same on every machine and Python version)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) * 2_654_435_761 % (2**63)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage with its resolved settings."""
+
+    stage: Stage
+    index: int
+    epochs: int
+    lr: float
+    select: str  # "robust", "clean" or "last"
+    augment: str
+    cache_features: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.index}-{self.stage.name}"
+
+
+@dataclass
+class Settings:
+    """What every stage of a run shares."""
+
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    schedule: str
+    batch_size: int
+    attack: AttackSettings
+    trades_beta: float
+    seed: int
+    method: str
+    device: torch.device
+    amp: Optional[torch.dtype]  # autocast dtype, or None
+    workers: int = 0
+
+
+@dataclass
+class EpochRecord:
+    stage: str
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    lr: float
+    val_accuracy: float
+    val_robust_accuracy: Optional[float]
+    seconds: float
+    images_per_second: float
+    selected: bool = False
+
+    def as_row(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StageProgress:
+    """The resumable state of a stage (what ``last.pt`` holds besides the weights)."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    optimizer: Optional[dict] = None
+    scheduler: Optional[dict] = None
+    scaler: Optional[dict] = None
+    history: "list[dict]" = field(default_factory=list)
+
+
+class Checkpointer:
+    """Where the loop saves: called with the stage's state after every epoch, and for a new best."""
+
+    def save_last(self, plan: StagePlan, model: SplitModel, progress: StageProgress) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def save_best(self, plan: StagePlan, model: SplitModel) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def load_best(self, plan: StagePlan) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+
+def autocast(settings: Settings) -> "contextlib.AbstractContextManager":
+    if settings.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=settings.device.type, dtype=settings.amp)
+
+
+# --- evaluation (always float32, eval mode) -------------------------------------------------------
+
+
+@torch.no_grad()
+def _clean_correct(model: SplitModel, x: Tensor, y: Tensor) -> Tensor:
+    return model(x).argmax(1) == y
+
+
+def robust_correct(
+    model: SplitModel, x: Tensor, y: Tensor, attack: AttackSettings, steps: int, generator: torch.Generator
+) -> Tensor:
+    """Correct under PGD on the cross-entropy, judged on *every* evaluated point (clean included)."""
+    with frozen(model):
+        with torch.no_grad():
+            g0 = model.features(x)
+        watch = Watch(model.head, g0, labels=y)
+        watch.observe(g0)
+        objective = loss_objective(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), y, watch=watch)
+        attack.pgd(steps=steps)(objective, x, generator=generator)
+    return ~watch.fooled
+
+
+def accuracy(
+    model: SplitModel,
+    batches: "Iterator[tuple[Tensor, Tensor]]",
+    device: torch.device,
+    *,
+    attack: Optional[AttackSettings] = None,
+    steps: int = 10,
+    seed: int = 0,
+) -> "tuple[float, Optional[float]]":
+    """Clean accuracy and, with an ``attack``, robust accuracy over ``batches`` (float32, eval)."""
+    clean = robust = total = 0
+    generator = torch.Generator().manual_seed(seed)
+    with frozen(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            clean += int(_clean_correct(model, x, y).sum())
+            if attack is not None:
+                robust += int(robust_correct(model, x, y, attack, steps, generator).sum())
+            total += len(y)
+    if total == 0:
+        return float("nan"), None
+    return clean / total, (robust / total if attack is not None else None)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _features(model: SplitModel, batches: "Iterator[tuple[Tensor, Tensor]]", device: torch.device) -> "tuple[Tensor, Tensor]":
+    feats, labels = [], []
+    with frozen(model), torch.no_grad():
+        for x, y in batches:
+            feats.append(model.features(x.to(device)).float())
+            labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_stage(
+    model: SplitModel,
+    plan: StagePlan,
+    settings: Settings,
+    train_batches: Callable[[int, bool], "Iterator[tuple[Tensor, Tensor]]"],
+    n_train: int,
+    val_batches: Callable[[], "Iterator[tuple[Tensor, Tensor]]"],
+    checkpoints: Checkpointer,
+    state: StageProgress,
+    *,
+    report: Callable[[EpochRecord], None] = lambda r: None,
+    on_batch: Callable[[int, int, float, float], None] = lambda *a: None,
+) -> StageProgress:
+    """Train ``model`` through one stage, from ``state`` (a fresh or resumed stage).
+
+    ``train_batches(seed, shuffle)`` yields the epoch's (augmented) training batches;
+    ``val_batches()`` the validation batches. On return the model holds the selected weights
+    (the best validation epoch, or the last with ``select == "last"``).
+    """
+    stage = plan.stage
+    device = settings.device
+    params = set_scope(model, stage.scope)
+    optimizer = make_optimizer(params, settings.optimizer, lr=plan.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, -(-n_train // settings.batch_size))
+    scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == torch.float16)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+    cached = None
+    if plan.cache_features:
+        cached = _features(model, train_batches(0, False), device)
+
+    while state.epoch < plan.epochs:
+        epoch = state.epoch
+        seed = derived_seed(settings.seed, settings.method, plan.key, epoch)
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        attack_gen = torch.Generator().manual_seed(seed + 1)
+        started = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        batches = _cached_batches(cached, settings.batch_size, seed) if cached is not None else train_batches(seed, True)
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            train_mode(model, stage.scope)
+            with autocast(settings):
+                if cached is not None:
+                    logits = model.head(x)
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    loss, logits = batch_loss(model, stage.objective, x, y, attack=settings.attack,
+                                              generator=attack_gen, trades_beta=settings.trades_beta)
+            value = float(loss.detach())
+            if not torch.isfinite(loss.detach()):
+                raise TrainingDiverged(
+                    f"the loss became {value} in stage {stage.name}, epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint (after epoch {epoch}) is kept; rerun with a lower learning "
+                    f"rate (--lr / --lr-ft) into another --out"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += value * len(y)
+            correct += float((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            on_batch(epoch, step, value, optimizer.param_groups[0]["lr"])
+        seconds = time.perf_counter() - started
+        robust_needed = plan.select == "robust" or stage.adversarial or epoch == plan.epochs - 1
+        val_clean, val_robust = accuracy(
+            model, val_batches(), device, attack=settings.attack if robust_needed else None,
+            steps=settings.attack.steps, seed=derived_seed(settings.seed, "val"),
+        )
+        record = EpochRecord(
+            stage=stage.name, epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
+            train_accuracy=correct / max(seen, 1), lr=optimizer.param_groups[0]["lr"],
+            val_accuracy=val_clean, val_robust_accuracy=val_robust, seconds=seconds,
+            images_per_second=seen / seconds if seconds > 0 else float("nan"),
+        )
+        metric = {"robust": val_robust, "clean": val_clean, "last": float(epoch)}[plan.select]
+        if metric is not None and metric > state.best_metric:
+            state.best_metric, state.best_epoch = float(metric), epoch + 1
+            record.selected = True
+            checkpoints.save_best(plan, model)
+        state.epoch = epoch + 1
+        state.history.append(record.as_row())
+        state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
+        state.scaler = scaler.state_dict() if scaler.is_enabled() else None
+        checkpoints.save_last(plan, model, state)
+        report(record)
+    model.load_state_dict(checkpoints.load_best(plan))
+    return state
+
+
+def _cached_batches(cached: "tuple[Tensor, Tensor]", batch_size: int, seed: int) -> "Iterator[tuple[Tensor, Tensor]]":
+    """The features' batches in the order a seeded shuffling loader would give the images."""
+    feats, labels = cached
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(feats.device)
+    for i in range(0, len(order), batch_size):
+        sel = order[i:i + batch_size]
+        yield feats[sel], labels[sel]

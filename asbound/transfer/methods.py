@@ -1,0 +1,202 @@
+"""Transfer methods as small objects over one training loop (:mod:`asbound.transfer.loop`).
+
+A method is a sequence of :class:`Stage` s. A stage says *what trains* (the head, or everything),
+*which objective* each mini-batch minimises, and its own optimiser settings; the loop does the
+rest. Seed 001 (B.4), seed 002 and ``docs/METHODS.md``-style notes on the reference code:
+
+========== ================================================ =========================================
+method     stages                                           objective per mini-batch
+========== ================================================ =========================================
+lp         head (backbone frozen, eval mode)                CE(f(x), y)
+ft         all (train mode)                                 CE(f(x), y)
+lp-ft      lp, then ft from the LP head for half the epochs CE
+adv-lp     head (backbone frozen, eval mode)                CE(f(x~), y), x~ = PGD on CE (Madry)
+adv-ft     all; the attack runs in eval mode                CE(f(x~), y), x~ = PGD on CE (Madry)
+trades-ft  all; the attack runs in eval mode                CE(f(x), y) + beta KL(p(x) || p(x~)),
+                                                            x~ = PGD on the KL from x + 0.001 N(0, I)
+========== ================================================ =========================================
+
+Fixed against the reference code: LP keeps the backbone in eval mode, so every backbone
+parameter *and buffer* stays bit for bit (the reference's LP drifts BN statistics); the
+training attack keeps the last iterate per example (not a batch-mean "best"); LP-FT's second
+stage starts from the first stage's selected head with a fresh optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from asbound.attacks import PGD, loss_objective
+from asbound.errors import ConfigError
+from asbound.models import SplitModel, frozen
+
+#: what a stage trains
+SCOPES = ("head", "all")
+#: the per-batch objectives
+OBJECTIVES = ("ce", "madry", "trades")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: ``scope`` trains, ``objective`` is minimised, for ``epochs`` epochs.
+
+    ``lr`` and ``epochs`` are the stage's defaults; the user's options override them (the
+    second stage of LP-FT takes half of the user's epochs and the FT learning rate).
+    """
+
+    name: str
+    scope: str
+    objective: str
+    epoch_factor: float = 1.0  # of the configured epochs (LP-FT's FT stage: 0.5)
+    lr_role: str = "lp"  # which configured learning rate applies: "lp" (--lr-lp) or "ft" (--lr-ft)
+
+    @property
+    def adversarial(self) -> bool:
+        return self.objective != "ce"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    stages: "tuple[Stage, ...]"
+    description: str
+
+    @property
+    def adversarial(self) -> bool:
+        return any(s.adversarial for s in self.stages)
+
+
+METHODS: "dict[str, Method]" = {
+    m.name: m
+    for m in (
+        Method("lp", (Stage("lp", "head", "ce"),), "linear probing: the head on the frozen representation"),
+        Method("ft", (Stage("ft", "all", "ce", lr_role="ft"),), "full finetuning"),
+        Method(
+            "lp-ft",
+            (Stage("lp", "head", "ce"), Stage("ft", "all", "ce", epoch_factor=0.5, lr_role="ft")),
+            "linear probing, then full finetuning from that head for half the epochs (seed 001 B.4)",
+        ),
+        Method("adv-lp", (Stage("adv-lp", "head", "madry"),), "adversarial linear probing (PGD on the loss)"),
+        Method("adv-ft", (Stage("adv-ft", "all", "madry", lr_role="ft"),), "adversarial finetuning (Madry PGD-AT)"),
+        Method(
+            "trades-ft",
+            (Stage("trades-ft", "all", "trades", lr_role="ft"),),
+            "TRADES finetuning, seed 002's vanilla RFT: CE + beta KL",
+        ),
+    )
+}
+
+
+def parse_methods(text: str) -> "list[Method]":
+    """``lp,ft,lp-ft`` -> methods; unknown names list the valid ones."""
+    names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--method is empty; valid: {', '.join(METHODS)}")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--method names a method twice ({text}); give each once")
+    return [METHODS[n] for n in names]
+
+
+# --- what trains --------------------------------------------------------------------------------
+
+
+def set_scope(model: SplitModel, scope: str) -> "list[torch.nn.Parameter]":
+    """Make exactly the parameters of ``scope`` trainable; return them.
+
+    ``head``: the backbone is frozen (no gradients) *and* kept in eval mode by :func:`train_mode`.
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    for p in model.backbone.parameters():
+        p.requires_grad_(scope == "all")
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_mode(model: SplitModel, scope: str) -> None:
+    """Train mode for what trains; the backbone of a head-only stage stays in eval mode."""
+    model.train()
+    if scope == "head":
+        model.backbone.eval()
+
+
+# --- objectives -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The training attack (and the validation attack): L-inf PGD, ``steps`` of ``step`` pixels."""
+
+    eps: float
+    steps: int
+    step: float
+    norm: str = "inf"
+
+    def pgd(self, *, random_start: bool = True, steps: Optional[int] = None) -> PGD:
+        rel = self.step / self.eps if self.eps > 0 else 1.0
+        return PGD(eps=self.eps, norm=self.norm, steps=self.steps if steps is None else steps, rel_step=rel,
+                   random_start=random_start, select="last")
+
+
+def _kl(p_clean_log: Tensor, logits_adv: Tensor) -> Tensor:
+    """``KL(p(x) || p(x~))`` per example, from ``log p(x)`` and the adversarial logits."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), p_clean_log, reduction="none", log_target=True).sum(1)
+
+
+def adversarial_examples(
+    model: SplitModel, objective: str, x: Tensor, y: Tensor, attack: AttackSettings, generator: torch.Generator
+) -> Tensor:
+    """``x~`` for a Madry or TRADES step, crafted in eval mode with parameters frozen (modes restored)."""
+    with frozen(model):
+        if objective == "madry":
+            return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator).x_adv
+        with torch.no_grad():
+            log_p = F.log_softmax(model(x), dim=1)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        start = x + 0.001 * noise  # TRADES' start (seed 002); PGD projects it onto the threat set
+
+        def kl(x_adv: Tensor) -> Tensor:
+            return _kl(log_p, model(x_adv))
+
+        return attack.pgd()(kl, x, generator=generator, start=start).x_adv
+
+
+def _ce_per_example(outputs: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(outputs, labels, reduction="none")
+
+
+def batch_loss(
+    model: SplitModel,
+    objective: str,
+    x: Tensor,
+    y: Tensor,
+    *,
+    attack: AttackSettings,
+    generator: torch.Generator,
+    trades_beta: float,
+) -> "tuple[Tensor, Tensor]":
+    """The mini-batch loss (a scalar) and the logits the training accuracy is read from.
+
+    The caller has put the model in the stage's training mode; adversarial examples are made in
+    eval mode and the mode is restored before the update's forward passes.
+    """
+    if objective == "ce":
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+    x_adv = adversarial_examples(model, objective, x, y, attack, generator)
+    if objective == "madry":
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y), logits
+    logits = model(x)
+    logits_adv = model(x_adv)
+    kl = _kl(F.log_softmax(logits, dim=1), logits_adv).mean()
+    return F.cross_entropy(logits, y) + trades_beta * kl, logits

@@ -1,0 +1,393 @@
+"""``transfer``: from a pretrained model to downstream models, one run directory per method.
+
+A method's run directory (``OUT`` for one method, ``OUT/<method>`` for several)::
+
+    config.json          resolved options, the base model's spec, seed, versions, device (kind "transfer")
+    epochs.csv           one row per epoch and stage: losses, lr, clean / robust validation accuracy,
+                         seconds, images per second (rewritten atomically after every epoch)
+    checkpoints/last.pt  the resumable state after the last complete epoch (atomic)
+    checkpoints/<i>-<stage>-best.pt   the stage's selected weights (atomic)
+    model.pt             the trained split model's weights: what ``run:DIR`` loads
+    final.json           test metrics (clean, PGD-k, AutoAttack) and the stages' selections
+    score/before/        ``score`` of the pretrained representation on the test data (AS only)
+    score/after/         ``score`` of ``run:DIR`` on the test data (every bound)
+
+Every directory is locked while it is written; a finished run is only reread; a rerun with other
+settings is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+from torch import nn
+
+from asbound.data import DataSet, load_data, resolve_augment, validation_split
+from asbound.devices import amp_dtype, resolve_device
+from asbound.errors import ConfigError, ModelError, describe
+from asbound.models import SplitModel, load_model, split_model
+from asbound.models.runs import RUN_KIND, RUN_WEIGHTS
+from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
+from asbound.scoring import ScoreConfig, score
+from asbound.specs import format_eps, parse_data_spec, parse_model_spec
+from asbound.transfer.config import TransferConfig
+from asbound.transfer.loop import (
+    Checkpointer,
+    EpochRecord,
+    Settings,
+    StagePlan,
+    StageProgress,
+    accuracy,
+    derived_seed,
+    train_stage,
+)
+from asbound.transfer.methods import AttackSettings, Method
+
+FINAL = "final.json"
+EPOCHS = "epochs.csv"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class MethodResult:
+    """A finished method: its run directory and its final record (with the two score summaries)."""
+
+    method: str
+    out: Path
+    final: dict
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+class RunCheckpoints(Checkpointer):
+    """``checkpoints/last.pt`` (stage, epoch, weights, optimiser, schedule, history) and per-stage bests."""
+
+    def __init__(self, folder: Path, done_history: "list[dict]") -> None:
+        self.folder = folder / CHECKPOINTS
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.epochs_path = folder / EPOCHS
+        self.done_history = done_history  # the rows of the stages before the current one
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.pt"
+
+    def best_path(self, plan: StagePlan) -> Path:
+        return self.folder / f"{plan.key}-best.pt"
+
+    def save_last(self, plan: StagePlan, model: nn.Module, progress: StageProgress) -> None:
+        state = {"stage": plan.index, "model": model.state_dict(), "progress": dataclasses.asdict(progress),
+                 "history": self.done_history}
+        _save(self.last_path, state)
+        self.write_epochs(self.done_history + progress.history)
+
+    def save_best(self, plan: StagePlan, model: nn.Module) -> None:
+        _save(self.best_path(plan), model.state_dict())
+
+    def load_best(self, plan: StagePlan) -> dict:
+        return torch.load(self.best_path(plan), map_location="cpu", weights_only=True)
+
+    def load_last(self) -> Optional[dict]:
+        if not self.last_path.exists():
+            return None
+        return torch.load(self.last_path, map_location="cpu", weights_only=True)
+
+    def write_epochs(self, rows: "list[dict]") -> None:
+        text = pd.DataFrame(rows).to_csv(index=False) if rows else ""
+        atomic_write(self.epochs_path, lambda handle: handle.write(text.encode()))
+
+
+def _save(path: Path, obj: object) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+# --- one method ------------------------------------------------------------------------------------
+
+
+def plan_stages(method: Method, cfg: TransferConfig, augment: str) -> "list[StagePlan]":
+    plans = []
+    for i, stage in enumerate(method.stages):
+        select = cfg.select if cfg.select != "auto" else ("robust" if stage.adversarial else "clean")
+        cache = stage.scope == "head" and stage.objective == "ce" and augment == "none"
+        plans.append(StagePlan(
+            stage=stage, index=i, epochs=max(1, round(cfg.epochs * stage.epoch_factor)),
+            lr=cfg.lr if stage.lr_role == "lp" else cfg.lr_ft, select=select, augment=augment,
+            cache_features=cache,
+        ))
+    return plans
+
+
+def _new_head(split: SplitModel, num_classes: int, seed: int) -> SplitModel:
+    """A copy of the pretrained representation with a fresh ``Linear(m, K)`` head (torch's default
+    init, seeded); the pretrained model itself is never trained."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(split.feature_dim, num_classes)
+    return copy.deepcopy(split).with_head(head)
+
+
+def _train_method(
+    method: Method,
+    cfg: TransferConfig,
+    base: SplitModel,
+    train: DataSet,
+    val: DataSet,
+    folder: Path,
+    settings: Settings,
+    augment: str,
+    printer: "Callable[[str], None]",
+    progress: bool,
+) -> "list[dict]":
+    """Train every stage (resuming after the last complete epoch); write ``model.pt``; return the stages."""
+    checkpoints = RunCheckpoints(folder, [])
+    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head")).to(settings.device)
+    plans = plan_stages(method, cfg, augment)
+    last = checkpoints.load_last()
+    start_stage, state = 0, StageProgress()
+    if last is not None:
+        start_stage = int(last["stage"])
+        model.load_state_dict(last["model"])
+        state = StageProgress(**last["progress"])
+        checkpoints.done_history = list(last["history"])
+        printer(f"resuming {method.name}: stage {plans[start_stage].stage.name}, after epoch {state.epoch}")
+    stages = []
+    for plan in plans[:start_stage]:
+        stages.append(_stage_summary(plan, checkpoints.done_history))
+
+    def loader(data: DataSet, shuffle: bool, augmented: bool) -> Callable[..., object]:
+        return lambda seed=0: data.loader(
+            cfg.batch_size, shuffle=shuffle, augment=augment if augmented else "none", seed=seed,
+            workers=cfg.workers, pin_memory=settings.device.type == "cuda",
+        )
+
+    for plan in plans[start_stage:]:
+        train_batches = lambda seed, training: loader(train, training, training)(seed)  # noqa: E731
+        val_batches = loader(val, False, False)
+        with _EpochBar(progress, method.name, plan, len(train), cfg.batch_size) as bar:
+            state = train_stage(
+                model, plan, settings, train_batches, len(train), val_batches, checkpoints, state,
+                report=lambda record: printer(_epoch_line(method.name, plan, record)), on_batch=bar.update,
+            )
+        stages.append(_stage_summary(plan, checkpoints.done_history + state.history))
+        checkpoints.done_history = checkpoints.done_history + state.history
+        state = StageProgress()
+        if plan.index + 1 < len(plans):  # the next stage starts from this stage's selection
+            checkpoints.save_last(dataclasses.replace(plan, index=plan.index + 1), model, state)
+    _save(folder / RUN_WEIGHTS, model.state_dict())
+    return stages
+
+
+def _stage_summary(plan: StagePlan, history: "list[dict]") -> dict:
+    rows = [r for r in history if r["stage"] == plan.stage.name]
+    chosen = [r for r in rows if r.get("selected")]
+    best = chosen[-1] if chosen else (rows[-1] if rows else {})
+    return {
+        "stage": plan.stage.name, "scope": plan.stage.scope, "objective": plan.stage.objective,
+        "epochs": plan.epochs, "lr": plan.lr, "select": plan.select, "augment": plan.augment,
+        "cached_features": plan.cache_features, "selected_epoch": best.get("epoch"),
+        "val_accuracy": best.get("val_accuracy"), "val_robust_accuracy": best.get("val_robust_accuracy"),
+    }
+
+
+def _epoch_line(method: str, plan: StagePlan, r: EpochRecord) -> str:
+    robust = "-" if r.val_robust_accuracy is None else f"{100 * r.val_robust_accuracy:.1f}%"
+    mark = "  *selected" if r.selected else ""
+    return (f"{method} {plan.stage.name} epoch {r.epoch}/{plan.epochs}: loss {r.train_loss:.4f}, "
+            f"lr {r.lr:.3g}, val acc {100 * r.val_accuracy:.1f}%, val robust acc {robust}, "
+            f"{r.images_per_second:.0f} img/s{mark}")
+
+
+class _EpochBar:
+    """A rich progress bar over the batches of each epoch (loss and learning rate as it trains)."""
+
+    def __init__(self, enabled: bool, method: str, plan: StagePlan, n: int, batch_size: int) -> None:
+        self.enabled, self.method, self.plan = enabled, method, plan
+        self.steps = max(1, -(-n // batch_size))
+        self.epoch = -1
+
+    def __enter__(self) -> "_EpochBar":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                console=Console(stderr=True), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=self.steps, info="")
+        return self
+
+    def update(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.bar.reset(self.task, total=self.steps,
+                           description=f"{self.method} {self.plan.stage.name} epoch {epoch + 1}/{self.plan.epochs}")
+        self.bar.update(self.task, completed=step + 1, info=f"loss {loss:.4f}  lr {lr:.3g}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+# --- evaluation and the scores before / after --------------------------------------------------------
+
+
+def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device) -> dict:
+    """Test metrics in float32: clean accuracy, PGD-k accuracy for each k, AutoAttack if asked."""
+    attack = AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step))
+    out: dict = {"n": len(test), "eps": float(cfg.eps), "eps_text": format_eps(float(cfg.eps)),
+                 "attack_step": float(cfg.attack_step), "pgd": {}}
+    for k in cfg.eval_steps:
+        clean, robust = accuracy(model, test.loader(cfg.batch_size, shuffle=False), device, attack=attack,
+                                 steps=k, seed=derived_seed(cfg.seed, "test", k))
+        out["clean_accuracy"] = clean
+        out["pgd"][str(k)] = robust
+    out["autoattack"] = autoattack_accuracy(model, test, cfg, device) if cfg.autoattack else None
+    return out
+
+
+def autoattack_accuracy(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device) -> float:
+    """AutoAttack standard (pyautoattack), L-inf at ``eps``, on the test data."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    model = model.eval()
+    adversary = AutoAttack(model, norm="Linf", eps=float(cfg.eps), version="standard", device=device, seed=cfg.seed)
+    k = int(test.num_classes or 2)
+    adversary.apgd_targeted.n_target_classes = max(1, min(9, k - 1))  # fewer than 10 classes
+    adversary.fab.n_target_classes = max(1, min(9, k - 1))
+    correct = total = 0
+    for x, y in test.loader(cfg.batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        x_adv = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def _score_options(cfg: TransferConfig) -> dict:
+    return dict(
+        data=cfg.data, classes=cfg.classes, eps=cfg.eps, n=cfg.score_n, split="test", seed=cfg.seed,
+        device=cfg.device, data_root=cfg.data_root, resize=cfg.resize, allow_pickle=cfg.allow_pickle,
+        download=cfg.download, batch_size=cfg.batch_size,
+    )
+
+
+def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress: bool) -> "tuple[dict, dict]":
+    before_dir, after_dir = folder / "score" / "before", folder / "score" / "after"
+    done = [s / "score" / "before" for s in siblings if (s / "score" / "before" / "summary.json").exists()]
+    if done and not (before_dir / "summary.json").exists():  # the same run, already made by a sibling
+        shutil.copytree(done[0], before_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    before = score(
+        ScoreConfig(model=cfg.model, **_score_options(cfg)), out=before_dir, progress=progress, as_only=True,
+        model_dir=cfg.model_dir, weights=cfg.weights, feature_layer=cfg.feature_layer,
+    )
+    after = score(ScoreConfig(model=f"run:{folder}", **_score_options(cfg)), out=after_dir, progress=progress)
+    return before.summary, after.summary
+
+
+# --- the whole command -------------------------------------------------------------------------------
+
+
+def transfer(
+    config: TransferConfig,
+    out: "str | Path",
+    *,
+    progress: bool = True,
+    printer: "Callable[[str], None]" = print,
+    **overrides: object,
+) -> "list[MethodResult]":
+    """Run every method of ``config``; each writes (or resumes, or rereads) its run directory."""
+    cfg = dataclasses.replace(config, **overrides).validated()
+    methods = cfg.methods
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    amp = amp_dtype(cfg.amp, device)
+    model_spec, data_spec = parse_model_spec(cfg.model), parse_data_spec(cfg.data)
+    loaded = load_model(model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
+                        download=cfg.download, builtin_head=data_spec.factor)
+    common = dict(root=cfg.data_root, download=cfg.download, input_format=loaded.input_format,
+                  resize=cfg.resize, classes=cfg.classes)
+    full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
+    if full_train.task != "classification":
+        raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")
+    train_pos, val_pos = validation_split(len(full_train), cfg.val_fraction, cfg.seed)
+    if cfg.n is not None:
+        train_pos = train_pos[: cfg.n]
+    train, val = full_train.subset(train_pos), full_train.subset(val_pos)
+    test = load_data(data_spec, split="test", n=cfg.n_test, seed=cfg.seed, **common)
+    probe = full_train.batch(torch.arange(min(len(full_train), 8)))
+    try:
+        base = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
+    except RuntimeError as exc:
+        raise ModelError(f"{loaded.spec} cannot run on {full_train.spec} inputs of shape "
+                         f"{'x'.join(map(str, probe.shape[1:]))}: {describe(exc)}; give --resize SIDE") from None
+    augment = resolve_augment(full_train, cfg.augment)
+    settings = Settings(
+        optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+        batch_size=cfg.batch_size,
+        attack=AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step)),
+        trades_beta=cfg.trades_beta, seed=cfg.seed, method="", device=device, amp=amp, workers=cfg.workers,
+    )
+    resolved_common = {
+        **dataclasses.asdict(cfg), "kind": RUN_KIND, "eps_text": format_eps(float(cfg.eps)),
+        "num_classes": full_train.num_classes, "class_names": full_train.class_names,
+        "n_train": len(train), "n_val": len(val), "n_test": len(test), "augment": augment,
+        "amp": str(amp).replace("torch.", "") if amp else "off", "device": str(device),
+        "base": {
+            "model": str(loaded.spec), "model_dir": cfg.model_dir, "weights": cfg.weights,
+            "builtin_head": data_spec.factor, "feature_layer": cfg.feature_layer,
+            "input_shape": list(probe.shape[1:]), "split_note": base.split_note,
+        },
+        "data_source": full_train.source, "transforms": full_train.transforms, **environment(),
+    }
+    folders = [out] if len(methods) == 1 else [out / m.name for m in methods]
+    results = []
+    for method, folder in zip(methods, folders):
+        resolved = {**resolved_common, "method": method.name,
+                    "stages": [dataclasses.asdict(p) | {"stage": p.stage.name} for p in plan_stages(method, cfg, augment)]}
+        run = RunDir(folder)
+        with run.locked():
+            run.claim(resolved)
+            final = read_json(folder / FINAL)
+            if final is None:
+                started = time.perf_counter()
+                if not (folder / RUN_WEIGHTS).exists():
+                    stages = _train_method(method, cfg, base, train, val, folder,
+                                           dataclasses.replace(settings, method=method.name), augment, printer, progress)
+                else:
+                    stages = read_json(folder / "stages.json") or []
+                write_json(folder / "stages.json", stages)
+                trained = _load_trained(base, full_train.num_classes, folder, device)
+                test_metrics = evaluate(trained, test, cfg, device)
+                final = {"method": method.name, "stages": stages, "test": test_metrics,
+                         "seconds": time.perf_counter() - started}
+                if cfg.score:
+                    before, after = _scores(cfg, folder, [f for f in folders if f != folder], progress)
+                    final.update(score_before=before, score_after=after)
+                write_json(folder / FINAL, clean_json(final))
+        results.append(MethodResult(method.name, folder, final))
+    return results
+
+
+def _load_trained(base: SplitModel, num_classes: int, folder: Path, device: torch.device) -> SplitModel:
+    model = copy.deepcopy(base).with_head(nn.Linear(base.feature_dim, num_classes))
+    model.load_state_dict(torch.load(folder / RUN_WEIGHTS, map_location="cpu", weights_only=True))
+    return model.to(device).eval()

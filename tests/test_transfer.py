@@ -1,0 +1,311 @@
+"""``transfer``: the methods over one loop, run directories that resume exactly, runs as models.
+
+Tiny pickled CNNs on scikit-learn's bundled digits (8x8, real, offline); a few epochs each.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import asbound.transfer.loop as loop
+import asbound.transfer.run as run_module
+from asbound import ScoreConfig, score
+from asbound.cli import main
+from asbound.transfer import TransferConfig, transfer
+from fabricate import run_held_by_another_process
+
+
+def _cnn(outputs: int = 5) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, outputs),
+    )
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A CNN briefly trained on digits 0-4 (the 'pretraining'), saved whole."""
+    from asbound.data import load_data
+
+    torch.manual_seed(0)
+    net = _cnn()
+    data = load_data("digits", split="train", classes="0-4")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net.train()
+    for _ in range(3):
+        for x, y in data.loader(64, shuffle=True, seed=1):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("pretrained") / "cnn.pt"
+    torch.save(net.eval(), path)
+    return path
+
+
+def _cfg(pretrained: Path, method: str, **kw) -> TransferConfig:
+    options = dict(model=f"file:{pretrained}", data="digits", classes="5-9", method=method, epochs=2,
+                   batch_size=64, allow_pickle=True, n=200, n_test=100, score_n=40, eval_steps=(3,),
+                   attack_steps=3, lr=0.05, lr_ft=0.01)
+    options.update(kw)
+    return TransferConfig(**options)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- what each method trains ---------------------------------------------------------------------
+
+
+def test_lp_leaves_the_backbone_bit_for_bit_and_ft_changes_it(pretrained, tmp_path):
+    base = torch.load(pretrained, weights_only=False).state_dict()
+    results = transfer(_cfg(pretrained, "lp,ft", score=False, augment="none"), tmp_path / "run", progress=False,
+                       printer=lambda s: None)
+    lp, ft = (_state(r.out / "model.pt") for r in results)
+    backbone = [k for k in base if not k.startswith("6.")]  # everything but the pretrained head
+    assert any("running_mean" in k for k in backbone)  # BN buffers are among them
+    for k in backbone:
+        assert torch.equal(lp[f"backbone.{k}"], base[k]), k  # LP: parameters and buffers unchanged
+    changed = [k for k in backbone if not torch.equal(ft[f"backbone.{k}"], base[k])]
+    assert any("running_mean" in k for k in changed) and any(k.endswith("weight") for k in changed)
+    assert lp["head.weight"].shape == (5, 16)
+    finals = [r.final for r in results]
+    assert finals[0]["stages"][0]["cached_features"] and not finals[1]["stages"][0]["cached_features"]
+
+
+def test_lp_on_cached_features_equals_lp_through_the_backbone(pretrained, tmp_path, monkeypatch):
+    a = transfer(_cfg(pretrained, "lp", score=False), tmp_path / "cached", progress=False, printer=lambda s: None)[0]
+    plan = run_module.plan_stages
+
+    def uncached(*args, **kwargs):
+        import dataclasses
+
+        return [dataclasses.replace(p, cache_features=False) for p in plan(*args, **kwargs)]
+
+    monkeypatch.setattr(run_module, "plan_stages", uncached)
+    b = transfer(_cfg(pretrained, "lp", score=False), tmp_path / "backbone", progress=False, printer=lambda s: None)[0]
+    assert not b.final["stages"][0]["cached_features"]
+    for k, v in _state(a.out / "model.pt").items():
+        torch.testing.assert_close(v, _state(b.out / "model.pt")[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lp_ft_second_stage_starts_from_the_lp_head(pretrained, tmp_path, monkeypatch):
+    heads = []
+    original = run_module.train_stage
+
+    def spy(model, plan, *args, **kwargs):
+        heads.append((plan.stage.name, model.head.weight.detach().clone()))
+        return original(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", spy)
+    result = transfer(_cfg(pretrained, "lp-ft", score=False, epochs=2), tmp_path / "run", progress=False,
+                      printer=lambda s: None)[0]
+    assert [name for name, _ in heads] == ["lp", "ft"]
+    lp_best = _state(result.out / "checkpoints" / "0-lp-best.pt")
+    assert torch.equal(heads[1][1], lp_best["head.weight"])  # FT starts from the LP stage's selection
+    stages = result.final["stages"]
+    assert [s["epochs"] for s in stages] == [2, 1]  # FT for half the epochs
+    assert [s["lr"] for s in stages] == [0.05, 0.01]
+    rows = pd.read_csv(result.out / "epochs.csv")
+    assert list(rows["stage"]) == ["lp", "lp", "ft"]
+
+
+def _robust_ce(model_dir: Path, pretrained: Path) -> float:
+    from asbound.attacks import PGD, loss_objective
+    from asbound.data import load_data
+    from asbound.losses import cross_entropy
+    from asbound.models import frozen, load_model
+
+    model = load_model(f"run:{model_dir}", allow_pickle=True).module
+    data = load_data("digits", split="test", classes="5-9")
+    x, y = data.x, data.y
+    with frozen(model):
+        adv = PGD(eps=0.1, steps=10, rel_step=0.25)(loss_objective(model, cross_entropy, y), x).x_adv
+        return float(cross_entropy(model(adv), y).mean())
+
+
+def test_adversarial_training_lowers_the_robust_loss(pretrained, tmp_path):
+    common = dict(score=False, eps=0.1, attack_step=0.025, attack_steps=5, epochs=4, n=None, lr_ft=0.05)
+    results = transfer(_cfg(pretrained, "ft,adv-ft,trades-ft", **common), tmp_path / "run", progress=False,
+                       printer=lambda s: None)
+    ce = {r.method: _robust_ce(r.out, pretrained) for r in results}
+    assert ce["adv-ft"] < ce["ft"] and ce["trades-ft"] < ce["ft"], ce
+    pgd = {r.method: r.final["test"]["pgd"]["3"] for r in results}
+    assert pgd["adv-ft"] > pgd["ft"], pgd
+
+
+# --- runs: resume, locks, records ----------------------------------------------------------------
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(pretrained, tmp_path, monkeypatch):
+    cfg = _cfg(pretrained, "lp-ft", score=False, epochs=4, augment="crop")
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+
+    original = loop.train_stage
+    calls = {"n": 0}
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupted(model, plan, settings, train_batches, *args, **kwargs):
+        def batches(seed, training):
+            for i, batch in enumerate(train_batches(seed, training)):
+                calls["n"] += training
+                if calls["n"] == 9:  # inside LP's third epoch (4 steps per epoch)
+                    raise Stop
+                yield batch
+
+        return original(model, plan, settings, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", interrupted)
+    with pytest.raises(Stop):
+        transfer(cfg, tmp_path / "split", progress=False, printer=lambda s: None)
+    assert len(pd.read_csv(tmp_path / "split" / "epochs.csv")) == 2  # two complete epochs kept
+    assert not (tmp_path / "split" / "model.pt").exists()
+    monkeypatch.setattr(run_module, "train_stage", original)
+    lines = []
+    resumed = transfer(cfg, tmp_path / "split", progress=False, printer=lines.append)[0]
+    assert any("resuming lp-ft" in line and "after epoch 2" in line for line in lines)
+    a, b = _state(whole.out / "model.pt"), _state(resumed.out / "model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit on the CPU with the same seed
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole.out / "epochs.csv").drop(columns=["seconds", "images_per_second"]),
+        pd.read_csv(resumed.out / "epochs.csv").drop(columns=["seconds", "images_per_second"]),
+    )
+
+
+def test_a_finished_run_is_reread_and_other_settings_are_refused(pretrained, tmp_path, monkeypatch, capsys):
+    cfg = _cfg(pretrained, "lp", score=False)
+    first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    again = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    assert again.final == json.loads((first.out / "final.json").read_text())
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    rc = main(["transfer", "--method", "lp", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
+               "--classes", "5-9", "--epochs", "3", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other settings" in err and "epochs" in err and len(err.strip().splitlines()) == 1
+    assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_a_locked_run_directory_is_refused(pretrained, tmp_path):
+    out = tmp_path / "run"
+    with run_held_by_another_process(out) as pid:
+        second = subprocess.run(
+            [sys.executable, "-m", "asbound", "transfer", "--method", "lp", "--model", f"file:{pretrained}",
+             "--allow-pickle", "--data", "digits", "--classes", "5-9", "--out", str(out)],
+            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"being written by asbound pid {pid}" in second.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_nan_loss_stops_with_the_epoch_and_step_and_keeps_the_last_checkpoint(pretrained, tmp_path, monkeypatch):
+    original = loop.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, logits = original(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 6 else loss), logits  # epoch 2, step 2 (4 steps per epoch)
+
+    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    from asbound.transfer.loop import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"nan in stage ft, epoch 2, step 2.*after epoch 1"):
+        transfer(_cfg(pretrained, "ft", score=False, epochs=3), tmp_path / "run", progress=False, printer=lambda s: None)
+    last = _state(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["progress"]["epoch"] == 1 and not (tmp_path / "run" / "model.pt").exists()
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+# --- runs as models and the table --------------------------------------------------------------------
+
+
+def test_run_dir_round_trips_through_score(pretrained, tmp_path):
+    result = transfer(_cfg(pretrained, "lp"), tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    final = result.final
+    assert final["score_before"]["task_note"].startswith("the AS score only")
+    after = final["score_after"]
+    assert after["model"] == f"run:{result.out}" and after["n"] == 40 and after["lhs"] <= after["rhs"] + 1e-9
+    # LP does not touch the representation: the AS attack finds the same number before and after
+    assert final["score_before"]["as_score"] == pytest.approx(after["as_score_rep"], rel=1e-6)
+    assert after["as_score"] >= after["as_score_rep"]
+    again = score(ScoreConfig(model=f"run:{result.out}", data="digits", classes="5-9", n=None, steps=2),
+                  allow_pickle=True, progress=False)
+    from asbound.data import load_data
+    from asbound.models import load_model
+
+    model = load_model(f"run:{result.out}", allow_pickle=True).module
+    test = load_data("digits", split="test", classes="5-9")
+    with torch.no_grad():
+        acc = float((model(test.x).argmax(1) == test.y).float().mean())
+    assert again.summary["clean_accuracy"] == pytest.approx(acc)
+    sub = load_data("digits", split="test", classes="5-9", n=100)
+    with torch.no_grad():
+        sub_acc = float((model(sub.x).argmax(1) == sub.y).float().mean())
+    assert final["test"]["clean_accuracy"] == pytest.approx(sub_acc)
+
+
+def test_run_spec_errors(pretrained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for spec, expected in ((tmp_path / "missing", "not a directory"), (tmp_path / "empty", "no `asbound transfer` run")):
+        rc = main(["score", "--model", f"run:{spec}", "--data", "digits", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and len(err.strip().splitlines()) == 1
+    result = transfer(_cfg(pretrained, "lp", score=False), tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    (result.out / "model.pt").rename(result.out / "model.bak")
+    rc = main(["score", "--model", f"run:{result.out}", "--allow-pickle", "--data", "digits", "--no-progress"])
+    assert rc == 2 and "has not finished training" in capsys.readouterr().err
+    (result.out / "model.bak").rename(result.out / "model.pt")
+    rc = main(["score", "--model", f"run:{result.out}", "--data", "digits", "--no-progress"])  # base is file:
+    assert rc == 2 and "--allow-pickle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "xx"], ["unknown method 'xx'", "lp, ft, lp-ft"]),
+    (["--method", "lp", "--eps", "2"], ["eps", "[0, 1]"]),
+    (["--method", "lp", "--epochs", "0"], ["epochs must be >= 1"]),
+    (["--method", "lp", "--lr", "0"], ["lr must lie in (0, 10]"]),
+    (["--method", "lp", "--batch-size", "0"], ["batch size must be >= 1"]),
+    (["--method", "lp", "--val-fraction", "1.5"], ["validation fraction", "(0, 1)"]),
+    (["--method", "lp", "--classes", "5-12"], ["12"]),
+    (["--method", "lp", "--attack-step", "0"], ["attack step must be > 0"]),
+])
+def test_bad_transfer_input_is_one_line_exit_2(pretrained, tmp_path, capsys, args, expected):
+    rc = main(["transfer", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
+               "--out", str(tmp_path / "run"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_the_cli_prints_one_column_per_method(pretrained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    rc = main(["transfer", "--method", "lp,adv-lp", "--model", f"file:{pretrained}", "--allow-pickle",
+               "--data", "digits", "--classes", "5-9", "--epochs", "1", "--n", "100", "--n-test", "50",
+               "--score-n", "20", "--eval-steps", "2,3", "--attack-steps", "2", "--out", str(tmp_path / "run"),
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for label in ("clean accuracy", "PGD-2 accuracy (8/255)", "PGD-3 accuracy", "AS before transfer",
+                  "AS after transfer", "RHS after = AS, both attacks", "CE clean / robust", "||W||_(q)", "Lemma 1 LHS", "prop. fulfilled",
+                  "lp", "adv-lp", f"run:{tmp_path / 'run' / 'lp'}"):
+        assert label in out, label
+    final = json.loads((tmp_path / "run" / "adv-lp" / "final.json").read_text())
+    assert f"{100 * final['test']['clean_accuracy']:.1f}%" in out
+    # the AS before transfer is computed once and shared
+    assert (tmp_path / "run" / "adv-lp" / "score" / "before" / "points.csv").read_bytes() == \
+        (tmp_path / "run" / "lp" / "score" / "before" / "points.csv").read_bytes()
