@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Attack the representation (AS score) and the loss with PGD; write one record per "
             "datapoint and the bounds of Nern et al. (2023). Without --model and --data: the "
-            "embedded offline default (builtin adversarial LeNet on procedural dSprites)."
+            "embedded offline default (builtin adversarially trained LeNets on procedural dSprites:"
+            " orientation regression and shape classification)."
         ),
         formatter_class=_DefaultsFormatter,
     )
@@ -228,6 +229,8 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     _model_options(p, with_head=False)
     g = _data_options(p, d.seed)
     g.add_argument("--n", type=_n, default=None, help="training images, or 'all' (default: all)")
+    g.add_argument("--n-val", type=_n, default=None,
+                   help="validation images drawn from the validation split, or 'all' (default: all)")
     g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
     g.add_argument("--score-n", type=_n, default=d.score_n, help="test images for `score` before and after transfer, or 'all'")
     g.add_argument("--no-score", action="store_true", help="skip `score` before and after transfer")
@@ -290,7 +293,7 @@ def _transfer(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, lr_ft=args.lr_ft, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, eps=args.eps, attack_steps=args.attack_steps,
         attack_step=args.attack_step, trades_beta=args.trades_beta, val_fraction=args.val_fraction,
-        select=args.select, augment=args.augment, n=args.n, n_test=args.n_test, score_n=args.score_n,
+        select=args.select, augment=args.augment, n=args.n, n_val=args.n_val, n_test=args.n_test, score_n=args.score_n,
         eval_steps=args.eval_steps, autoattack=args.autoattack, score=not args.no_score, seed=args.seed,
         device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
         weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,

@@ -38,3 +38,14 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
     return AMP_DTYPES[amp]
+
+
+def memory_format(amp: Optional[torch.dtype]) -> torch.memory_format:
+    """Channels-last with mixed precision (tensor cores on CUDA, bf16 kernels on the CPU), where
+    convolutions run fastest in it; the default layout in float32."""
+    return torch.channels_last if amp is not None else torch.contiguous_format
+
+
+def to_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``x`` in memory format ``fmt`` when it is an image batch ([N, C, H, W]), else unchanged."""
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 and fmt != torch.contiguous_format else x

@@ -238,8 +238,9 @@ def test_embedded_default(tmp_path, capsys, monkeypatch):
     assert "dsprites:orientation" in err and "16/16" in err  # the progress bars
     assert reg["data"] == "dsprites:orientation" and reg["task"] == "regression"
     assert cls["data"] == "dsprites:shape" and cls["task"] == "classification"
+    assert reg["model"] == "builtin:lenet-adversarial/orientation"
+    assert cls["model"] == "builtin:lenet-shape-adversarial/shape"
     for s in (reg, cls):
-        assert s["model"].startswith("builtin:lenet-adversarial")
         assert s["n"] == 16 and s["eps"] == pytest.approx(EPS) and s["steps"] == 2
         assert s["task_note"] is None and s["lhs"] <= s["rhs"] + 1e-9
         assert s["theorem1"]["confidence"] == pytest.approx(10 * math.sqrt(math.log(20) / 32))

@@ -309,3 +309,91 @@ def test_the_cli_prints_one_column_per_method(pretrained, tmp_path, capsys, monk
     # the AS before transfer is computed once and shared
     assert (tmp_path / "run" / "adv-lp" / "score" / "before" / "points.csv").read_bytes() == \
         (tmp_path / "run" / "lp" / "score" / "before" / "points.csv").read_bytes()
+
+
+def test_n_training_rows_are_a_seeded_draw_not_the_first_rows():
+    """dSprites is stored ordered by shape: the first n rows would all be squares."""
+    labels = torch.arange(3).repeat_interleave(1000)  # sorted by class
+    train, val = run_module.training_positions(len(labels), 0.05, 30, seed=0)
+    assert len(train) == 30 and len(val) == 150
+    assert set(labels[train].tolist()) == {0, 1, 2}
+    assert not set(train.tolist()) & set(val.tolist())
+    assert torch.equal(train, train.sort().values)
+    again, _ = run_module.training_positions(len(labels), 0.05, 30, seed=0)
+    other, _ = run_module.training_positions(len(labels), 0.05, 30, seed=1)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+    everything, _ = run_module.training_positions(len(labels), 0.05, None, seed=0)
+    assert len(everything) == 2850
+    _, few = run_module.training_positions(len(labels), 0.05, 30, seed=0, n_val=12)
+    assert len(few) == 12 and set(few.tolist()) <= set(val.tolist()) and set(labels[few].tolist()) == {0, 1, 2}
+
+
+def test_bf16_training_runs_channels_last_and_reports_float32(pretrained, tmp_path, monkeypatch):
+    """--amp bf16 on the CPU: training in bf16 autocast with channels-last, the reported numbers in float32."""
+    from asbound.devices import memory_format, to_format
+
+    seen = []
+    batch_loss = loop.batch_loss
+
+    def spy(model, kind, x, *args, **kwargs):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu"),
+                     next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight.is_contiguous(
+                         memory_format=torch.channels_last)))
+        return batch_loss(model, kind, x, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss", spy)
+
+    assert memory_format(torch.bfloat16) == torch.channels_last
+    assert memory_format(None) == torch.contiguous_format
+    x = torch.rand(2, 3, 4, 5)
+    assert to_format(x, torch.channels_last).is_contiguous(memory_format=torch.channels_last)
+    assert to_format(x[0], torch.channels_last).shape == (3, 4, 5)
+    r = transfer(_cfg(pretrained, "adv-ft", amp="bf16", device="cpu", epochs=1), tmp_path / "bf16", progress=False,
+                 printer=lambda s: None)[0]
+    config = json.loads((r.out / "config.json").read_text())
+    assert config["amp"] == "bfloat16"
+    assert seen and all(all(flags) for flags in seen)
+    state = _state(r.out / "model.pt")
+    assert all(v.dtype == torch.float32 for k, v in state.items() if v.is_floating_point())
+    assert 0.0 <= r.final["test"]["clean_accuracy"] <= 1.0 and r.final["score_after"]["as_score"] > 0
+
+
+def test_the_issue_commands_offline_on_a_robustbench_checkpoint_and_fabricated_cifar10(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`transfer --method lp,ft,lp-ft` from a RobustBench CIFAR-100 checkpoint (random weights, in the
+    zoo's layout) to CIFAR-10 (torchvision's on-disk format, fabricated), then `score --model run:DIR`."""
+    from asbound._compat import import_robustbench
+    from fabricate import bypass_cifar_md5, make_cifar10
+
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    name = "Rice2020Overfitting"  # PreActResNet-18, the smallest CIFAR-100 L-inf entry
+    torch.manual_seed(0)
+    net = model_dicts[BenchmarkDataset("cifar100")][ThreatModel("Linf")][name]["model"]().eval()
+    model_dir = tmp_path / "models"
+    (model_dir / "cifar100" / "Linf").mkdir(parents=True)
+    torch.save(net.state_dict(), model_dir / "cifar100" / "Linf" / f"{name}.pt")
+    make_cifar10(tmp_path / "data", n_per_split=24)
+    bypass_cifar_md5(monkeypatch)
+    common = ["--model-dir", str(model_dir), "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+              "--no-progress"]
+    out = tmp_path / "c10"
+    rc = main(["transfer", "--method", "lp,ft,lp-ft", "--model", f"robustbench:cifar100/Linf/{name}", *common,
+               "--epochs", "2", "--batch-size", "8", "--n-test", "8", "--score-n", "4", "--eval-steps", "1",
+               "--attack-steps", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for method in ("lp", "ft", "lp-ft"):
+        config = json.loads((out / method / "config.json").read_text())
+        assert config["augment"] == "crop-flip" and config["n_train"] + config["n_val"] == 24
+        assert (out / method / "score" / "after" / "points.csv").is_file()
+    lp_ft = pd.read_csv(out / "lp-ft" / "epochs.csv")
+    assert list(lp_ft["stage"]) == ["lp", "lp", "ft"]
+    rc = main(["score", "--model", f"run:{out / 'lp'}", *common, "--n", "4", "--steps", "1", "--json",
+               "--out", str(tmp_path / "score")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["model"] == f"run:{out / 'lp'}" and summary["n"] == 4 and summary["as_score"] > 0

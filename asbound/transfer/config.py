@@ -56,7 +56,8 @@ class TransferConfig:
     val_fraction: float = 0.05
     select: str = "auto"
     augment: str = "auto"
-    n: Optional[int] = None  # training images (after the validation split is taken out); None: all
+    n: Optional[int] = None  # training images drawn (seeded) after the validation split is taken out; None: all
+    n_val: Optional[int] = None  # validation images drawn (seeded) from the validation split; None: all
     n_test: Optional[int] = None  # test images for the evaluation and the scores; None: all
     score_n: Optional[int] = 1000  # test images for `score` before and after (the attacks are costly)
     eval_steps: "tuple[int, ...]" = (10, 20)
@@ -112,7 +113,7 @@ class TransferConfig:
                             ("augment", AUGMENTS), ("amp", AMPS)):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not valid; valid: {', '.join(valid)}")
-        for name in ("n", "n_test", "score_n"):
+        for name in ("n", "n_val", "n_test", "score_n"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (or 'all'), got {value!r}")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from asbound.attacks import Watch, loss_objective
 from asbound.errors import AsboundError
+from asbound.devices import memory_format, to_format
 from asbound.models import SplitModel, frozen
 from asbound.transfer.methods import AttackSettings, Stage, batch_loss, set_scope, train_mode
 from asbound.transfer.optim import make_optimizer, make_scheduler
@@ -209,6 +210,7 @@ def train_stage(
     steps_per_epoch = max(1, -(-n_train // settings.batch_size))
     scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == torch.float16)
+    fmt = memory_format(settings.amp)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -227,7 +229,7 @@ def train_stage(
         loss_sum = correct = seen = 0.0
         batches = _cached_batches(cached, settings.batch_size, seed) if cached is not None else train_batches(seed, True)
         for step, (x, y) in enumerate(batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_format(x.to(device, non_blocking=True), fmt), y.to(device, non_blocking=True)
             train_mode(model, stage.scope)
             with autocast(settings):
                 if cached is not None:

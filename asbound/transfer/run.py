@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from asbound.data import DataSet, load_data, resolve_augment, validation_split
-from asbound.devices import amp_dtype, resolve_device
+from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
+from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.errors import ConfigError, ModelError, describe
 from asbound.models import SplitModel, load_model, split_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS
@@ -152,7 +152,8 @@ def _train_method(
 ) -> "list[dict]":
     """Train every stage (resuming after the last complete epoch); write ``model.pt``; return the stages."""
     checkpoints = RunCheckpoints(folder, [])
-    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head")).to(settings.device)
+    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head")).to(
+        settings.device, memory_format=memory_format(settings.amp))
     plans = plan_stages(method, cfg, augment)
     last = checkpoints.load_last()
     start_stage, state = 0, StageProgress()
@@ -306,6 +307,16 @@ def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress:
 # --- the whole command -------------------------------------------------------------------------------
 
 
+def training_positions(
+    size: int, val_fraction: float, n: "int | None", seed: int, n_val: "int | None" = None
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """``(train, val)`` positions in a training split of ``size`` rows: the seeded validation
+    split, then ``n`` training and ``n_val`` validation rows drawn by seeded permutations (not the
+    first rows: data sets such as dSprites are stored ordered by class), each ascending."""
+    train_pos, val_pos = validation_split(size, val_fraction, seed)
+    return train_pos[select_indices(len(train_pos), n, seed)], val_pos[select_indices(len(val_pos), n_val, seed)]
+
+
 def transfer(
     config: TransferConfig,
     out: "str | Path",
@@ -328,9 +339,8 @@ def transfer(
     full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
     if full_train.task != "classification":
         raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")
-    train_pos, val_pos = validation_split(len(full_train), cfg.val_fraction, cfg.seed)
-    if cfg.n is not None:
-        train_pos = train_pos[: cfg.n]
+    train_pos, val_pos = training_positions(len(full_train), cfg.val_fraction, cfg.n, cfg.seed,
+                                          cfg.n_val)
     train, val = full_train.subset(train_pos), full_train.subset(val_pos)
     test = load_data(data_spec, split="test", n=cfg.n_test, seed=cfg.seed, **common)
     probe = full_train.batch(torch.arange(min(len(full_train), 8)))
