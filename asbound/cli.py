@@ -233,6 +233,8 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
                    help="validation images drawn from the validation split, or 'all' (default: all)")
     g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
     g.add_argument("--score-n", type=_n, default=d.score_n, help="test images for `score` before and after transfer, or 'all'")
+    g.add_argument("--score-steps", type=_whole, default=d.score_steps,
+                   help="PGD steps of the scores before and after transfer (relative step 0.7)")
     g.add_argument("--no-score", action="store_true", help="skip `score` before and after transfer")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="run directory (OUT for one method, OUT/<method> for several); rerunning resumes")
@@ -293,7 +295,7 @@ def _transfer(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, lr_ft=args.lr_ft, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, eps=args.eps, attack_steps=args.attack_steps,
         attack_step=args.attack_step, trades_beta=args.trades_beta, val_fraction=args.val_fraction,
-        select=args.select, augment=args.augment, n=args.n, n_val=args.n_val, n_test=args.n_test, score_n=args.score_n,
+        select=args.select, augment=args.augment, n=args.n, n_val=args.n_val, n_test=args.n_test, score_n=args.score_n, score_steps=args.score_steps,
         eval_steps=args.eval_steps, autoattack=args.autoattack, score=not args.no_score, seed=args.seed,
         device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
         weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,

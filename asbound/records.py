@@ -60,8 +60,11 @@ def environment() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions()}
 
 
-def _identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+def _identity(config: dict, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> dict:
+    """The keys that decide whether two configs describe the same run; a key a config lacks
+    (recorded before the option existed) counts as its default from ``defaults``."""
+    merged = {**{k: v for k, v in (defaults or {}).items()}, **config}
+    return {k: v for k, v in merged.items() if k not in VOLATILE_KEYS and k not in volatile}
 
 
 class RunDir:
@@ -127,14 +130,16 @@ class RunDir:
         self.claim(config)
         return self._repair_points()
 
-    def claim(self, config: dict) -> None:
+    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:
         """Create the directory and write ``config``, or check it against the recorded one.
 
-        Raises :class:`ResumeError` if the directory holds a run with another configuration;
-        nothing in it is changed then.
+        Keys in ``volatile`` may differ (the new values are recorded); a key the recorded config
+        lacks compares as its value in ``defaults``. Raises :class:`ResumeError` if the directory
+        holds a run with another configuration; nothing in it is changed then.
         """
         self.create()
         config = _normalised(config)
+        defaults = _normalised(defaults) if defaults else None
         config_path = self.path / CONFIG
         if config_path.exists():
             try:
@@ -146,12 +151,10 @@ class RunDir:
                     f"{config_path} is not a readable asbound config, so the run in {self.path} "
                     f"cannot be resumed; choose another --out, or delete that directory to start over"
                 )
-            if _identity(old) != _identity(config):
-                diff = sorted(
-                    k for k in set(_identity(old)) | set(_identity(config))
-                    if old.get(k) != config.get(k)
-                )
-                shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+            before, after = _identity(old, volatile, defaults), _identity(config, volatile, defaults)
+            if before != after:
+                diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+                shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in diff[:3])
                 more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise ResumeError(
                     f"{self.path} holds a run with other settings ({shown}{more}); "

@@ -32,9 +32,9 @@ from asbound.data import DataSet, load_data
 from asbound.devices import resolve_device
 from asbound.errors import ConfigError, ModelError, describe
 from asbound.losses import Loss, loss_for_task
-from asbound.models import SplitModel, frozen, load_head, load_model, split_model
+from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
 from asbound.records import RunDir, clean_json, environment
-from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
+from asbound.specs import DataSpec, format_eps, parse_classes, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
 DEFAULT_MODEL = "builtin:lenet-adversarial"
 DEFAULT_TASKS = ("dsprites:orientation", "dsprites:shape")
@@ -238,6 +238,23 @@ def _batch_seed(seed: int, position: int) -> int:
     return (seed * 1_000_003 + position) % (2**63)
 
 
+def classes_for(loaded: LoadedModel, data_spec: DataSpec, classes: Optional[str]) -> Optional[str]:
+    """``--classes`` for a run on ``data_spec``: a ``run:DIR`` trained on that data with
+    ``--classes`` has a head whose labels mean those classes, so they are the default, and another
+    selection is refused (it would relabel silently)."""
+    trained = loaded.trained_on or {}
+    recorded = trained.get("classes")
+    if recorded is None or trained.get("data") != str(data_spec):
+        return classes
+    if classes is None:
+        return recorded
+    if parse_classes(classes) != parse_classes(recorded):
+        raise ConfigError(f"{loaded.spec} was trained on {data_spec} --classes {recorded} (its head's labels "
+                          f"are those classes, in that order); --classes {classes} would relabel them: "
+                          f"leave --classes out or give {recorded}")
+    return classes
+
+
 def score(
     config: Optional[ScoreConfig] = None,
     *,
@@ -257,6 +274,7 @@ def score(
         model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
         download=cfg.download, builtin_head=data_spec.factor,
     )
+    cfg = dataclasses.replace(cfg, classes=classes_for(loaded, data_spec, cfg.classes))
     data = load_data(
         data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
         download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,

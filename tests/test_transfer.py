@@ -5,6 +5,7 @@ Tiny pickled CNNs on scikit-learn's bundled digits (8x8, real, offline); a few e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 def _cfg(pretrained: Path, method: str, **kw) -> TransferConfig:
     options = dict(model=f"file:{pretrained}", data="digits", classes="5-9", method=method, epochs=2,
-                   batch_size=64, allow_pickle=True, n=200, n_test=100, score_n=40, eval_steps=(3,),
+                   batch_size=64, allow_pickle=True, n=200, n_test=100, score_n=40, score_steps=5, eval_steps=(3,),
                    attack_steps=3, lr=0.05, lr_ft=0.01)
     options.update(kw)
     return TransferConfig(**options)
@@ -83,7 +84,9 @@ def test_lp_leaves_the_backbone_bit_for_bit_and_ft_changes_it(pretrained, tmp_pa
 
 
 def test_lp_on_cached_features_equals_lp_through_the_backbone(pretrained, tmp_path, monkeypatch):
-    a = transfer(_cfg(pretrained, "lp", score=False), tmp_path / "cached", progress=False, printer=lambda s: None)[0]
+    a = transfer(_cfg(pretrained, "lp", score=False, augment="none"), tmp_path / "cached", progress=False,
+                 printer=lambda s: None)[0]
+    assert a.final["stages"][0]["cached_features"]
     plan = run_module.plan_stages
 
     def uncached(*args, **kwargs):
@@ -92,7 +95,8 @@ def test_lp_on_cached_features_equals_lp_through_the_backbone(pretrained, tmp_pa
         return [dataclasses.replace(p, cache_features=False) for p in plan(*args, **kwargs)]
 
     monkeypatch.setattr(run_module, "plan_stages", uncached)
-    b = transfer(_cfg(pretrained, "lp", score=False), tmp_path / "backbone", progress=False, printer=lambda s: None)[0]
+    b = transfer(_cfg(pretrained, "lp", score=False, augment="none"), tmp_path / "backbone", progress=False,
+                 printer=lambda s: None)[0]
     assert not b.final["stages"][0]["cached_features"]
     for k, v in _state(a.out / "model.pt").items():
         torch.testing.assert_close(v, _state(b.out / "model.pt")[k], rtol=1e-5, atol=1e-6)
@@ -281,6 +285,8 @@ def test_run_spec_errors(pretrained, tmp_path, capsys):
     (["--method", "lp", "--val-fraction", "1.5"], ["validation fraction", "(0, 1)"]),
     (["--method", "lp", "--classes", "5-12"], ["12"]),
     (["--method", "lp", "--attack-step", "0"], ["attack step must be > 0"]),
+    (["--method", "lp", "--score-steps", "0"], ["score steps", ">= 1"]),
+    (["--method", "lp", "--n-val", "0"], ["n-val"]),
 ])
 def test_bad_transfer_input_is_one_line_exit_2(pretrained, tmp_path, capsys, args, expected):
     rc = main(["transfer", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
@@ -382,13 +388,14 @@ def test_the_issue_commands_offline_on_a_robustbench_checkpoint_and_fabricated_c
     out = tmp_path / "c10"
     rc = main(["transfer", "--method", "lp,ft,lp-ft", "--model", f"robustbench:cifar100/Linf/{name}", *common,
                "--epochs", "2", "--batch-size", "8", "--n-test", "8", "--score-n", "4", "--eval-steps", "1",
-               "--attack-steps", "1", "--out", str(out)])
+               "--attack-steps", "1", "--score-steps", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for method in ("lp", "ft", "lp-ft"):
         config = json.loads((out / method / "config.json").read_text())
         assert config["augment"] == "crop-flip" and config["n_train"] + config["n_val"] == 24
         assert (out / method / "score" / "after" / "points.csv").is_file()
+        assert json.loads((out / method / "score" / "after" / "config.json").read_text())["steps"] == 2
     lp_ft = pd.read_csv(out / "lp-ft" / "epochs.csv")
     assert list(lp_ft["stage"]) == ["lp", "lp", "ft"]
     rc = main(["score", "--model", f"run:{out / 'lp'}", *common, "--n", "4", "--steps", "1", "--json",
@@ -397,3 +404,151 @@ def test_the_issue_commands_offline_on_a_robustbench_checkpoint_and_fabricated_c
     assert rc == 0, captured.err
     summary = json.loads(captured.out)
     assert summary["model"] == f"run:{out / 'lp'}" and summary["n"] == 4 and summary["as_score"] > 0
+
+
+def test_autoattack_accuracy_is_at_most_pgd_accuracy_and_at_most_clean(pretrained, tmp_path):
+    """--autoattack runs pyautoattack's standard version; a stronger attack cannot leave more points correct."""
+    r = transfer(_cfg(pretrained, "lp", autoattack=True, n_test=12, eval_steps=(10,), epochs=1, score=False),
+                 tmp_path / "aa", progress=False, printer=lambda s: None)[0]
+    test = r.final["test"]
+    assert test["autoattack"] is not None
+    assert test["autoattack"] <= test["clean_accuracy"]
+    assert test["autoattack"] <= test["pgd"]["10"] + 1e-9
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--classes", "3"], ["at least 2 classes", "has 1"]),
+    (["--classes", "5-7", "--autoattack"], ["--autoattack", "at least 4 classes", "has 3"]),
+])
+def test_too_few_classes_are_refused_before_training(pretrained, tmp_path, capsys, args, expected):
+    rc = main(["transfer", "--method", "lp", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
+               "--out", str(tmp_path / "run"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not (tmp_path / "run" / "epochs.csv").exists()
+
+
+def test_evaluation_settings_may_change_until_the_evaluation_finished(pretrained, tmp_path, monkeypatch):
+    """A crash after training (e.g. in the evaluation) must not strand the trained weights: a rerun
+    with other evaluation settings reuses them; once final.json exists the run is fixed."""
+    cfg = _cfg(pretrained, "lp", score=False)
+    crash = run_module.evaluate
+
+    def crashing(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(run_module, "evaluate", crashing)
+    with pytest.raises(RuntimeError):
+        transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    assert (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "final.json").exists()
+    monkeypatch.setattr(run_module, "evaluate", crash)
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("the trained weights were not reused"))
+    other = dataclasses.replace(cfg, eval_steps=(2,), n_test=60, workers=1)
+    result = transfer(other, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    assert result.final["test"]["n"] == 60 and set(result.final["test"]["pgd"]) == {"2"}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["n_test"] == 60 and config["eval_steps"] == [2]
+    with pytest.raises(Exception, match="other settings"):
+        transfer(dataclasses.replace(other, n_test=50), tmp_path / "run", progress=False, printer=lambda s: None)
+    transfer(dataclasses.replace(other, workers=0), tmp_path / "run", progress=False, printer=lambda s: None)
+
+
+def test_a_run_recorded_before_an_option_existed_is_reread(pretrained, tmp_path, monkeypatch):
+    cfg = _cfg(pretrained, "lp", score=False, score_steps=20)
+    first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    config = json.loads((first.out / "config.json").read_text())
+    del config["score_steps"]  # as written by a version without --score-steps (its default: 20)
+    (first.out / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    again = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    assert again.final == first.final
+    with pytest.raises(Exception, match="score_steps: 20 -> 5"):
+        transfer(dataclasses.replace(cfg, score_steps=5), tmp_path / "run", progress=False, printer=lambda s: None)
+
+
+def test_run_dir_keeps_its_classes_and_loads_from_any_directory(pretrained, tmp_path, capsys, monkeypatch):
+    """score --model run:DIR on the run's own data uses the run's --classes (its head's labels mean
+    them), refuses another order, and the run loads from another working directory."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(pretrained, work / "cnn.pt")
+    monkeypatch.chdir(work)
+    rc = main(["transfer", "--method", "lp", "--model", "file:cnn.pt", "--allow-pickle", "--data", "digits",
+               "--classes", "9,5", "--epochs", "1", "--n", "60", "--n-test", "20", "--no-score", "--out", "run",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["base"]["model"] == f"file:{work / 'cnn.pt'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    rc = main(["score", "--model", f"run:{work / 'run'}", "--allow-pickle", "--data", "digits", "--n", "20",
+               "--steps", "1", "--json", "--no-progress", "--out", "s"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    assert json.loads((elsewhere / "s" / "config.json").read_text())["classes"] == "9,5"
+    final = json.loads((work / "run" / "final.json").read_text())
+    assert summary["clean_accuracy"] == pytest.approx(final["test"]["clean_accuracy"])  # same 20 test images
+    rc = main(["score", "--model", f"run:{work / 'run'}", "--allow-pickle", "--data", "digits", "--classes", "5,9",
+               "--n", "20", "--steps", "1", "--no-progress", "--out", "s2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would relabel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(pretrained, tmp_path, monkeypatch):
+    """An infinite gradient with a finite loss (here: on the last step of epoch 2) leaves NaN weights;
+    the run stops naming the epoch, and the checkpoints hold only the good epoch 1."""
+    original = loop.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, logits = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:  # epoch 2, step 4 of 4: loss value finite, gradient infinite
+            loss = loss + torch.sqrt(logits.sum() * 0.0)  # value 0, gradient inf * 0 = nan
+        return loss, logits
+
+    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    from asbound.transfer.loop import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite .*epoch 2.*after epoch 1"):
+        transfer(_cfg(pretrained, "ft", score=False, epochs=3), tmp_path / "run", progress=False, printer=lambda s: None)
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "run" / "checkpoints" / name
+        if path.exists():
+            state = _state(path)
+            tensors = [v for v in (state.get("model") or state).values() if torch.is_tensor(v) and v.is_floating_point()]
+            assert tensors and all(torch.isfinite(v).all() for v in tensors), name
+    assert _state(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
+
+
+def test_a_lone_last_image_for_batchnorm1d_is_refused_before_training(tmp_path, capsys):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    torch.save(net, tmp_path / "bn1d.pt")
+    common = ["transfer", "--model", f"file:{tmp_path / 'bn1d.pt'}", "--allow-pickle", "--data", "digits",
+              "--classes", "5-9", "--epochs", "1", "--n", "65", "--batch-size", "64", "--no-score", "--no-progress"]
+    rc = main([*common, "--method", "ft", "--out", str(tmp_path / "ft")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "BatchNorm1d" in err and "65 training images" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ft" / "epochs.csv").exists()
+    rc = main([*common, "--method", "lp", "--out", str(tmp_path / "lp")])  # the backbone stays in eval mode
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs, ft_epochs", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (20, 10)])
+def test_lp_ft_plans_half_the_epochs_rounded_up(epochs, ft_epochs):
+    from asbound.transfer.config import TransferConfig as Config
+    from asbound.transfer.methods import METHODS
+
+    cfg = Config(model="builtin:digits-standard", data="digits", method="lp-ft", epochs=epochs, lr=0.03,
+                 lr_ft=0.002).validated()
+    lp, ft = run_module.plan_stages(METHODS["lp-ft"], cfg, "none")
+    assert (lp.epochs, ft.epochs) == (epochs, ft_epochs)
+    assert (lp.lr, ft.lr) == (0.03, 0.002)
+    assert lp.cache_features and not ft.cache_features

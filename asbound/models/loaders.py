@@ -37,6 +37,8 @@ class LoadedModel:
     spec: ModelSpec
     input_format: Optional[InputFormat]
     notes: list[str] = field(default_factory=list)
+    #: a ``run:DIR``'s training data and ``--classes`` (its head's labels mean those classes)
+    trained_on: Optional[dict] = None
 
 
 def default_model_dir() -> Path:
@@ -72,8 +74,8 @@ def load_model(
     if spec.source == "run":
         from asbound.models.runs import load_run
 
-        module, input_format, notes = load_run(spec, allow_pickle=allow_pickle, download=download)
-        return LoadedModel(module, spec, input_format, notes)
+        module, input_format, notes, trained_on = load_run(spec, allow_pickle=allow_pickle, download=download)
+        return LoadedModel(module, spec, input_format, notes, trained_on)
     from asbound.builtin import load_builtin
 
     module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head)

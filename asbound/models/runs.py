@@ -51,8 +51,9 @@ def read_run_config(path: "str | Path") -> dict:
 
 def load_run(
     spec: ModelSpec, *, allow_pickle: bool = False, download: bool = False
-) -> "tuple[nn.Module, Optional[InputFormat], list[str]]":
-    """The trained split model of ``run:DIR``, its input format and notes for the record."""
+) -> "tuple[nn.Module, Optional[InputFormat], list[str], dict]":
+    """The trained split model of ``run:DIR``, its input format, notes for the record, and what it
+    was trained on (``{"data", "classes"}``)."""
     from asbound.models.loaders import load_model
     from asbound.models.split import split_model
 
@@ -76,4 +77,4 @@ def load_run(
     # the run trained on inputs of this shape (after its --resize, if any)
     input_format = InputFormat(*shape) if len(shape) == 3 else loaded.input_format
     notes = [f"transfer run {folder} ({config.get('method')}) on {base['model']}", *loaded.notes]
-    return split.eval(), input_format, notes
+    return split.eval(), input_format, notes, {"data": config.get("data"), "classes": config.get("classes")}

@@ -60,6 +60,7 @@ class TransferConfig:
     n_val: Optional[int] = None  # validation images drawn (seeded) from the validation split; None: all
     n_test: Optional[int] = None  # test images for the evaluation and the scores; None: all
     score_n: Optional[int] = 1000  # test images for `score` before and after (the attacks are costly)
+    score_steps: int = 20  # PGD steps of those scores (relative step 0.7, as `score`)
     eval_steps: "tuple[int, ...]" = (10, 20)
     autoattack: bool = False
     score: bool = True
@@ -117,6 +118,8 @@ class TransferConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (or 'all'), got {value!r}")
+        if not isinstance(self.score_steps, int) or isinstance(self.score_steps, bool) or self.score_steps < 1:
+            raise ConfigError(f"score steps must be a whole number >= 1, got {self.score_steps!r}")
         steps = tuple(self.eval_steps)
         if not steps or any(not isinstance(k, int) or k < 1 for k in steps):
             raise ConfigError(f"eval steps must be whole numbers >= 1, got {self.eval_steps!r}")

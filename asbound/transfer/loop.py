@@ -228,6 +228,7 @@ def train_stage(
         started = time.perf_counter()
         loss_sum = correct = seen = 0.0
         batches = _cached_batches(cached, settings.batch_size, seed) if cached is not None else train_batches(seed, True)
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
         for step, (x, y) in enumerate(batches):
             x, y = to_format(x.to(device, non_blocking=True), fmt), y.to(device, non_blocking=True)
             train_mode(model, stage.scope)
@@ -255,6 +256,13 @@ def train_stage(
             seen += len(y)
             on_batch(epoch, step, value, optimizer.param_groups[0]["lr"])
         seconds = time.perf_counter() - started
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a finite loss with an infinite gradient: nothing non-finite is ever checkpointed
+            raise TrainingDiverged(
+                f"the weights became non-finite ({bad[0]}{' and more' if len(bad) > 1 else ''}) in stage "
+                f"{stage.name}, epoch {epoch + 1}, though every loss was finite; the last good checkpoint "
+                f"(after epoch {epoch}) is kept; rerun with a lower learning rate (--lr / --lr-ft) into another --out"
+            )
         robust_needed = plan.select == "robust" or stage.adversarial or epoch == plan.epochs - 1
         val_clean, val_robust = accuracy(
             model, val_batches(), device, attack=settings.attack if robust_needed else None,
@@ -262,7 +270,7 @@ def train_stage(
         )
         record = EpochRecord(
             stage=stage.name, epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
-            train_accuracy=correct / max(seen, 1), lr=optimizer.param_groups[0]["lr"],
+            train_accuracy=correct / max(seen, 1), lr=epoch_lr,
             val_accuracy=val_clean, val_robust_accuracy=val_robust, seconds=seconds,
             images_per_second=seen / seconds if seconds > 0 else float("nan"),
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from asbound.models import SplitModel, load_model, split_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
 from asbound.scoring import ScoreConfig, score
-from asbound.specs import format_eps, parse_data_spec, parse_model_spec
+from asbound.specs import ModelSpec, format_eps, parse_data_spec, parse_model_spec
 from asbound.transfer.config import TransferConfig
 from asbound.transfer.loop import (
     Checkpointer,
@@ -122,7 +123,7 @@ def plan_stages(method: Method, cfg: TransferConfig, augment: str) -> "list[Stag
         select = cfg.select if cfg.select != "auto" else ("robust" if stage.adversarial else "clean")
         cache = stage.scope == "head" and stage.objective == "ce" and augment == "none"
         plans.append(StagePlan(
-            stage=stage, index=i, epochs=max(1, round(cfg.epochs * stage.epoch_factor)),
+            stage=stage, index=i, epochs=max(1, math.ceil(cfg.epochs * stage.epoch_factor - 1e-9)),  # half of 5: 3
             lr=cfg.lr if stage.lr_role == "lp" else cfg.lr_ft, select=select, augment=augment,
             cache_features=cache,
         ))
@@ -276,7 +277,7 @@ def autoattack_accuracy(model: SplitModel, test: DataSet, cfg: TransferConfig, d
     correct = total = 0
     for x, y in test.loader(cfg.batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
-        x_adv = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))  # (images, their predictions)
         with torch.no_grad():
             correct += int((model(x_adv).argmax(1) == y).sum())
         total += len(y)
@@ -287,7 +288,7 @@ def _score_options(cfg: TransferConfig) -> dict:
     return dict(
         data=cfg.data, classes=cfg.classes, eps=cfg.eps, n=cfg.score_n, split="test", seed=cfg.seed,
         device=cfg.device, data_root=cfg.data_root, resize=cfg.resize, allow_pickle=cfg.allow_pickle,
-        download=cfg.download, batch_size=cfg.batch_size,
+        download=cfg.download, batch_size=cfg.batch_size, steps=cfg.score_steps,
     )
 
 
@@ -305,6 +306,24 @@ def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress:
 
 
 # --- the whole command -------------------------------------------------------------------------------
+
+
+def _absolute_path(path: "str | None") -> "str | None":
+    return str(Path(path).expanduser().resolve()) if path is not None else None
+
+
+def _absolute(spec: ModelSpec) -> ModelSpec:
+    """``file:``/``run:`` specs with absolute paths (others unchanged)."""
+    return dataclasses.replace(spec, name=_absolute_path(spec.name)) if spec.source in ("file", "run") else spec
+
+
+#: options that change the evaluation and the scores, not the training
+EVALUATION_KEYS = ("workers", "autoattack", "eval_steps", "n_test", "score", "score_n", "score_steps")
+
+
+def _option_defaults() -> dict:
+    """The option defaults (they stand in for options a config was written without)."""
+    return {f.name: f.default for f in dataclasses.fields(TransferConfig) if f.default is not dataclasses.MISSING}
 
 
 def training_positions(
@@ -339,6 +358,12 @@ def transfer(
     full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
     if full_train.task != "classification":
         raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")
+    if full_train.num_classes < 2:
+        raise ConfigError(f"transfer needs at least 2 classes; {full_train.spec}"
+                          f"{' --classes ' + str(cfg.classes) if cfg.classes else ''} has {full_train.num_classes}")
+    if cfg.autoattack and full_train.num_classes < 4:
+        raise ConfigError(f"--autoattack (standard: its targeted DLR attacks) needs at least 4 classes; "
+                          f"{full_train.spec} has {full_train.num_classes}; leave --autoattack out")
     train_pos, val_pos = training_positions(len(full_train), cfg.val_fraction, cfg.n, cfg.seed,
                                           cfg.n_val)
     train, val = full_train.subset(train_pos), full_train.subset(val_pos)
@@ -350,6 +375,13 @@ def transfer(
         raise ModelError(f"{loaded.spec} cannot run on {full_train.spec} inputs of shape "
                          f"{'x'.join(map(str, probe.shape[1:]))}: {describe(exc)}; give --resize SIDE") from None
     augment = resolve_augment(full_train, cfg.augment)
+    lone = len(train) % cfg.batch_size == 1
+    if lone and any(isinstance(m, torch.nn.BatchNorm1d) for m in base.modules()) and \
+            any(stage.scope != "head" for m in methods for stage in m.stages):
+        raise ConfigError(
+            f"{loaded.spec} has BatchNorm1d layers, which cannot train on a batch of one image, and "
+            f"{len(train)} training images in batches of {cfg.batch_size} leave one in the last batch; "
+            f"choose another --batch-size or --n")
     settings = Settings(
         optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         batch_size=cfg.batch_size,
@@ -362,7 +394,9 @@ def transfer(
         "n_train": len(train), "n_val": len(val), "n_test": len(test), "augment": augment,
         "amp": str(amp).replace("torch.", "") if amp else "off", "device": str(device),
         "base": {
-            "model": str(loaded.spec), "model_dir": cfg.model_dir, "weights": cfg.weights,
+            # absolute paths: run:DIR must load from any working directory
+            "model": str(_absolute(loaded.spec)), "model_dir": _absolute_path(cfg.model_dir),
+            "weights": _absolute_path(cfg.weights),
             "builtin_head": data_spec.factor, "feature_layer": cfg.feature_layer,
             "input_shape": list(probe.shape[1:]), "split_note": base.split_note,
         },
@@ -375,7 +409,10 @@ def transfer(
                     "stages": [dataclasses.asdict(p) | {"stage": p.stage.name} for p in plan_stages(method, cfg, augment)]}
         run = RunDir(folder)
         with run.locked():
-            run.claim(resolved)
+            # the evaluation's settings may change until the evaluation has finished (final.json)
+            finished = (folder / FINAL).exists()
+            run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
+                      defaults=_option_defaults())
             final = read_json(folder / FINAL)
             if final is None:
                 started = time.perf_counter()
