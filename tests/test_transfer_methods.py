@@ -21,11 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import asbound.transfer.loop as loop
 import asbound.transfer.run as run_module
 from asbound.models import SplitModel
-from asbound.transfer import METHODS, TransferConfig, transfer
-from asbound.transfer.loop import Checkpointer, Settings, StagePlan, StageProgress, accuracy, train_stage
+from asbound.transfer import METHODS, TransferConfig, loop, transfer
+from asbound.transfer.loop import (
+    Checkpointer,
+    Settings,
+    StagePlan,
+    StageProgress,
+    accuracy,
+    train_stage,
+)
 from asbound.transfer.methods import AttackSettings, Stage, batch_loss
 from asbound.transfer.optim import make_optimizer, schedule_factor
 
@@ -56,14 +62,14 @@ def _model(seed: int = 0) -> SplitModel:
     return SplitModel(backbone, head)
 
 
-def _data(n: int = 6, seed: int = 1) -> "tuple[torch.Tensor, torch.Tensor]":
+def _data(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = 0.25 + 0.5 * torch.rand(n, 1, 2, 2, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     return x, y
 
 
-def _bn_buffers(model: SplitModel) -> "dict[str, torch.Tensor]":
+def _bn_buffers(model: SplitModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
@@ -81,11 +87,11 @@ class _ModeSpy:
     """Records ``(backbone.training, input)`` of every forward pass through the backbone."""
 
     def __init__(self, model: SplitModel) -> None:
-        self.calls: "list[tuple[bool, torch.Tensor]]" = []
+        self.calls: list[tuple[bool, torch.Tensor]] = []
         self.handle = model.backbone.register_forward_pre_hook(
             lambda module, args: self.calls.append((module.training, args[0].detach().clone())))
 
-    def modes(self) -> "list[bool]":
+    def modes(self) -> list[bool]:
         return [mode for mode, _ in self.calls]
 
 
@@ -122,7 +128,7 @@ def test_madry_loss_is_the_ce_at_the_pgd_point_and_the_attack_runs_in_eval_mode(
 
     model.train()
     spy = _ModeSpy(model)
-    loss, logits = batch_loss(model, "madry", x, y, attack=ATTACK, generator=torch.Generator().manual_seed(5),
+    loss, _ = batch_loss(model, "madry", x, y, attack=ATTACK, generator=torch.Generator().manual_seed(5),
                               trades_beta=6.0)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert abs(float(loss.detach()) - float(clean)) > 1e-2  # not the clean loss
@@ -237,8 +243,7 @@ def test_weight_decay_shrinks_a_parameter_with_zero_gradient(name):
 
 class _Memory(Checkpointer):
     def __init__(self) -> None:
-        self.best: "dict | None" = None
-        self.best_epochs: "list[int]" = []
+        self.best: dict | None = None
 
     def save_last(self, plan, model, progress) -> None:
         pass
@@ -251,11 +256,10 @@ class _Memory(Checkpointer):
 
 
 def _settings(**kw) -> Settings:
-    options = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, schedule="cosine", batch_size=8,
-                   attack=AttackSettings(eps=0.1, steps=2, step=0.05), trades_beta=6.0, seed=3, method="m",
-                   device=torch.device("cpu"), amp=None)
-    options.update(kw)
-    return Settings(**options)
+    options = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "batch_size": 8,
+               "attack": AttackSettings(eps=0.1, steps=2, step=0.05), "trades_beta": 6.0, "seed": 3, "method": "m",
+               "device": torch.device("cpu"), "amp": None}
+    return Settings(**{**options, **kw})
 
 
 def _plan(objective: str = "ce", scope: str = "all", epochs: int = 2, lr: float = 0.1, select: str = "clean",
@@ -269,8 +273,8 @@ class _Loader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.calls: "list[tuple[int, bool]]" = []
-        self.orders: "list[list[int]]" = []
+        self.calls: list[tuple[int, bool]] = []
+        self.orders: list[list[int]] = []
 
     def __call__(self, seed: int, shuffle: bool):
         self.calls.append((seed, shuffle))
@@ -281,13 +285,13 @@ class _Loader:
                 for i in range(0, n, self.batch_size)]
 
 
-def _run(plan: StagePlan, settings: Settings, model: "SplitModel | None" = None, n: int = 24, **kw):
+def _run(plan: StagePlan, settings: Settings, model: SplitModel | None = None, n: int = 24, **kw):
     model = model if model is not None else _model()
     x, y = _data(n, seed=4)
     xv, yv = _data(8, seed=5)
     loader = _Loader(x, y, settings.batch_size)
     memory = _Memory()
-    lrs: "list[float]" = []
+    lrs: list[float] = []
     state = train_stage(model, plan, settings, loader, n, lambda: [(xv, yv)], memory, StageProgress(),
                         on_batch=lambda epoch, step, loss, lr: lrs.append(lr), **kw)
     return model, state, loader, lrs
@@ -295,7 +299,7 @@ def _run(plan: StagePlan, settings: Settings, model: "SplitModel | None" = None,
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 def test_the_learning_rate_follows_the_schedule_per_iteration(monkeypatch, schedule):
-    used: "list[float]" = []  # the rate of each optimizer step, read when the step is taken
+    used: list[float] = []  # the rate of each optimizer step, read when the step is taken
     real = loop.make_optimizer
 
     def spy(*args, **kwargs):
@@ -327,14 +331,14 @@ def test_each_epoch_has_its_own_reproducible_shuffle():
 
 def test_cached_feature_batches_are_reshuffled_every_epoch():
     model = _model()
-    seen: "list[torch.Tensor]" = []
+    seen: list[torch.Tensor] = []
     model.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     _run(_plan(scope="head", epochs=3, select="last", cache=True), _settings(batch_size=24), model=model)
     firsts = [g for g in seen if g.shape[0] == 24][-3:]  # one full batch per epoch (validation has 8)
     assert len(firsts) == 3
     assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
-    key = lambda g: sorted(map(tuple, g.tolist()))  # noqa: E731 - the same features, another order
-    assert key(firsts[0]) == key(firsts[1]) == key(firsts[2])
+    rows = [sorted(map(tuple, g.tolist())) for g in firsts]  # the same features, in another order
+    assert rows[0] == rows[1] == rows[2]
 
 
 def test_cached_features_train_the_same_head_as_the_backbone_path():
@@ -368,7 +372,7 @@ def test_validation_accuracy_runs_in_eval_mode_and_leaves_bn_statistics_alone():
 class _ScriptedAccuracy:
     """Stands in for ``loop.accuracy``: scripted (clean, robust) per validation, records the steps."""
 
-    def __init__(self, values: "list[tuple[float, float]]") -> None:
+    def __init__(self, values: list[tuple[float, float]]) -> None:
         self.values, self.calls = list(values), []
 
     def __call__(self, model, batches, device, *, attack=None, steps=10, seed=0):
