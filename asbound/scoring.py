@@ -30,7 +30,7 @@ from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representat
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.devices import resolve_device
-from asbound.errors import ConfigError, ModelError, describe
+from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
 from asbound.records import RunDir, clean_json, environment
@@ -238,20 +238,26 @@ def _batch_seed(seed: int, position: int) -> int:
     return (seed * 1_000_003 + position) % (2**63)
 
 
-def classes_for(loaded: LoadedModel, data_spec: DataSpec, classes: Optional[str]) -> Optional[str]:
+def classes_for(loaded: LoadedModel, data_spec: DataSpec, classes: Optional[str], as_only: bool = False) -> Optional[str]:
     """``--classes`` for a run on ``data_spec``: a ``run:DIR`` trained on that data with
     ``--classes`` has a head whose labels mean those classes, so they are the default, and another
-    selection is refused (it would relabel silently)."""
+    selection is refused (it would relabel silently). An AS-only score uses no labels: any goes."""
     trained = loaded.trained_on or {}
     recorded = trained.get("classes")
-    if recorded is None or trained.get("data") != str(data_spec):
+    if recorded is None or as_only:
+        return classes
+    try:
+        same_data = parse_data_spec(str(trained.get("data"))).canonical() == data_spec.canonical()
+    except SpecError:
+        same_data = False
+    if not same_data:
         return classes
     if classes is None:
         return recorded
     if parse_classes(classes) != parse_classes(recorded):
         raise ConfigError(f"{loaded.spec} was trained on {data_spec} --classes {recorded} (its head's labels "
                           f"are those classes, in that order); --classes {classes} would relabel them: "
-                          f"leave --classes out or give {recorded}")
+                          f"leave --classes out, give {recorded}, or score the AS alone with --as-only")
     return classes
 
 
@@ -274,7 +280,7 @@ def score(
         model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
         download=cfg.download, builtin_head=data_spec.factor,
     )
-    cfg = dataclasses.replace(cfg, classes=classes_for(loaded, data_spec, cfg.classes))
+    cfg = dataclasses.replace(cfg, classes=classes_for(loaded, data_spec, cfg.classes, cfg.as_only))
     data = load_data(
         data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
         download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,

@@ -28,6 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from asbound.errors import ConfigError, SpecError
@@ -85,6 +86,12 @@ class DataSpec:
         if self.factor is not None:
             return f"{self.source}:{self.factor}"
         return self.source
+
+    def canonical(self) -> str:
+        """The spec with an absolute path (``folder:``/``tensors:``): the same data from any directory."""
+        if self.path is None:
+            return str(self)
+        return f"{self.source}:{Path(self.path).expanduser().resolve()}"
 
 
 def _split_prefix(text: str, what: str, valid: str) -> tuple[str, str]:

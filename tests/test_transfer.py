@@ -535,10 +535,27 @@ def test_a_lone_last_image_for_batchnorm1d_is_refused_before_training(tmp_path, 
               "--classes", "5-9", "--epochs", "1", "--n", "65", "--batch-size", "64", "--no-score", "--no-progress"]
     rc = main([*common, "--method", "ft", "--out", str(tmp_path / "ft")])
     err = capsys.readouterr().err
-    assert rc == 2 and "BatchNorm1d" in err and "65 training images" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "batch of one image" in err and "65 training images" in err
+    assert "ft train the backbone" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ft" / "epochs.csv").exists()
     rc = main([*common, "--method", "lp", "--out", str(tmp_path / "lp")])  # the backbone stays in eval mode
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    common[common.index("--batch-size") + 1] = "1"
+    common[common.index("--n") + 1] = "5"
+    rc = main([*common, "--method", "trades-ft", "--out", str(tmp_path / "bs1")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--batch-size 1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_batchnorm2d_on_1x1_maps_with_a_lone_last_image_is_refused(tmp_path, capsys):
+    net = nn.Sequential(nn.Conv2d(1, 4, 8), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 5)).eval()
+    torch.save(net, tmp_path / "bn2d.pt")
+    rc = main(["transfer", "--model", f"file:{tmp_path / 'bn2d.pt'}", "--allow-pickle", "--data", "digits",
+               "--classes", "5-9", "--epochs", "1", "--n", "65", "--batch-size", "64", "--no-score", "--no-progress",
+               "--method", "adv-ft", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch of one image" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("epochs, ft_epochs", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (20, 10)])
@@ -552,3 +569,51 @@ def test_lp_ft_plans_half_the_epochs_rounded_up(epochs, ft_epochs):
     assert (lp.epochs, ft.epochs) == (epochs, ft_epochs)
     assert (lp.lr, ft.lr) == (0.03, 0.002)
     assert lp.cache_features and not ft.cache_features
+
+
+def test_a_transfer_chain_to_other_classes_and_as_only_scores_of_a_run(pretrained, tmp_path, capsys):
+    """run:A trained on digits 5-9 re-enters as the pretrained model of a transfer to digits 0-4 (its
+    AS-only score before transfer uses no labels), and `score --as-only` takes any classes."""
+    a = transfer(_cfg(pretrained, "lp", score=False, epochs=1), tmp_path / "A", progress=False,
+                 printer=lambda s: None)[0]
+    b = transfer(TransferConfig(model=f"run:{a.out}", data="digits", classes="0-4", method="lp", epochs=1, n=60,
+                                n_test=20, score_n=10, score_steps=2, eval_steps=(1,), allow_pickle=True),
+                 tmp_path / "B", progress=False, printer=lambda s: None)[0]
+    assert b.final["score_before"]["as_score"] > 0 and b.final["score_after"]["n"] == 10
+    rc = main(["score", "--model", f"run:{a.out}", "--allow-pickle", "--data", "digits", "--classes", "0-4",
+               "--as-only", "--n", "10", "--steps", "1", "--no-progress", "--out", str(tmp_path / "s")])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_run_classes_are_kept_whatever_the_spelling_of_the_data(pretrained, tmp_path, capsys, monkeypatch):
+    from fabricate import make_tensors_file
+
+    monkeypatch.chdir(tmp_path)
+    make_tensors_file(tmp_path / "t.pt", n=60, shape=(1, 8, 8), num_classes=10)
+    a = transfer(_cfg(pretrained, "lp", score=False, epochs=1, data="tensors:t.pt", classes="9,5", n=None,
+                      n_test=None), tmp_path / "A", progress=False, printer=lambda s: None)[0]
+    assert json.loads((a.out / "config.json").read_text())["data"] == f"tensors:{tmp_path / 't.pt'}"
+    rc = main(["score", "--model", f"run:{a.out}", "--allow-pickle", "--data", f"tensors:{tmp_path / 't.pt'}",
+               "--classes", "5,9", "--n", "10", "--steps", "1", "--no-progress", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would relabel" in err, err
+
+
+class _Cap(nn.Module):
+    """An activation cap whose buffer is infinite by design (no cap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("hi", torch.tensor(float("inf")))
+
+    def forward(self, x):
+        return torch.clamp(x, max=self.hi)
+
+
+def test_a_buffer_that_is_infinite_by_design_does_not_stop_training(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _Cap(), nn.ReLU(), nn.Linear(16, 5)).eval()
+    torch.save(net, tmp_path / "cap.pt")
+    results = transfer(TransferConfig(model=f"file:{tmp_path / 'cap.pt'}", data="digits", classes="5-9",
+                                      method="lp,ft", epochs=1, n=64, n_test=20, score=False, eval_steps=(1,),
+                                      allow_pickle=True), tmp_path / "run", progress=False, printer=lambda s: None)
+    assert all(r.final["test"]["clean_accuracy"] >= 0 for r in results)

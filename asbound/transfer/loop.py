@@ -211,6 +211,7 @@ def train_stage(
     scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == torch.float16)
     fmt = memory_format(settings.amp)
+    born_non_finite = set(_non_finite(model))  # e.g. an infinite cap or mask the model was built with
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -256,12 +257,13 @@ def train_stage(
             seen += len(y)
             on_batch(epoch, step, value, optimizer.param_groups[0]["lr"])
         seconds = time.perf_counter() - started
-        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [name for name in _non_finite(model) if name not in born_non_finite]
         if bad:  # a finite loss with an infinite gradient: nothing non-finite is ever checkpointed
+            kept = f"the last good checkpoint (after epoch {epoch}) is kept" if epoch else "no checkpoint of it was written"
             raise TrainingDiverged(
                 f"the weights became non-finite ({bad[0]}{' and more' if len(bad) > 1 else ''}) in stage "
-                f"{stage.name}, epoch {epoch + 1}, though every loss was finite; the last good checkpoint "
-                f"(after epoch {epoch}) is kept; rerun with a lower learning rate (--lr / --lr-ft) into another --out"
+                f"{stage.name}, epoch {epoch + 1}, though every loss was finite; {kept}; rerun with a lower "
+                f"learning rate (--lr / --lr-ft) into another --out"
             )
         robust_needed = plan.select == "robust" or stage.adversarial or epoch == plan.epochs - 1
         val_clean, val_robust = accuracy(
@@ -287,6 +289,11 @@ def train_stage(
         report(record)
     model.load_state_dict(checkpoints.load_best(plan))
     return state
+
+
+def _non_finite(model: torch.nn.Module) -> "list[str]":
+    """Names of the floating-point parameters and buffers holding a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def _cached_batches(cached: "tuple[Tensor, Tensor]", batch_size: int, seed: int) -> "Iterator[tuple[Tensor, Tensor]]":

@@ -308,6 +308,27 @@ def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress:
 # --- the whole command -------------------------------------------------------------------------------
 
 
+def _check_one_image_batches(base: SplitModel, probe: torch.Tensor, methods: "list[Method]", n_train: int,
+                             batch_size: int, spec: object) -> None:
+    """Refuse, before training, a batch of one image (``--batch-size 1``, or a last batch of one)
+    for methods that train the backbone when the model cannot train on one image (batch norm over
+    one value per channel: BatchNorm1d, or BatchNorm2d on 1x1 maps)."""
+    if not (batch_size == 1 or n_train % batch_size == 1):
+        return
+    training = [m.name for m in methods if any(stage.scope != "head" for stage in m.stages)]
+    if not training:
+        return
+    trial = copy.deepcopy(base).cpu().train()
+    try:
+        with torch.no_grad():
+            trial(probe[:1].cpu())
+    except (ValueError, RuntimeError) as exc:
+        where = "--batch-size 1" if batch_size == 1 else \
+            f"{n_train} training images in batches of {batch_size} leave one in the last batch"
+        raise ConfigError(f"{spec} cannot train on a batch of one image ({describe(exc)}), and {where}; "
+                          f"{', '.join(training)} train the backbone: choose another --batch-size or --n") from None
+
+
 def _absolute_path(path: "str | None") -> "str | None":
     return str(Path(path).expanduser().resolve()) if path is not None else None
 
@@ -318,12 +339,13 @@ def _absolute(spec: ModelSpec) -> ModelSpec:
 
 
 #: options that change the evaluation and the scores, not the training
-EVALUATION_KEYS = ("workers", "autoattack", "eval_steps", "n_test", "score", "score_n", "score_steps")
+EVALUATION_KEYS = ("workers", "autoattack", "eval_steps", "n_test")
 
 
 def _option_defaults() -> dict:
-    """The option defaults (they stand in for options a config was written without)."""
-    return {f.name: f.default for f in dataclasses.fields(TransferConfig) if f.default is not dataclasses.MISSING}
+    """The option defaults as a config records them (validated: eps as a float); they stand in for
+    options a config was written without."""
+    return dataclasses.asdict(TransferConfig(model="builtin:lenet-random", data="digits").validated())
 
 
 def training_positions(
@@ -375,13 +397,7 @@ def transfer(
         raise ModelError(f"{loaded.spec} cannot run on {full_train.spec} inputs of shape "
                          f"{'x'.join(map(str, probe.shape[1:]))}: {describe(exc)}; give --resize SIDE") from None
     augment = resolve_augment(full_train, cfg.augment)
-    lone = len(train) % cfg.batch_size == 1
-    if lone and any(isinstance(m, torch.nn.BatchNorm1d) for m in base.modules()) and \
-            any(stage.scope != "head" for m in methods for stage in m.stages):
-        raise ConfigError(
-            f"{loaded.spec} has BatchNorm1d layers, which cannot train on a batch of one image, and "
-            f"{len(train)} training images in batches of {cfg.batch_size} leave one in the last batch; "
-            f"choose another --batch-size or --n")
+    _check_one_image_batches(base, probe, methods, len(train), cfg.batch_size, loaded.spec)
     settings = Settings(
         optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         batch_size=cfg.batch_size,
@@ -390,6 +406,7 @@ def transfer(
     )
     resolved_common = {
         **dataclasses.asdict(cfg), "kind": RUN_KIND, "eps_text": format_eps(float(cfg.eps)),
+        "data": data_spec.canonical(), "data_root": _absolute_path(cfg.data_root),
         "num_classes": full_train.num_classes, "class_names": full_train.class_names,
         "n_train": len(train), "n_val": len(val), "n_test": len(test), "augment": augment,
         "amp": str(amp).replace("torch.", "") if amp else "off", "device": str(device),
