@@ -304,7 +304,7 @@ def _transfer(args: argparse.Namespace) -> int:
     if args.model is None or args.data is None:
         raise ConfigError("give --model and --data (the pretrained model and the downstream data)")
     err = Console(stderr=True)
-    results = transfer(cfg, args.out, progress=not args.no_progress, printer=lambda line: err.print(line, highlight=False))
+    results = transfer(cfg, args.out, progress=not args.no_progress, printer=lambda line: err.print(line, highlight=False, soft_wrap=True))
     finals = [r.final for r in results]
     if args.json:
         print(json.dumps(finals[0] if len(finals) == 1 else finals, indent=2))

@@ -180,7 +180,7 @@ def _train_method(
         with _EpochBar(progress, method.name, plan, len(train), cfg.batch_size) as bar:
             state = train_stage(
                 model, plan, settings, train_batches, len(train), val_batches, checkpoints, state,
-                report=lambda record: printer(_epoch_line(method.name, plan, record)), on_batch=bar.update,
+                report=lambda record: bar.say(_epoch_line(method.name, plan, record), printer), on_batch=bar.update,
             )
         stages.append(_stage_summary(plan, checkpoints.done_history + state.history))
         checkpoints.done_history = checkpoints.done_history + state.history
@@ -203,10 +203,15 @@ def _stage_summary(plan: StagePlan, history: "list[dict]") -> dict:
     }
 
 
+def _stage_label(method: str, plan: StagePlan) -> str:
+    """``adv-ft`` for a one-stage method, ``lp-ft: ft`` for a stage of a longer one."""
+    return method if plan.stage.name == method else f"{method}: {plan.stage.name}"
+
+
 def _epoch_line(method: str, plan: StagePlan, r: EpochRecord) -> str:
     robust = "-" if r.val_robust_accuracy is None else f"{100 * r.val_robust_accuracy:.1f}%"
     mark = "  *selected" if r.selected else ""
-    return (f"{method} {plan.stage.name} epoch {r.epoch}/{plan.epochs}: loss {r.train_loss:.4f}, "
+    return (f"{_stage_label(method, plan)} epoch {r.epoch}/{plan.epochs}: loss {r.train_loss:.4f}, "
             f"lr {r.lr:.3g}, val acc {100 * r.val_accuracy:.1f}%, val robust acc {robust}, "
             f"{r.images_per_second:.0f} img/s{mark}")
 
@@ -237,8 +242,15 @@ class _EpochBar:
         if epoch != self.epoch:
             self.epoch = epoch
             self.bar.reset(self.task, total=self.steps,
-                           description=f"{self.method} {self.plan.stage.name} epoch {epoch + 1}/{self.plan.epochs}")
+                           description=f"{_stage_label(self.method, self.plan)} epoch {epoch + 1}/{self.plan.epochs}")
         self.bar.update(self.task, completed=step + 1, info=f"loss {loss:.4f}  lr {lr:.3g}")
+
+    def say(self, line: str, printer: "Callable[[str], None]") -> None:
+        """A finished epoch's line: above the live bar when it shows, else through ``printer``."""
+        if self.enabled:
+            self.bar.console.print(line, highlight=False, soft_wrap=True)
+        else:
+            printer(line)
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
