@@ -44,16 +44,12 @@ from asbound.transfer import TransferConfig, transfer
 import train_builtin  # noqa: E402 - the LeNet probes and dSprites samples of the first builtins
 
 
-def _features_state(model_pt: Path) -> dict:
-    """The representation's weights from a run's ``model.pt`` (``backbone.features.*``)."""
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+def _run_state(folder: Path) -> "tuple[dict, dict]":
+    """The representation's weights (``backbone.features.*``) and the head of a run's ``model.pt``."""
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     prefix = "backbone.features."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _head_state(model_pt: Path) -> dict:
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
-    return {"weight": state["head.weight"], "bias": state["head.bias"]}
+    features = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return features, {"weight": state["head.weight"], "bias": state["head.bias"]}
 
 
 def _save(name: str, arch: str, features: dict, heads: dict, default_head: str, meta: dict, out: Path) -> None:
@@ -121,11 +117,10 @@ def main() -> None:
     for name, plan in plans.items():
         log(f"{name}: transfer {plan['method']} from builtin:digits-random on digits 0-4")
         final = _train(name, runs, log, model="builtin:digits-random", **digits, **plan)
-        head = _head_state(runs / name / "model.pt")
+        features, head = _run_state(runs / name)
         meta = {"name": name, "method": plan["method"], "eps": float(plan.get("eps", 0.0)),
                 "seed": args.seed, "run": str(runs / name)}
-        _save(name, "digits-cnn", _features_state(runs / name / "model.pt"), {"digits0-4": head}, "digits0-4",
-              meta, out)
+        _save(name, "digits-cnn", features, {"digits0-4": head}, "digits0-4", meta, out)
         record["models"][name] = {"training_seconds": final["training_seconds"], "test": final["test"],
                                   "stages": final["stages"]}
     # dSprites shape: LeNets trained from the random LeNet
@@ -144,14 +139,15 @@ def main() -> None:
     }.items():
         log(f"{name}: transfer {plan['method']} from {plan.get('model', shape['model'])} on dSprites shape")
         final = _train(name, runs, log, **{**shape, **plan})
+        features, trained_head = _run_state(runs / name)
         model = LeNet(3)
-        model.features.load_state_dict(_features_state(runs / name / "model.pt"))
+        model.features.load_state_dict(features)
         heads = train_builtin.fit_heads(model, x, cls, val, torch.device("cpu"))
-        heads["shape"] = _head_state(runs / name / "model.pt")  # the classifier trained with it
+        heads["shape"] = trained_head  # the classifier trained with it
         metrics = train_builtin.evaluate(model, heads, xe, clse, vale, torch.device("cpu"))
         meta = {"name": name, "method": plan["method"], "eps": 8 / 255 if "adv" in plan["method"] else 0.0,
                 "seed": args.seed, "run": str(runs / name)}
-        _save(name, "lenet", _features_state(runs / name / "model.pt"), heads, "shape", meta, out)
+        _save(name, "lenet", features, heads, "shape", meta, out)
         record["models"][name] = {"training_seconds": final["training_seconds"], "test": final["test"],
                                   "stages": final["stages"], "probe_test_metrics": metrics}
         log(f"  probes: {metrics}")

@@ -63,7 +63,7 @@ def environment() -> dict:
 def _identity(config: dict, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> dict:
     """The keys that decide whether two configs describe the same run; a key a config lacks
     (recorded before the option existed) counts as its default from ``defaults``."""
-    merged = {**{k: v for k, v in (defaults or {}).items()}, **config}
+    merged = {**(defaults or {}), **config}
     return {k: v for k, v in merged.items() if k not in VOLATILE_KEYS and k not in volatile}
 
 

@@ -54,6 +54,11 @@ class InputFormat:
         return f"{self.channels}x{self.height}x{self.width}"
 
 
+def absolute_path(path: str) -> str:
+    """``path`` with ``~`` expanded, made absolute and resolved."""
+    return str(Path(path).expanduser().resolve())
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed ``--model`` value."""
@@ -70,6 +75,12 @@ class ModelSpec:
         if self.source == "builtin" and self.head:
             return f"builtin:{self.name}/{self.head}"
         return f"{self.source}:{self.name}"
+
+    def canonical(self) -> str:
+        """The spec with an absolute path (``file:``/``run:``): the same model from any directory."""
+        if self.source in ("file", "run"):
+            return f"{self.source}:{absolute_path(self.name)}"
+        return str(self)
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class DataSpec:
         """The spec with an absolute path (``folder:``/``tensors:``): the same data from any directory."""
         if self.path is None:
             return str(self)
-        return f"{self.source}:{Path(self.path).expanduser().resolve()}"
+        return f"{self.source}:{absolute_path(self.path)}"
 
 
 def _split_prefix(text: str, what: str, valid: str) -> tuple[str, str]:

@@ -401,9 +401,9 @@ def test_validation_robust_accuracy_uses_the_configured_attack_steps(monkeypatch
     steps_seen = []
     real = loop.robust_correct
 
-    def spy(model, x, y, attack, steps, generator):
+    def spy(model, x, y, attack, steps, generator, **kwargs):
         steps_seen.append(steps)
-        return real(model, x, y, attack, steps, generator)
+        return real(model, x, y, attack, steps, generator, **kwargs)
 
     monkeypatch.setattr(loop, "robust_correct", spy)
     settings = _settings(attack=AttackSettings(eps=0.1, steps=4, step=0.03))
@@ -432,10 +432,10 @@ def test_test_pgd_k_runs_k_steps_not_the_training_steps(monkeypatch):
     steps_seen = []
     real = loop.robust_correct
 
-    def spy(model, x, y, attack, steps, generator):
+    def spy(model, x, y, attack, steps, generator, **kwargs):
         steps_seen.append(steps)
         assert attack.eps == pytest.approx(0.1) and attack.step == pytest.approx(0.03)
-        return real(model, x, y, attack, steps, generator)
+        return real(model, x, y, attack, steps, generator, **kwargs)
 
     monkeypatch.setattr(loop, "robust_correct", spy)
     cfg = TransferConfig(model="file:m.pt", data="digits", eps=0.1, attack_step=0.03, attack_steps=3,

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from asbound.errors import ModelError, describe
 from asbound.specs import InputFormat, ModelSpec
+
+if TYPE_CHECKING:
+    from asbound.models.split import SplitModel
 
 #: what a finished transfer run directory holds
 RUN_CONFIG = "config.json"
@@ -49,6 +52,19 @@ def read_run_config(path: "str | Path") -> dict:
     return config
 
 
+def with_run_weights(split: SplitModel, num_classes: int, folder: Path) -> SplitModel:
+    """``split`` with a ``Linear(m, num_classes)`` head and the run's trained weights (``model.pt``,
+    ``weights_only=True``) loaded into all of it."""
+    split = split.with_head(nn.Linear(split.feature_dim, num_classes))
+    try:
+        state = torch.load(folder / RUN_WEIGHTS, map_location="cpu", weights_only=True)
+        split.load_state_dict(state, strict=True)
+    except Exception as exc:  # an unloadable file, or weights that do not fit the rebuilt model
+        raise ModelError(f"run:{folder}: the trained weights in {folder / RUN_WEIGHTS} do not load "
+                         f"into the rebuilt model ({describe(exc)})") from None
+    return split
+
+
 def load_run(
     spec: ModelSpec, *, allow_pickle: bool = False, download: bool = False
 ) -> "tuple[nn.Module, Optional[InputFormat], list[str], dict]":
@@ -67,13 +83,7 @@ def load_run(
     shape = tuple(int(s) for s in base["input_shape"])
     probe = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
     split = split_model(loaded.module, probe, feature_layer=base.get("feature_layer"))
-    split = split.with_head(nn.Linear(split.feature_dim, int(config["num_classes"])))
-    try:
-        state = torch.load(folder / RUN_WEIGHTS, map_location="cpu", weights_only=True)
-        split.load_state_dict(state, strict=True)
-    except Exception as exc:  # an unloadable file, or weights that do not fit the rebuilt model
-        raise ModelError(f"run:{spec.name}: the trained weights in {folder / RUN_WEIGHTS} do not load "
-                         f"into the rebuilt model ({describe(exc)})") from None
+    split = with_run_weights(split, int(config["num_classes"]), folder)
     # the run trained on inputs of this shape (after its --resize, if any)
     input_format = InputFormat(*shape) if len(shape) == 3 else loaded.input_format
     notes = [f"transfer run {folder} ({config.get('method')}) on {base['model']}", *loaded.notes]

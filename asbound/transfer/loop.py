@@ -128,18 +128,16 @@ def autocast(settings: Settings) -> "contextlib.AbstractContextManager":
 # --- evaluation (always float32, eval mode) -------------------------------------------------------
 
 
-@torch.no_grad()
-def _clean_correct(model: SplitModel, x: Tensor, y: Tensor) -> Tensor:
-    return model(x).argmax(1) == y
-
-
 def robust_correct(
-    model: SplitModel, x: Tensor, y: Tensor, attack: AttackSettings, steps: int, generator: torch.Generator
+    model: SplitModel, x: Tensor, y: Tensor, attack: AttackSettings, steps: int, generator: torch.Generator,
+    g0: Optional[Tensor] = None,
 ) -> Tensor:
-    """Correct under PGD on the cross-entropy, judged on *every* evaluated point (clean included)."""
+    """Correct under PGD on the cross-entropy, judged on *every* evaluated point (clean included);
+    ``g0``: the clean representation ``g(x)`` when the caller has it."""
     with frozen(model):
-        with torch.no_grad():
-            g0 = model.features(x)
+        if g0 is None:
+            with torch.no_grad():
+                g0 = model.features(x)
         watch = Watch(model.head, g0, labels=y)
         watch.observe(g0)
         objective = loss_objective(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), y, watch=watch)
@@ -162,9 +160,11 @@ def accuracy(
     with frozen(model):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            clean += int(_clean_correct(model, x, y).sum())
+            with torch.no_grad():
+                g0 = model.features(x)  # once: the clean prediction and the attack's starting point
+                clean += int((model.head(g0).argmax(1) == y).sum())
             if attack is not None:
-                robust += int(robust_correct(model, x, y, attack, steps, generator).sum())
+                robust += int(robust_correct(model, x, y, attack, steps, generator, g0=g0).sum())
             total += len(y)
     if total == 0:
         return float("nan"), None

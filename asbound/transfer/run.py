@@ -36,10 +36,10 @@ from asbound.data import DataSet, load_data, resolve_augment, select_indices, va
 from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.errors import ConfigError, ModelError, describe
 from asbound.models import SplitModel, load_model, split_model
-from asbound.models.runs import RUN_KIND, RUN_WEIGHTS
+from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
 from asbound.scoring import ScoreConfig, score
-from asbound.specs import ModelSpec, format_eps, parse_data_spec, parse_model_spec
+from asbound.specs import absolute_path, format_eps, parse_data_spec, parse_model_spec
 from asbound.transfer.config import TransferConfig
 from asbound.transfer.loop import (
     Checkpointer,
@@ -342,12 +342,7 @@ def _check_one_image_batches(base: SplitModel, probe: torch.Tensor, methods: "li
 
 
 def _absolute_path(path: "str | None") -> "str | None":
-    return str(Path(path).expanduser().resolve()) if path is not None else None
-
-
-def _absolute(spec: ModelSpec) -> ModelSpec:
-    """``file:``/``run:`` specs with absolute paths (others unchanged)."""
-    return dataclasses.replace(spec, name=_absolute_path(spec.name)) if spec.source in ("file", "run") else spec
+    return absolute_path(path) if path is not None else None
 
 
 #: options that change the evaluation and the scores, not the training
@@ -424,7 +419,7 @@ def transfer(
         "amp": str(amp).replace("torch.", "") if amp else "off", "device": str(device),
         "base": {
             # absolute paths: run:DIR must load from any working directory
-            "model": str(_absolute(loaded.spec)), "model_dir": _absolute_path(cfg.model_dir),
+            "model": loaded.spec.canonical(), "model_dir": _absolute_path(cfg.model_dir),
             "weights": _absolute_path(cfg.weights),
             "builtin_head": data_spec.factor, "feature_layer": cfg.feature_layer,
             "input_shape": list(probe.shape[1:]), "split_note": base.split_note,
@@ -464,6 +459,4 @@ def transfer(
 
 
 def _load_trained(base: SplitModel, num_classes: int, folder: Path, device: torch.device) -> SplitModel:
-    model = copy.deepcopy(base).with_head(nn.Linear(base.feature_dim, num_classes))
-    model.load_state_dict(torch.load(folder / RUN_WEIGHTS, map_location="cpu", weights_only=True))
-    return model.to(device).eval()
+    return with_run_weights(copy.deepcopy(base), num_classes, folder).to(device).eval()
