@@ -185,18 +185,21 @@ def _steps_list(text: str) -> "tuple[int, ...]":
 
 def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     from asbound.transfer import METHODS, TransferConfig
-    from asbound.transfer.config import AMPS, AUGMENTS, SELECTS
+    from asbound.transfer.autolr import CONDITIONS
+    from asbound.transfer.config import AMPS, AUGMENTS, PEFTS, SELECTS
     from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
     d = TransferConfig(model="", data="")
     p = sub.add_parser(
         "transfer",
-        help="transfer a pretrained model (LP, FT, LP-FT, adversarial LP / FT, TRADES FT) and tabulate it against the bounds",
+        help="transfer a pretrained model (LP, FT, LP-FT, adversarial LP / FT, TRADES, RanLI, RoLI, AutoLoRa) "
+             "and tabulate it against the bounds",
         description=(
             "Train downstream models from a pretrained representation, one run directory per method "
             "(it resumes after the last complete epoch), evaluate clean / PGD / AutoAttack accuracy on "
             "the test split, and score the representation before and after transfer. Each run is a "
-            "model again: --model run:DIR."
+            "model again: --model run:DIR. Under `torchrun --nproc-per-node N -m asbound transfer ...` "
+            "the ranks train data-parallel (--batch-size is the global batch) and rank 0 writes."
         ),
         formatter_class=_DefaultsFormatter,
     )
@@ -206,7 +209,8 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="training and evaluation batch size")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimiser")
     g.add_argument("--lr", type=_number, default=d.lr, help="learning rate of head-only stages (LP, adv-LP)")
-    g.add_argument("--lr-ft", type=_number, default=d.lr_ft, help="learning rate of stages that train everything (FT, adv-FT, TRADES)")
+    g.add_argument("--lr-ft", type=_number, default=d.lr_ft,
+                   help="learning rate of stages that train everything (FT, adv-FT, TRADES; RanLI / RoLI with --peft full)")
     g.add_argument("--momentum", type=_number, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_number, default=d.weight_decay, help="weight decay")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule, stepped per iteration")
@@ -218,6 +222,24 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--amp", default=d.amp, choices=AMPS, help="mixed precision for training; auto: bf16 on CUDA, off on the CPU")
     g.add_argument("--workers", type=_whole, default=d.workers, help="data loader worker processes")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g = p.add_argument_group("RanLI / RoLI (seed 000) and AutoLoRa (seed 002)")
+    g.add_argument("--peft", default=d.peft, choices=PEFTS,
+                   help="what RanLI / RoLI's adversarial stage trains besides the head (lora, adapter, bias: at --lr)")
+    g.add_argument("--peft-rank", type=_whole, default=d.peft_rank, help="LoRA rank (--peft lora)")
+    g.add_argument("--peft-alpha", type=_number, default=d.peft_alpha, help="LoRA alpha; the update is scaled by alpha / rank")
+    g.add_argument("--adapter-reduction", type=_whole, default=d.adapter_reduction,
+                   help="adapter bottleneck: width / reduction (--peft adapter)")
+    g.add_argument("--autolora-lr", type=_number, default=d.autolora_lr, help="AutoLoRa's initial learning rate")
+    g.add_argument("--autolora-rank", type=_whole, default=d.autolora_rank, help="rank of AutoLoRa's natural branch")
+    g.add_argument("--autolora-alpha", type=_number, default=d.autolora_alpha, help="alpha of AutoLoRa's natural branch")
+    g.add_argument("--autolora-scale", type=_number, default=d.autolora_scale, help="lambda2 = scale * a (a: the LoRA branch's accuracy)")
+    g.add_argument("--autolora-rho", type=_number, default=d.autolora_rho,
+                   help="halve the lr at a checkpoint epoch when fewer than rho of the epochs since the last improved")
+    g.add_argument("--autolora-divide", type=_number, default=d.autolora_divide, help="the lr's divisor at a halving")
+    g.add_argument("--autolora-condition2", default=d.autolora_condition2, choices=CONDITIONS,
+                   help="the halving rule's second condition: the reference code's, or Auto-PGD's")
+    g.add_argument("--autolora-lambda-n", type=_whole, default=d.autolora_lambda_n,
+                   help="training images on which the LoRA branch's accuracy a is measured, 4 times an epoch")
     g = p.add_argument_group("attack (training and evaluation; L-inf)")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")
@@ -228,7 +250,9 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--autoattack", action="store_true", help="also run AutoAttack standard on the test data")
     _model_options(p, with_head=False)
     g = _data_options(p, d.seed)
-    g.add_argument("--n", type=_n, default=None, help="training images, or 'all' (default: all)")
+    g.add_argument("--n", "--n-train", dest="n", type=_n, default=None,
+                   help="training images, or 'all' (default: all); under torchrun write --n-train (torchrun "
+                        "takes --n for an abbreviation of its own options)")
     g.add_argument("--n-val", type=_n, default=None,
                    help="validation images drawn from the validation split, or 'all' (default: all)")
     g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
@@ -299,12 +323,18 @@ def _transfer(args: argparse.Namespace) -> int:
         eval_steps=args.eval_steps, autoattack=args.autoattack, score=not args.no_score, seed=args.seed,
         device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
         weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
-        download=args.download,
+        download=args.download, peft=args.peft, peft_rank=args.peft_rank, peft_alpha=args.peft_alpha,
+        adapter_reduction=args.adapter_reduction, autolora_lr=args.autolora_lr, autolora_rank=args.autolora_rank,
+        autolora_alpha=args.autolora_alpha, autolora_scale=args.autolora_scale, autolora_rho=args.autolora_rho,
+        autolora_divide=args.autolora_divide, autolora_condition2=args.autolora_condition2,
+        autolora_lambda_n=args.autolora_lambda_n,
     )
     if args.model is None or args.data is None:
         raise ConfigError("give --model and --data (the pretrained model and the downstream data)")
     err = Console(stderr=True)
     results = transfer(cfg, args.out, progress=not args.no_progress, printer=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    if not results:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     finals = [r.final for r in results]
     if args.json:
         print(json.dumps(finals[0] if len(finals) == 1 else finals, indent=2))

@@ -36,3 +36,14 @@ def _isolated(monkeypatch, tmp_path_factory):
     """Every test: ``$ASBOUND_DATA_ROOT`` and ``$ASBOUND_MODEL_DIR`` point at fresh empty folders,
     ``$XDG_CACHE_HOME`` (the user cache of platformdirs) at a fresh folder."""
     _isolate(monkeypatch, tmp_path_factory.mktemp("isolated"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -223,3 +223,13 @@ def run_held_by_another_process(out: PathLike) -> "Iterator[int]":
         yield holder.pid
     finally:
         holder.communicate("", timeout=60)
+
+
+def digits_cnn(outputs: int = 5) -> "torch.nn.Module":
+    """A small CNN for 8x8 digits: conv, batch norm, a hidden linear layer and a linear head."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, outputs),
+    )

@@ -22,14 +22,7 @@ import asbound.transfer.run as run_module
 from asbound import ScoreConfig, score
 from asbound.cli import main
 from asbound.transfer import TransferConfig, transfer
-from fabricate import run_held_by_another_process
-
-
-def _cnn(outputs: int = 5) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-        nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, outputs),
-    )
+from fabricate import digits_cnn, run_held_by_another_process
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def pretrained(tmp_path_factory) -> Path:
     from asbound.data import load_data
 
     torch.manual_seed(0)
-    net = _cnn()
+    net = digits_cnn()
     data = load_data("digits", split="train", classes="0-4")
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net.train()

@@ -36,12 +36,7 @@ from asbound.transfer.methods import AttackSettings, Stage, batch_loss
 from asbound.transfer.optim import make_optimizer, schedule_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a tiny split model with BatchNorm, and hand-written PGD --------------------------------------
@@ -203,14 +198,28 @@ def test_stage_plans_take_the_right_learning_rate_selection_and_cache():
     expected = {
         "lp": [(0.5, "clean", 4)], "ft": [(0.02, "clean", 4)], "lp-ft": [(0.5, "clean", 4), (0.02, "clean", 2)],
         "adv-lp": [(0.5, "robust", 4)], "adv-ft": [(0.02, "robust", 4)], "trades-ft": [(0.02, "robust", 4)],
+        "ranli": [(0.02, "robust", 4)], "roli": [(0.5, "robust", 4), (0.02, "robust", 4)],
+        "autolora": [(0.01, "robust", 4)],
     }
+    scopes = {"lp": ["head"], "ft": ["all"], "lp-ft": ["head", "all"], "adv-lp": ["head"], "adv-ft": ["all"],
+              "trades-ft": ["all"], "ranli": ["all"], "roli": ["head", "all"], "autolora": ["all"]}
     for name, method in METHODS.items():
         plans = run_module.plan_stages(method, cfg, "none")
         assert [(p.lr, p.select, p.epochs) for p in plans] == expected[name], name
+        assert [p.train_scope for p in plans] == scopes[name], name
         assert [p.cache_features for p in plans] == [name in ("lp", "lp-ft") and i == 0 for i in range(len(plans))]
         assert not any(p.cache_features for p in run_module.plan_stages(method, cfg, "crop"))
-    last = dataclasses.replace(cfg, select="last")
+        assert not any(p.cache_features for p in run_module.plan_stages(method, cfg, "none", distributed=True))
+        assert [p.peft is not None for p in plans] == [name == "autolora"] * len(plans)
+    last = dataclasses.replace(cfg, select="last", method="lp")
     assert {p.select for m in METHODS.values() for p in run_module.plan_stages(m, last, "none")} == {"last"}
+    # --peft: RanLI / RoLI's adversarial stage trains the PEFT set at --lr (full: everything at --lr-ft)
+    for variant in ("lora", "adapter", "bias"):
+        peft = dataclasses.replace(cfg, method="roli", peft=variant)
+        plans = run_module.plan_stages(METHODS["roli"], peft, "none")
+        assert [(p.train_scope, p.lr) for p in plans] == [("head", 0.5), ("peft", 0.5)]
+        assert plans[0].peft is None and plans[1].peft["variant"] == variant
+        assert run_module.saved_structure(plans) == (plans[1].peft if variant == "adapter" else None)
 
 
 def test_cosine_step_and_constant_schedules_match_the_closed_form():
@@ -375,7 +384,7 @@ class _ScriptedAccuracy:
     def __init__(self, values: list[tuple[float, float]]) -> None:
         self.values, self.calls = list(values), []
 
-    def __call__(self, model, batches, device, *, attack=None, steps=10, seed=0):
+    def __call__(self, model, batches, device, *, attack=None, steps=10, seed=0, world=None):
         self.calls.append((attack, steps))
         clean, robust = self.values.pop(0)
         return clean, (robust if attack is not None else None)

@@ -207,14 +207,18 @@ class DataSet:
         )
 
     def loader(self, batch_size: int, *, shuffle: bool = False, augment: str = "none", seed: int = 0,
-               workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+               workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
+               shard: "tuple[int, int]" = (0, 1)) -> DataLoader:
         """A ``DataLoader`` of ``(x float32 [b, C, H, W], y)`` batches, each read whole (one
         vectorised read and transform per batch).
 
         The order is ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))`` with
         ``shuffle``, else 0..n-1. ``augment`` (``none``, ``crop``, ``crop-flip``; see
         :mod:`asbound.data.augment`) draws each row's crop and flip from a generator seeded by
-        ``(seed, the row's position)``: the batches are the same for any ``workers``."""
+        ``(seed, the row's position)``: the batches are the same for any ``workers``.
+
+        ``shard=(rank, ranks)``: this rank's share ``batch[rank::ranks]`` of every batch (data-parallel
+        training under torchrun); a batch with fewer rows than ranks is left out."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch size {batch_size!r} is not valid; give a positive integer")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -224,11 +228,30 @@ class DataSet:
         order: "Iterable[int]" = (
             torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle
             else range(n))
+        sampler: "Iterable[list[int]]" = BatchSampler(order, batch_size, drop_last)
+        rank, ranks = shard
+        if ranks > 1:
+            sampler = _Shard(sampler, rank, ranks)
         return DataLoader(
             _Batches(self, augment, seed), batch_size=None,
-            sampler=BatchSampler(order, batch_size, drop_last), num_workers=workers,
+            sampler=sampler, num_workers=workers,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
         )
+
+
+class _Shard:
+    """Rank ``rank`` of ``ranks``: ``batch[rank::ranks]`` of each batch with at least ``ranks`` rows."""
+
+    def __init__(self, batches: "Iterable[list[int]]", rank: int, ranks: int) -> None:
+        self.batches, self.rank, self.ranks = batches, rank, ranks
+
+    def __iter__(self) -> "Iterable[list[int]]":
+        for batch in self.batches:
+            if len(batch) >= self.ranks:
+                yield batch[self.rank::self.ranks]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class _Batches(Dataset):

@@ -52,10 +52,12 @@ def read_run_config(path: "str | Path") -> dict:
     return config
 
 
-def with_run_weights(split: SplitModel, num_classes: int, folder: Path) -> SplitModel:
-    """``split`` with a ``Linear(m, num_classes)`` head and the run's trained weights (``model.pt``,
-    ``weights_only=True``) loaded into all of it."""
-    split = split.with_head(nn.Linear(split.feature_dim, num_classes))
+def with_run_weights(split: SplitModel, num_classes: int, folder: Path, structure: "dict | None" = None) -> SplitModel:
+    """``split`` with a ``Linear(m, num_classes)`` head, the run's saved ``structure`` (adapters)
+    rebuilt, and the run's trained weights (``model.pt``, ``weights_only=True``) loaded into all of it."""
+    from asbound.models.peft import rebuild_structure
+
+    split = rebuild_structure(split.with_head(nn.Linear(split.feature_dim, num_classes)), structure)
     try:
         state = torch.load(folder / RUN_WEIGHTS, map_location="cpu", weights_only=True)
         split.load_state_dict(state, strict=True)
@@ -83,7 +85,7 @@ def load_run(
     shape = tuple(int(s) for s in base["input_shape"])
     probe = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
     split = split_model(loaded.module, probe, feature_layer=base.get("feature_layer"))
-    split = with_run_weights(split, int(config["num_classes"]), folder)
+    split = with_run_weights(split, int(config["num_classes"]), folder, config.get("structure"))
     # the run trained on inputs of this shape (after its --resize, if any)
     input_format = InputFormat(*shape) if len(shape) == 3 else loaded.input_format
     notes = [f"transfer run {folder} ({config.get('method')}) on {base['model']}", *loaded.notes]

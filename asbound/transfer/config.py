@@ -8,6 +8,11 @@ FT, adv-FT, TRADES-FT            lr 0.001 (``--lr-ft``), otherwise as LP
 LP-FT                            LP as above, then FT from that head for half the epochs
 training attack                  L-inf PGD-10, eps 8/255, step 2/255, uniform random start
 TRADES                           beta 6, PGD-10 on the KL from x + 0.001 N(0, I)
+RanLI, RoLI (seed 000)           stage 2 (RoLI: after adv-LP, from its selected head) is Madry
+                                 PGD-AT of what ``--peft`` says: full (lr ``--lr-ft``), lora (rank
+                                 16, alpha 16), adapter (reduction 8) or bias (lr ``--lr``)
+AutoLoRa (seed 002)              LoRA natural branch rank 8, alpha 1; lambda1 = 1 - a, lambda2 = 6 a;
+                                 SGD from lr 0.01 with the automated halving rule (rho 0.75, divide 2)
 model selection                  5% seeded validation split of the training data; the epoch with
                                  the best robust validation accuracy (adversarial stages) or clean
                                  validation accuracy (standard stages); the test split is used once
@@ -24,12 +29,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from asbound.errors import ConfigError
+from asbound.models.peft import VARIANTS
+from asbound.transfer.autolr import CONDITIONS
 from asbound.specs import parse_data_spec, parse_eps, parse_model_spec
 from asbound.transfer.methods import parse_methods
 from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
 SELECTS = ("auto", "robust", "clean", "last")
+PEFTS = VARIANTS
 AMPS = ("auto", "off", "bf16", "fp16")
 
 
@@ -53,6 +61,18 @@ class TransferConfig:
     attack_steps: int = 10
     attack_step: "float | str" = "2/255"
     trades_beta: float = 6.0
+    peft: str = "full"  # RanLI / RoLI stage 2: full, lora, adapter or bias
+    peft_rank: int = 16
+    peft_alpha: float = 16.0
+    adapter_reduction: int = 8
+    autolora_lr: float = 0.01
+    autolora_rank: int = 8
+    autolora_alpha: float = 1.0
+    autolora_scale: float = 6.0  # lambda2 = scale * a
+    autolora_rho: float = 0.75
+    autolora_divide: float = 2.0
+    autolora_condition2: str = "code"  # "code" (the reference's) or "apgd" (Auto-PGD's)
+    autolora_lambda_n: int = 512  # training images on which the LoRA branch's accuracy a is measured
     val_fraction: float = 0.05
     select: str = "auto"
     augment: str = "auto"
@@ -82,7 +102,8 @@ class TransferConfig:
         parse_data_spec(self.data)
         parse_methods(self.method)
         eps, step = parse_eps(self.eps), parse_eps(self.attack_step)
-        for name in ("epochs", "batch_size", "attack_steps", "seed", "workers"):
+        for name in ("epochs", "batch_size", "attack_steps", "seed", "workers", "peft_rank", "adapter_reduction",
+                     "autolora_rank", "autolora_lambda_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name.replace('_', '-')} must be a whole number, got {value!r}")
@@ -94,7 +115,30 @@ class TransferConfig:
             raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        for name in ("lr", "lr_ft"):
+        for name in ("peft_rank", "adapter_reduction", "autolora_rank", "autolora_lambda_n"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("peft_alpha", "autolora_alpha", "autolora_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name.replace('_', '-')} must be a number > 0, got {value!r}")
+        if not (isinstance(self.autolora_rho, (int, float)) and 0 < self.autolora_rho <= 1):
+            raise ConfigError(f"autolora-rho must lie in (0, 1], got {self.autolora_rho!r}")
+        if not (isinstance(self.autolora_divide, (int, float)) and math.isfinite(self.autolora_divide)
+                and self.autolora_divide > 1):
+            raise ConfigError(f"autolora-divide must be a number > 1, got {self.autolora_divide!r}")
+        if self.autolora_condition2 not in CONDITIONS:
+            raise ConfigError(f"autolora-condition2 {self.autolora_condition2!r} is not valid; valid: {', '.join(CONDITIONS)}")
+        if self.peft not in PEFTS:
+            raise ConfigError(f"unknown --peft variant {self.peft!r}; valid: {', '.join(PEFTS)}")
+        names = [m.name for m in parse_methods(self.method)]
+        if self.peft != "full" and not {"ranli", "roli"} & set(names):
+            raise ConfigError(f"--peft {self.peft} applies to the methods ranli and roli only; "
+                              f"--method {self.method} has neither")
+        if any(m.name == "autolora" for m in parse_methods(self.method)) and self.select not in ("auto", "robust"):
+            raise ConfigError(f"autolora selects and restores weights on robust validation accuracy (seed 002); "
+                              f"--select {self.select} is not valid with it: use auto or robust")
+        for name in ("lr", "lr_ft", "autolora_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 10):
                 raise ConfigError(f"{name.replace('_', '-')} must lie in (0, 10], got {value!r}")

@@ -10,6 +10,18 @@ same weights as an uninterrupted run: every random draw is a function of the epo
 A head-only stage with the plain cross-entropy and no augmentation trains on features computed
 once (the backbone is frozen and in eval mode, so they do not change): 20 epochs then cost one
 pass of the backbone.
+
+AutoLoRa's stage (seed 002) has no schedule: its learning rate follows the automated rule of
+:mod:`asbound.transfer.autolr` on the robust validation accuracy (halving and restoring the best
+weights at checkpoint epochs), and its ``lambda1 = 1 - a``, ``lambda2 = s a`` use ``a``, the clean
+accuracy of the LoRA branch (eval mode) on a fixed seeded subset of the training images
+(``--autolora-lambda-n``, no augmentation), measured at the start of every epoch and after each
+quarter of it: the reference measures on the whole augmented training set five times an epoch
+(P-A2), which costs more than the training.
+
+Under ``torchrun`` every rank trains on its share of each global batch through
+``DistributedDataParallel`` (:mod:`asbound.distributed`); sums and validation counts are reduced
+over the ranks, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -25,10 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asbound.attacks import Watch, loss_objective
-from asbound.errors import AsboundError
 from asbound.devices import memory_format, to_format
+from asbound.distributed import SINGLE, World
+from asbound.errors import AsboundError
 from asbound.models import SplitModel, frozen
-from asbound.transfer.methods import AttackSettings, Stage, batch_loss, set_scope, train_mode
+from asbound.models.peft import lora_branch
+from asbound.transfer.autolr import AutoLR, default_checkpoints
+from asbound.transfer.methods import AttackSettings, Stage, StepLoss, batch_loss, set_scope, train_mode
 from asbound.transfer.optim import make_optimizer, make_scheduler
 
 
@@ -52,10 +67,26 @@ class StagePlan:
     select: str  # "robust", "clean" or "last"
     augment: str
     cache_features: bool
+    scope: str = ""  # what trains, resolved ("head", "all" or "peft"); "" means the stage's own scope
+    peft: Optional[dict] = None  # the PEFT structure built at the stage's start (a PeftSpec record)
 
     @property
     def key(self) -> str:
         return f"{self.index}-{self.stage.name}"
+
+    @property
+    def train_scope(self) -> str:
+        return self.scope or self.stage.scope
+
+
+@dataclass(frozen=True)
+class AutoLoraSettings:
+    """AutoLoRa's lambdas (``lambda2 = scale * a``) and its automated learning-rate rule."""
+
+    scale: float = 6.0
+    rho: float = 0.75
+    divide: float = 2.0
+    condition2: str = "code"
 
 
 @dataclass
@@ -74,6 +105,8 @@ class Settings:
     device: torch.device
     amp: Optional[torch.dtype]  # autocast dtype, or None
     workers: int = 0
+    world: World = SINGLE
+    autolora: AutoLoraSettings = AutoLoraSettings()
 
 
 @dataclass
@@ -88,9 +121,14 @@ class EpochRecord:
     seconds: float
     images_per_second: float
     selected: bool = False
+    lambda1: Optional[float] = None  # AutoLoRa's lambdas at the epoch's first step
+    lambda2: Optional[float] = None
 
     def as_row(self) -> dict:
-        return dict(self.__dict__)
+        row = dict(self.__dict__)
+        if self.lambda1 is None:
+            del row["lambda1"], row["lambda2"]
+        return row
 
 
 @dataclass
@@ -103,6 +141,7 @@ class StageProgress:
     optimizer: Optional[dict] = None
     scheduler: Optional[dict] = None
     scaler: Optional[dict] = None
+    autolr: Optional[dict] = None  # AutoLoRa's learning-rate rule
     history: "list[dict]" = field(default_factory=list)
 
 
@@ -153,10 +192,12 @@ def accuracy(
     attack: Optional[AttackSettings] = None,
     steps: int = 10,
     seed: int = 0,
+    world: World = SINGLE,
 ) -> "tuple[float, Optional[float]]":
-    """Clean accuracy and, with an ``attack``, robust accuracy over ``batches`` (float32, eval)."""
+    """Clean accuracy and, with an ``attack``, robust accuracy over ``batches`` (float32, eval);
+    in a distributed ``world`` the batches are this rank's share and the counts are summed."""
     clean = robust = total = 0
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + world.rank)
     with frozen(model):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -166,6 +207,7 @@ def accuracy(
             if attack is not None:
                 robust += int(robust_correct(model, x, y, attack, steps, generator, g0=g0).sum())
             total += len(y)
+    clean, robust, total = world.sum([clean, robust, total], device)
     if total == 0:
         return float("nan"), None
     return clean / total, (robust / total if attack is not None else None)
@@ -183,6 +225,27 @@ def _features(model: SplitModel, batches: "Iterator[tuple[Tensor, Tensor]]", dev
     return torch.cat(feats), torch.cat(labels)
 
 
+def lora_accuracy(model: SplitModel, batches: "Iterator[tuple[Tensor, Tensor]]", device: torch.device,
+                  world: World = SINGLE) -> float:
+    """Clean accuracy of AutoLoRa's natural (LoRA) branch, eval mode, over ``batches`` (P-A1: the
+    LoRA branch, not the feature extractor the reference's default path measures)."""
+    correct = total = 0
+    with frozen(model), torch.no_grad(), lora_branch(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    correct, total = world.sum([correct, total], device)
+    return correct / total if total else 0.0
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world: World = SINGLE) -> int:
+    """Optimiser steps per epoch: global batches of ``batch_size``; under torchrun a last batch
+    with fewer images than ranks is left out (every rank must take every step)."""
+    full, rest = divmod(n_train, batch_size)
+    return max(1, full + (1 if rest >= max(1, world.size) else 0))
+
+
 def train_stage(
     model: SplitModel,
     plan: StagePlan,
@@ -195,51 +258,78 @@ def train_stage(
     *,
     report: Callable[[EpochRecord], None] = lambda r: None,
     on_batch: Callable[[int, int, float, float], None] = lambda *a: None,
+    lambda_batches: Optional[Callable[[], "Iterator[tuple[Tensor, Tensor]]"]] = None,
 ) -> StageProgress:
     """Train ``model`` through one stage, from ``state`` (a fresh or resumed stage).
 
-    ``train_batches(seed, shuffle)`` yields the epoch's (augmented) training batches;
-    ``val_batches()`` the validation batches. On return the model holds the selected weights
-    (the best validation epoch, or the last with ``select == "last"``).
+    ``train_batches(seed, shuffle)`` yields the epoch's (augmented) training batches (under
+    torchrun: this rank's share of each global batch); ``val_batches()`` the validation batches
+    (this rank's share); ``lambda_batches()`` AutoLoRa's subset for measuring its lambdas. On
+    return the model holds the selected weights (the best validation epoch, or the last with
+    ``select == "last"``).
     """
     stage = plan.stage
-    device = settings.device
-    params = set_scope(model, stage.scope)
+    scope = plan.train_scope
+    device, world = settings.device, settings.world
+    params = set_scope(model, scope)
     optimizer = make_optimizer(params, settings.optimizer, lr=plan.lr, momentum=settings.momentum,
                                weight_decay=settings.weight_decay)
-    steps_per_epoch = max(1, -(-n_train // settings.batch_size))
-    scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * steps_per_epoch)
+    n_steps = steps_per_epoch(n_train, settings.batch_size, world)
+    autolr: Optional[AutoLR] = None
+    scheduler = None
+    if stage.objective == "autolora":
+        auto = settings.autolora
+        autolr = AutoLR(plan.lr, default_checkpoints(plan.epochs), rho=auto.rho, divide=auto.divide,
+                        condition2=auto.condition2)
+        if lambda_batches is None:
+            raise ValueError("the autolora objective needs lambda_batches")
+    else:
+        scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * n_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == torch.float16)
     fmt = memory_format(settings.amp)
     born_non_finite = set(_non_finite(model))  # e.g. an infinite cap or mask the model was built with
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        if scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             scaler.load_state_dict(state.scaler)
+    if autolr is not None:
+        if state.autolr:
+            autolr.load_state_dict(state.autolr)
+        _set_lr(optimizer, autolr.lr)
     cached = None
     if plan.cache_features:
         cached = _features(model, train_batches(0, False), device)
+    objective = "features" if cached is not None else stage.objective
+    net: torch.nn.Module = StepLoss(model, objective, settings.trades_beta)
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     while state.epoch < plan.epochs:
         epoch = state.epoch
         seed = derived_seed(settings.seed, settings.method, plan.key, epoch)
-        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-        attack_gen = torch.Generator().manual_seed(seed + 1)
+        torch.manual_seed(seed + world.rank)  # dropout and anything else drawing from the global generator
+        attack_gen = torch.Generator().manual_seed(seed + 1 + world.rank)
         started = time.perf_counter()
         loss_sum = correct = seen = 0.0
         batches = _cached_batches(cached, settings.batch_size, seed) if cached is not None else train_batches(seed, True)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
+        lambdas = epoch_lambdas = None
+        quarter = n_steps // 4
+        if autolr is not None:
+            lambdas = epoch_lambdas = _lambdas(model, lambda_batches(), device, world, settings.autolora.scale)
         for step, (x, y) in enumerate(batches):
+            if step >= n_steps:  # a rank's share of a last global batch too small to split
+                break
             x, y = to_format(x.to(device, non_blocking=True), fmt), y.to(device, non_blocking=True)
-            train_mode(model, stage.scope)
+            world.sync_buffers(model)  # the attack runs in eval mode on rank 0's statistics, on every rank
+            train_mode(model, scope)
             with autocast(settings):
-                if cached is not None:
-                    logits = model.head(x)
-                    loss = F.cross_entropy(logits, y)
-                else:
-                    loss, logits = batch_loss(model, stage.objective, x, y, attack=settings.attack,
-                                              generator=attack_gen, trades_beta=settings.trades_beta)
+                loss, logits = batch_loss(model, objective, x, y, attack=settings.attack, generator=attack_gen,
+                                          trades_beta=settings.trades_beta, lambdas=lambdas or (1.0, 0.0), net=net)
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 raise TrainingDiverged(
@@ -251,12 +341,18 @@ def train_stage(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             loss_sum += value * len(y)
             correct += float((logits.detach().argmax(1) == y).sum())
             seen += len(y)
             on_batch(epoch, step, value, optimizer.param_groups[0]["lr"])
+            if autolr is not None and quarter > 0 and (step + 1) % quarter == 0 and step + 1 < n_steps:
+                world.sync_buffers(model)
+                lambdas = _lambdas(model, lambda_batches(), device, world, settings.autolora.scale)
         seconds = time.perf_counter() - started
+        loss_sum, correct, seen = world.sum([loss_sum, correct, seen], device)
+        world.sync_buffers(model)  # validation and the checkpoint: rank 0's model on every rank
         bad = [name for name in _non_finite(model) if name not in born_non_finite]
         if bad:  # a finite loss with an infinite gradient: nothing non-finite is ever checkpointed
             kept = f"the last good checkpoint (after epoch {epoch}) is kept" if epoch else "no checkpoint of it was written"
@@ -268,27 +364,48 @@ def train_stage(
         robust_needed = plan.select == "robust" or stage.adversarial or epoch == plan.epochs - 1
         val_clean, val_robust = accuracy(
             model, val_batches(), device, attack=settings.attack if robust_needed else None,
-            steps=settings.attack.steps, seed=derived_seed(settings.seed, "val"),
+            steps=settings.attack.steps, seed=derived_seed(settings.seed, "val"), world=world,
         )
         record = EpochRecord(
             stage=stage.name, epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
             train_accuracy=correct / max(seen, 1), lr=epoch_lr,
             val_accuracy=val_clean, val_robust_accuracy=val_robust, seconds=seconds,
             images_per_second=seen / seconds if seconds > 0 else float("nan"),
+            lambda1=None if epoch_lambdas is None else epoch_lambdas[0],
+            lambda2=None if epoch_lambdas is None else epoch_lambdas[1],
         )
         metric = {"robust": val_robust, "clean": val_clean, "last": float(epoch)}[plan.select]
         if metric is not None and metric > state.best_metric:
             state.best_metric, state.best_epoch = float(metric), epoch + 1
             record.selected = True
             checkpoints.save_best(plan, model)
+        if autolr is not None:  # its own best is the selection's (robust validation accuracy, strictly better)
+            decision = autolr.step(float(val_robust))
+            if decision.restore:  # the best weights back; the optimiser's momentum is kept (as the reference)
+                model.load_state_dict(checkpoints.load_best(plan))
+            _set_lr(optimizer, decision.lr)
+            state.autolr = autolr.state_dict()
         state.epoch = epoch + 1
         state.history.append(record.as_row())
-        state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
+        state.optimizer = optimizer.state_dict()
+        state.scheduler = scheduler.state_dict() if scheduler is not None else None
         state.scaler = scaler.state_dict() if scaler.is_enabled() else None
         checkpoints.save_last(plan, model, state)
         report(record)
     model.load_state_dict(checkpoints.load_best(plan))
     return state
+
+
+def _lambdas(model: SplitModel, batches: "Iterator[tuple[Tensor, Tensor]]", device: torch.device, world: World,
+             scale: float) -> "tuple[float, float]":
+    """AutoLoRa's ``(lambda1, lambda2) = (1 - a, scale a)``, ``a`` the LoRA branch's clean accuracy."""
+    a = lora_accuracy(model, batches, device, world)
+    return 1.0 - a, scale * a
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _non_finite(model: torch.nn.Module) -> "list[str]":
@@ -297,7 +414,8 @@ def _non_finite(model: torch.nn.Module) -> "list[str]":
 
 
 def _cached_batches(cached: "tuple[Tensor, Tensor]", batch_size: int, seed: int) -> "Iterator[tuple[Tensor, Tensor]]":
-    """The features' batches in the order a seeded shuffling loader would give the images."""
+    """The features' batches in the order a seeded shuffling loader would give the images (one
+    process only: under torchrun the features are not cached)."""
     feats, labels = cached
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(feats.device)
     for i in range(0, len(order), batch_size):

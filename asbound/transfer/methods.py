@@ -14,12 +14,25 @@ adv-lp     head (backbone frozen, eval mode)                CE(f(x~), y), x~ = P
 adv-ft     all; the attack runs in eval mode                CE(f(x~), y), x~ = PGD on CE (Madry)
 trades-ft  all; the attack runs in eval mode                CE(f(x), y) + beta KL(p(x) || p(x~)),
                                                             x~ = PGD on the KL from x + 0.001 N(0, I)
+ranli      ``--peft`` (full, lora, adapter, bias) + head,   Madry, as adv-ft
+           from a random head (seed 000)
+roli       adv-lp, then ranli's stage from the adv-lp       Madry
+           stage's selected head, fresh optimiser (seed 000)
+autolora   all + a LoRA natural branch (seed 002)           l1 CE(f_nat(x), y) + (1 - l1) CE(f(x~), y)
+                                                            + l2 KL(p_nat(x) || p(x~)), x~ = PGD on
+                                                            CE(f(.), y) from x + 0.001 N(0, I)
 ========== ================================================ =========================================
 
 Fixed against the reference code: LP keeps the backbone in eval mode, so every backbone
 parameter *and buffer* stays bit for bit (the reference's LP drifts BN statistics); the
 training attack keeps the last iterate per example (not a batch-mean "best"); LP-FT's second
-stage starts from the first stage's selected head with a fresh optimiser and schedule.
+stage starts from the first stage's selected head with a fresh optimiser and schedule. PEFT
+stages keep the backbone in eval mode (the reference's ``froze_enc``): nothing outside the PEFT
+set changes. AutoLoRa's natural branch reads the backbone's weights detached (no
+``requires_grad`` toggling, P-A8), and its lambda comes from the LoRA branch (P-A1).
+
+Each mini-batch's loss is the ``forward`` of :class:`StepLoss`, one module call however many
+forward passes the objective makes, so ``DistributedDataParallel`` can wrap it.
 """
 
 from __future__ import annotations
@@ -33,12 +46,15 @@ from torch import Tensor
 
 from asbound.attacks import PGD, loss_objective
 from asbound.errors import ConfigError
-from asbound.models import SplitModel, frozen
+from torch import nn
 
-#: what a stage trains
-SCOPES = ("head", "all")
+from asbound.models import SplitModel, frozen
+from asbound.models.peft import natural_forward, peft_parameter_names
+
+#: what a stage trains: the head, everything, ``--peft``'s choice (resolved to "all" or "peft")
+SCOPES = ("head", "all", "tune", "peft")
 #: the per-batch objectives
-OBJECTIVES = ("ce", "madry", "trades")
+OBJECTIVES = ("ce", "madry", "trades", "autolora")
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,8 @@ class Stage:
     scope: str
     objective: str
     epoch_factor: float = 1.0  # of the configured epochs (LP-FT's FT stage: 0.5)
-    lr_role: str = "lp"  # which configured learning rate applies: "lp" (--lr-lp) or "ft" (--lr-ft)
+    lr_role: str = "lp"  # the configured learning rate: "lp" (--lr), "ft" (--lr-ft), "tune" (--lr-ft for
+    # --peft full, else --lr) or "autolora" (--autolora-lr)
 
     @property
     def adversarial(self) -> bool:
@@ -88,6 +105,21 @@ METHODS: "dict[str, Method]" = {
             (Stage("trades-ft", "all", "trades", lr_role="ft"),),
             "TRADES finetuning, seed 002's vanilla RFT: CE + beta KL",
         ),
+        Method(
+            "ranli",
+            (Stage("ranli", "tune", "madry", lr_role="tune"),),
+            "adversarial finetuning of --peft's parameters from a random head (seed 000's RanLI)",
+        ),
+        Method(
+            "roli",
+            (Stage("adv-lp", "head", "madry"), Stage("roli", "tune", "madry", lr_role="tune")),
+            "robust linear initialisation: adv-LP, then RanLI's stage from that head (seed 000)",
+        ),
+        Method(
+            "autolora",
+            (Stage("autolora", "all", "autolora", lr_role="autolora"),),
+            "adversarial finetuning with a LoRA natural branch and automated lambdas and lr (seed 002)",
+        ),
     )
 }
 
@@ -111,21 +143,24 @@ def parse_methods(text: str) -> "list[Method]":
 def set_scope(model: SplitModel, scope: str) -> "list[torch.nn.Parameter]":
     """Make exactly the parameters of ``scope`` trainable; return them.
 
-    ``head``: the backbone is frozen (no gradients) *and* kept in eval mode by :func:`train_mode`.
+    ``head``: the backbone is frozen (no gradients) *and* kept in eval mode by :func:`train_mode`;
+    ``peft``: the model's PEFT parameters (:mod:`asbound.models.peft`) and the head, the backbone
+    in eval mode; ``all``: everything.
     """
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
-    for p in model.backbone.parameters():
-        p.requires_grad_(scope == "all")
+    if scope not in SCOPES or scope == "tune":
+        raise ConfigError(f"unknown scope {scope!r}; valid: head, all, peft")
+    tuned = set(peft_parameter_names(model)) if scope == "peft" else set()
+    for name, p in model.backbone.named_parameters(prefix="backbone"):
+        p.requires_grad_(scope == "all" or name in tuned)
     for p in model.head.parameters():
         p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_mode(model: SplitModel, scope: str) -> None:
-    """Train mode for what trains; the backbone of a head-only stage stays in eval mode."""
+    """Train mode for what trains; the backbone of a head-only or PEFT stage stays in eval mode."""
     model.train()
-    if scope == "head":
+    if scope in ("head", "peft"):
         model.backbone.eval()
 
 
@@ -157,6 +192,10 @@ def adversarial_examples(
 ) -> Tensor:
     """``x~`` for a Madry or TRADES step, crafted in eval mode with parameters frozen (modes restored)."""
     with frozen(model):
+        if objective == "autolora":  # the feature-extractor branch (the natural branch is off)
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator,
+                                start=x + 0.001 * noise).x_adv
         if objective == "madry":
             return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator).x_adv
         with torch.no_grad():
@@ -174,6 +213,62 @@ def _ce_per_example(outputs: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(outputs, labels, reduction="none")
 
 
+class StepLoss(nn.Module):
+    """One mini-batch's loss as a single forward call (whatever passes the objective makes).
+
+    ``forward(x, y, x_adv, lambdas)`` returns ``(loss, logits)``: ``x_adv`` is the batch's
+    adversarial examples for the adversarial objectives (made beforehand in eval mode by
+    :func:`adversarial_examples`), ``lambdas`` AutoLoRa's ``(lambda1, lambda2)``. The objective
+    ``features`` trains the head on cached features ``x``. The logits are those the training
+    accuracy is read from (the adversarial ones for Madry and AutoLoRa).
+    """
+
+    def __init__(self, model: SplitModel, objective: str, trades_beta: float = 6.0) -> None:
+        super().__init__()
+        if objective not in (*OBJECTIVES, "features"):
+            raise ConfigError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        self.model = model
+        self.objective = objective
+        self.trades_beta = trades_beta
+
+    def forward(self, x: Tensor, y: Tensor, x_adv: Optional[Tensor] = None,
+                lambdas: "tuple[float, float]" = (1.0, 0.0)) -> "tuple[Tensor, Tensor]":
+        model, objective = self.model, self.objective
+        if objective == "features":
+            logits = model.head(x)
+            return F.cross_entropy(logits, y), logits
+        if objective == "ce":
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+        if x_adv is None:
+            raise ValueError(f"the {objective} objective needs adversarial examples")
+        if objective == "madry":
+            logits = model(x_adv)
+            return F.cross_entropy(logits, y), logits
+        if objective == "trades":
+            logits = model(x)
+            logits_adv = model(x_adv)
+            kl = _kl(F.log_softmax(logits, dim=1), logits_adv).mean()
+            return F.cross_entropy(logits, y) + self.trades_beta * kl, logits
+        return autolora_loss(model, x, y, x_adv, lambdas)
+
+
+def autolora_loss(model: SplitModel, x: Tensor, y: Tensor, x_adv: Tensor,
+                  lambdas: "tuple[float, float]") -> "tuple[Tensor, Tensor]":
+    """Seed 002's objective: ``l1 CE(z_nat, y) + (1 - l1) CE(z_adv, y) + l2 mean KL(p_nat || p_adv)``.
+
+    ``z_nat``: the natural branch on ``x`` (its gradient reaches the LoRA factors and the head,
+    not the backbone's weights); ``z_adv``: the feature-extractor branch on ``x_adv``. The KL is
+    not detached: its gradient reaches both branches. Returns the loss and ``z_adv``.
+    """
+    lambda1, lambda2 = lambdas
+    z_nat = natural_forward(model, x)
+    z_adv = model(x_adv)
+    kl = _kl(F.log_softmax(z_nat, dim=1), z_adv).mean()
+    loss = lambda1 * F.cross_entropy(z_nat, y) + (1.0 - lambda1) * F.cross_entropy(z_adv, y) + lambda2 * kl
+    return loss, z_adv
+
+
 def batch_loss(
     model: SplitModel,
     objective: str,
@@ -183,20 +278,14 @@ def batch_loss(
     attack: AttackSettings,
     generator: torch.Generator,
     trades_beta: float,
+    lambdas: "tuple[float, float]" = (1.0, 0.0),
+    net: Optional[nn.Module] = None,
 ) -> "tuple[Tensor, Tensor]":
     """The mini-batch loss (a scalar) and the logits the training accuracy is read from.
 
     The caller has put the model in the stage's training mode; adversarial examples are made in
-    eval mode and the mode is restored before the update's forward passes.
+    eval mode and the mode is restored before the update's forward passes. ``net``: the
+    :class:`StepLoss` of ``model`` to call (e.g. wrapped by ``DistributedDataParallel``).
     """
-    if objective == "ce":
-        logits = model(x)
-        return F.cross_entropy(logits, y), logits
-    x_adv = adversarial_examples(model, objective, x, y, attack, generator)
-    if objective == "madry":
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), logits
-    logits = model(x)
-    logits_adv = model(x_adv)
-    kl = _kl(F.log_softmax(logits, dim=1), logits_adv).mean()
-    return F.cross_entropy(logits, y) + trades_beta * kl, logits
+    x_adv = None if objective in ("ce", "features") else adversarial_examples(model, objective, x, y, attack, generator)
+    return (net if net is not None else StepLoss(model, objective, trades_beta))(x, y, x_adv, lambdas)

@@ -13,7 +13,8 @@ A method's run directory (``OUT`` for one method, ``OUT/<method>`` for several):
     score/after/         ``score`` of ``run:DIR`` on the test data (every bound)
 
 Every directory is locked while it is written; a finished run is only reread; a rerun with other
-settings is refused.
+settings is refused. Under ``torchrun`` (:mod:`asbound.distributed`) every rank trains and rank 0
+alone locks, reads and writes the directory, evaluates and scores.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ from torch import nn
 
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
 from asbound.devices import amp_dtype, memory_format, resolve_device
+from asbound.distributed import SINGLE, World, local_device, world_from_env
 from asbound.errors import ConfigError, ModelError, describe
 from asbound.models import SplitModel, load_model, split_model
+from asbound.models.peft import PeftSpec, apply_peft, natural_branch, saved_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
 from asbound.scoring import ScoreConfig, score
 from asbound.specs import absolute_path, format_eps, parse_data_spec, parse_model_spec
 from asbound.transfer.config import TransferConfig
 from asbound.transfer.loop import (
+    AutoLoraSettings,
     Checkpointer,
     EpochRecord,
     Settings,
@@ -71,11 +75,17 @@ class MethodResult:
 
 
 class RunCheckpoints(Checkpointer):
-    """``checkpoints/last.pt`` (stage, epoch, weights, optimiser, schedule, history) and per-stage bests."""
+    """``checkpoints/last.pt`` (stage, epoch, weights, optimiser, schedule, history) and per-stage bests.
 
-    def __init__(self, folder: Path, done_history: "list[dict]") -> None:
+    In a distributed ``world`` rank 0 writes and reads the files and sends what it read to the others.
+    """
+
+    def __init__(self, folder: Path, done_history: "list[dict]", world: World = SINGLE,
+                 device: "torch.device | None" = None) -> None:
         self.folder = folder / CHECKPOINTS
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.world, self.device = world, device or torch.device("cpu")
+        if world.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.epochs_path = folder / EPOCHS
         self.done_history = done_history  # the rows of the stages before the current one
 
@@ -87,21 +97,26 @@ class RunCheckpoints(Checkpointer):
         return self.folder / f"{plan.key}-best.pt"
 
     def save_last(self, plan: StagePlan, model: nn.Module, progress: StageProgress) -> None:
+        if not self.world.main:
+            return
         state = {"stage": plan.index, "model": model.state_dict(), "progress": dataclasses.asdict(progress),
                  "history": self.done_history}
         _save(self.last_path, state)
         self.write_epochs(self.done_history + progress.history)
 
     def save_best(self, plan: StagePlan, model: nn.Module) -> None:
-        _save(self.best_path(plan), model.state_dict())
+        if self.world.main:
+            _save(self.best_path(plan), model.state_dict())
 
     def load_best(self, plan: StagePlan) -> dict:
-        return torch.load(self.best_path(plan), map_location="cpu", weights_only=True)
+        state = torch.load(self.best_path(plan), map_location="cpu", weights_only=True) if self.world.main else None
+        return self.world.broadcast(state, self.device)
 
     def load_last(self) -> Optional[dict]:
-        if not self.last_path.exists():
-            return None
-        return torch.load(self.last_path, map_location="cpu", weights_only=True)
+        state = None
+        if self.world.main and self.last_path.exists():
+            state = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        return self.world.broadcast(state, self.device)
 
     def write_epochs(self, rows: "list[dict]") -> None:
         text = pd.DataFrame(rows).to_csv(index=False) if rows else ""
@@ -117,17 +132,40 @@ def _save(path: Path, obj: object) -> None:
 # --- one method ------------------------------------------------------------------------------------
 
 
-def plan_stages(method: Method, cfg: TransferConfig, augment: str) -> "list[StagePlan]":
+def plan_stages(method: Method, cfg: TransferConfig, augment: str, distributed: bool = False) -> "list[StagePlan]":
+    """The method's stages with their settings resolved from ``cfg`` (scope, learning rate, the
+    PEFT structure, selection, whether features are cached)."""
     plans = []
     for i, stage in enumerate(method.stages):
         select = cfg.select if cfg.select != "auto" else ("robust" if stage.adversarial else "clean")
-        cache = stage.scope == "head" and stage.objective == "ce" and augment == "none"
+        cache = stage.scope == "head" and stage.objective == "ce" and augment == "none" and not distributed
+        scope, peft = stage.scope, None
+        if stage.scope == "tune":
+            scope = "all" if cfg.peft == "full" else "peft"
+            if cfg.peft != "full":
+                peft = PeftSpec(cfg.peft, rank=cfg.peft_rank, alpha=float(cfg.peft_alpha),
+                                reduction=cfg.adapter_reduction).as_record()
+        if stage.objective == "autolora":
+            peft = natural_branch(cfg.autolora_rank, float(cfg.autolora_alpha)).as_record()
+        lr = {"lp": cfg.lr, "ft": cfg.lr_ft, "autolora": cfg.autolora_lr,
+              "tune": cfg.lr_ft if cfg.peft == "full" else cfg.lr}[stage.lr_role]
         plans.append(StagePlan(
             stage=stage, index=i, epochs=max(1, math.ceil(cfg.epochs * stage.epoch_factor - 1e-9)),  # half of 5: 3
-            lr=cfg.lr if stage.lr_role == "lp" else cfg.lr_ft, select=select, augment=augment,
-            cache_features=cache,
+            lr=lr, select=select, augment=augment, cache_features=cache, scope=scope, peft=peft,
         ))
     return plans
+
+
+def saved_structure(plans: "list[StagePlan]") -> Optional[dict]:
+    """The structure ``run:DIR`` rebuilds before loading ``model.pt`` (adapters; LoRA is saved
+    merged, AutoLoRa's natural branch is dropped), or ``None``."""
+    return next((p.peft for p in reversed(plans) if p.peft and p.peft["variant"] == "adapter"), None)
+
+
+def _build_structure(model: SplitModel, plan: StagePlan, cfg: TransferConfig, method: Method) -> None:
+    """The stage's PEFT structure on ``model`` (new weights drawn from a seed of the stage)."""
+    if plan.peft is not None:
+        apply_peft(model, PeftSpec.from_record(plan.peft), seed=derived_seed(cfg.seed, method.name, plan.key, "peft"))
 
 
 def _new_head(split: SplitModel, num_classes: int, seed: int) -> SplitModel:
@@ -151,15 +189,23 @@ def _train_method(
     printer: "Callable[[str], None]",
     progress: bool,
 ) -> "list[dict]":
-    """Train every stage (resuming after the last complete epoch); write ``model.pt``; return the stages."""
-    checkpoints = RunCheckpoints(folder, [])
-    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head")).to(
-        settings.device, memory_format=memory_format(settings.amp))
-    plans = plan_stages(method, cfg, augment)
+    """Train every stage (resuming after the last complete epoch); write ``model.pt``; return the stages.
+
+    Before stage ``i`` trains, the model carries the PEFT structures of stages ``0..i``; ``last.pt``
+    of stage ``i`` holds weights of that structure.
+    """
+    world = settings.world
+    checkpoints = RunCheckpoints(folder, [], world, settings.device)
+    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"))
+    plans = plan_stages(method, cfg, augment, world.distributed)
     last = checkpoints.load_last()
     start_stage, state = 0, StageProgress()
     if last is not None:
         start_stage = int(last["stage"])
+    for plan in plans[:start_stage + 1]:
+        _build_structure(model, plan, cfg, method)
+    model = model.to(settings.device, memory_format=memory_format(settings.amp))
+    if last is not None:
         model.load_state_dict(last["model"])
         state = StageProgress(**last["progress"])
         checkpoints.done_history = list(last["history"])
@@ -168,26 +214,40 @@ def _train_method(
     for plan in plans[:start_stage]:
         stages.append(_stage_summary(plan, checkpoints.done_history))
 
-    def loader(data: DataSet, shuffle: bool, augmented: bool) -> Callable[..., object]:
+    def loader(data: DataSet, shuffle: bool, augmented: bool, shard: "tuple[int, int]" = (0, 1)) -> Callable[..., object]:
         return lambda seed=0: data.loader(
             cfg.batch_size, shuffle=shuffle, augment=augment if augmented else "none", seed=seed,
-            workers=cfg.workers, pin_memory=settings.device.type == "cuda",
+            workers=cfg.workers, pin_memory=settings.device.type == "cuda", shard=shard,
         )
 
+    def share(data: DataSet) -> DataSet:  # this rank's rows, for counts summed over the ranks
+        return data.subset(torch.arange(world.rank, len(data), world.size)) if world.distributed else data
+
+    val_batches = loader(share(val), False, False)
+    lambda_set = share(train.subset(select_indices(len(train), cfg.autolora_lambda_n,
+                                                   derived_seed(cfg.seed, "lambda"))))
+    lambda_batches = loader(lambda_set, False, False)
+    # training: this rank's share of every global batch, in lockstep with the other ranks
+    train_loader = lambda seed, training: loader(train, training, training, (world.rank, world.size))(seed)  # noqa: E731
+    progress = progress and world.main
     for plan in plans[start_stage:]:
-        train_batches = lambda seed, training: loader(train, training, training)(seed)  # noqa: E731
-        val_batches = loader(val, False, False)
         with _EpochBar(progress, method.name, plan, len(train), cfg.batch_size) as bar:
             state = train_stage(
-                model, plan, settings, train_batches, len(train), val_batches, checkpoints, state,
+                model, plan, settings, train_loader, len(train), val_batches, checkpoints, state,
                 report=lambda record: bar.say(_epoch_line(method.name, plan, record), printer), on_batch=bar.update,
+                lambda_batches=lambda_batches,
             )
         stages.append(_stage_summary(plan, checkpoints.done_history + state.history))
         checkpoints.done_history = checkpoints.done_history + state.history
         state = StageProgress()
         if plan.index + 1 < len(plans):  # the next stage starts from this stage's selection
-            checkpoints.save_last(dataclasses.replace(plan, index=plan.index + 1), model, state)
-    _save(folder / RUN_WEIGHTS, model.state_dict())
+            following = plans[plan.index + 1]
+            _build_structure(model, following, cfg, method)
+            model.to(settings.device)
+            checkpoints.save_last(following, model, state)
+    saved, _ = saved_model(model)
+    if world.main:
+        _save(folder / RUN_WEIGHTS, saved.state_dict())
     return stages
 
 
@@ -196,7 +256,8 @@ def _stage_summary(plan: StagePlan, history: "list[dict]") -> dict:
     chosen = [r for r in rows if r.get("selected")]
     best = chosen[-1] if chosen else (rows[-1] if rows else {})
     return {
-        "stage": plan.stage.name, "scope": plan.stage.scope, "objective": plan.stage.objective,
+        "stage": plan.stage.name, "scope": plan.train_scope, "objective": plan.stage.objective,
+        "peft": plan.peft,
         "epochs": plan.epochs, "lr": plan.lr, "select": plan.select, "augment": plan.augment,
         "cached_features": plan.cache_features, "selected_epoch": best.get("epoch"),
         "val_accuracy": best.get("val_accuracy"), "val_robust_accuracy": best.get("val_robust_accuracy"),
@@ -373,11 +434,18 @@ def transfer(
     printer: "Callable[[str], None]" = print,
     **overrides: object,
 ) -> "list[MethodResult]":
-    """Run every method of ``config``; each writes (or resumes, or rereads) its run directory."""
+    """Run every method of ``config``; each writes (or resumes, or rereads) its run directory.
+
+    Under torchrun every rank trains; rank 0 returns the results, the other ranks an empty list.
+    """
     cfg = dataclasses.replace(config, **overrides).validated()
     methods = cfg.methods
     out = Path(out)
-    device = resolve_device(cfg.device)
+    world = world_from_env()
+    _check_same_everywhere(world, cfg)
+    if not world.main:
+        printer, progress = (lambda line: None), False
+    device = resolve_device(local_device(world, cfg.device))
     amp = amp_dtype(cfg.amp, device)
     model_spec, data_spec = parse_model_spec(cfg.model), parse_data_spec(cfg.data)
     loaded = load_model(model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
@@ -410,6 +478,8 @@ def transfer(
         batch_size=cfg.batch_size,
         attack=AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step)),
         trades_beta=cfg.trades_beta, seed=cfg.seed, method="", device=device, amp=amp, workers=cfg.workers,
+        world=world, autolora=AutoLoraSettings(scale=float(cfg.autolora_scale), rho=float(cfg.autolora_rho),
+                                               divide=float(cfg.autolora_divide), condition2=cfg.autolora_condition2),
     )
     resolved_common = {
         **dataclasses.asdict(cfg), "kind": RUN_KIND, "eps_text": format_eps(float(cfg.eps)),
@@ -424,13 +494,20 @@ def transfer(
             "builtin_head": data_spec.factor, "feature_layer": cfg.feature_layer,
             "input_shape": list(probe.shape[1:]), "split_note": base.split_note,
         },
-        "data_source": full_train.source, "transforms": full_train.transforms, **environment(),
+        "data_source": full_train.source, "transforms": full_train.transforms, "world_size": world.size,
+        **environment(),
     }
     folders = [out] if len(methods) == 1 else [out / m.name for m in methods]
     results = []
     for method, folder in zip(methods, folders):
-        resolved = {**resolved_common, "method": method.name,
-                    "stages": [dataclasses.asdict(p) | {"stage": p.stage.name} for p in plan_stages(method, cfg, augment)]}
+        plans = plan_stages(method, cfg, augment, world.distributed)
+        resolved = {**resolved_common, "method": method.name, "structure": saved_structure(plans),
+                    "stages": [dataclasses.asdict(p) | {"stage": p.stage.name} for p in plans]}
+        method_settings = dataclasses.replace(settings, method=method.name)
+        if not world.main:  # rank 0 says whether this method trains; if it does, train with it
+            if world.broadcast(None, device):
+                _train_method(method, cfg, base, train, val, folder, method_settings, augment, printer, progress)
+            continue
         run = RunDir(folder)
         with run.locked():
             # the evaluation's settings may change until the evaluation has finished (final.json)
@@ -438,15 +515,17 @@ def transfer(
             run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
                       defaults=_option_defaults())
             final = read_json(folder / FINAL)
+            needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
+            world.broadcast(needs_training, device)
             if final is None:
                 started = time.perf_counter()
-                if not (folder / RUN_WEIGHTS).exists():
-                    stages = _train_method(method, cfg, base, train, val, folder,
-                                           dataclasses.replace(settings, method=method.name), augment, printer, progress)
+                if needs_training:
+                    stages = _train_method(method, cfg, base, train, val, folder, method_settings, augment,
+                                           printer, progress)
                 else:
                     stages = read_json(folder / "stages.json") or []
                 write_json(folder / "stages.json", stages)
-                trained = _load_trained(base, full_train.num_classes, folder, device)
+                trained = _load_trained(base, full_train.num_classes, folder, device, resolved["structure"])
                 test_metrics = evaluate(trained, test, cfg, device)
                 final = {"method": method.name, "stages": stages, "test": test_metrics,
                          "seconds": time.perf_counter() - started}
@@ -455,8 +534,23 @@ def transfer(
                     final.update(score_before=before, score_after=after)
                 write_json(folder / FINAL, clean_json(final))
         results.append(MethodResult(method.name, folder, final))
+    world.close()
     return results
 
 
-def _load_trained(base: SplitModel, num_classes: int, folder: Path, device: torch.device) -> SplitModel:
-    return with_run_weights(copy.deepcopy(base), num_classes, folder).to(device).eval()
+def _check_same_everywhere(world: World, cfg: TransferConfig) -> None:
+    """Refuse a torchrun world whose ranks were started with different options."""
+    if not world.distributed:
+        return
+    options = dataclasses.asdict(cfg)
+    every = world.gather(options)
+    differ = sorted({k for other in every for k in options if other.get(k) != every[0].get(k)})
+    if differ:
+        ranks = [r for r, other in enumerate(every) if other != every[0]]
+        raise ConfigError(f"the torchrun ranks disagree on the configuration (rank {ranks[0]} differs from rank 0 in "
+                          f"{', '.join(d.replace('_', '-') for d in differ)}); start every rank with the same command")
+
+
+def _load_trained(base: SplitModel, num_classes: int, folder: Path, device: torch.device,
+                  structure: Optional[dict] = None) -> SplitModel:
+    return with_run_weights(copy.deepcopy(base), num_classes, folder, structure).to(device).eval()

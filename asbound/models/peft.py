@@ -1,0 +1,261 @@
+"""Parameter-efficient tuning of a split model's representation: what trains, and how it is built.
+
+Variants (``--peft``; seed 000 section 4, ``METHODS.md`` 2.6 and P-R1, P-R2, P-R8):
+
+========= ==================================================================================
+full      every backbone parameter (and the head)
+lora      LoRA (the ``peft`` library) on every ``Conv2d`` and ``Linear`` of the backbone:
+          ``W + (alpha / r) B A``, ``A`` kaiming-uniform and ``B`` zero (peft's default). The
+          reference's RoLI configs start ``A`` at zero too, and then nothing but the head ever
+          trains (P-R1); here ``A`` is never zero. Saved merged: ``run:DIR`` is a plain model.
+adapter   a bottleneck adapter after every ``Conv2d`` and ``Linear`` of the backbone:
+          ``y + Up(GELU(Down(y)))`` with ``Down`` torch's default init and ``Up`` zero, so the
+          adapted model starts as the pretrained one and every adapter parameter can learn (the
+          reference's all-zero adapters only ever train ``Up``'s bias, P-R2). 1x1 convolutions
+          (after a conv) or linear maps (after a linear) of width ``max(1, C // reduction)``.
+bias      the parameters named ``bias`` of the backbone's layers (convolutions, linear maps,
+          normalisation shifts), and nothing else: not, e.g., a transformer's
+          ``relative_position_bias_table`` (P-R8)
+========= ==================================================================================
+
+AutoLoRa's natural branch (seed 002) is LoRA too (``natural_branch``): rank 8, alpha 1 (scale
+1/8), ``A`` Gaussian and ``B`` zero, on the same layers. It is *disabled* except inside
+:func:`lora_branch`, so the model is the feature-extractor branch everywhere else (attacks,
+validation, the saved model).
+
+The head is always trained. A PEFT model keeps its backbone in eval mode while it trains (the
+reference's ``froze_enc``), so batch-norm statistics do not drift: nothing outside the PEFT set
+changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from asbound.errors import ConfigError, ModelError
+from asbound.models.split import SplitModel
+
+VARIANTS = ("full", "lora", "adapter", "bias")
+#: the module types LoRA and adapters are put on
+ADAPTED_TYPES = (nn.Conv2d, nn.Linear)
+_TYPE_NAMES = ", ".join(t.__name__ for t in ADAPTED_TYPES)
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """A PEFT structure: ``variant`` in :data:`VARIANTS` or ``natural-branch`` (AutoLoRa)."""
+
+    variant: str
+    rank: int = 16
+    alpha: float = 16.0
+    reduction: int = 8
+    init: str = "kaiming"  # LoRA's A: "kaiming" (peft's default) or "gaussian" (AutoLoRa)
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_record(record: "dict | None") -> "Optional[PeftSpec]":
+        return None if not record else PeftSpec(**record)
+
+
+def natural_branch(rank: int = 8, alpha: float = 1.0) -> PeftSpec:
+    """AutoLoRa's low-rank natural branch (seed 002: r_nat 8, alpha 1)."""
+    return PeftSpec("natural-branch", rank=rank, alpha=alpha, init="gaussian")
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown --peft variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return variant
+
+
+def adapted_layers(backbone: nn.Module) -> "list[str]":
+    """Names of the backbone's modules that LoRA or adapters go on (``Conv2d`` and ``Linear``)."""
+    return [name for name, m in backbone.named_modules() if name and type(m) in ADAPTED_TYPES]
+
+
+def bias_names(backbone: nn.Module) -> "list[str]":
+    """Parameter names of the backbone whose own name is ``bias``."""
+    return [name for name, _ in backbone.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+
+
+# --- building -----------------------------------------------------------------------------------------
+
+
+class Adapter(nn.Module):
+    """``layer`` followed by a residual bottleneck: ``y + Up(GELU(Down(y)))``, ``y = layer(x)``."""
+
+    def __init__(self, layer: nn.Module, reduction: int) -> None:
+        super().__init__()
+        self.layer = layer
+        if isinstance(layer, nn.Conv2d):
+            width = layer.out_channels
+            hidden = max(1, width // reduction)
+            down, up = nn.Conv2d(width, hidden, 1), nn.Conv2d(hidden, width, 1)
+        else:
+            width = layer.out_features
+            hidden = max(1, width // reduction)
+            down, up = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.adapter = nn.Sequential(down, nn.GELU(), up)
+        ref = layer.weight
+        self.adapter.to(device=ref.device, dtype=ref.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.layer(x)
+        return y + self.adapter(y)
+
+
+def _no_layers(spec: PeftSpec, what: str) -> ModelError:
+    return ModelError(f"--peft {spec.variant} finds no layer to adapt in this model: it looks for {what} "
+                      f"in the representation (not the head); choose --peft full or another model")
+
+
+def apply_peft(split: SplitModel, spec: PeftSpec, *, seed: int = 0) -> SplitModel:
+    """Build ``spec``'s structure into ``split`` (in place; new weights drawn from ``seed``) and
+    record it as ``split.peft``. ``full`` and ``bias`` change no structure."""
+    if spec.variant not in (*VARIANTS, "natural-branch"):
+        check_variant(spec.variant)
+    backbone = split.backbone
+    if spec.variant == "bias" and not bias_names(backbone):
+        raise _no_layers(spec, "parameters named 'bias'")
+    if spec.variant in ("lora", "adapter", "natural-branch"):
+        names = adapted_layers(backbone)
+        if not names:
+            raise _no_layers(spec, f"modules of type {_TYPE_NAMES}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if spec.variant == "adapter":
+                for name in names:
+                    parent, _, child = name.rpartition(".")
+                    owner = backbone.get_submodule(parent) if parent else backbone
+                    setattr(owner, child, Adapter(owner.get_submodule(child), spec.reduction))
+            else:
+                split.backbone = _lora(backbone, names, spec)
+    split.peft = spec
+    return split
+
+
+def _lora(backbone: nn.Module, names: "list[str]", spec: PeftSpec) -> nn.Module:
+    import logging
+    import warnings
+
+    from peft import LoraConfig, LoraModel
+
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
+        target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
+        init_lora_weights="gaussian" if spec.init == "gaussian" else True,
+    )
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LoraModel(backbone, config, "default")
+    ref = next(backbone.parameters())
+    model.to(device=ref.device)
+    if spec.variant == "natural-branch":
+        _set_branch(model, False)  # the feature-extractor branch, except inside lora_branch
+    return model
+
+
+def _set_branch(backbone: nn.Module, enabled: bool) -> None:
+    """Switch the LoRA layers on or off *without* touching ``requires_grad``: peft's own
+    ``enable_adapter_layers`` / ``disable_adapter`` also set the adapters' ``requires_grad``, so
+    toggling the branch through them would freeze the LoRA factors after the first natural pass
+    (P-A8). The flag is peft's ``BaseTunerLayer._disable_adapters`` (peft pinned in constraints.txt)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
+        raise ModelError("this peft version has no per-layer adapter switch (_disable_adapters); "
+                         "install the peft version in constraints.txt")
+    for m in layers:
+        m._disable_adapters = not enabled
+
+
+# --- what trains ----------------------------------------------------------------------------------------
+
+
+def peft_parameter_names(split: SplitModel) -> "list[str]":
+    """The names (in ``split.named_parameters()``) of the PEFT parameters, head excluded."""
+    spec: Optional[PeftSpec] = getattr(split, "peft", None)
+    if spec is None or spec.variant == "full":
+        return [n for n, _ in split.backbone.named_parameters(prefix="backbone")]
+    if spec.variant == "bias":
+        return [f"backbone.{n}" for n in bias_names(split.backbone)]
+    if spec.variant == "adapter":
+        return [n for n, _ in split.backbone.named_parameters(prefix="backbone") if ".adapter." in n]
+    return [n for n, _ in split.backbone.named_parameters(prefix="backbone") if ".lora_" in n]
+
+
+def base_parameter_names(split: SplitModel) -> "list[str]":
+    """The backbone's own parameters: everything in the backbone that is not a LoRA or adapter weight."""
+    return [n for n, _ in split.backbone.named_parameters(prefix="backbone")
+            if ".lora_" not in n and ".adapter." not in n]
+
+
+@contextlib.contextmanager
+def lora_branch(split: SplitModel) -> Iterator[None]:
+    """AutoLoRa's natural branch enabled for the duration (disabled again afterwards)."""
+    _set_branch(split.backbone, True)
+    try:
+        yield
+    finally:
+        _set_branch(split.backbone, False)
+
+
+def natural_forward(split: SplitModel, x: Tensor) -> Tensor:
+    """Logits of AutoLoRa's natural branch, ``W + delta W`` with the backbone's own weights
+    *detached*: its gradient reaches the LoRA factors and the head only, never the backbone's
+    weights (routing by detached tensors, not by toggling ``requires_grad``: P-A8). Batch-norm
+    statistics are shared with the other branch (P-A9)."""
+    detached = {n: p.detach() for n, p in split.named_parameters() if n in _base_set(split)}
+    with lora_branch(split):
+        return torch.func.functional_call(split, detached, (x,), strict=False)
+
+
+def _base_set(split: SplitModel) -> "set[str]":
+    cached = getattr(split, "_base_names", None)
+    if cached is None:
+        cached = set(base_parameter_names(split))
+        split._base_names = cached
+    return cached
+
+
+# --- saving ------------------------------------------------------------------------------------------------
+
+
+def saved_model(split: SplitModel) -> "tuple[SplitModel, Optional[dict]]":
+    """What a run saves: a copy with LoRA merged into the weights (``lora``) or dropped
+    (AutoLoRa's natural branch: inference uses the feature-extractor branch), and the structure
+    ``run:DIR`` must rebuild before loading (adapters), or ``None``."""
+    spec: Optional[PeftSpec] = getattr(split, "peft", None)
+    out = copy.deepcopy(split)
+    if spec is not None and spec.variant == "lora":
+        out.backbone = out.backbone.merge_and_unload()
+    elif spec is not None and spec.variant == "natural-branch":
+        out.backbone = out.backbone.unload()
+    out.__dict__.pop("_base_names", None)
+    structure = spec.as_record() if spec is not None and spec.variant == "adapter" else None
+    out.peft = None
+    return out, structure
+
+
+def rebuild_structure(split: SplitModel, structure: "dict | None") -> SplitModel:
+    """Rebuild a saved run's structure (adapters) so its ``model.pt`` loads strictly."""
+    spec = PeftSpec.from_record(structure)
+    if spec is None:
+        return split
+    if spec.variant != "adapter":
+        raise ModelError(f"a saved structure {spec.variant!r} cannot be rebuilt (only adapters are saved unmerged)")
+    return apply_peft(split, spec)
+
