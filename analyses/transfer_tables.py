@@ -1,4 +1,6 @@
-"""Seed 001 Tables 5 and 9 for the methods of ``asbound transfer`` part 1, offline on shipped models.
+"""Seed 001 Tables 5 and 9 for every method of ``asbound transfer``, offline on shipped models, with
+seed 000's RoLI-against-RanLI comparison per PEFT variant and seed 002's AutoLoRa against vanilla
+TRADES finetuning.
 
 Two split-task transfers, every method from one pretrained representation, each method's run kept
 (``config.json``, ``epochs.csv``, ``final.json``, the ``score`` runs before and after with their
@@ -16,12 +18,18 @@ per-datapoint records; checkpoints are dropped to keep the repository small):
   the adversarially trained orientation features are a poor start for the shape, whatever the
   method.
 
+Each of the two tables holds the part-1 methods and ``autolora`` (against ``trades-ft``, seed
+002's vanilla RFT). Then, per task, ``ranli,roli`` once per ``--peft`` variant (full, lora,
+adapter, bias; seed 000's comparison), in ``<task>-peft-<variant>``: the dSprites ones on a
+smaller draw (``--dsprites-peft-n``) to keep the CPU time in bounds.
+
     python analyses/transfer_tables.py --runs reports/transfer --out reports/transfer_tables.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -34,10 +42,21 @@ from asbound.records import environment
 from asbound.report import transfer_table
 from asbound.transfer import TransferConfig, transfer
 
-METHODS = "lp,ft,lp-ft,adv-lp,adv-ft,trades-ft"
+METHODS = "lp,ft,lp-ft,adv-lp,adv-ft,trades-ft,autolora"
+PEFTS = ("full", "lora", "adapter", "bias")
 
 
 def experiments(args: argparse.Namespace) -> dict:
+    main = _main_experiments(args)
+    out = dict(main)
+    for task, cfg in main.items():
+        for variant in PEFTS:
+            extra = {"n": args.dsprites_peft_n} if task == "dsprites" else {}
+            out[f"{task}-peft-{variant}"] = dataclasses.replace(cfg, method="ranli,roli", peft=variant, **extra)
+    return out
+
+
+def _main_experiments(args: argparse.Namespace) -> dict:
     return {
         "digits": TransferConfig(
             model="builtin:digits-adversarial", data="digits", classes="5-9", method=METHODS, eps="0.1",
@@ -63,20 +82,26 @@ def main() -> None:
                         help="0.01 left every method near 44%% clean accuracy after 4 epochs on 5000 images")
     parser.add_argument("--dsprites-n-test", type=int, default=1000)
     parser.add_argument("--dsprites-score-n", type=int, default=300)
+    parser.add_argument("--dsprites-peft-n", type=int, default=5000, help="training images of the dSprites RanLI / RoLI runs")
+    parser.add_argument("--only", nargs="*", help="experiment names to run (default: all)")
     args = parser.parse_args()
     command = "python analyses/transfer_tables.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if v is not None)
     console = Console(record=True, width=160)
     record: dict = {"command": command, **environment(), "experiments": {}}
     t0 = time.time()
     for name, cfg in experiments(args).items():
+        if args.only and name not in args.only:
+            continue
         start = time.time()
         results = transfer(cfg, args.runs / name, progress=False, printer=lambda line: print(line, flush=True))
         for r in results:  # the checkpoints are not part of the record
             shutil.rmtree(r.out / "checkpoints", ignore_errors=True)
         finals = [r.final for r in results]
         title = (f"{name}: {cfg.model} -> {cfg.data}{' classes ' + cfg.classes if cfg.classes else ''} "
-                 f"(L-inf eps {cfg.eps}; score: AS and bounds on the test data)")
+                 f"(L-inf eps {cfg.eps}{f'; {cfg.n} training images' if cfg.n else ''}; "
+                 f"score: AS and bounds on the test data)")
         console.print(transfer_table(finals, title=title))
         record["experiments"][name] = {
             "wall_seconds_this_invocation": round(time.time() - start, 1),

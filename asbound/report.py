@@ -132,8 +132,8 @@ def transfer_table(finals: "list[dict]", title: str = "asbound transfer") -> Tab
     """One column per method (seed 001, Tables 5 and 9), read from each run's ``final.json``."""
     table = Table(title=title, title_justify="left")
     table.add_column("", style="bold", no_wrap=True)
-    for f in finals:
-        table.add_column(f["method"], justify="right")
+    for f in finals:  # RanLI / RoLI: with what --peft trained
+        table.add_column(f["method"] + (f" ({f['peft']})" if f.get("peft") else ""), justify="right")
     for label, cell in transfer_rows(finals):
         table.add_row(label, *(cell(f) for f in finals))
     return table

@@ -34,7 +34,7 @@ from asbound.models.peft import (
     saved_model,
 )
 from asbound.specs import parse_model_spec
-from asbound.transfer import TransferConfig, transfer
+from asbound.transfer import METHODS, TransferConfig, transfer
 from asbound.transfer.autolr import AutoLR, default_checkpoints
 from asbound.transfer.methods import AttackSettings, autolora_loss, batch_loss, set_scope, train_mode
 
@@ -451,3 +451,36 @@ def test_config_validation_names_the_option():
         TransferConfig(model="builtin:digits-random", data="digits", method="autolora", autolora_lambda_n=0).validated()
     with pytest.raises(ConfigError, match="autolora-lr must lie in"):
         TransferConfig(model="builtin:digits-random", data="digits", method="autolora", autolora_lr=-1.0).validated()
+
+
+def test_autoattack_evaluates_every_new_method_on_the_saved_model(pretrained, tmp_path):
+    """--autoattack on an adapter RoLI run (rebuilt structure) and an AutoLoRa run (natural branch
+    dropped): a stronger attack never leaves more points correct than PGD or the clean model."""
+    results = transfer(_cfg(pretrained, "roli,autolora", peft="adapter", adapter_reduction=4, autoattack=True,
+                            n_test=10, eval_steps=(10,), epochs=1, score=False), tmp_path / "aa",
+                       progress=False, printer=lambda s: None)
+    for r in results:
+        test = r.final["test"]
+        assert test["autoattack"] is not None, r.method
+        assert test["autoattack"] <= min(test["clean_accuracy"], test["pgd"]["10"]) + 1e-9, r.method
+
+
+def test_runs_recorded_before_peft_and_torchrun_are_reread(pretrained, tmp_path, monkeypatch):
+    """A run finished by the previous version (its config.json without world_size, structure and the
+    stages' scope / peft keys) is reread, not refused and not retrained."""
+    first = transfer(_cfg(pretrained, "lp-ft", score=False, epochs=1), tmp_path / "old", progress=False,
+                     printer=lambda s: None)[0]
+    config_path = first.out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("world_size", "structure"):
+        config.pop(key)
+    for stage in config["stages"]:
+        assert "scope" not in stage and "peft" not in stage  # recorded only where --peft resolved them
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("an old finished run was retrained"))
+    again = transfer(_cfg(pretrained, "lp-ft", score=False, epochs=1), tmp_path / "old", progress=False,
+                     printer=lambda s: None)[0]
+    assert again.final == first.final
+    ranli = json.loads(json.dumps(run_module._plan_record(run_module.plan_stages(
+        METHODS["ranli"], _cfg(pretrained, "ranli", peft="bias"), "none")[0])))
+    assert ranli["scope"] == "peft" and ranli["peft"]["variant"] == "bias"

@@ -413,7 +413,8 @@ EVALUATION_KEYS = ("workers", "autoattack", "eval_steps", "n_test")
 def _option_defaults() -> dict:
     """The option defaults as a config records them (validated: eps as a float); they stand in for
     options a config was written without."""
-    return dataclasses.asdict(TransferConfig(model="builtin:lenet-random", data="digits").validated())
+    options = dataclasses.asdict(TransferConfig(model="builtin:lenet-random", data="digits").validated())
+    return {**options, "world_size": 1, "structure": None}  # recorded since torchrun and --peft
 
 
 def training_positions(
@@ -502,7 +503,7 @@ def transfer(
     for method, folder in zip(methods, folders):
         plans = plan_stages(method, cfg, augment, world.distributed)
         resolved = {**resolved_common, "method": method.name, "structure": saved_structure(plans),
-                    "stages": [dataclasses.asdict(p) | {"stage": p.stage.name} for p in plans]}
+                    "stages": [_plan_record(p) for p in plans]}
         method_settings = dataclasses.replace(settings, method=method.name)
         if not world.main:  # rank 0 says whether this method trains; if it does, train with it
             if world.broadcast(None, device):
@@ -527,7 +528,9 @@ def transfer(
                 write_json(folder / "stages.json", stages)
                 trained = _load_trained(base, full_train.num_classes, folder, device, resolved["structure"])
                 test_metrics = evaluate(trained, test, cfg, device)
-                final = {"method": method.name, "stages": stages, "test": test_metrics,
+                final = {"method": method.name,
+                         "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
+                         "stages": stages, "test": test_metrics,
                          "seconds": time.perf_counter() - started}
                 if cfg.score:
                     before, after = _scores(cfg, folder, [f for f in folders if f != folder], progress)
@@ -536,6 +539,17 @@ def transfer(
         results.append(MethodResult(method.name, folder, final))
     world.close()
     return results
+
+
+def _plan_record(plan: StagePlan) -> dict:
+    """A stage's resolved settings as ``config.json`` records them; the scope and the PEFT structure
+    only where ``--peft`` resolved them, so runs recorded before they existed still compare equal."""
+    record = dataclasses.asdict(plan) | {"stage": plan.stage.name}
+    if plan.scope in ("", plan.stage.scope):
+        del record["scope"]
+    if plan.peft is None:
+        del record["peft"]
+    return record
 
 
 def _check_same_everywhere(world: World, cfg: TransferConfig) -> None:
