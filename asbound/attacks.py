@@ -102,10 +102,11 @@ GEOMETRIES: "dict[str, Geometry]" = {"inf": LinfGeometry(), "2": L2Geometry()}
 
 @dataclass(frozen=True)
 class AttackResult:
-    """The adversarial inputs ``[N, ...]`` and the objective's value there ``[N]``."""
+    """The adversarial inputs ``[N, ...]`` and the objective's value there ``[N]`` (``None`` when the
+    caller asked for the point only)."""
 
     x_adv: Tensor
-    value: Tensor
+    value: Optional[Tensor]
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class PGD:
         generator: Optional[torch.Generator] = None,
         start: Optional[Tensor] = None,
         clean_value: Optional[Tensor] = None,
+        value: bool = True,
     ) -> AttackResult:
         """Run the attack on the batch ``x``.
 
@@ -165,7 +167,9 @@ class PGD:
         ``start`` gives the first restart's starting point explicitly (tests pin foolbox with it);
         it is projected onto the threat set like every iterate. With ``select="best"`` the clean
         input is a candidate too; ``clean_value`` passes the objective there when the caller has
-        it (else it is evaluated once).
+        it (else it is evaluated once). ``value=False``: the caller needs only the point (a training
+        attack): with ``select="last"`` and one restart the objective is not evaluated again at the
+        last iterate, which saves a forward pass, and the result's value is ``None``.
         """
         x0 = x.detach()
         if generator is None:
@@ -180,7 +184,10 @@ class PGD:
             return AttackResult(best_x, best_v)
         for restart in range(self.restarts):
             first = start if (restart == 0 and start is not None) else None
-            cand_x, cand_v = self._run_once(objective, x0, generator, first)
+            final = value or self.select == "best" or self.restarts > 1
+            cand_x, cand_v = self._run_once(objective, x0, generator, first, final)
+            if cand_v is None:
+                return AttackResult(cand_x, None)
             best_x, best_v = (cand_x, cand_v) if best_x is None else _keep_best(best_x, best_v, cand_x, cand_v)
         return AttackResult(best_x, best_v)
 
@@ -198,8 +205,9 @@ class PGD:
         return (x0 + self.geometry.project(x - x0, float(self.eps))).clamp(0.0, 1.0)
 
     def _run_once(
-        self, objective: Objective, x0: Tensor, generator: torch.Generator, start: Optional[Tensor]
-    ) -> "tuple[Tensor, Tensor]":
+        self, objective: Objective, x0: Tensor, generator: torch.Generator, start: Optional[Tensor],
+        final: bool = True,
+    ) -> "tuple[Tensor, Optional[Tensor]]":
         geo = self.geometry
         alpha = self.rel_step * float(self.eps)
         x_adv = self.start_point(x0, generator, start)
@@ -214,6 +222,8 @@ class PGD:
                 best_x, best_v = _keep_best(best_x, best_v, x_adv, value)
             grad = torch.nan_to_num(grad)
             x_adv = self.clip(x0, x_adv + alpha * geo.direction(grad))
+        if not final:
+            return x_adv, None
         with torch.no_grad():
             value = objective(x_adv).detach()
         if self.select == "best":

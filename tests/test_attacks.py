@@ -277,3 +277,26 @@ def test_l2_random_start_is_uniform_in_the_ball():
     # P(r <= t) = t^3 in three dimensions
     for t in (0.5, 0.8):
         assert abs(np.mean(r <= t) - t**3) < 0.03
+
+
+def test_a_training_attack_asking_for_the_point_only_skips_the_last_evaluation():
+    """``value=False`` (the training attacks): the same point, one objective evaluation fewer."""
+    from asbound.attacks import PGD
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3)
+    x = torch.rand(5, 4)
+    calls = []
+
+    def objective(z):
+        calls.append(1)
+        return (z @ w).square().sum(1)
+
+    pgd = PGD(eps=0.1, norm="inf", steps=3, rel_step=0.25, random_start=True, select="last")
+    full = pgd(objective, x, generator=torch.Generator().manual_seed(2))
+    n_full, calls[:] = len(calls), []
+    point = pgd(objective, x, generator=torch.Generator().manual_seed(2), value=False)
+    assert torch.equal(point.x_adv, full.x_adv) and point.value is None
+    assert (n_full, len(calls)) == (4, 3)
+    best = PGD(eps=0.1, norm="inf", steps=3, rel_step=0.25, select="best")(objective, x, value=False)
+    assert best.value is not None  # "best" needs the values to choose

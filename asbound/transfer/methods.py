@@ -195,9 +195,9 @@ def adversarial_examples(
         if objective == "autolora":  # the feature-extractor branch (the natural branch is off)
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
             return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator,
-                                start=x + 0.001 * noise).x_adv
+                                start=x + 0.001 * noise, value=False).x_adv
         if objective == "madry":
-            return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator).x_adv
+            return attack.pgd()(loss_objective(model, _ce_per_example, y), x, generator=generator, value=False).x_adv
         with torch.no_grad():
             log_p = F.log_softmax(model(x), dim=1)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
@@ -206,7 +206,7 @@ def adversarial_examples(
         def kl(x_adv: Tensor) -> Tensor:
             return _kl(log_p, model(x_adv))
 
-        return attack.pgd()(kl, x, generator=generator, start=start).x_adv
+        return attack.pgd()(kl, x, generator=generator, start=start, value=False).x_adv
 
 
 def _ce_per_example(outputs: Tensor, labels: Tensor) -> Tensor:
