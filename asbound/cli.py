@@ -239,7 +239,8 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--autolora-condition2", default=d.autolora_condition2, choices=CONDITIONS,
                    help="the halving rule's second condition: the reference code's, or Auto-PGD's")
     g.add_argument("--autolora-lambda-n", type=_whole, default=d.autolora_lambda_n,
-                   help="training images on which the LoRA branch's accuracy a is measured, 4 times an epoch")
+                   help="training images on which the LoRA branch's accuracy a is measured (at each epoch's "
+                        "start and after each of its first three quarters)")
     g = p.add_argument_group("attack (training and evaluation; L-inf)")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")

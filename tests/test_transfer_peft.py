@@ -101,6 +101,11 @@ def test_peft_trains_its_parameters_and_nothing_else(variant):
             assert torch.count_nonzero(grad) == 0, name
         else:
             assert grad.abs().sum() > 0, name
+    # the PEFT set, by name and independently of how the code finds it
+    assert {"lora": lambda n: ".lora_A." in n or ".lora_B." in n, "adapter": lambda n: ".adapter." in n,
+            "bias": lambda n: n.endswith(".bias")}[variant](next(iter(tuned)))
+    assert all({"lora": ".lora_" in n, "adapter": ".adapter." in n and ".layer." not in n,
+                "bias": n.endswith(".bias")}[variant] for n in tuned)
     if variant == "bias":
         assert not behind_zero and all(n.endswith(".bias") for n in tuned)
         assert len(tuned) == sum(1 for n, _ in model.backbone.named_parameters() if n.endswith("bias"))
@@ -146,6 +151,41 @@ def test_lora_is_saved_merged_and_adapters_are_rebuilt_with_the_same_outputs():
             assert structure == PeftSpec(variant, rank=4, alpha=4.0, reduction=4).as_record()
         torch.testing.assert_close(saved.eval()(x), expected, rtol=1e-5, atol=1e-5)
         assert getattr(saved, "peft", None) is None and model.peft is not None  # the training model is untouched
+
+
+def test_a_chained_models_own_adapters_are_part_of_the_representation():
+    """A run:DIR base that holds adapters (or any module named like one): a new PEFT structure
+    trains only what it added, and AutoLoRa's natural branch leaks no gradient into the old adapters."""
+    first = apply_peft(_split(), PeftSpec("adapter", reduction=4), seed=3)
+    with torch.no_grad():
+        for name in peft_parameter_names(first):
+            first.get_parameter(name).add_(0.1)
+    chained, _ = saved_model(first)  # what run:DIR rebuilds: a plain model that holds adapters
+    old = {n for n, _ in chained.named_parameters() if ".adapter." in n}
+    second = apply_peft(copy.deepcopy(chained), PeftSpec("adapter", reduction=4), seed=4)
+    tuned = set(peft_parameter_names(second))
+    assert len(old) == len(tuned) == 3 * 4  # one new adapter per layer of the representation, not on old ones
+    assert not any(".layer.adapter." in n for n in tuned)  # the old adapters now sit inside the wrapped layers
+    lora = apply_peft(copy.deepcopy(chained), natural_branch(rank=2), seed=4)
+    assert all(".lora_" in n for n in peft_parameter_names(lora))
+    set_scope(lora, "all")
+    x, y = _batch()
+    F.cross_entropy(natural_forward(lora, x), y).backward()
+    leaked = [n for n in base_parameter_names(lora) if lora.get_parameter(n).grad is not None
+              and torch.count_nonzero(lora.get_parameter(n).grad)]
+    assert not leaked and any(".adapter." in n for n in base_parameter_names(lora))
+
+
+def test_the_natural_branch_starts_as_seed_002s_conv_lora():
+    """A ~ N(0, 1) and B = 0, scale alpha / r = 1/8: the branch starts equal to the model and moves."""
+    model = apply_peft(_split(), natural_branch(), seed=0)
+    a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".lora_A." in n])
+    b = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".lora_B." in n])
+    assert 0.9 < float(a.std()) < 1.1 and abs(float(a.mean())) < 0.1 and torch.count_nonzero(b) == 0
+    from peft.tuners.lora import LoraLayer
+
+    scales = {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)}
+    assert scales == {1 / 8}
 
 
 def test_a_peft_variant_without_a_layer_to_adapt_names_what_it_looks_for():
@@ -444,6 +484,7 @@ def test_a_peft_variant_with_nothing_to_adapt_is_one_line_with_exit_2(tmp_path, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "--peft bias finds no layer to adapt" in err and "'bias'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before any directory is written
 
 
 def test_config_validation_names_the_option():
@@ -484,3 +525,92 @@ def test_runs_recorded_before_peft_and_torchrun_are_reread(pretrained, tmp_path,
     ranli = json.loads(json.dumps(run_module._plan_record(run_module.plan_stages(
         METHODS["ranli"], _cfg(pretrained, "ranli", peft="bias"), "none")[0])))
     assert ranli["scope"] == "peft" and ranli["peft"]["variant"] == "bias"
+
+
+def _interrupted_at(monkeypatch, step: int):
+    """``train_stage`` whose training batches raise after ``step`` training batches in all."""
+    original = run_module.train_stage
+    calls = {"n": 0}
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupted(model, plan, settings, train_batches, *args, **kwargs):
+        def batches(seed, training):
+            for batch in train_batches(seed, training):
+                calls["n"] += training
+                if calls["n"] == step:
+                    raise Stop
+                yield batch
+
+        return original(model, plan, settings, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", interrupted)
+    return Stop, original
+
+
+@pytest.mark.parametrize("method, peft, stop", [("roli", "lora", 8), ("roli", "adapter", 8), ("autolora", "full", 6)])
+def test_a_peft_or_autolora_run_resumes_to_the_uninterrupted_weights(pretrained, tmp_path, monkeypatch, method, peft, stop):
+    """Interrupted inside RoLI's PEFT stage (3 steps per epoch, 2 + 2 epochs: step 8 is in stage 2's
+    second epoch) or inside AutoLoRa's third epoch (its lr rule and lambdas resumed): the rerun ends
+    with the same weights and epochs.csv, bit for bit on the CPU."""
+    cfg = _cfg(pretrained, method, peft=peft, peft_rank=4, adapter_reduction=4, autolora_rank=4, score=False,
+               epochs=2 if method == "roli" else 5, n=150, autolora_lr=0.2)
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+    stop_cls, original = _interrupted_at(monkeypatch, stop)
+    with pytest.raises(stop_cls):
+        transfer(cfg, tmp_path / "split", progress=False, printer=lambda s: None)
+    assert not (tmp_path / "split" / "model.pt").exists()
+    monkeypatch.setattr(run_module, "train_stage", original)
+    lines = []
+    resumed = transfer(cfg, tmp_path / "split", progress=False, printer=lines.append)[0]
+    assert any("resuming" in line for line in lines)
+    a, b = _state(whole.out / "model.pt"), _state(resumed.out / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole.out / "epochs.csv").drop(columns=["seconds", "images_per_second"]),
+        pd.read_csv(resumed.out / "epochs.csv").drop(columns=["seconds", "images_per_second"]),
+    )
+    if method == "autolora":
+        assert pd.read_csv(whole.out / "epochs.csv")["lr"].nunique() > 1  # the rule acted before and after the stop
+
+
+def test_autolora_measures_its_lambdas_four_times_an_epoch(pretrained, tmp_path, monkeypatch):
+    """7 steps per epoch: at the epoch's start and after steps 1, 3 and 5 (N/4, N/2, 3N/4 rounded down)."""
+    calls = []
+    monkeypatch.setattr(loop, "lora_accuracy", lambda *a, **k: calls.append(1) or 0.5)
+    steps = []
+    original = loop.batch_loss
+
+    def spy(model, objective, x, y, **kw):
+        steps.append(kw["lambdas"])
+        return original(model, objective, x, y, **kw)
+
+    monkeypatch.setattr(loop, "batch_loss", spy)
+    transfer(_cfg(pretrained, "autolora", epochs=2, n=7 * 32, batch_size=32, score=False, autolora_rank=2),
+             tmp_path / "run", progress=False, printer=lambda s: None)
+    assert len(steps) == 14 and len(calls) == 8
+
+
+def test_options_a_method_does_not_use_do_not_bind_its_run(pretrained, tmp_path):
+    """adv-ft trained beside roli --peft adapter is the same run as adv-ft alone."""
+    cfg = _cfg(pretrained, "adv-ft,roli", peft="adapter", adapter_reduction=4, score=False, epochs=1)
+    first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    alone = transfer(_cfg(pretrained, "adv-ft", score=False, epochs=1), tmp_path / "run" / "adv-ft",
+                     progress=False, printer=lambda s: None)[0]
+    assert alone.final == first.final
+
+
+def test_a_rank_share_of_one_image_is_refused_before_training():
+    from asbound.transfer.methods import METHODS as ALL
+
+    model = SplitModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8)), nn.Linear(8, 3))
+    probe = torch.rand(4, 1, 8, 8)
+    run_module._check_one_image_batches(model, probe, [ALL["adv-ft"]], 67, 64, "m", ranks=1)  # 64 + 3: fine
+    with pytest.raises(ConfigError, match="over 2 ranks give a rank a share of one image"):
+        run_module._check_one_image_batches(model, probe, [ALL["adv-ft"]], 67, 64, "m", ranks=2)  # 3 -> 2 + 1
+    run_module._check_one_image_batches(model, probe, [ALL["adv-ft"]], 65, 64, "m", ranks=2)  # 1 < 2: left out
+    with pytest.raises(ConfigError, match="share of one image"):
+        run_module._check_one_image_batches(model, probe, [ALL["adv-ft"]], 64, 3, "m", ranks=2)

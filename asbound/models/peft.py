@@ -19,7 +19,11 @@ bias      the parameters named ``bias`` of the backbone's layers (convolutions, 
 ========= ==================================================================================
 
 AutoLoRa's natural branch (seed 002) is LoRA too (``natural_branch``): rank 8, alpha 1 (scale
-1/8), ``A`` Gaussian and ``B`` zero, on the same layers. It is *disabled* except inside
+1/8), ``A`` drawn from N(0, 1) as the reference's ConvLoRA and ``B`` zero, on the same layers.
+Two differences from the reference remain: peft's convolutional LoRA has rank r where the
+reference's ConvLoRA factorises the kernel at rank ``r k``, and the branch goes on every
+``Conv2d`` and ``Linear`` of the representation, the stem included (the reference leaves the stem
+and the downsampling shortcut of the high-resolution ResNets out). It is *disabled* except inside
 :func:`lora_branch`, so the model is the feature-extractor branch everywhere else (attacks,
 validation, the saved model).
 
@@ -56,7 +60,7 @@ class PeftSpec:
     rank: int = 16
     alpha: float = 16.0
     reduction: int = 8
-    init: str = "kaiming"  # LoRA's A: "kaiming" (peft's default) or "gaussian" (AutoLoRa)
+    init: str = "kaiming"  # LoRA's A: "kaiming" (peft's default) or "normal" (N(0, 1): AutoLoRa)
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -68,7 +72,7 @@ class PeftSpec:
 
 def natural_branch(rank: int = 8, alpha: float = 1.0) -> PeftSpec:
     """AutoLoRa's low-rank natural branch (seed 002: r_nat 8, alpha 1)."""
-    return PeftSpec("natural-branch", rank=rank, alpha=alpha, init="gaussian")
+    return PeftSpec("natural-branch", rank=rank, alpha=alpha, init="normal")
 
 
 def check_variant(variant: str) -> str:
@@ -78,8 +82,27 @@ def check_variant(variant: str) -> str:
 
 
 def adapted_layers(backbone: nn.Module) -> "list[str]":
-    """Names of the backbone's modules that LoRA or adapters go on (``Conv2d`` and ``Linear``)."""
-    return [name for name, m in backbone.named_modules() if name and type(m) in ADAPTED_TYPES]
+    """Names of the backbone's modules that LoRA or adapters go on: every ``Conv2d`` and ``Linear``
+    (subclasses included), except a ``MultiheadAttention``'s projection (the attention reads its
+    weight without calling the module) and the bottleneck layers of adapters already there."""
+    inside_attention = {f"{name}.{child}" if name else child
+                        for name, m in backbone.named_modules() if isinstance(m, nn.MultiheadAttention)
+                        for child, _ in m.named_children()}
+    # a chained model's earlier adapters: their bottlenecks are not adapted again
+    bottlenecks = tuple(f"{name}.adapter" if name else "adapter"
+                        for name, m in backbone.named_modules() if isinstance(m, Adapter))
+    return [name for name, m in backbone.named_modules()
+            if name and isinstance(m, ADAPTED_TYPES) and name not in inside_attention
+            and not any(name == b or name.startswith(b + ".") for b in bottlenecks)]
+
+
+def check_peft(split: SplitModel, spec: PeftSpec) -> None:
+    """Raise the error :func:`apply_peft` would raise for a model with nothing to adapt, without
+    building anything (checked before any run directory is written)."""
+    if spec.variant == "bias" and not bias_names(split.backbone):
+        raise _no_layers(spec, "parameters named 'bias'")
+    if spec.variant in ("lora", "adapter", "natural-branch") and not adapted_layers(split.backbone):
+        raise _no_layers(spec, f"modules of type {_TYPE_NAMES}")
 
 
 def bias_names(backbone: nn.Module) -> "list[str]":
@@ -125,13 +148,11 @@ def apply_peft(split: SplitModel, spec: PeftSpec, *, seed: int = 0) -> SplitMode
     record it as ``split.peft``. ``full`` and ``bias`` change no structure."""
     if spec.variant not in (*VARIANTS, "natural-branch"):
         check_variant(spec.variant)
+    check_peft(split, spec)
     backbone = split.backbone
-    if spec.variant == "bias" and not bias_names(backbone):
-        raise _no_layers(spec, "parameters named 'bias'")
+    existing = {id(p) for p in split.parameters()}
     if spec.variant in ("lora", "adapter", "natural-branch"):
         names = adapted_layers(backbone)
-        if not names:
-            raise _no_layers(spec, f"modules of type {_TYPE_NAMES}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if spec.variant == "adapter":
@@ -142,6 +163,10 @@ def apply_peft(split: SplitModel, spec: PeftSpec, *, seed: int = 0) -> SplitMode
             else:
                 split.backbone = _lora(backbone, names, spec)
     split.peft = spec
+    # what this structure added, by identity: a chained model's own adapters or LoRA layers (a
+    # run:DIR base) are part of the representation, whatever their names
+    split.peft_added = sorted(n for n, p in split.named_parameters() if id(p) not in existing)
+    split.__dict__.pop("_base_names", None)
     return split
 
 
@@ -154,7 +179,7 @@ def _lora(backbone: nn.Module, names: "list[str]", spec: PeftSpec) -> nn.Module:
     config = LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
         target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
-        init_lora_weights="gaussian" if spec.init == "gaussian" else True,
+        init_lora_weights=True,  # A kaiming-uniform, B zero; AutoLoRa's A is redrawn below
     )
     logging.getLogger("peft").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -162,6 +187,11 @@ def _lora(backbone: nn.Module, names: "list[str]", spec: PeftSpec) -> nn.Module:
         model = LoraModel(backbone, config, "default")
     ref = next(backbone.parameters())
     model.to(device=ref.device)
+    if spec.init == "normal":  # seed 002's ConvLoRA: A ~ N(0, 1) (peft's "gaussian" draws N(0, 1 / r^2))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_A." in name:
+                    p.normal_(0.0, 1.0)
     if spec.variant == "natural-branch":
         _set_branch(model, False)  # the feature-extractor branch, except inside lora_branch
     return model
@@ -192,15 +222,13 @@ def peft_parameter_names(split: SplitModel) -> "list[str]":
         return [n for n, _ in split.backbone.named_parameters(prefix="backbone")]
     if spec.variant == "bias":
         return [f"backbone.{n}" for n in bias_names(split.backbone)]
-    if spec.variant == "adapter":
-        return [n for n, _ in split.backbone.named_parameters(prefix="backbone") if ".adapter." in n]
-    return [n for n, _ in split.backbone.named_parameters(prefix="backbone") if ".lora_" in n]
+    return list(split.peft_added)
 
 
 def base_parameter_names(split: SplitModel) -> "list[str]":
-    """The backbone's own parameters: everything in the backbone that is not a LoRA or adapter weight."""
-    return [n for n, _ in split.backbone.named_parameters(prefix="backbone")
-            if ".lora_" not in n and ".adapter." not in n]
+    """The backbone's own parameters: everything in the backbone that the PEFT structure did not add."""
+    added = set(getattr(split, "peft_added", ()))
+    return [n for n, _ in split.backbone.named_parameters(prefix="backbone") if n not in added]
 
 
 @contextlib.contextmanager
@@ -245,6 +273,7 @@ def saved_model(split: SplitModel) -> "tuple[SplitModel, Optional[dict]]":
     elif spec is not None and spec.variant == "natural-branch":
         out.backbone = out.backbone.unload()
     out.__dict__.pop("_base_names", None)
+    out.__dict__.pop("peft_added", None)
     structure = spec.as_record() if spec is not None and spec.variant == "adapter" else None
     out.peft = None
     return out, structure

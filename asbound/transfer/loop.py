@@ -16,7 +16,8 @@ AutoLoRa's stage (seed 002) has no schedule: its learning rate follows the autom
 weights at checkpoint epochs), and its ``lambda1 = 1 - a``, ``lambda2 = s a`` use ``a``, the clean
 accuracy of the LoRA branch (eval mode) on a fixed seeded subset of the training images
 (``--autolora-lambda-n``, no augmentation), measured at the start of every epoch and after each
-quarter of it: the reference measures on the whole augmented training set five times an epoch
+of its first three quarters (steps ``N/4``, ``N/2``, ``3N/4``, rounded down; once an epoch with
+fewer than 2 steps): the reference measures on the whole augmented training set five times an epoch
 (P-A2), which costs more than the training.
 
 Under ``torchrun`` every rank trains on its share of each global batch through
@@ -40,7 +41,7 @@ from asbound.attacks import Watch, loss_objective
 from asbound.devices import memory_format, to_format
 from asbound.distributed import SINGLE, World
 from asbound.errors import AsboundError
-from asbound.models import SplitModel, frozen
+from asbound.models import LayerOutput, SplitModel, frozen
 from asbound.models.peft import lora_branch
 from asbound.transfer.autolr import AutoLR, default_checkpoints
 from asbound.transfer.methods import AttackSettings, Stage, StepLoss, batch_loss, set_scope, train_mode
@@ -306,7 +307,10 @@ def train_stage(
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # a representation cut at --feature-layer keeps the layers after it, unused by the loss
+        unused = any(isinstance(m, LayerOutput) for m in model.modules())
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=unused)
 
     while state.epoch < plan.epochs:
         epoch = state.epoch
@@ -318,7 +322,7 @@ def train_stage(
         batches = _cached_batches(cached, settings.batch_size, seed) if cached is not None else train_batches(seed, True)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
         lambdas = epoch_lambdas = None
-        quarter = n_steps // 4
+        quarters = {n_steps * k // 4 for k in (1, 2, 3)} - {0, n_steps}  # after these many steps
         if autolr is not None:
             lambdas = epoch_lambdas = _lambdas(model, lambda_batches(), device, world, settings.autolora.scale)
         for step, (x, y) in enumerate(batches):
@@ -347,7 +351,7 @@ def train_stage(
             correct += float((logits.detach().argmax(1) == y).sum())
             seen += len(y)
             on_batch(epoch, step, value, optimizer.param_groups[0]["lr"])
-            if autolr is not None and quarter > 0 and (step + 1) % quarter == 0 and step + 1 < n_steps:
+            if autolr is not None and step + 1 in quarters:
                 world.sync_buffers(model)
                 lambdas = _lambdas(model, lambda_batches(), device, world, settings.autolora.scale)
         seconds = time.perf_counter() - started

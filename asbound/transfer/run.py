@@ -36,9 +36,9 @@ from torch import nn
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
 from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
-from asbound.errors import ConfigError, ModelError, describe
+from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
 from asbound.models import SplitModel, load_model, split_model
-from asbound.models.peft import PeftSpec, apply_peft, natural_branch, saved_model
+from asbound.models.peft import PeftSpec, apply_peft, check_peft, natural_branch, saved_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
 from asbound.scoring import ScoreConfig, score
@@ -382,11 +382,13 @@ def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress:
 
 
 def _check_one_image_batches(base: SplitModel, probe: torch.Tensor, methods: "list[Method]", n_train: int,
-                             batch_size: int, spec: object) -> None:
-    """Refuse, before training, a batch of one image (``--batch-size 1``, or a last batch of one)
-    for methods that train the backbone when the model cannot train on one image (batch norm over
-    one value per channel: BatchNorm1d, or BatchNorm2d on 1x1 maps)."""
-    if not (batch_size == 1 or n_train % batch_size == 1):
+                             batch_size: int, spec: object, ranks: int = 1) -> None:
+    """Refuse, before training, a batch of one image (``--batch-size 1``, a last batch of one, or
+    under torchrun a rank's share of one) for methods that train the backbone when the model cannot
+    train on one image (batch norm over one value per channel: BatchNorm1d, or BatchNorm2d on 1x1 maps)."""
+    full, rest = divmod(n_train, batch_size)
+    sizes = ([batch_size] if full else []) + ([rest] if rest >= ranks else [])  # smaller ones are left out
+    if min(size // ranks for size in sizes) != 1:
         return
     training = [m.name for m in methods if any(stage.scope != "head" for stage in m.stages)]
     if not training:
@@ -396,8 +398,13 @@ def _check_one_image_batches(base: SplitModel, probe: torch.Tensor, methods: "li
         with torch.no_grad():
             trial(probe[:1].cpu())
     except (ValueError, RuntimeError) as exc:
-        where = "--batch-size 1" if batch_size == 1 else \
-            f"{n_train} training images in batches of {batch_size} leave one in the last batch"
+        if batch_size == 1:
+            where = "--batch-size 1"
+        elif ranks == 1:
+            where = f"{n_train} training images in batches of {batch_size} leave one in the last batch"
+        else:
+            where = (f"{n_train} training images in global batches of {batch_size} over {ranks} ranks give a "
+                     f"rank a share of one image")
         raise ConfigError(f"{spec} cannot train on a batch of one image ({describe(exc)}), and {where}; "
                           f"{', '.join(training)} train the backbone: choose another --batch-size or --n") from None
 
@@ -473,7 +480,11 @@ def transfer(
         raise ModelError(f"{loaded.spec} cannot run on {full_train.spec} inputs of shape "
                          f"{'x'.join(map(str, probe.shape[1:]))}: {describe(exc)}; give --resize SIDE") from None
     augment = resolve_augment(full_train, cfg.augment)
-    _check_one_image_batches(base, probe, methods, len(train), cfg.batch_size, loaded.spec)
+    _check_one_image_batches(base, probe, methods, len(train), cfg.batch_size, loaded.spec, world.size)
+    for method in methods:  # a PEFT variant with nothing to adapt: refused before any directory is written
+        for plan in plan_stages(method, cfg, "none"):
+            if plan.peft is not None:
+                check_peft(base, PeftSpec.from_record(plan.peft))
     settings = Settings(
         optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         batch_size=cfg.batch_size,
@@ -502,43 +513,75 @@ def transfer(
     results = []
     for method, folder in zip(methods, folders):
         plans = plan_stages(method, cfg, augment, world.distributed)
-        resolved = {**resolved_common, "method": method.name, "structure": saved_structure(plans),
+        resolved = {**resolved_common, **_unused_options(method), "method": method.name,
+                    "structure": saved_structure(plans),
                     "stages": [_plan_record(p) for p in plans]}
         method_settings = dataclasses.replace(settings, method=method.name)
-        if not world.main:  # rank 0 says whether this method trains; if it does, train with it
-            if world.broadcast(None, device):
+        if not world.main:  # rank 0 says whether this method trains (or why the run is refused)
+            answer = world.broadcast(None, device)
+            if isinstance(answer, str):
+                raise ResumeError(answer)  # rank 0's own message
+            if answer:
                 _train_method(method, cfg, base, train, val, folder, method_settings, augment, printer, progress)
             continue
-        run = RunDir(folder)
-        with run.locked():
-            # the evaluation's settings may change until the evaluation has finished (final.json)
-            finished = (folder / FINAL).exists()
-            run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
-                      defaults=_option_defaults())
-            final = read_json(folder / FINAL)
-            needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
-            world.broadcast(needs_training, device)
-            if final is None:
-                started = time.perf_counter()
-                if needs_training:
-                    stages = _train_method(method, cfg, base, train, val, folder, method_settings, augment,
-                                           printer, progress)
-                else:
-                    stages = read_json(folder / "stages.json") or []
-                write_json(folder / "stages.json", stages)
-                trained = _load_trained(base, full_train.num_classes, folder, device, resolved["structure"])
-                test_metrics = evaluate(trained, test, cfg, device)
-                final = {"method": method.name,
-                         "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
-                         "stages": stages, "test": test_metrics,
-                         "seconds": time.perf_counter() - started}
-                if cfg.score:
-                    before, after = _scores(cfg, folder, [f for f in folders if f != folder], progress)
-                    final.update(score_before=before, score_after=after)
-                write_json(folder / FINAL, clean_json(final))
+        told = False  # whether the other ranks heard rank 0's answer
+        try:
+            with RunDir(folder).locked() as run:
+                # the evaluation's settings may change until the evaluation has finished (final.json)
+                finished = (folder / FINAL).exists()
+                run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
+                          defaults=_option_defaults())
+                final = read_json(folder / FINAL)
+                needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
+                world.broadcast(needs_training, device)
+                told = True
+                if final is None:
+                    final = _train_and_evaluate(method, cfg, base, train, val, test, folder, folders, method_settings,
+                                                augment, printer, progress, needs_training, resolved["structure"])
+        except AsboundError as exc:
+            if not told:  # a refused or locked directory: every rank stops with the same one line
+                world.broadcast(str(exc), device)
+            raise
         results.append(MethodResult(method.name, folder, final))
     world.close()
     return results
+
+
+def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, train: DataSet, val: DataSet,
+                        test: DataSet, folder: Path, folders: "list[Path]", settings: Settings, augment: str,
+                        printer: "Callable[[str], None]", progress: bool, needs_training: bool,
+                        structure: Optional[dict]) -> dict:
+    """Train (or reuse the trained weights), evaluate on the test data, score before and after."""
+    started = time.perf_counter()
+    if needs_training:
+        stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress)
+    else:
+        stages = read_json(folder / "stages.json") or []
+    write_json(folder / "stages.json", stages)
+    trained = _load_trained(base, train.num_classes, folder, settings.device, structure)
+    final = {"method": method.name, "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
+             "stages": stages, "test": evaluate(trained, test, cfg, settings.device),
+             "seconds": time.perf_counter() - started}
+    if cfg.score:
+        before, after = _scores(cfg, folder, [f for f in folders if f != folder], progress)
+        final.update(score_before=before, score_after=after)
+    write_json(folder / FINAL, clean_json(final))
+    return final
+
+
+PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction")
+AUTOLORA_KEYS = ("autolora_lr", "autolora_rank", "autolora_alpha", "autolora_scale", "autolora_rho",
+                 "autolora_divide", "autolora_condition2", "autolora_lambda_n")
+
+
+def _unused_options(method: Method) -> dict:
+    """The options a method does not use, at their defaults in its record: ``--method adv-ft,roli
+    --peft lora`` and a later ``--method adv-ft`` into the same directory describe the same adv-ft run."""
+    defaults = _option_defaults()
+    unused = () if any(st.scope == "tune" for st in method.stages) else PEFT_KEYS
+    if not any(st.objective == "autolora" for st in method.stages):
+        unused += AUTOLORA_KEYS
+    return {k: defaults[k] for k in unused}
 
 
 def _plan_record(plan: StagePlan) -> dict:
