@@ -362,7 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except AsboundError as exc:
         # one line, whatever the message holds (an underlying library's error may span several)
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-        print(f"asbound: error: {message or type(exc).__name__}", file=sys.stderr)
+        print(f"asbound: error: {message or type(exc).__name__}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return exc.exit_code
     except KeyboardInterrupt:
         print(
@@ -372,6 +373,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 130
     return 0
+
+
+def _leave_process_group() -> None:
+    """A torchrun rank stopping on an error leaves its process group (else gloo aborts it at exit)."""
+    if "torch" in sys.modules:
+        from asbound.distributed import leave
+
+        leave()
 
 
 if __name__ == "__main__":

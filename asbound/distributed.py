@@ -90,6 +90,13 @@ class World:
 SINGLE = World()
 
 
+def leave() -> None:
+    """Leave the process group without waiting for the others (a rank that stops on an error):
+    a process exiting inside a gloo group is otherwise aborted at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def world_from_env() -> World:
     """The torchrun world of this process (joined on first call), or the single process."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
