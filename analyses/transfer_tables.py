@@ -91,6 +91,7 @@ def main() -> None:
     console = Console(record=True, width=160)
     record: dict = {"command": command, **environment(), "experiments": {}}
     t0 = time.time()
+    peft_tables: "dict[str, list]" = {}  # task -> the RanLI / RoLI finals of every --peft variant
     for name, cfg in experiments(args).items():
         if args.only and name not in args.only:
             continue
@@ -99,15 +100,22 @@ def main() -> None:
         for r in results:  # the checkpoints are not part of the record
             shutil.rmtree(r.out / "checkpoints", ignore_errors=True)
         finals = [r.final for r in results]
-        title = (f"{name}: {cfg.model} -> {cfg.data}{' classes ' + cfg.classes if cfg.classes else ''} "
+        title = (f"{{name}}: {cfg.model} -> {cfg.data}{' classes ' + cfg.classes if cfg.classes else ''} "
                  f"(L-inf eps {cfg.eps}{f'; {cfg.n} training images' if cfg.n else ''}; "
                  f"score: AS and bounds on the test data)")
-        console.print(transfer_table(finals, title=title))
+        if "-peft-" in name:
+            task = name.split("-peft-")[0]
+            peft_tables.setdefault(task, [title.format(name=f"{task}, RoLI against RanLI per --peft (seed 000)"), []])
+            peft_tables[task][1].extend(finals)
+        else:
+            console.print(transfer_table(finals, title=title.format(name=name)))
         record["experiments"][name] = {
             "wall_seconds_this_invocation": round(time.time() - start, 1),
             "training_seconds": {r.method: round(float(pd.read_csv(r.out / "epochs.csv")["seconds"].sum()), 1)
                                  for r in results},
             "finals": finals}
+    for title, finals in peft_tables.values():
+        console.print(transfer_table(finals, title=title))
     console.print(f"made by: {command}  ({time.time() - t0:.0f} s, CPU; finished runs under --runs are reread)",
                   soft_wrap=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
