@@ -233,3 +233,26 @@ def digits_cnn(outputs: int = 5) -> "torch.nn.Module":
         nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
         nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, outputs),
     )
+
+
+def interrupt_training(monkeypatch: Any, run_module: Any, step: int) -> "tuple[type, Any]":
+    """Patch ``run_module.train_stage`` so that training raises ``Stop`` (a KeyboardInterrupt) when
+    the ``step``-th training batch of the run is drawn; returns ``(Stop, the original train_stage)``."""
+    original = run_module.train_stage
+    calls = {"n": 0}
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupted(model, plan, settings, train_batches, *args, **kwargs):  # noqa: ANN001, ANN202
+        def batches(seed, training):  # noqa: ANN001, ANN202
+            for batch in train_batches(seed, training):
+                calls["n"] += training
+                if calls["n"] == step:
+                    raise Stop
+                yield batch
+
+        return original(model, plan, settings, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", interrupted)
+    return Stop, original

@@ -22,7 +22,7 @@ import asbound.transfer.run as run_module
 from asbound import ScoreConfig, score
 from asbound.cli import main
 from asbound.transfer import TransferConfig, transfer
-from fabricate import digits_cnn, run_held_by_another_process
+from fabricate import digits_cnn, interrupt_training, run_held_by_another_process
 
 
 @pytest.fixture(scope="module")
@@ -147,23 +147,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pretrained, tm
     cfg = _cfg(pretrained, "lp-ft", score=False, epochs=4, augment="crop")
     whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
 
-    original = loop.train_stage
-    calls = {"n": 0}
-
-    class Stop(KeyboardInterrupt):
-        pass
-
-    def interrupted(model, plan, settings, train_batches, *args, **kwargs):
-        def batches(seed, training):
-            for i, batch in enumerate(train_batches(seed, training)):
-                calls["n"] += training
-                if calls["n"] == 9:  # inside LP's third epoch (4 steps per epoch)
-                    raise Stop
-                yield batch
-
-        return original(model, plan, settings, batches, *args, **kwargs)
-
-    monkeypatch.setattr(run_module, "train_stage", interrupted)
+    Stop, original = interrupt_training(monkeypatch, run_module, 9)  # inside LP's third epoch (4 steps each)
     with pytest.raises(Stop):
         transfer(cfg, tmp_path / "split", progress=False, printer=lambda s: None)
     assert len(pd.read_csv(tmp_path / "split" / "epochs.csv")) == 2  # two complete epochs kept

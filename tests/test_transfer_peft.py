@@ -20,7 +20,7 @@ from torch import nn
 import asbound.transfer.loop as loop
 import asbound.transfer.run as run_module
 from asbound.cli import main
-from fabricate import digits_cnn
+from fabricate import digits_cnn, interrupt_training
 from asbound.errors import ConfigError, ModelError
 from asbound.models import SplitModel, load_model
 from asbound.models.peft import (
@@ -527,28 +527,6 @@ def test_runs_recorded_before_peft_and_torchrun_are_reread(pretrained, tmp_path,
     assert ranli["scope"] == "peft" and ranli["peft"]["variant"] == "bias"
 
 
-def _interrupted_at(monkeypatch, step: int):
-    """``train_stage`` whose training batches raise after ``step`` training batches in all."""
-    original = run_module.train_stage
-    calls = {"n": 0}
-
-    class Stop(KeyboardInterrupt):
-        pass
-
-    def interrupted(model, plan, settings, train_batches, *args, **kwargs):
-        def batches(seed, training):
-            for batch in train_batches(seed, training):
-                calls["n"] += training
-                if calls["n"] == step:
-                    raise Stop
-                yield batch
-
-        return original(model, plan, settings, batches, *args, **kwargs)
-
-    monkeypatch.setattr(run_module, "train_stage", interrupted)
-    return Stop, original
-
-
 @pytest.mark.parametrize("method, peft, stop", [("roli", "lora", 8), ("roli", "adapter", 8), ("autolora", "full", 6)])
 def test_a_peft_or_autolora_run_resumes_to_the_uninterrupted_weights(pretrained, tmp_path, monkeypatch, method, peft, stop):
     """Interrupted inside RoLI's PEFT stage (3 steps per epoch, 2 + 2 epochs: step 8 is in stage 2's
@@ -557,7 +535,7 @@ def test_a_peft_or_autolora_run_resumes_to_the_uninterrupted_weights(pretrained,
     cfg = _cfg(pretrained, method, peft=peft, peft_rank=4, adapter_reduction=4, autolora_rank=4, score=False,
                epochs=2 if method == "roli" else 5, n=150, autolora_lr=0.2)
     whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
-    stop_cls, original = _interrupted_at(monkeypatch, stop)
+    stop_cls, original = interrupt_training(monkeypatch, run_module, stop)
     with pytest.raises(stop_cls):
         transfer(cfg, tmp_path / "split", progress=False, printer=lambda s: None)
     assert not (tmp_path / "split" / "model.pt").exists()
