@@ -4,14 +4,20 @@
 
 * :mod:`asbound.scoring`: ``score`` (AS score, Lemma 1, Theorem 1, Theorem 2 per datapoint);
 * :mod:`asbound.transfer`: ``transfer`` (LP, FT, LP-FT, adversarial LP / FT, TRADES FT), whose
-  runs re-enter as ``run:DIR`` models.
+  runs re-enter as ``run:DIR`` models;
+* :mod:`asbound.sweep`: ``run_sweep`` over ``shift_sweep`` / ``eps_sweep`` / ``resize_sweep`` /
+  ``grid_sweep`` cells (each an ordinary run), locally or through submitit;
+* :mod:`asbound.predict`: ``predict`` (the AS ratio before transfer, with its measured power);
+* :mod:`asbound.data.corruptions`: ``parse_corruption`` / ``corrupt`` (CIFAR-10-C, ImageNet-C).
 
 The command line (:mod:`asbound.cli`) is a thin layer over these names.
 """
 
 from __future__ import annotations
 
+from asbound.data.corruptions import Corruption, corrupt, parse_corruption
 from asbound.devices import resolve_device
+from asbound.predict import PredictConfig, predict
 from asbound.scoring import (
     BACKENDS,
     DEFAULT_MODEL,
@@ -24,10 +30,23 @@ from asbound.scoring import (
     score_default,
     summarize,
 )
+from asbound.sweep import SlurmOptions, Sweep, eps_sweep, grid_sweep, resize_sweep, run_sweep, shift_sweep
 from asbound.transfer import METHODS, MethodResult, TransferConfig, transfer
 
 __all__ = [
     "BACKENDS",
+    "Corruption",
+    "PredictConfig",
+    "SlurmOptions",
+    "Sweep",
+    "corrupt",
+    "eps_sweep",
+    "grid_sweep",
+    "parse_corruption",
+    "predict",
+    "resize_sweep",
+    "run_sweep",
+    "shift_sweep",
     "DEFAULT_MODEL",
     "DEFAULT_N",
     "DEFAULT_TASKS",

@@ -118,6 +118,12 @@ def _data_options(p: argparse.ArgumentParser, seed: int) -> argparse._ArgumentGr
                    "without it: every class")
     g.add_argument("--seed", type=_whole, default=seed, help="subset selection, splits and every random draw")
     g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
+    g.add_argument("--corruption", help="corrupt every image (distribution shift), e.g. gaussian_noise, zoom_blur; "
+                   "without it: the images as they are")
+    g.add_argument("--severity", type=_whole, help="the corruption's severity, 1-5")
+    g.add_argument("--corruption-params", default="auto", choices=("auto", "cifar", "imagenet"),
+                   help="CIFAR-10-C's constants or ImageNet-C's (imagecorruptions); auto: CIFAR-10-C where it "
+                        "defines the corruption")
     g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
     return g
 
@@ -169,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     _transfer_parser(sub)
+    _sweep_parser(sub)
+    _predict_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
 
@@ -283,7 +291,8 @@ def _score(args: argparse.Namespace) -> int:
         delta=args.delta, loss_cap=args.loss_cap, device=args.device, backend=args.backend,
         model_dir=args.model_dir, data_root=args.data_root, weights=args.weights, head=args.head,
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
-        download=args.download, classes=args.classes, as_only=args.as_only,
+        download=args.download, classes=args.classes, as_only=args.as_only, corruption=args.corruption,
+        severity=args.severity, corruption_params=args.corruption_params,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:
@@ -328,7 +337,8 @@ def _transfer(args: argparse.Namespace) -> int:
         adapter_reduction=args.adapter_reduction, autolora_lr=args.autolora_lr, autolora_rank=args.autolora_rank,
         autolora_alpha=args.autolora_alpha, autolora_scale=args.autolora_scale, autolora_rho=args.autolora_rho,
         autolora_divide=args.autolora_divide, autolora_condition2=args.autolora_condition2,
-        autolora_lambda_n=args.autolora_lambda_n,
+        autolora_lambda_n=args.autolora_lambda_n, corruption=args.corruption, severity=args.severity,
+        corruption_params=args.corruption_params,
     )
     if args.model is None or args.data is None:
         raise ConfigError("give --model and --data (the pretrained model and the downstream data)")
@@ -348,6 +358,246 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep and predict --------------------------------------------------------------------------
+
+
+def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> None:
+    """The options a sweep's cells share (score cells; transfer cells with --method)."""
+    from asbound.api import ScoreConfig
+
+    d = ScoreConfig()
+    _model_options(p, with_head=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | digits | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
+    g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live")
+    g.add_argument("--classes", help="a subset of classes, relabelled 0..k-1 in the order given")
+    g.add_argument("--seed", type=_whole, default=d.seed, help="subset selection, splits and every random draw")
+    if resize:
+        g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
+    g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
+    g.add_argument("--split", default=d.split, choices=("train", "test"), help="score cells: which split to draw from")
+    g.add_argument("--n", type=_n, default=d.n, help="datapoints scored per cell (transfer cells: scored before and after), or 'all'")
+    g = _pgd_options(p, d)
+    g.add_argument("--as-only", action="store_true", help="score cells: the AS score alone (no labels, no loss attack)")
+    g = p.add_argument_group("transfer cells (with --method)")
+    g.add_argument("--method", help="make every cell a transfer run of this one method (e.g. lp), scored after; "
+                   "without it: score cells. Other transfer options: use a grid file")
+    g.add_argument("--epochs", type=_whole, default=20, help="epochs of each transfer cell")
+    g.add_argument("--lr", type=_number, default=0.01, help="learning rate of head-only stages")
+    g.add_argument("--n-train", type=_n, default=None, help="training images per transfer cell, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n, default=None, help="test images of the evaluation, or 'all' (default: all)")
+    _executor_options(p)
+
+
+def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGroup:
+    """The scores' PGD options (sweeps, predict), with ``d``'s defaults."""
+    g = p.add_argument_group("attack")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--norm", default=d.norm, help="inf or 2")
+    g.add_argument("--steps", type=_whole, default=d.steps, help="PGD steps of the scores")
+    g.add_argument("--rel-step", type=_number, default=d.rel_step, help="step size relative to eps")
+    g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack")
+    g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    return g
+
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    from asbound.sweep import EXECUTORS
+
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: in this process; submitit-local: a subprocess per cell; slurm: a Slurm job per cell "
+                        "(both through submitit: pip install 'asbound[slurm]')")
+    g.add_argument("--slurm-partition", help="Slurm partition (default: the cluster's)")
+    g.add_argument("--slurm-time", type=_whole, default=240, help="minutes per cell job")
+    g.add_argument("--slurm-gpus", type=_whole, default=0, help="GPUs per cell job")
+    g.add_argument("--slurm-cpus", type=_whole, default=4, help="CPUs per cell job")
+    g.add_argument("--slurm-mem-gb", type=_whole, help="memory per cell job (default: the cluster's)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="sweep directory: OUT/sweep.json and one run directory per cell; "
+                   "rerunning reruns only the cells not done")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
+
+
+def _sweep_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "sweep", help="grids of score or transfer runs: corruption shift, eps multiples, input sizes, or a grid file",
+        description="Run a grid of ordinary score (or transfer) runs, one directory per cell, locally or on a "
+                    "cluster through submitit. Cells already done are reused; an interrupted sweep reruns only "
+                    "what is missing. Tables: asbound table OUT --style shift|eps|resize.",
+    )
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    fmt = _DefaultsFormatter
+    s = kinds.add_parser("shift", help="the uncorrupted data and each corruption at each severity (seed 001 Tables 12, 13)",
+                         formatter_class=fmt)
+    g = s.add_argument_group("shift")
+    g.add_argument("--corruption", required=True, help="corruptions, comma-separated (e.g. gaussian_noise,zoom_blur)")
+    g.add_argument("--severity", default="1,2,5", help="severities 1-5, comma-separated")
+    g.add_argument("--corruption-params", default="auto", choices=("auto", "cifar", "imagenet"),
+                   help="parameter set: CIFAR-10-C's constants (32x32 data) or ImageNet-C's (imagecorruptions); "
+                        "auto: CIFAR-10-C where it defines the corruption")
+    _common_run_options(s)
+    s = kinds.add_parser("eps", help="the same points at eps times each multiple (seed 001 Table 8)", formatter_class=fmt)
+    s.add_argument("--multiples", default="1,2,3", help="multiples of --eps, comma-separated")
+    _common_run_options(s)
+    s = kinds.add_parser("resize", help="inputs resized to each side (seed 001 Table 10)", formatter_class=fmt)
+    s.add_argument("--sizes", required=True, help="sides in pixels, comma-separated (e.g. 256,128,64)")
+    _common_run_options(s, resize=False)
+    s = kinds.add_parser("grid", help="the cartesian product of a TOML grid file's lists", formatter_class=fmt,
+                         description="A grid file: run = \"score\" | \"transfer\"; [base] options every cell shares; "
+                                     "[grid] lists, one cell per combination (keys: the fields of ScoreConfig / "
+                                     "TransferConfig, e.g. eps, seed, method, corruption, severity, resize).")
+    s.add_argument("--config", required=True, help="the TOML grid file")
+    s.add_argument("--device", help="override the grid's device for every cell")
+    _executor_options(s)
+
+
+def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
+    shared = dict(model=args.model, data=args.data, classes=args.classes, seed=args.seed, eps=args.eps,
+                  batch_size=args.batch_size, device=args.device, model_dir=args.model_dir, data_root=args.data_root,
+                  weights=args.weights, feature_layer=args.feature_layer, allow_pickle=args.allow_pickle,
+                  download=args.download)
+    if getattr(args, "resize", None) is not None:
+        shared["resize"] = args.resize
+    if args.method is None:
+        return "score", dict(shared, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts,
+                             n=args.n, split=args.split, head=args.head, as_only=args.as_only)
+    if "," in args.method:
+        raise ConfigError(f"--method {args.method}: a sweep's transfer cells run one method each; "
+                          f"use a grid file with method as an axis for several")
+    if args.norm not in ("inf", "Linf", "linf"):
+        raise ConfigError("transfer cells attack in L-inf; leave --norm out with --method")
+    return "transfer", dict(shared, method=args.method, epochs=args.epochs, lr=args.lr, n=args.n_train,
+                            n_test=args.n_test, score_n=args.n, score_steps=args.steps)
+
+
+def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:
+    from rich.console import Console
+
+    from asbound.sweep import SlurmOptions, eps_sweep, grid_sweep, resize_sweep, run_sweep, shift_sweep
+    from asbound.sweep.grid import parse_list
+
+    if args.kind == "grid":
+        sweep = grid_sweep(args.config, {"device": args.device})
+    else:
+        run, base = _sweep_base(args)
+        if args.kind == "shift":
+            sweep = shift_sweep(base, parse_list(args.corruption, str, "--corruption"),
+                                parse_list(args.severity, int, "--severity"), run=run, params=args.corruption_params)
+        elif args.kind == "eps":
+            sweep = eps_sweep(base, args.eps, parse_list(args.multiples, float, "--multiples"), run=run)
+        else:
+            sweep = resize_sweep(base, parse_list(args.sizes, int, "--sizes"), run=run)
+    err = Console(stderr=True)
+    slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus_per_node=args.slurm_gpus,
+                         cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb)
+    result = run_sweep(sweep, args.out, executor=args.executor, command=_command(argv), progress=not args.no_progress,
+                       slurm=slurm, printer=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    console = Console()
+    console.print(f"sweep {args.out}: {len(result.reused)} cells reused, {len(result.ran)} run, "
+                  f"{len(result.failed)} failed")
+    style = {"grid": "lemma1"}.get(sweep.kind, sweep.kind)
+    console.print(f"table: asbound table {args.out} --style {style}", highlight=False)
+    if result.failed:
+        for name, error in result.failed.items():
+            print(f"asbound: error: cell {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict_parser(sub: "argparse._SubParsersAction") -> None:
+    from asbound.predict import MEASURES, PredictConfig
+
+    d = PredictConfig(model="", pretrain_data="", data="")
+    p = sub.add_parser(
+        "predict", help="will robustness transfer? the AS score on unlabelled pretraining and downstream data",
+        description="Score the representation on the pretraining data and on each downstream task (no labels "
+                    "needed) and predict from AS(downstream) / AS(pretraining) whether robustness transfers by "
+                    "linear probing (seed 001 section 6.1). With --head-norm, Lemma 1 bounds the increase of the "
+                    "adversarial loss. With --measure lp, each task is also linear-probed and the Spearman rank "
+                    "correlation between the predicted ratio and the measured (robust CE - CE) / CE is reported.",
+        formatter_class=_DefaultsFormatter,
+    )
+    _model_options(p, with_head=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--pretrain-data", required=True, help="the (unlabelled) pretraining data, a data spec")
+    g.add_argument("--pretrain-classes", help="a class subset of the pretraining data (e.g. 0-4)")
+    g.add_argument("--data", required=True,
+                   help="downstream tasks, comma-separated data specs with optional modifiers "
+                        "@classes=LIST, @corruption=NAME:SEVERITY, @resize=SIDE (e.g. cifar10,digits@classes=5-9)")
+    g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live")
+    g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
+    g.add_argument("--n", type=_n, default=d.n, help="datapoints scored per data set, or 'all'")
+    g.add_argument("--seed", type=_whole, default=d.seed, help="subset selection and every random draw")
+    _pgd_options(p, d)
+    g = p.add_argument_group("prediction")
+    g.add_argument("--threshold", type=_number, default=d.threshold,
+                   help="AS ratio up to which robustness is predicted to transfer by LP")
+    g.add_argument("--head-norm", help="max_k ||w_k||_2 of the downstream head, a number, or run:DIR of an LP run: "
+                   "Lemma 1 then bounds the mean increase of the CE under attack by 2 * B * AS")
+    g.add_argument("--measure", default="", help=f"also train and measure, comma-separated: {', '.join(MEASURES)} "
+                   "(lp: the relative CE increase; lp,adv-lp: also seed 000's predictor)")
+    g.add_argument("--epochs", type=_whole, default=d.epochs, help="epochs of the measuring LP runs")
+    g.add_argument("--n-train", type=_n, default=None, help="training images of the LP runs, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n, default=None, help="test images of the LP runs' evaluation (default: all)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="OUT/predict.json and one run directory per attack; rerunning resumes")
+    g.add_argument("--json", action="store_true", help="print predict.json on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
+
+
+def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from asbound.predict import PredictConfig, predict
+
+    cfg = PredictConfig(
+        model=args.model or "", pretrain_data=args.pretrain_data, data=args.data, pretrain_classes=args.pretrain_classes,
+        eps=args.eps, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts, n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size, threshold=args.threshold, head_norm=args.head_norm, measure=args.measure,
+        epochs=args.epochs, n_train=args.n_train, n_test=args.n_test, device=args.device, model_dir=args.model_dir,
+        data_root=args.data_root, weights=args.weights, feature_layer=args.feature_layer,
+        allow_pickle=args.allow_pickle, download=args.download,
+    )
+    if not args.model:
+        raise ConfigError("give --model (the pretrained representation)")
+    err = Console(stderr=True)
+    rec = predict(cfg, args.out, progress=not args.no_progress, command=_command(argv),
+                  printer=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    pre = rec["pretrain"]
+    table = Table(title=f"asbound predict: {rec['model']}, eps {rec['eps_text']} (L{rec['norm']}); "
+                        f"AS on {pre['label']} = {pre['as_score']:.4g}", title_justify="left")
+    for col in ("downstream", "AS score", "ratio", f"verdict (ratio <= {rec['threshold']:g})", "2 B AS (Lemma 1)",
+                "measured (rob. CE - CE) / CE"):
+        table.add_column(col, justify="left" if col == "downstream" else "right")
+    for t in rec["tasks"]:
+        bound = t["bound"]
+        measured = (t["measured"] or {}).get("relative_ce")
+        table.add_row(t["label"], f"{t['as_score']:.4g}", f"{t['ratio']:.3g}", t["verdict"],
+                      "-" if bound is None else f"{bound['loss_increase']:.4g}",
+                      "-" if measured is None else f"{measured:.3g}")
+    console = Console()
+    console.print(table)
+    for name, s in (rec.get("spearman") or {}).items():
+        if s:
+            console.print(f"Spearman {name.replace('_', ' ')}: rho {s['rho']:.3f} (p {s['p']:.3g}, {s['n']} tasks)")
+    console.print("AS is a PGD estimate (a lower bound on the sensitivity), so the ratio and 2 B AS are estimates.")
+    console.print(f"records: {args.out}/predict.json; table: asbound table {args.out} --style predict", highlight=False)
+    return 0
+
+
+def _command(argv: "Optional[Sequence[str]]") -> str:
+    import shlex
+
+    return "asbound " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -359,6 +609,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _score(args)
         if args.command == "transfer":
             return _transfer(args)
+        if args.command == "sweep":
+            return _sweep(args, argv)
+        if args.command == "predict":
+            return _predict(args, argv)
     except AsboundError as exc:
         # one line, whatever the message holds (an underlying library's error may span several)
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())

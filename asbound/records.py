@@ -121,13 +121,13 @@ class RunDir:
         finally:
             handle.close()  # releases the lock
 
-    def start(self, config: dict) -> "set[int]":
+    def start(self, config: dict, *, defaults: "dict | None" = None) -> "set[int]":
         """Create or resume the directory; return the positions already recorded.
 
         Raises :class:`ResumeError` if the directory holds a run with another configuration
         (or records that cannot be attributed to one); nothing in it is changed then.
         """
-        self.claim(config)
+        self.claim(config, defaults=defaults)
         return self._repair_points()
 
     def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor
 from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
+from asbound.data.corruptions import corruption_of
 from asbound.devices import resolve_device
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
@@ -44,6 +45,10 @@ DEFAULT_RUNS = (("builtin:lenet-adversarial", "dsprites:orientation"),
                 ("builtin:lenet-shape-adversarial", "dsprites:shape"))
 DEFAULT_N = 500
 BACKENDS = ("asbound", "foolbox")
+
+
+#: options added after runs were recorded without them: such a run compares as if it had these
+OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class ScoreConfig:
     download: bool = False
     classes: Optional[str] = None
     as_only: bool = False  # the AS score alone: no labels, no loss attack (e.g. before any transfer)
+    corruption: Optional[str] = None  # distribution shift: a corruption of every image (asbound.data.corruptions)
+    severity: Optional[int] = None
+    corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
@@ -112,6 +120,7 @@ class ScoreConfig:
             raise ConfigError(f"backend {self.backend!r} is not valid; valid: {', '.join(BACKENDS)}")
         parse_model_spec(self.model)
         parse_data_spec(self.data)
+        corruption_of(self.corruption, self.severity, self.corruption_params)
         return dataclasses.replace(self, eps=eps, norm=norm)
 
     @property
@@ -284,6 +293,7 @@ def score(
     data = load_data(
         data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
         download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,
+        corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params),
     )
     probe = data.batch(torch.arange(min(len(data), 8)))
     try:
@@ -323,7 +333,7 @@ def score(
     }
     run = RunDir(out) if out is not None else None
     with run.locked() if run else contextlib.nullcontext():
-        done = run.start(resolved) if run else set()
+        done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale)
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]

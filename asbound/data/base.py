@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from asbound.data.augment import augment_batch, check_augment
+from asbound.data.augment import augment_batch, check_augment, row_seed
 from asbound.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from asbound.data.corruptions import Corruption
     from asbound.data.transforms import TransformPlan
 
 #: A batch of images: one tensor [n, C, H, W], or a list of [C, H, W] tensors of different sizes.
@@ -143,7 +144,8 @@ class DataSet:
     def __init__(self, *, spec: str, split: str, task: str, num_classes: Optional[int],
                  class_names: Optional[list[str]], source: str, transforms: list[str],
                  index: torch.Tensor, y: torch.Tensor, raw: RawSource, rows: torch.Tensor,
-                 plan: "TransformPlan") -> None:
+                 plan: "TransformPlan", corruption: "Optional[Corruption]" = None,
+                 corruption_seed: int = 0) -> None:
         self.spec, self.split, self.task, self.source = spec, split, task, source
         self.num_classes, self.class_names = num_classes, class_names
         self.transforms = transforms
@@ -151,6 +153,8 @@ class DataSet:
         self.raw = raw  # the source (its ``read`` is what every batch calls)
         self.rows = rows  # each row's position in the source
         self.plan = plan
+        # applied after the plan; image i's draw is seeded by (corruption_seed, its source index)
+        self.corruption, self.corruption_seed = corruption, corruption_seed
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -186,6 +190,11 @@ class DataSet:
         if not self.raw.checked and isinstance(images, torch.Tensor):
             check_values(images, torch.empty(0), self.raw.index_of(uniq), self.what)
         x = self.plan.apply(images)
+        if self.corruption is not None:
+            from asbound.data.corruptions import corrupt
+
+            index = self.raw.index_of(uniq).tolist()
+            x = corrupt(x, self.corruption, [row_seed(self.corruption_seed, i) for i in index])
         if len(uniq) != len(rows) or not torch.equal(uniq, rows):
             x = x[inverse]
         return x
@@ -204,6 +213,7 @@ class DataSet:
             class_names=None if self.class_names is None else list(self.class_names),
             source=self.source, transforms=list(self.transforms), index=self.index[sel],
             y=self.y[sel], raw=self.raw, rows=self.rows[sel], plan=self.plan,
+            corruption=self.corruption, corruption_seed=self.corruption_seed,
         )
 
     def loader(self, batch_size: int, *, shuffle: bool = False, augment: str = "none", seed: int = 0,

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asbound.data.base import DataSet, RawSource, check_values
+from asbound.data.corruptions import CIFAR_C, Corruption
 from asbound.data.dsprites import dsprites_source
 from asbound.data.sources import digits_source, folder_source, tensors_source, torchvision_source
 from asbound.data.transforms import plan_transform
@@ -71,6 +72,7 @@ def load_data(
     input_format: Optional[InputFormat] = None,
     resize: Optional[int] = None,
     classes: Union[str, Sequence[int], None] = None,
+    corruption: "Optional[Corruption]" = None,
 ) -> DataSet:
     """Open ``split`` of a data set as a lazy :class:`DataSet`: pixels in [0, 1], shaped for
     ``input_format``, read batch by batch.
@@ -78,7 +80,9 @@ def load_data(
     ``classes`` (``"5-9"``, ``"0,2,4"`` or a sequence of labels) keeps the rows with those labels
     and relabels each to its position in the list. Then ``n`` rows are drawn by a permutation
     seeded with ``seed`` and kept in ascending order. ``resize`` (a square side) overrides the
-    size of ``input_format``. ``folder:`` and ``tensors:`` sources have no splits: either split
+    size of ``input_format``. ``corruption`` (:func:`~asbound.data.corruptions.parse_corruption`)
+    corrupts every image after that transform, image by image, seeded by ``seed`` and the image's
+    index in its source (the same image gets the same corruption in any selection). ``folder:`` and ``tensors:`` sources have no splits: either split
     is the whole set. The transform is decided here for the whole selection (from image sizes
     and channels, no pixels). Raises :class:`~asbound.errors.DataError` for missing or invalid
     data and :class:`~asbound.errors.ConfigError` for invalid options.
@@ -111,9 +115,18 @@ def load_data(
     rows = pos
     if raw.preload is not None:
         raw, rows = raw.preload(pos), torch.arange(len(pos))
+    if corruption is not None:
+        if corruption.params == "imagenet" and min(plan.shape[1:]) < 32:
+            raise DataError(f"{what}: {corruption.name} with ImageNet-C parameters (imagecorruptions) needs images of "
+                            f"at least 32x32, these are {plan.shape[1]}x{plan.shape[2]}; give --resize 32 or more, "
+                            f"or a CIFAR-10-C corruption ({', '.join(sorted(CIFAR_C))})")
+        resized = any(t.startswith("resize") for t in transforms)
+        transforms.append(f"corrupt: {corruption.describe()}" + (", after resizing" if resized else "")
+                          + f", per image seeded by (seed {seed}, index)")
     return DataSet(
-        spec=str(spec), split=split, task=raw.task, num_classes=num_classes, class_names=names,
-        source=raw.source, transforms=transforms, index=index, y=y, raw=raw, rows=rows, plan=plan,
+        spec=str(spec), split=split,
+        task=raw.task, num_classes=num_classes, class_names=names, source=raw.source, transforms=transforms,
+        index=index, y=y, raw=raw, rows=rows, plan=plan, corruption=corruption, corruption_seed=seed,
     )
 
 

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from asbound.data.corruptions import corruption_of
 from asbound.errors import ConfigError
 from asbound.models.peft import VARIANTS
 from asbound.transfer.autolr import CONDITIONS
@@ -95,12 +96,16 @@ class TransferConfig:
     resize: Optional[int] = None
     allow_pickle: bool = False
     download: bool = False
+    corruption: Optional[str] = None  # every image (training, validation, test, scores) corrupted
+    severity: Optional[int] = None
+    corruption_params: str = "auto"
 
     def validated(self) -> "TransferConfig":
         """Check every option; eps and the attack step become floats."""
         parse_model_spec(self.model)
         parse_data_spec(self.data)
         parse_methods(self.method)
+        corruption_of(self.corruption, self.severity, self.corruption_params)
         eps, step = parse_eps(self.eps), parse_eps(self.attack_step)
         for name in ("epochs", "batch_size", "attack_steps", "seed", "workers", "peft_rank", "adapter_reduction",
                      "autolora_rank", "autolora_lambda_n"):

@@ -36,6 +36,7 @@ from torch import nn
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
 from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
+from asbound.data.corruptions import corruption_of
 from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
 from asbound.models import SplitModel, load_model, split_model
 from asbound.models.peft import PeftSpec, apply_peft, check_peft, natural_branch, saved_model
@@ -361,7 +362,8 @@ def _score_options(cfg: TransferConfig) -> dict:
     return dict(
         data=cfg.data, classes=cfg.classes, eps=cfg.eps, n=cfg.score_n, split="test", seed=cfg.seed,
         device=cfg.device, data_root=cfg.data_root, resize=cfg.resize, allow_pickle=cfg.allow_pickle,
-        download=cfg.download, batch_size=cfg.batch_size, steps=cfg.score_steps,
+        download=cfg.download, batch_size=cfg.batch_size, steps=cfg.score_steps, corruption=cfg.corruption,
+        severity=cfg.severity, corruption_params=cfg.corruption_params,
     )
 
 
@@ -459,7 +461,8 @@ def transfer(
     loaded = load_model(model_spec, model_dir=cfg.model_dir, weights=cfg.weights, allow_pickle=cfg.allow_pickle,
                         download=cfg.download, builtin_head=data_spec.factor)
     common = dict(root=cfg.data_root, download=cfg.download, input_format=loaded.input_format,
-                  resize=cfg.resize, classes=cfg.classes)
+                  resize=cfg.resize, classes=cfg.classes,
+                  corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params))
     full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
     if full_train.task != "classification":
         raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")

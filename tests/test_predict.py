@@ -1,0 +1,140 @@
+"""``asbound predict``: the AS ratio against closed forms on a linear representation, Lemma 1's
+loss-increase bound, the measured predictive power (Spearman) and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from asbound.cli import main
+from asbound.errors import ConfigError
+from asbound.predict import PredictConfig, Task, parse_tasks, predict, spearman
+
+
+def _linear(tmp_path, A):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(A.shape[1], A.shape[0], bias=False), nn.Linear(A.shape[0], 3))
+    model[1].weight.data = A.clone()
+    path = tmp_path / "linear.pt"
+    torch.save(model, path)
+    return path
+
+
+def _linf_max(A, lo, hi):
+    """max ||A d||_2 over the box lo <= d <= hi: at a vertex (the norm is convex)."""
+    corners = torch.tensor(list(itertools.product([0.0, 1.0], repeat=A.shape[1])), dtype=torch.float64)
+    d = lo + corners * (hi - lo)
+    return float((d @ A.double().T).norm(dim=1).max())
+
+
+def test_predict_on_a_linear_representation_gives_the_closed_form_ratio(tmp_path):
+    """g(x) = A x. Interior points (the L-inf ball inside [0, 1]^d): s = max over the vertices of
+    [-eps, eps]^d. Points at the corner x = 0: the box leaves only [0, eps]^d. So the ratio of the
+    two data sets' AS is the ratio of two vertex maxima, the same for every point."""
+    torch.manual_seed(3)
+    A = torch.randn(3, 4)
+    eps = 0.05
+    interior = torch.rand(12, 1, 2, 2) * 0.5 + 0.25
+    corner = torch.zeros(10, 1, 2, 2)
+    torch.save({"x": interior, "y": torch.randint(0, 3, (12,))}, tmp_path / "pre.pt")
+    torch.save({"x": corner, "y": torch.randint(0, 3, (10,))}, tmp_path / "down.pt")
+    cfg = PredictConfig(model=f"file:{_linear(tmp_path, A)}", pretrain_data=f"tensors:{tmp_path / 'pre.pt'}",
+                        data=f"tensors:{tmp_path / 'down.pt'},tensors:{tmp_path / 'pre.pt'}@classes=0-2", eps=eps,
+                        steps=60, rel_step=0.5, restarts=12, n=None, batch_size=16, device="cpu", allow_pickle=True,
+                        head_norm=2.5, threshold=0.9)
+    rec = predict(cfg, tmp_path / "out", progress=False, printer=lambda _: None)
+    s_pre = _linf_max(A, -eps * torch.ones(4), eps * torch.ones(4))
+    s_corner = _linf_max(A, torch.zeros(4), eps * torch.ones(4))
+    assert rec["pretrain"]["as_score"] == pytest.approx(s_pre, rel=2e-4)
+    down, same = rec["tasks"]
+    assert down["as_score"] == pytest.approx(s_corner, rel=2e-4)
+    assert down["ratio"] == pytest.approx(s_corner / s_pre, rel=4e-4)
+    assert same["ratio"] == pytest.approx(1.0, rel=4e-4)
+    assert s_corner / s_pre < 0.9 and down["verdict"] == "transfers"
+    assert same["verdict"] == "does not transfer"  # threshold 0.9 < 1
+    # Lemma 1 multiplied out: L ||W|| AS with L = 2 for cross-entropy in the max norm
+    assert down["bound"]["loss_increase"] == pytest.approx(2 * 2.5 * down["as_score"])
+    assert down["bound"]["source"] == "--head-norm" and down["measured"] is None
+    assert json.loads((tmp_path / "out" / "predict.json").read_text())["tasks"][0]["ratio"] == down["ratio"]
+    # rerunning reuses every score run
+    again = predict(cfg, tmp_path / "out", progress=False, printer=lambda line: pytest.fail(line))
+    assert again["tasks"] == rec["tasks"]
+
+
+def test_measured_predictive_power_and_the_head_norm_of_a_reference_run(tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["predict", "--model", "builtin:digits-adversarial", "--pretrain-data", "digits", "--pretrain-classes",
+            "0-4", "--data", "digits@classes=5-9,digits@classes=0,2,4,6,8,dsprites:shape", "--n", "24",
+            "--steps", "3", "--batch-size", "16", "--measure", "lp,adv-lp", "--epochs", "1", "--n-train", "64",
+            "--n-test", "24", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    assert [t["label"] for t in rec["tasks"]] == ["digits [5-9]", "digits [0,2,4,6,8]", "dsprites:shape"]
+    for t in rec["tasks"]:
+        m = t["measured"]
+        final = json.loads((out / m["dir"] / "final.json").read_text())
+        after = final["score_after"]
+        assert m["relative_ce"] == pytest.approx((after["loss_adv"] - after["loss_clean"]) / after["loss_clean"])
+        assert m["clean_accuracy"] == final["test"]["clean_accuracy"]
+        assert m["robust_accuracy"] == final["test"]["pgd"]["20"]
+        assert (out / m["adv_lp"]["dir"] / "final.json").exists()
+    s = rec["spearman"]["ratio_vs_relative_ce"]
+    assert s["n"] == 3
+    assert s["rho"] == pytest.approx(spearman([t["ratio"] for t in rec["tasks"]],
+                                              [t["measured"]["relative_ce"] for t in rec["tasks"]])["rho"])
+    assert "lp_accuracy_vs_adv_lp_robust_accuracy" in rec["spearman"]
+    shown = capsys.readouterr().out
+    assert "Spearman ratio vs relative ce" in shown and "digits [5-9]" in shown
+    # the LP run's head norm as --head-norm run:DIR
+    lp = out / rec["tasks"][0]["measured"]["dir"]
+    rec2 = predict(PredictConfig(model="builtin:digits-adversarial", pretrain_data="digits", pretrain_classes="0-4",
+                                 data="digits@classes=5-9", n=24, steps=3, batch_size=16, device="cpu",
+                                 head_norm=f"run:{lp}"), tmp_path / "p2", progress=False, printer=lambda _: None)
+    b = rec2["tasks"][0]["bound"]
+    head = json.loads((lp / "final.json").read_text())["score_after"]["head_norms"]["row_max"]
+    assert b["head_norm"] == head and b["source"] == f"run:{lp}"
+    assert b["loss_increase"] == pytest.approx(2 * head * rec2["tasks"][0]["as_score"])
+
+
+def test_task_grammar():
+    assert parse_tasks("cifar10,digits@classes=0,2,4@resize=16") == [
+        Task("cifar10"), Task("digits", classes="0,2,4", resize=16)]
+    assert parse_tasks("digits@corruption=zoom_blur:2")[0] == Task("digits", corruption="zoom_blur", severity=2)
+    with pytest.raises(ConfigError, match="modifier 'size=3' is not valid"):
+        parse_task_text = "digits@size=3"
+        parse_tasks(parse_task_text)
+    with pytest.raises(ConfigError, match="NAME:SEVERITY"):
+        parse_tasks("digits@corruption=zoom_blur")
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_tasks("digits,digits")
+
+
+def test_spearman_needs_three_varying_pairs():
+    assert spearman([1, 2], [3, 4]) is None
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    assert spearman([1, 2, 3], [3, 2, 1])["rho"] == pytest.approx(-1)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--measure", "ft"], "--measure ft is not valid; valid: lp, adv-lp"),
+        (["--measure", "adv-lp"], "give --measure lp,adv-lp"),
+        (["--head-norm", "-1"], "--head-norm must be a number > 0 or run:DIR"),
+        (["--head-norm", "run:/nonexistent"], "holds no finished transfer run"),
+        (["--threshold", "0"], "threshold must be a number > 0"),
+        (["--data", "digits@classes"], "modifier 'classes' is not valid"),
+        (["--data", "imagenet"], "unknown data spec 'imagenet'"),
+    ],
+)
+def test_bad_predict_input_is_one_line_exit_2(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    argv = ["predict", "--model", "builtin:digits-adversarial", "--pretrain-data", "digits", "--data", "digits",
+            "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("asbound: error:")
+    assert not out.exists()
