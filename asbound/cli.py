@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_parser(sub)
     _sweep_parser(sub)
     _predict_parser(sub)
+    _report_parsers(sub)
     parser.commands = dict(sub.choices)
     return parser
 
@@ -592,6 +593,63 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
     return 0
 
 
+# --- table and plot ------------------------------------------------------------------------------
+
+
+def _report_parsers(sub: "argparse._SubParsersAction") -> None:
+    from asbound.report.plots import KINDS
+    from asbound.report.tables import FORMATS, STYLES
+
+    p = sub.add_parser(
+        "table", help="seed 001's tables from stored run records (Markdown, LaTeX, CSV)",
+        description="Render a paper-style table from run directories (score, transfer, sweep, predict, or folders "
+                    "of them), from their records only: nothing is recomputed. lemma1: Tables 1, 2, 7; theorem2: "
+                    "Table 3; transfer: Tables 5, 9; shift: Tables 12, 13; eps: Table 8; resize: Table 10; "
+                    "predict: Table 4.",
+        formatter_class=_DefaultsFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--style", required=True, choices=STYLES, help="which table")
+    p.add_argument("--format", default="md", choices=FORMATS, help="Markdown, LaTeX (booktabs) or CSV")
+    p.add_argument("--out", help="write the table to this file (default: print it)")
+    p = sub.add_parser(
+        "plot", help="figures from stored run records (PNG and PDF)",
+        description="Draw a figure from run directories' records: lhs-rhs (Lemma 1), margin-vs-sensitivity "
+                    "(Theorem 2 per datapoint), shift, eps (sweeps), predict (predicted against measured).",
+        formatter_class=_DefaultsFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--kind", required=True, choices=KINDS, help="which figure")
+    p.add_argument("--out", required=True, help="FIG.png or FIG.pdf: both are written")
+
+
+def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]") -> int:
+    from asbound.report.tables import render, table
+
+    text = render(table(args.runs, args.style), args.format, command=_command(argv))
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from pathlib import Path
+
+    from asbound.records import atomic_write
+
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    atomic_write(out, lambda f: f.write(text.encode()))
+    print(f"table: {out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from asbound.report.plots import plot
+
+    for path in plot(args.runs, args.kind, args.out):
+        print(f"figure: {path}")
+    return 0
+
+
 def _command(argv: "Optional[Sequence[str]]") -> str:
     import shlex
 
@@ -613,6 +671,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _sweep(args, argv)
         if args.command == "predict":
             return _predict(args, argv)
+        if args.command == "table":
+            return _table(args, argv)
+        if args.command == "plot":
+            return _plot(args)
     except AsboundError as exc:
         # one line, whatever the message holds (an underlying library's error may span several)
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())

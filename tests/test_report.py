@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from asbound.report import ROWS, summary_table
+from asbound.report.console import ROWS, summary_table
 
 
 def _summary(**changes) -> dict:

@@ -1,0 +1,240 @@
+"""Tables and plots from fabricated run records (docs/RECORDS.md): every style in every format
+against golden files, the eps join by hand, missing columns named, every plot kind written.
+
+Regenerate the golden files after an intended change: ASBOUND_UPDATE_GOLDEN=1 pytest tests/test_report_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from asbound.cli import main
+from asbound.errors import ConfigError
+from asbound.report.plots import KINDS, plot
+from asbound.report.tables import FORMATS, STYLES, render, table
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _summary(**over):
+    s = dict(n=4, as_score=1.2, as_score_rep=1.1, loss="cross_entropy", loss_clean=0.5, loss_adv=0.9, loss_diff=0.4,
+             q="inf", lipschitz=2.0, head_norm=2.0, head_norm_name="row_max", lhs=0.1, rhs=1.2,
+             clean_accuracy=0.75, robust_accuracy=0.5, prop_fulfilled=0.25, rob_fulfilled=1.0, eps=0.1,
+             eps_text="0.1", norm="inf", steps=20, model="builtin:m", data="digits", task="classification",
+             head_norms={"row_max": 2.0})
+    s.update(over)
+    return s
+
+
+def _points(fulfilled, robust, margin=None, sensitivity=None):
+    n = len(fulfilled)
+    return pd.DataFrame({
+        "position": range(n), "index": [10 + i for i in range(n)], "label": [0] * n,
+        "sensitivity": sensitivity or [0.5] * n, "margin": margin or [1.0, 0.8, 0.2, -0.1][:n],
+        "correct": [m > 0 for m in (margin or [1.0, 0.8, 0.2, -0.1][:n])], "robust": robust, "fulfilled": fulfilled,
+    })
+
+
+def _score_run(path: Path, config: dict, summary: dict, points: pd.DataFrame) -> None:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "summary.json").write_text(json.dumps(summary))
+    points.to_csv(path / "points.csv", index=False)
+
+
+def _sweep(path: Path, kind: str, cells: "list[tuple[str, dict]]", base: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "sweep.json").write_text(json.dumps({
+        "kind": kind, "command": f"asbound sweep {kind}", "run": "score", "axes": list(cells[0][1]), "base": base,
+        "executor": "local", "versions": {},
+        "cells": [{"name": n, "dir": n, "params": p, "status": "done", "error": None} for n, p in cells]}))
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A tree of fabricated runs; the working directory is its root (paths print relative)."""
+    monkeypatch.chdir(tmp_path)
+    base = {"model": "builtin:m", "data": "digits", "classes": "0-4", "norm": "inf", "eps": 0.1}
+    pts = _points([True, False, False, False], [True, True, False, False])
+    _score_run(tmp_path / "score" / "a", {**base, "data": "digits", "classes": "5-9"}, _summary(), pts)
+    _score_run(tmp_path / "score" / "b", {**base, "model": "builtin:other", "data": "dsprites:shape", "classes": None},
+               _summary(as_score=3.0, lhs=0.2, loss_diff=1.5, head_norm=3.75, clean_accuracy=0.9,
+                        robust_accuracy=0.25, prop_fulfilled=0.0, rob_fulfilled=None), pts)
+    # a transfer directory with two methods
+    for method, acc in (("lp", 0.8), ("ft", 0.95)):
+        d = tmp_path / "transfer" / method
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({**base, "data": "digits", "classes": "5-9", "method": method}))
+        (d / "final.json").write_text(json.dumps({
+            "method": method, "peft": None, "stages": [],
+            "test": {"n": 4, "eps": 0.1, "eps_text": "0.1", "pgd": {"10": acc - 0.3, "20": acc - 0.4},
+                     "clean_accuracy": acc, "autoattack": None},
+            "score_before": _summary(), "score_after": _summary(as_score=acc * 5)}))
+    # shift: the clean baseline, gaussian noise at 1 and 5
+    shift_cells = [("clean", {"corruption": None, "severity": 0}),
+                   ("gaussian_noise-1", {"corruption": "gaussian_noise", "severity": 1}),
+                   ("gaussian_noise-5", {"corruption": "gaussian_noise", "severity": 5})]
+    _sweep(tmp_path / "shift", "shift", shift_cells, base)
+    for k, (name, params) in enumerate(shift_cells):
+        cfg = {**base, **{"corruption": params["corruption"], "severity": params["severity"] or None},
+               "transforms": ([f"corrupt: gaussian_noise severity {params['severity']} (CIFAR-10-C parameters: sigma "
+                               f"{[0, 0.04, 0, 0, 0, 0.1][params['severity']]}), per image seeded by (seed 0, index)"]
+                              if params["corruption"] else [])}
+        _score_run(tmp_path / "shift" / name, cfg,
+                   _summary(as_score=1.0 + k, lhs=0.1 * (k + 1), robust_accuracy=0.5 - 0.1 * k), pts)
+    # eps: the fulfilled points of x1 are indices 10, 11; at x2 10 is robust, 11 is not
+    eps_cells = [("eps-x1", {"eps": 0.05, "eps_text": "0.05", "multiple": 1}),
+                 ("eps-x2", {"eps": 0.1, "eps_text": "0.1", "multiple": 2})]
+    _sweep(tmp_path / "eps", "eps", eps_cells, base)
+    _score_run(tmp_path / "eps" / "eps-x1", base, _summary(prop_fulfilled=0.5, robust_accuracy=0.75),
+               _points([True, True, False, False], [True, True, True, False]))
+    _score_run(tmp_path / "eps" / "eps-x2", base, _summary(prop_fulfilled=0.25, robust_accuracy=0.25),
+               _points([True, False, False, False], [True, False, False, False]))
+    # resize
+    resize_cells = [("resize-16", {"resize": 16}), ("resize-32", {"resize": 32})]
+    _sweep(tmp_path / "resize", "resize", resize_cells, base)
+    for k, (name, params) in enumerate(resize_cells):
+        _score_run(tmp_path / "resize" / name, {**base, **params}, _summary(as_score=2.0 + k, lhs=0.3 - 0.1 * k), pts)
+    # predict
+    (tmp_path / "predict").mkdir()
+    (tmp_path / "predict" / "predict.json").write_text(json.dumps({
+        "model": "builtin:m", "eps": 0.1, "eps_text": "0.1", "norm": "inf", "threshold": 2.0, "command": "x",
+        "config": {"model": "builtin:m"},
+        "pretrain": {"data": "digits", "label": "digits [0-4]", "dir": "as/p", "as_score": 1.0, "loss_clean": 0.1,
+                     "loss_adv": 0.15, "n": 4},
+        "tasks": [
+            {"label": "digits [5-9]", "data": "digits", "as_score": 1.5, "ratio": 1.5, "verdict": "transfers",
+             "bound": None, "measured": {"loss_clean": 0.4, "loss_adv": 0.6, "relative_ce": 0.5}},
+            {"label": "dsprites:shape", "data": "dsprites:shape", "as_score": 3.0, "ratio": 3.0,
+             "verdict": "does not transfer", "bound": None,
+             "measured": {"loss_clean": 0.5, "loss_adv": 1.5, "relative_ce": 2.0}},
+            {"label": "digits [0-4] +zoom_blur-5", "data": "digits", "as_score": 2.0, "ratio": 2.0,
+             "verdict": "transfers", "bound": None, "measured": {"loss_clean": 0.2, "loss_adv": 0.4, "relative_ce": 1.0}}],
+        "spearman": {"ratio_vs_relative_ce": {"rho": 1.0, "p": 0.0, "n": 3}}}))
+    return tmp_path
+
+
+SOURCES = {"lemma1": ["score"], "theorem2": ["score/a", "score/b"], "transfer": ["transfer"], "shift": ["shift"],
+           "eps": ["eps"], "resize": ["resize"], "predict": ["predict"]}
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_style_renders_against_its_golden_file(runs, style, fmt):
+    text = render(table(SOURCES[style], style), fmt, command=f"asbound table {' '.join(SOURCES[style])} --style {style}")
+    golden = GOLDEN / f"{style}.{fmt}"
+    if os.environ.get("ASBOUND_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert str(runs) not in text  # no absolute paths of the machine that made it
+
+
+def test_the_tables_hold_the_records_numbers(runs):
+    lemma = table(["score"], "lemma1").blocks[0].frame
+    assert list(lemma.loc["LHS"]) == ["0.1", "0.2"] and list(lemma.loc["AS score (RHS)"]) == ["1.2", "3"]
+    assert lemma.columns[1] == "other → dsprites:shape"
+    t2 = table(["score/b"], "theorem2").blocks[0].frame
+    assert list(t2.iloc[:, 0]) == ["90.0%", "25.0%", "0.0%", "-"]
+    tr = table(["transfer"], "transfer").blocks[0].frame
+    assert tr.loc["ft", "Acc"] == "95.0%" and tr.loc["ft", "RAcc"] == "55.0%"  # PGD-20, the most steps
+    shift = table(["shift"], "shift").blocks[0].frame
+    assert list(shift.columns) == ["clean", "C1", "C5"] and list(shift.loc["AS score"]) == ["1", "2", "3"]
+    resize = table(["resize"], "resize").blocks[0].frame
+    assert list(resize.index) == ["32x32", "16x16"]  # largest first, as seed Table 10
+    pred = table(["predict"], "predict").blocks[0]
+    assert pred.frame.iloc[0]["relative dif."] == "0.5"  # the pretraining row: (0.15 - 0.1) / 0.1
+    assert any("rho 1.000" in n for n in pred.notes)
+
+
+def test_the_eps_table_joins_the_cells_on_index(runs):
+    frame = table(["eps"], "eps").blocks[0].frame
+    col = frame.iloc[:, 0]
+    assert col["prop. fulfilled (x1)"] == "50.0%"
+    assert col["robust accuracy (x1)"] == "75.0%" and col["robust accuracy (x2)"] == "25.0%"
+    # fulfilled at x1: indices 10 and 11; robust at x1: both; at x2: only 10
+    assert col["robust accuracy of the fulfilled (x1)"] == "100.0%"
+    assert col["robust accuracy of the fulfilled (x2)"] == "50.0%"
+    # a cell that scored other points is named
+    p = pd.read_csv(runs / "eps" / "eps-x2" / "points.csv")
+    p.loc[0, "index"] = 99
+    p.to_csv(runs / "eps" / "eps-x2" / "points.csv", index=False)
+    rendered = table(["eps"], "eps")
+    assert any("scored other points" in n for n in rendered.blocks[0].notes)
+    assert rendered.blocks[0].frame.iloc[:, 0]["robust accuracy of the fulfilled (x2)"] == "0.0%"
+
+
+@pytest.mark.parametrize(
+    "paths, style, message",
+    [
+        (["score"], "eps", "is not a cell of a eps sweep"),
+        (["predict"], "lemma1", "has no score summary"),
+        (["score"], "transfer", "is a score run, not a transfer run"),
+        (["score"], "predict", "is a score run, not an 'asbound predict' directory"),
+        (["nowhere"], "lemma1", "nowhere is not a directory"),
+    ],
+)
+def test_tables_asked_of_the_wrong_runs_name_what_is_missing(runs, paths, style, message):
+    with pytest.raises(ConfigError, match=message):
+        table(paths, style)
+
+
+def test_an_as_only_run_lacks_the_lemma1_columns(runs, capsys):
+    s = json.loads((runs / "score" / "a" / "summary.json").read_text())
+    for key in ("loss_diff", "lhs", "head_norm"):
+        s[key] = None
+    s["task_note"] = "the AS score only"
+    (runs / "score" / "a" / "summary.json").write_text(json.dumps(s))
+    assert main(["table", "score", "--style", "lemma1", "--out", "t.md"]) == 2
+    err = capsys.readouterr().err
+    assert "score/a lacks loss_diff, head_norm, lhs (the AS score only)" in err and err.count("\n") == 1
+    assert not (runs / "t.md").exists()
+    (runs / "empty").mkdir()
+    assert main(["table", "empty", "--style", "lemma1"]) == 2
+    assert "is not an asbound run directory" in capsys.readouterr().err
+
+
+def test_a_sweep_with_cells_not_done_renders_the_rest_and_says_so(runs):
+    manifest = json.loads((runs / "shift" / "sweep.json").read_text())
+    manifest["cells"].append({"name": "zoom_blur-1", "dir": "zoom_blur-1", "params": {"corruption": "zoom_blur",
+                                                                                      "severity": 1},
+                              "status": "pending", "error": None})
+    (runs / "shift" / "sweep.json").write_text(json.dumps(manifest))
+    rendered = table(["shift"], "shift")
+    assert len(rendered.blocks) == 1 and "zoom_blur-1" in rendered.notes[0]
+
+
+def test_the_cli_writes_the_table_with_its_command(runs, capsys):
+    assert main(["table", "score", "--style", "theorem2", "--format", "csv", "--out", "out/t3.csv"]) == 0
+    text = (runs / "out" / "t3.csv").read_text()
+    assert text.startswith("# command: asbound table score --style theorem2 --format csv --out out/t3.csv\n")
+    frame = pd.read_csv(runs / "out" / "t3.csv", comment="#")
+    assert list(frame["table"].unique()) == ["Theorem 2"]
+    assert main(["table", "score", "--style", "bogus"]) == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_plot_kind_writes_png_and_pdf(runs, kind):
+    source = {"lhs-rhs": ["score", "transfer"], "margin-vs-sensitivity": ["score", "transfer/lp"], "shift": ["shift"],
+              "eps": ["eps"], "predict": ["predict"]}[kind]
+    (runs / "transfer" / "lp" / "score" / "after").mkdir(parents=True)
+    _points([True, False], [True, False], margin=[1.0, -0.5], sensitivity=[0.2, 0.4]).to_csv(
+        runs / "transfer" / "lp" / "score" / "after" / "points.csv", index=False)
+    written = plot(source, kind, runs / "fig" / f"{kind}.png")
+    assert [p.suffix for p in written] == [".png", ".pdf"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert written[0].read_bytes()[:4] == b"\x89PNG" and written[1].read_bytes()[:4] == b"%PDF"
+
+
+def test_plots_refuse_what_they_cannot_draw(runs, capsys):
+    with pytest.raises(ConfigError, match="must end in .png or .pdf"):
+        plot(["score"], "lhs-rhs", runs / "fig.jpg")
+    assert main(["plot", "score", "--kind", "shift", "--out", "f.png"]) == 2
+    assert "is not a cell of a shift sweep" in capsys.readouterr().err
+    assert not (runs / "f.png").exists()
