@@ -155,6 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated entries: " + ", ".join(e.name for e in ENTRIES))
     p.add_argument("--render-only", action="store_true", help="render from the stored records only")
+    p.add_argument("--runs-only", action="store_true", help="make the records, render nothing")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the transfer runs' model.pt files")
     p.add_argument("--paper", action="store_true", help="print the commands at the paper's setting and exit")
     args = p.parse_args()
@@ -174,7 +175,7 @@ def main() -> None:
             if not args.render_only:
                 for argv in e.runs:
                     _run([*argv, "--no-progress"], log)
-            for argv in e.render:
+            for argv in [] if args.runs_only else e.render:
                 _run(argv, log)
     if not args.keep_checkpoints:  # the records stay; the weights would bloat the repository
         for ckpt in Path(RUNS).rglob("*.pt"):

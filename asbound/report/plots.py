@@ -57,8 +57,12 @@ def lhs_rhs(runs: "list[Run]"):  # noqa: ANN201
     else:
         grid = np.linspace(0, hi * 1.1, 50)
     ax.plot(grid, grid, "k--", lw=1, label="LHS = RHS")
-    ax.fill_between(grid, grid, grid.max() * 10, color="tab:red", alpha=0.07, lw=0)
-    ax.set_ylim(top=max(ys.max() * 1.5, grid.max() * 0.05) if ax.get_yscale() == "log" else hi * 1.1)
+    ax.fill_between(grid, grid, grid.max() * 10, color="tab:red", alpha=0.07, lw=0, label="LHS > RHS: Lemma 1 fails")
+    if ax.get_yscale() == "log":
+        ax.set_ylim(top=max(ys.max() * 1.5, grid.max() * 0.05))
+    else:
+        ax.set_xlim(0, hi * 1.1)
+        ax.set_ylim(min(0.0, float(ys.min()) * 1.1), hi * 1.1)
     ax.set_xlabel(f"RHS = AS score ({ESTIMATE})")
     ax.set_ylabel("LHS = mean (adv. loss - loss) / (L ||W||)")
     ax.set_title("Lemma 1: LHS <= RHS (points below the diagonal)")
@@ -71,7 +75,7 @@ def margin_sensitivity(runs: "list[Run]"):  # noqa: ANN201
     shown = runs[:6]
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
     for ax, run, name in zip(axes.flat, shown, labels(shown)):
         p = run.points()
         if "margin" not in p:
@@ -93,7 +97,7 @@ def margin_sensitivity(runs: "list[Run]"):  # noqa: ANN201
         ax.set_title(f"{name}\nfulfilled {100 * held:.1f}%", fontsize=7)
         ax.set_xlabel("margin m_i")
         ax.set_ylabel("sensitivity s_i (PGD, lower bound)")
-        ax.legend(fontsize=6, loc="upper left")
+        ax.legend(fontsize=6, loc="lower right")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     fig.suptitle("Theorem 2 per datapoint" + (f" (first 6 of {len(runs)} runs)" if len(runs) > 6 else ""))

@@ -142,7 +142,7 @@ def labels(runs: "list[Run]") -> "list[str]":
     out = []
     for r in runs:
         extra = [f"{k} {_short(r.get(k))}" for k in varying]
-        if r.kind == "transfer" and "method" not in varying:
+        if r.kind == "transfer" and "method" not in varying and len({x.kind for x in runs}) > 1:
             extra.insert(0, str(r.record.get("method")) + (f" ({r.record['peft']})" if r.record.get("peft") else ""))
         out.append(f"{model_label(r)} → {data_label(r)}" + (f" ({', '.join(extra)})" if extra else ""))
     seen: "dict[str, int]" = {}
@@ -154,6 +154,8 @@ def labels(runs: "list[Run]") -> "list[str]":
 
 
 def _short(value: Any) -> str:
+    if value is None:
+        return "all"  # n: every datapoint
     if isinstance(value, float):
         from asbound.specs import format_eps
 

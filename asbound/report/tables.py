@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -194,10 +195,9 @@ def shift(runs: "list[Run]") -> "list[Block]":
             used = []
             for r in cells[1:]:
                 described = next((t for t in r.config.get("transforms", []) if t.startswith("corrupt:")), "")
-                if "parameters: " in described:
-                    used.append(f"C{r.params['severity']} {described.split('parameters: ', 1)[1].split(')')[0]}")
-                elif "(" in described:
-                    used.append(f"C{r.params['severity']} {described.split('(', 1)[1].split(')')[0]}")
+                found = re.search(r"\((?:[\w-]+ parameters: )?(.*?)\)(?:, after resizing)?, per image", described)
+                if found:
+                    used.append(f"C{r.params['severity']} {found.group(1)}")
             family = "CIFAR-10-C parameters" if any("CIFAR-10-C" in str(r.config.get("transforms")) for r in cells) else ""
             blocks.append(Block(f"{_setting(members)}: {name}", pd.DataFrame(rows, index=index, columns=cols),
                                 [f"{relative(sweep)}" + (f"; {family}: " if family else "; ") + ", ".join(used)]))
