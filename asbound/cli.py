@@ -541,7 +541,8 @@ def _predict_parser(sub: "argparse._SubParsersAction") -> None:
                    "(lp: the relative CE increase; lp,adv-lp: also seed 000's predictor)")
     g.add_argument("--epochs", type=_whole, default=d.epochs, help="epochs of the measuring LP runs")
     g.add_argument("--n-train", type=_n, default=None, help="training images of the LP runs, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=None, help="test images of the LP runs' evaluation (default: all)")
+    g.add_argument("--n-test", type=_n, default=argparse.SUPPRESS,
+                   help="test images of the LP runs' evaluation, or 'all' (default: as many as --n)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="OUT/predict.json and one run directory per attack; rerunning resumes")
     g.add_argument("--json", action="store_true", help="print predict.json on stdout")
@@ -559,7 +560,8 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
         eps=args.eps, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts, n=args.n,
         seed=args.seed,
         batch_size=args.batch_size, threshold=args.threshold, head_norm=args.head_norm, measure=args.measure,
-        epochs=args.epochs, n_train=args.n_train, n_test=args.n_test, device=args.device, model_dir=args.model_dir,
+        epochs=args.epochs, n_train=args.n_train, n_test=getattr(args, "n_test", "as-n"), device=args.device,
+        model_dir=args.model_dir,
         data_root=args.data_root, weights=args.weights, feature_layer=args.feature_layer,
         allow_pickle=args.allow_pickle, download=args.download,
     )

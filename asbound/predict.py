@@ -131,7 +131,7 @@ class PredictConfig:
     measure: "tuple[str, ...]" = ()
     epochs: int = 20
     n_train: Optional[int] = None
-    n_test: Optional[int] = None
+    n_test: "int | str | None" = "as-n"  # test images of the LP evaluation: "as-n" (the scored n), a number, None (all)
     device: str = "auto"
     model_dir: Optional[str] = None
     data_root: Optional[str] = None
@@ -155,6 +155,8 @@ class PredictConfig:
             raise ConfigError(f"--measure {','.join(bad)} is not valid; valid: {', '.join(MEASURES)} (comma-separated)")
         if "adv-lp" in measure and "lp" not in measure:
             raise ConfigError("--measure adv-lp compares with standard LP; give --measure lp,adv-lp")
+        if not (self.n_test is None or self.n_test == "as-n" or (isinstance(self.n_test, int) and self.n_test >= 1)):
+            raise ConfigError(f"n-test must be a whole number >= 1, 'all' or 'as-n', got {self.n_test!r}")
         head_norm = self.head_norm
         if isinstance(head_norm, str) and not head_norm.startswith("run:"):
             try:
@@ -199,7 +201,7 @@ def _task_extra(task: Task) -> dict:
 def _transfer_config(cfg: PredictConfig, task: Task, method: str) -> dict:
     if cfg.norm != "inf":
         raise ConfigError("--measure trains with L-inf attacks; give --norm inf")
-    return dict(model=cfg.model, data=task.data, method=method, epochs=cfg.epochs, n=cfg.n_train, n_test=cfg.n_test,
+    return dict(model=cfg.model, data=task.data, method=method, epochs=cfg.epochs, n=cfg.n_train, n_test=cfg.n if cfg.n_test == "as-n" else cfg.n_test,
                 score_n=cfg.n, score_steps=cfg.steps, eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size,
                 device=cfg.device, model_dir=cfg.model_dir, data_root=cfg.data_root, weights=cfg.weights,
                 feature_layer=cfg.feature_layer, allow_pickle=cfg.allow_pickle, download=cfg.download,

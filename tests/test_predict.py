@@ -138,3 +138,13 @@ def test_bad_predict_input_is_one_line_exit_2(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("asbound: error:")
     assert not out.exists()
+
+
+def test_the_measuring_lp_evaluates_as_many_test_images_as_are_scored():
+    from asbound.predict import _transfer_config
+
+    cfg = PredictConfig(model="builtin:digits-adversarial", pretrain_data="digits", data="digits", n=300).validated()
+    assert _transfer_config(cfg, Task("digits"), "lp")["n_test"] == 300
+    assert _transfer_config(PredictConfig(**{**cfg.__dict__, "n_test": None}), Task("digits"), "lp")["n_test"] is None
+    with pytest.raises(ConfigError, match="n-test must be"):
+        PredictConfig(model="builtin:digits-adversarial", pretrain_data="digits", data="digits", n_test=0).validated()

@@ -327,6 +327,8 @@ def render(rendered: Rendered, fmt: str, command: Optional[str] = None) -> str:
             f = b.frame.copy()
             if isinstance(f.columns, pd.MultiIndex):
                 f.columns = [" | ".join(map(str, c)) for c in f.columns]
+            if not isinstance(f.index, pd.MultiIndex) and f.index.name is None:
+                f = f.rename_axis("quantity")
             f = f.reset_index()
             f.insert(0, "table", b.title)
             frames.append(f)
