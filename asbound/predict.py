@@ -257,9 +257,10 @@ def predict(
     }
     with RunDir(out).locked():
         old = read_json(out / MANIFEST)
-        if isinstance(old, dict) and old.get("config") != record["config"]:
-            a, b = old.get("config") or {}, record["config"]
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        a, b = (old or {}).get("config") or {}, record["config"]
+        # the task list may change (each task's runs are reused or added); every other setting may not
+        diff = sorted(k for k in set(a) | set(b) if k != "data" and a.get(k) != b.get(k))
+        if isinstance(old, dict) and diff:
             raise ResumeError(f"{out} holds a prediction with other settings ({', '.join(diff[:4])}); "
                               f"choose another --out")
 

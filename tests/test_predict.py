@@ -3,6 +3,7 @@ loss-increase bound, the measured predictive power (Spearman) and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from asbound.cli import main
-from asbound.errors import ConfigError
+from asbound.errors import ConfigError, ResumeError
 from asbound.predict import PredictConfig, Task, parse_tasks, predict, spearman
 
 
@@ -59,9 +60,15 @@ def test_predict_on_a_linear_representation_gives_the_closed_form_ratio(tmp_path
     assert down["bound"]["loss_increase"] == pytest.approx(2 * 2.5 * down["as_score"])
     assert down["bound"]["source"] == "--head-norm" and down["measured"] is None
     assert json.loads((tmp_path / "out" / "predict.json").read_text())["tasks"][0]["ratio"] == down["ratio"]
-    # rerunning reuses every score run
+    # rerunning reuses every score run; a task added runs alone; other settings are refused
     again = predict(cfg, tmp_path / "out", progress=False, printer=lambda line: pytest.fail(line))
     assert again["tasks"] == rec["tasks"]
+    ran = []
+    wider = dataclasses.replace(cfg, data=cfg.data + f",tensors:{tmp_path / 'down.pt'}@classes=0-1")
+    more = predict(wider, tmp_path / "out", progress=False, printer=ran.append)
+    assert len(ran) == 1 and more["tasks"][:2] == rec["tasks"] and len(more["tasks"]) == 3
+    with pytest.raises(ResumeError, match="holds a prediction with other settings .*eps"):
+        predict(dataclasses.replace(cfg, eps=0.04), tmp_path / "out", progress=False, printer=lambda _: None)
 
 
 def test_measured_predictive_power_and_the_head_norm_of_a_reference_run(tmp_path, capsys):
