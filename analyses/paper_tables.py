@@ -65,8 +65,7 @@ ENTRIES = [
         [*_table("lemma1", "table1", f"{RUNS}/table1"), *_table("theorem2", "table3", f"{RUNS}/table1"),
          _plot("lhs-rhs", "fig_lhs_rhs", f"{RUNS}/table1", f"{RUNS}/table2"),
          _plot("margin-vs-sensitivity", "fig_margin_sensitivity", f"{RUNS}/table1")],
-        paper=[f"asbound sweep grid --config sweeps/table1-cifar100.toml --out runs/table1  "
-               f"# [base] model = \"{C100}\", method = \"lp\", eps = \"8/255\"; [[cases]] cifar10, fashion-mnist, folder:intel"],
+        paper=["asbound sweep grid --config analyses/sweeps/table1-cifar100.toml --out runs/table1"],
         note="pretraining: the digits CNNs (digits 0-4); downstream: digits 5-9, odd digits, dSprites shapes at 8x8; eps 0.1",
     ),
     Entry(
@@ -86,7 +85,7 @@ ENTRIES = [
           "--n-train", "3000", "--n-test", "400", "--out", f"{RUNS}/table4-standard"]],
         [*_table("predict", "table4", f"{RUNS}/table4-adversarial", f"{RUNS}/table4-standard"),
          _plot("predict", "fig_predict", f"{RUNS}/table4-adversarial", f"{RUNS}/table4-standard")],
-        paper=[f"asbound predict --model {C100} --pretrain-data cifar100 --data cifar10,fashion-mnist,folder:intel "
+        paper=[f"asbound predict --model {C100} --pretrain-data cifar100 --data cifar10,fashion-mnist,folder:data/intel-image/seg_test "
                f"--measure lp --out runs/predict"],
         note="20 downstream tasks: digit class splits, dSprites shapes, digits 5-9 under 4 corruptions",
     ),
@@ -109,7 +108,7 @@ ENTRIES = [
           "--n", "500", "--out", f"{RUNS}/table8-dsprites"]],
         [*_table("eps", "table8", f"{RUNS}/table8-digits", f"{RUNS}/table8-dsprites"),
          _plot("eps", "fig_eps", f"{RUNS}/table8-digits", f"{RUNS}/table8-dsprites")],
-        paper=["asbound sweep eps --model run:runs/table1/<cifar10 LP> --data cifar10 --eps 8/255 --multiples 1,2,3 "
+        paper=["asbound sweep eps --model run:runs/table1/data=cifar10 --data cifar10 --eps 8/255 --multiples 1,2,3 "
                "--out runs/table8"],
         note="the digits CNN on its own digits 0-4 (eps 0.05) and the shape LeNet on dSprites (eps 4/255)",
     ),
