@@ -186,3 +186,21 @@ def test_bad_corruption_options_are_one_line(tmp_path, capsys, extra, message, c
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("asbound: error:")
     assert not out.exists()
+
+
+def test_corrupted_images_are_kept_and_stay_the_same(monkeypatch):
+    import asbound.data.base as base
+    import asbound.data.corruptions as corruptions
+
+    calls = []
+    real = corruptions.corrupt
+    monkeypatch.setattr(corruptions, "corrupt", lambda x, c, seeds: calls.append(len(x)) or real(x, c, seeds))
+    data = load_data("digits", n=12, corruption=parse_corruption("zoom_blur", 3))
+    first = data.batch(torch.arange(12))
+    again = data.subset(torch.arange(4, 12)).batch(torch.tensor([3, 0, 3]))
+    assert calls == [12] and torch.equal(again, first[[7, 4, 7]])
+    # beyond the cache's bytes every batch is corrupted afresh, with the same result
+    monkeypatch.setattr(base, "CORRUPTED_CACHE_BYTES", 0)
+    fresh = load_data("digits", n=12, corruption=parse_corruption("zoom_blur", 3))
+    assert torch.equal(fresh.batch(torch.arange(12)), first) and torch.equal(fresh.batch(torch.arange(12)), first)
+    assert calls == [12, 12, 12]

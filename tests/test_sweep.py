@@ -260,3 +260,11 @@ def test_a_shift_sweep_has_the_clean_baseline_and_each_severity(tmp_path, capsys
                  "--out", str(tmp_path / "bad")]) == 2
     assert "unknown corruption 'rain'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_shipped_grid_files_are_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "analyses" / "sweeps").glob("*.toml")):
+        sweep = grid_sweep(path).validated()
+        assert sweep.run == "transfer" and len(sweep.cells) >= 3, path

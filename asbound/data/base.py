@@ -131,6 +131,10 @@ def _positions(sel: "torch.Tensor | Iterable[int]") -> torch.Tensor:
     return sel.to(torch.int64).reshape(-1)
 
 
+#: corrupted images kept per data set (and its subsets) at most
+CORRUPTED_CACHE_BYTES = 1 << 30
+
+
 class DataSet:
     """A lazy view on rows of a data source: images in [0, 1] transformed for the model, read batch
     by batch, with their targets.
@@ -155,6 +159,7 @@ class DataSet:
         self.plan = plan
         # applied after the plan; image i's draw is seeded by (corruption_seed, its source index)
         self.corruption, self.corruption_seed = corruption, corruption_seed
+        self._cache: "dict[int, torch.Tensor]" = {}  # source row -> corrupted image (shared by subsets)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -191,13 +196,33 @@ class DataSet:
             check_values(images, torch.empty(0), self.raw.index_of(uniq), self.what)
         x = self.plan.apply(images)
         if self.corruption is not None:
-            from asbound.data.corruptions import corrupt
-
-            index = self.raw.index_of(uniq).tolist()
-            x = corrupt(x, self.corruption, [row_seed(self.corruption_seed, i) for i in index])
+            x = self._corrupted(uniq, x)
         if len(uniq) != len(rows) or not torch.equal(uniq, rows):
             x = x[inverse]
         return x
+
+    def _corrupted(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The corrupted images of ``rows`` (their clean images ``x``): each computed once and kept
+        (up to ``CORRUPTED_CACHE_BYTES``), since a corruption is deterministic per image and some
+        (zoom blur) cost far more than a training step."""
+        from asbound.data.corruptions import corrupt
+
+        cache = self._cache
+        todo = [i for i, r in enumerate(rows.tolist()) if r not in cache]
+        if todo:
+            sel = torch.tensor(todo)
+            index = self.raw.index_of(rows[sel]).tolist()
+            fresh = corrupt(x[sel], self.corruption, [row_seed(self.corruption_seed, i) for i in index])
+            if (len(cache) + len(todo)) * fresh[0].numel() * 4 <= CORRUPTED_CACHE_BYTES:
+                cache.update(zip(rows[sel].tolist(), fresh))
+            else:
+                out = x.clone()
+                out[sel] = fresh
+                for i, r in enumerate(rows.tolist()):
+                    if r in cache:
+                        out[i] = cache[r]
+                return out
+        return torch.stack([cache[r] for r in rows.tolist()]) if len(rows) else x
 
     @property
     def x(self) -> torch.Tensor:
@@ -208,13 +233,15 @@ class DataSet:
     def subset(self, sel: "torch.Tensor | Iterable[int]") -> "DataSet":
         """A view on rows ``sel`` of this view (their index, targets and transforms follow)."""
         sel = _positions(sel)
-        return DataSet(
+        view = DataSet(
             spec=self.spec, split=self.split, task=self.task, num_classes=self.num_classes,
             class_names=None if self.class_names is None else list(self.class_names),
             source=self.source, transforms=list(self.transforms), index=self.index[sel],
             y=self.y[sel], raw=self.raw, rows=self.rows[sel], plan=self.plan,
             corruption=self.corruption, corruption_seed=self.corruption_seed,
         )
+        view._cache = self._cache
+        return view
 
     def loader(self, batch_size: int, *, shuffle: bool = False, augment: str = "none", seed: int = 0,
                workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
