@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument("--as-only", action="store_true", help="the AS score alone: no labels, no loss attack")
+    g.add_argument("--certify", choices=("ibp",), help="also bound every s_i from above (interval bound propagation "
+                   "and, for linear chains, operator norms): a sound Lemma 1 RHS and a certified Theorem 2 criterion")
     g = p.add_argument_group("bounds")
     g.add_argument("--delta", type=_number, default=d.delta, help="Theorem 1 confidence 1 - delta")
     g.add_argument("--loss-cap", type=_number, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
@@ -293,7 +295,7 @@ def _score(args: argparse.Namespace) -> int:
         model_dir=args.model_dir, data_root=args.data_root, weights=args.weights, head=args.head,
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, classes=args.classes, as_only=args.as_only, corruption=args.corruption,
-        severity=args.severity, corruption_params=args.corruption_params,
+        severity=args.severity, corruption_params=args.corruption_params, certify=args.certify,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:

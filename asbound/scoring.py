@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
+from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
@@ -48,7 +49,7 @@ BACKENDS = ("asbound", "foolbox")
 
 
 #: options added after runs were recorded without them: such a run compares as if it had these
-OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto"}
+OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ScoreConfig:
     corruption: Optional[str] = None  # distribution shift: a corruption of every image (asbound.data.corruptions)
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
+    certify: Optional[str] = None  # "ibp": an upper bound on every s_i (asbound.certify), Theorem 2 certified
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
@@ -121,6 +123,8 @@ class ScoreConfig:
         parse_model_spec(self.model)
         parse_data_spec(self.data)
         corruption_of(self.corruption, self.severity, self.corruption_params)
+        if self.certify is not None and self.certify not in CERTIFY_METHODS:
+            raise ConfigError(f"certify {self.certify!r} is not valid; valid: {', '.join(CERTIFY_METHODS)}")
         return dataclasses.replace(self, eps=eps, norm=norm)
 
     @property
@@ -183,7 +187,9 @@ class _Scorer:
     point of either attack is misclassified.
     """
 
-    def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float) -> None:
+    def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float,
+                 bounder: "Optional[Bounder]" = None) -> None:
+        self.bounder = bounder
         self.split, self.loss, self.attack, self.backend, self.scale = split, loss, attack, backend, scale
 
     def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor) -> None:
@@ -204,6 +210,10 @@ class _Scorer:
         rep.observe(g0)
         self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device))
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
+        if self.bounder is not None:
+            bound = sensitivity_upper(self.bounder, x, self.attack.eps, self.attack.norm)
+            rows.update(s_upper=bound["s_upper"].cpu().numpy(),
+                        vacuous=(bound["s_upper"] >= bound["s_domain"]).cpu().numpy())
         if self.loss is None:
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
@@ -237,6 +247,8 @@ class _Scorer:
                 fulfilled=(best < m).cpu().numpy(),
                 fulfilled_rep=(rep.shift < m).cpu().numpy(),
             )
+            if self.bounder is not None:  # s_upper bounds every point of the ball: the criterion certified
+                rows["certified"] = rows["s_upper"] < m.double().cpu().numpy()
         else:
             rows["pred"] = _format_values(out_clean)
         return rows
@@ -334,7 +346,8 @@ def score(
     run = RunDir(out) if out is not None else None
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
-        scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale)
+        bounder = Bounder(split.backbone) if cfg.certify else None
+        scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale, bounder)
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
@@ -371,6 +384,16 @@ def summarize(points: pd.DataFrame, *, loss: Optional[Loss], norms: Optional[dic
         rel_step=cfg.rel_step, restarts=cfg.restarts, seed=cfg.seed,
         sensitivity_from_loss_attack=int((points["sensitivity_source"] == "loss").sum()),
     )
+    if "s_upper" in points:
+        upper, est = points["s_upper"].to_numpy(float), points["sensitivity"].to_numpy(float)
+        summary.update(
+            certify=cfg.certify, rhs_certified=float(upper.mean()),
+            tightness=float(upper.mean() / est.mean()) if est.mean() > 0 else None,
+            prop_vacuous=float(points["vacuous"].astype(bool).mean()),
+            prop_certified=float(points["certified"].astype(bool).mean()) if "certified" in points else None,
+        )
+        if summary.get("lhs") is not None:
+            summary["lemma1_certified"] = bool(summary["lhs"] <= summary["rhs_certified"])
     return summary
 
 

@@ -71,6 +71,19 @@ ROWS: "list[tuple[str, Callable[[dict], str]]]" = [
     ("rob. fulfilled, AS attack only (paper)", lambda s: _pct(s.get("rob_fulfilled_rep"))),
 ]
 
+#: with --certify: an upper bound on every s_i, so a sound RHS and a certified criterion
+CERTIFIED_ROWS: "list[tuple[str, Callable[[dict], str]]]" = [
+    ("certified RHS = mean(s_upper)", lambda s: _certified(s, _num(s.get("rhs_certified")))),
+    ("tightness mean(s_upper) / mean(s)", lambda s: _num(s.get("tightness"))),
+    ("prop. certified (s_upper < m)", lambda s: _certified(s, _pct(s.get("prop_certified")))),
+]
+
+
+def _certified(s: dict, text: str) -> str:
+    if s.get("prop_vacuous") is not None and s["prop_vacuous"] >= 1:
+        return f"vacuous ({text})"  # no better than the bound over the whole input domain
+    return text
+
 
 def summary_table(summaries: Iterable[dict], title: str = "asbound score") -> Table:
     """One row per quantity, one column per run (``model -> data``; the model goes to the title
@@ -83,7 +96,8 @@ def summary_table(summaries: Iterable[dict], title: str = "asbound score") -> Ta
     for s in summaries:
         model = s["model"].replace("/", "/\n")  # long specs break at their slashes, not mid-word
         table.add_column(s["data"] if shared else f"{model}\n-> {s['data']}", justify="right", overflow="fold")
-    for label, cell in ROWS:
+    rows = ROWS + (CERTIFIED_ROWS if any(s.get("rhs_certified") is not None for s in summaries) else [])
+    for label, cell in rows:
         table.add_row(label, *(cell(s) for s in summaries))
     return table
 

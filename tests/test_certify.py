@@ -1,0 +1,209 @@
+"""Certified sensitivity: on random small networks of every supported layer type and both norms,
+PGD's estimate and densely sampled points never exceed ``s_upper``, on every datapoint; the closed
+forms on linear representations; certified implies robust; unsupported modules are named."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from asbound.attacks import PGD, representation_shift
+from asbound.certify import Bounder, sensitivity_upper
+from asbound.cli import main
+from asbound.errors import ModelError
+from asbound.models.loaders import Normalize
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class ViewFlatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def _bn_stats(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval().double()
+
+
+NETS = {
+    "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 5)),
+    "conv": lambda: nn.Sequential(Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), nn.Conv2d(3, 4, 3, padding=1),
+                                  nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2), ViewFlatten(), nn.Linear(16, 6)),
+    "residual": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=1, padding=1), Residual(4), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten()),
+}
+SHAPES = {"mlp": (1, 2, 6), "conv": (3, 4, 4), "residual": (3, 4, 4)}
+
+
+def _ball_samples(x: torch.Tensor, eps: float, norm: str, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k points of B(x, eps) ∩ [0, 1]^d per datapoint (clamping never leaves the ball: it moves
+    each coordinate toward x)."""
+    n, shape = x.shape[0], x.shape[1:]
+    if norm == "inf":
+        d = (torch.rand((k, n, *shape), generator=gen, dtype=x.dtype) * 2 - 1).sign() * eps  # cube vertices
+        d[: k // 2] = (torch.rand((k // 2, n, *shape), generator=gen, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        d = torch.randn((k, n, *shape), generator=gen, dtype=x.dtype)
+        d = d / d.flatten(2).norm(dim=2).view(k, n, *([1] * len(shape))) * eps
+    return (x + d).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_no_attack_and_no_sample_exceeds_the_certified_bound(name, norm):
+    torch.manual_seed(0)
+    net = _bn_stats(NETS[name]())
+    x = torch.rand((6, *SHAPES[name]), dtype=torch.float64)
+    x[0] = 0.0  # a corner: the box clips the ball
+    eps = 0.05 if norm == "inf" else 0.2
+    bound = sensitivity_upper(Bounder(net), x, eps, norm)["s_upper"]
+    g0 = net(x).flatten(1)
+    result = PGD(eps=eps, norm=norm, steps=60, rel_step=0.5, restarts=4)(representation_shift(
+        lambda z: net(z).flatten(1), x, g0), x, generator=torch.Generator().manual_seed(1))
+    assert torch.all(result.value <= bound), (result.value, bound)
+    samples = _ball_samples(x, eps, norm, 400, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shifts = (net(samples.flatten(0, 1)).flatten(1).view(400, len(x), -1) - g0).norm(dim=2)
+    assert torch.all(shifts.max(0).values <= bound)
+    assert torch.all(bound < math.inf) and torch.all(bound > 0)
+
+
+def test_the_bounds_forward_is_the_network():
+    torch.manual_seed(3)
+    for name, make in NETS.items():
+        net = _bn_stats(make())
+        x = torch.rand((3, *SHAPES[name]), dtype=torch.float64)
+        box = Bounder(net)(x, x)
+        torch.testing.assert_close(box.lo, net(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(box.hi, net(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_linear_representation_and_an_l2_ball_give_eps_sigma_max_exactly():
+    torch.manual_seed(4)
+    A = torch.randn(5, 12, dtype=torch.float64)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5, bias=False)).double()
+    net[1].weight.data = A.clone()
+    x = torch.full((3, 1, 3, 4), 0.5, dtype=torch.float64)
+    eps = 0.1
+    out = sensitivity_upper(Bounder(net), x, eps, "2")
+    exact = eps * float(torch.linalg.matrix_norm(A, ord=2))
+    torch.testing.assert_close(out["s_upper"], torch.full((3,), exact, dtype=torch.float64), rtol=1e-8, atol=0)
+    assert torch.all(out["s_upper"] >= exact)
+    # L-inf: the IBP box bound is eps ||(|A| 1)||_2, at least the best vertex of the cube
+    inf = sensitivity_upper(Bounder(net), x, eps, "inf")
+    ibp = eps * float((A.abs() @ torch.ones(12, dtype=torch.float64)).norm())
+    torch.testing.assert_close(inf["s_ibp"], torch.full((3,), ibp, dtype=torch.float64), rtol=1e-8, atol=0)
+    assert float(inf["s_upper"][0]) == pytest.approx(min(ibp, exact / eps * eps * math.sqrt(12)), rel=1e-8)
+
+
+def test_unsupported_modules_are_named():
+    with pytest.raises(ModelError, match="module type Tanh is not supported"):
+        Bounder(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+    with pytest.raises(ModelError, match="module type MultiheadAttention|cannot be traced"):
+        Bounder(nn.Sequential(nn.MultiheadAttention(4, 2)))
+
+    class Max(nn.Module):
+        def forward(self, x):
+            return torch.maximum(x, -x)
+
+    with pytest.raises(ModelError, match="function (neg|maximum) is not supported on the representation"):
+        Bounder(Max())(torch.zeros(1, 2), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("arch", ["wrn", "preact", "resnet"])
+def test_robustbench_architectures_are_certified_soundly(arch):
+    from asbound._compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.architectures.resnet import PreActResNet18, ResNet18
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    from asbound.models import split_model
+
+    torch.manual_seed(5)
+    net = {"wrn": lambda: WideResNet(depth=10, widen_factor=1), "preact": PreActResNet18, "resnet": ResNet18}[arch]()
+    net = _bn_stats(net)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    split = split_model(net.float(), x.float())
+    backbone = split.backbone.double()
+    eps = 1 / 255
+    bound = sensitivity_upper(Bounder(backbone), x, eps, "inf")["s_upper"]
+    g0 = backbone(x).flatten(1)
+    est = PGD(eps=eps, norm="inf", steps=5, rel_step=0.7)(representation_shift(
+        lambda z: backbone(z).flatten(1), x, g0), x, generator=torch.Generator().manual_seed(0))
+    assert torch.all(est.value <= bound) and torch.all(torch.isfinite(bound))
+
+
+def test_score_certify_records_and_certified_implies_robust(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["score", "--model", "builtin:digits-adversarial", "--data", "digits", "--classes", "0-4", "--eps", "1/255",
+            "--n", "60", "--steps", "10", "--certify", "ibp", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "prop. certified (s_upper < m)" in capsys.readouterr().out
+    import pandas as pd
+
+    pts = pd.read_csv(out / "points.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (pts["sensitivity"] <= pts["s_upper"] * (1 + 1e-5)).all()  # float32 attacks against the exact bound
+    certified = pts["certified"].astype(bool)
+    assert certified.any() and pts.loc[certified, "robust"].astype(bool).all()
+    assert (pts.loc[certified, "s_upper"] < pts.loc[certified, "margin"]).all()
+    assert certified.sum() <= pts["fulfilled"].astype(bool).sum()  # a certificate is at least as strict
+    assert summary["rhs_certified"] == pytest.approx(pts["s_upper"].mean())
+    assert summary["prop_certified"] == pytest.approx(certified.mean())
+    assert summary["tightness"] == pytest.approx(pts["s_upper"].mean() / pts["sensitivity"].mean())
+    assert summary["lemma1_certified"] and summary["lhs"] <= summary["rhs_certified"]
+    assert json.loads((out / "config.json").read_text())["certify"] == "ibp"
+
+
+def test_certify_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["score", "--model", "builtin:digits-adversarial", "--data", "digits", "--certify", "crown",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'crown'" in err and err.count("\n") == 1
+
+
+def test_constant_arithmetic_bounds_every_sample():
+    class Arith(nn.Module):
+        def forward(self, x):
+            y = (1.0 - x) * -2.0 + 0.5
+            return (y / 4).relu() - x.mul(3.0)
+
+    net = Arith()
+    lo, hi = torch.tensor([[0.1, 0.4, 0.0]], dtype=torch.float64), torch.tensor([[0.3, 0.9, 1.0]], dtype=torch.float64)
+    box = Bounder(net)(lo, hi)
+    assert torch.all(box.lo <= box.hi)
+    z = lo + torch.rand(2000, 3, dtype=torch.float64) * (hi - lo)
+    out = net(z)
+    assert torch.all(out >= box.lo - 1e-12) and torch.all(out <= box.hi + 1e-12)
+    # the interval is exact at the ends of a monotone coordinate
+    torch.testing.assert_close(Bounder(net)(lo, lo).lo, net(lo))
+
+
+def test_a_constant_minus_a_box_flips_its_ends():
+    class Flip(nn.Module):
+        def forward(self, x):
+            return 1.0 - x
+
+    lo, hi = torch.tensor([[0.1, 0.4]], dtype=torch.float64), torch.tensor([[0.3, 0.9]], dtype=torch.float64)
+    box = Bounder(Flip())(lo, hi)
+    torch.testing.assert_close(box.lo, 1.0 - hi)
+    torch.testing.assert_close(box.hi, 1.0 - lo)
