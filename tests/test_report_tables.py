@@ -65,6 +65,11 @@ def runs(tmp_path, monkeypatch):
     _score_run(tmp_path / "score" / "b", {**base, "model": "builtin:other", "data": "dsprites:shape", "classes": None},
                _summary(as_score=3.0, lhs=0.2, loss_diff=1.5, head_norm=3.75, clean_accuracy=0.9,
                         robust_accuracy=0.25, prop_fulfilled=0.0, rob_fulfilled=None), pts)
+    # certified runs: one with certificates, one vacuous
+    _score_run(tmp_path / "cert" / "a", {**base, "eps": 1 / 255}, _summary(eps_text="1/255", rhs_certified=6.0,
+               tightness=5.0, prop_certified=0.25, prop_vacuous=0.0), pts)
+    _score_run(tmp_path / "cert" / "b", {**base, "eps": 8 / 255}, _summary(eps_text="8/255", rhs_certified=9e9,
+               tightness=7.5e9, prop_certified=0.0, prop_vacuous=1.0), pts)
     # a transfer directory with two methods
     for method, acc in (("lp", 0.8), ("ft", 0.95)):
         d = tmp_path / "transfer" / method
@@ -120,7 +125,7 @@ def runs(tmp_path, monkeypatch):
 
 
 SOURCES = {"lemma1": ["score"], "theorem2": ["score/a", "score/b"], "transfer": ["transfer"], "shift": ["shift"],
-           "eps": ["eps"], "resize": ["resize"], "predict": ["predict"]}
+           "eps": ["eps"], "resize": ["resize"], "predict": ["predict"], "certify": ["cert"]}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -176,6 +181,7 @@ def test_the_eps_table_joins_the_cells_on_index(runs):
         (["predict"], "lemma1", "has no score summary"),
         (["score"], "transfer", "is a score run, not a transfer run"),
         (["score"], "predict", "is a score run, not an 'asbound predict' directory"),
+        (["score"], "certify", "lacks rhs_certified"),
         (["nowhere"], "lemma1", "nowhere is not a directory"),
     ],
 )

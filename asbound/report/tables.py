@@ -12,6 +12,8 @@ eps         Table 8: robust accuracy at each eps multiple, of all points and of 
             fulfil the Theorem 2 criterion at the first multiple (joined on ``index``)
 resize      Table 10: one row per input size
 predict     Table 4: AS before transfer, its ratio, the verdict, the measured CE after LP
+certify     runs of ``score --certify``: the certified RHS mean(s_upper) against the PGD AS, their
+            ratio (tightness), prop. certified against prop. fulfilled
 =========== ====================================================================================
 
 Every AS is a PGD estimate (a lower bound on the sensitivity), so every RHS is an estimate.
@@ -30,7 +32,7 @@ import pandas as pd
 from asbound.errors import ConfigError
 from asbound.report.runs import Run, collect, data_label, labels, model_label, relative
 
-STYLES = ("lemma1", "theorem2", "transfer", "shift", "eps", "resize", "predict")
+STYLES = ("lemma1", "theorem2", "transfer", "shift", "eps", "resize", "predict", "certify")
 FORMATS = ("md", "tex", "csv")
 WIDE = 6  # more runs than this: one row per run instead of one column
 NOTE = "AS is a PGD estimate (a lower bound on the sensitivity): RHS and every bound built on it are estimates."
@@ -297,9 +299,26 @@ def _ce_pair(clean: Optional[float], adv: Optional[float]) -> str:
     return "-" if clean is None or adv is None else f"{num(clean)} / {num(adv)}"
 
 
+def certify(runs: "list[Run]") -> "list[Block]":
+    rows, index = [], []
+    for r, name in zip(runs, labels(runs)):
+        s = _need(r, r.summary, ("rhs_certified", "as_score"), "certify")
+        vacuous = s.get("prop_vacuous") or 0.0
+        rows.append([s.get("eps_text"), num(s["as_score"]), num(s["rhs_certified"]) + (" (vacuous)" if vacuous >= 1 else ""),
+                     num(s.get("tightness")), pct(s.get("prop_fulfilled")), pct(s.get("prop_certified")),
+                     pct(s.get("robust_accuracy"))])
+        index.append(name)
+    frame = pd.DataFrame(rows, index=pd.Index(index, name="run"),
+                         columns=["eps", "AS (PGD, lower)", "mean s_upper (certified)", "tightness", "prop. fulfilled",
+                                  "prop. certified", "robust accuracy"])
+    return [Block("Certified sensitivity", frame,
+                  ["s_upper bounds every point of the ball (interval bound propagation / operator norms); "
+                   "prop. certified: s_upper < margin, a guarantee; prop. fulfilled: the PGD estimate < margin"])]
+
+
 BUILDERS: "dict[str, Callable[[list[Run]], list[Block]]]" = {
     "lemma1": lemma1, "theorem2": theorem2, "transfer": transfer, "shift": shift, "eps": eps, "resize": resize,
-    "predict": predict,
+    "predict": predict, "certify": certify,
 }
 
 
