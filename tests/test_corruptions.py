@@ -46,6 +46,28 @@ def _script(name, img_uint8, severity, seed):
         c = [.75, .5, .4, .3, 0.15][severity - 1]
         means = np.mean(x, axis=(0, 1), keepdims=True)
         out = np.clip((x - means) * c + means, 0, 1) * 255
+    elif name == "shot_noise":
+        c = [500, 250, 100, 75, 50][severity - 1]
+        out = np.clip(np.random.poisson(x * c) / c, 0, 1) * 255
+    elif name == "speckle_noise":
+        c = [.06, .1, .12, .16, .2][severity - 1]
+        out = np.clip(x + x * np.random.normal(size=x.shape, scale=c), 0, 1) * 255
+    elif name == "gaussian_blur":
+        from skimage.filters import gaussian
+
+        c = [.4, .6, 0.7, .8, 1][severity - 1]
+        out = np.clip(gaussian(x, sigma=c, channel_axis=-1), 0, 1) * 255  # multichannel=True then
+    elif name in ("brightness", "saturate"):
+        import skimage.color
+
+        hsv = skimage.color.rgb2hsv(x)
+        if name == "brightness":
+            c = [.05, .1, .15, .2, .3][severity - 1]
+            hsv[:, :, 2] = np.clip(hsv[:, :, 2] + c, 0, 1)
+        else:
+            c = [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)][severity - 1]
+            hsv[:, :, 1] = np.clip(hsv[:, :, 1] * c[0] + c[1], 0, 1)
+        out = np.clip(skimage.color.hsv2rgb(hsv), 0, 1) * 255
     return np.uint8(out)
 
 
@@ -61,7 +83,8 @@ def _ours(name, img_uint8, severity, seed):
     return np.round(out.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "zoom_blur", "contrast"])
+@pytest.mark.parametrize("name", ["gaussian_noise", "zoom_blur", "contrast", "shot_noise", "speckle_noise",
+                                  "gaussian_blur", "brightness", "saturate"])
 @pytest.mark.parametrize("severity", [1, 2, 5])
 def test_cifar_c_corruptions_match_the_published_script(image, name, severity):
     expected = _script(name, image, severity, seed=123)
@@ -78,6 +101,36 @@ def test_the_published_cifar_c_parameters():
     assert "zooms 1.00-1.11 step 0.01 (12)" in parse_corruption("zoom_blur", 2).describe()
     assert "zooms 1.00-1.25 step 0.01 (26)" in parse_corruption("zoom_blur", 5).describe()
     assert "CIFAR-10-C" in parse_corruption("zoom_blur", 5).describe()
+    # the script's np.arange(1, END, 0.01): END itself at 1.06 and 1.11 (float steps), else one short
+    for severity, (count, last) in enumerate([(7, 1.06), (12, 1.11), (16, 1.15), (21, 1.20), (26, 1.25)], 1):
+        assert f"zooms 1.00-{last:.2f} step 0.01 ({count})" in parse_corruption("zoom_blur", severity).describe()
+    assert CIFAR_C["zoom_blur"] == (1.06, 1.11, 1.16, 1.21, 1.26)
+    assert parse_corruption("brightness", 3).describe() == (
+        "brightness severity 3 (CIFAR-10-C parameters: HSV value + 0.15)")
+
+
+def test_one_channel_and_non_square_images_keep_their_shape():
+    x = torch.rand(2, 1, 12, 20)
+    for name in ("zoom_blur", "brightness", "saturate", "gaussian_blur", "contrast"):
+        out = corrupt(x, parse_corruption(name, 5), [0, 1])
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
+    # brightness on a grey image: HSV value + c on every pixel, i.e. the grey level + c (truncated to k/255)
+    grey = torch.randint(0, 200, (1, 1, 8, 8)).float() / 255
+    out = corrupt(grey, parse_corruption("brightness", 5), [0])
+    np.testing.assert_array_equal(np.round(out.numpy() * 255), np.floor(np.clip(grey.double().numpy() + 0.3, 0, 1) * 255 + 1e-9))
+
+
+def test_missing_packages_are_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("skimage", "imagecorruptions")
+                        else real(name, *a))
+    for args in (("brightness", 1), ("fog", 1)):
+        with pytest.raises(ConfigError, match=r"^corruption .* needs \w+, which is not installed; "
+                                              r"pip install 'asbound\[corruptions\]'$"):
+            corruption_of(*args)
+    assert corruption_of("zoom_blur", 1) == Corruption("zoom_blur", 1, "cifar")  # numpy and scipy only
 
 
 @pytest.mark.parametrize("severity, sigma", [(1, 0.04), (2, 0.06), (5, 0.10)])
@@ -105,10 +158,12 @@ def test_each_image_is_corrupted_the_same_in_any_batch():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_imagenet_parameter_set(channels):
     pytest.importorskip("imagecorruptions")
+    from importlib.metadata import version
     x = torch.rand(3, channels, 32, 32)
     for name in ("glass_blur", "fog", "gaussian_noise"):
         c = parse_corruption(name, 2, "imagenet")
         assert c.params == "imagenet" and "ImageNet-C parameters" in c.describe()
+        assert c.describe().endswith(f"imagecorruptions {version('imagecorruptions-imaug')})")
         a = corrupt(x, c, [1, 2, 3])
         b = corrupt(x[1:], c, [2, 3])
         assert a.shape == x.shape and torch.equal(a[1:], b)  # glass blur too: its seed is passed
@@ -123,6 +178,7 @@ def test_imagenet_parameter_set(channels):
 def test_auto_takes_cifar_c_where_it_exists():
     assert parse_corruption("zoom_blur", 1).params == "cifar"
     assert parse_corruption("fog", 1).params == "imagenet"
+    assert parse_corruption("brightness", 1).params == "cifar"  # CIFAR-10-C's, ported from the script
     assert parse_corruption("zoom_blur", 1, "imagenet").params == "imagenet"
     assert corruption_of(None, None) is None
     assert corruption_of("contrast", 3) == Corruption("contrast", 3, "cifar")
@@ -204,3 +260,17 @@ def test_corrupted_images_are_kept_and_stay_the_same(monkeypatch):
     fresh = load_data("digits", n=12, corruption=parse_corruption("zoom_blur", 3))
     assert torch.equal(fresh.batch(torch.arange(12)), first) and torch.equal(fresh.batch(torch.arange(12)), first)
     assert calls == [12, 12, 12]
+
+
+def test_transfer_corrupts_training_evaluation_and_scores(tmp_path):
+    from asbound.transfer import TransferConfig, transfer
+
+    cfg = TransferConfig(model="builtin:digits-adversarial", data="digits", classes="5-9", method="lp", epochs=1,
+                         n=60, n_test=20, score_n=10, score_steps=2, eval_steps=(2,), attack_steps=2, batch_size=64,
+                         corruption="zoom_blur", severity=2, device="cpu")
+    transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    described = "corrupt: zoom_blur severity 2 (CIFAR-10-C parameters: zooms 1.00-1.11 step 0.01 (12))"
+    for where in ("", "score/before/", "score/after/"):
+        config = json.loads((tmp_path / "run" / f"{where}config.json").read_text())
+        assert config["corruption"] == "zoom_blur" and config["severity"] == 2, where
+        assert any(t.startswith(described) for t in config["transforms"]), where

@@ -6,11 +6,16 @@ Two parameter sets, each image labelled with the one it used:
   ``ImageNet-C/create_c/make_cifar_c.py`` (github.com/hendrycks/robustness, commit 8190fe3) runs
   them on 32x32 images: Gaussian noise sigma 0.04 / 0.06 / 0.08 / 0.09 / 0.10, zoom blur averaging
   the image with its zooms by ``np.arange(1, e, 0.01)`` for e = 1.06 / 1.11 / 1.16 / 1.21 / 1.26
-  (bilinear ``scipy.ndimage.zoom`` of the central crop), shot, impulse and speckle noise, contrast.
-  Seed 001 Table 11 states the Gaussian noise and zoom blur values (severities 1, 2, 5).
+  (bilinear ``scipy.ndimage.zoom`` of the central crop), shot, impulse and speckle noise, contrast,
+  Gaussian blur, brightness and saturation (the last four and impulse noise through scikit-image, which
+  comes with ``asbound[corruptions]``). Seed 001 Table 11 states the Gaussian noise and zoom blur
+  values (severities 1, 2, 5). Brightness and saturation work in HSV: a one-channel image is repeated
+  to three channels and the mean of the three taken back (brightness keeps them equal).
 * ``imagenet``: the 19 corruptions of the ``imagecorruptions`` package (``pip install
   'asbound[corruptions]'``; the fork ``imagecorruptions-imaug`` runs all 19 with numpy 2), whose
-  ImageNet-C parameters are about twice as strong (Gaussian noise sigma 0.08 ... 0.38).
+  ImageNet-C parameters are about twice as strong (Gaussian noise sigma 0.08 ... 0.38). It works
+  on HxWx3 uint8 images: a one-channel image is repeated to three channels and the mean of the
+  three taken back. It draws from numpy's global generator, which is seeded per image and restored.
 
 As the script, the result is stored as uint8 (``np.uint8`` truncates), so every corrupted pixel is
 ``k / 255``. Image ``i`` is corrupted with a generator seeded by ``seeds[i]`` alone: its corruption
@@ -20,7 +25,7 @@ does not depend on the batch it comes in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +51,12 @@ CIFAR_C: "dict[str, tuple]" = {
     "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
     "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),  # np.arange(1, END, 0.01)
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1),
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to HSV value
+    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV saturation * a + b
 }
+#: the CIFAR-10-C corruptions that run through scikit-image
+_SKIMAGE = ("impulse_noise", "gaussian_blur", "brightness", "saturate")
 
 
 def imagenet_names() -> "tuple[str, ...]":
@@ -66,16 +76,46 @@ class Corruption:
 
     def describe(self) -> str:
         if self.params == "imagenet":
-            return f"{self.name} severity {self.severity} (ImageNet-C parameters, imagecorruptions)"
+            return f"{self.name} severity {self.severity} (ImageNet-C parameters, {_imagecorruptions_version()})"
         c = CIFAR_C[self.name][self.severity - 1]
         if self.name == "zoom_blur":
             z = _zooms(c)
             value = f"zooms {z[0]:.2f}-{z[-1]:.2f} step 0.01 ({len(z)})"
+        elif self.name == "saturate":
+            value = f"HSV saturation * {c[0]:g} + {c[1]:g}"
+        elif self.name == "brightness":
+            value = f"HSV value + {c:g}"
         else:
             key = {"gaussian_noise": "sigma", "shot_noise": "photons", "impulse_noise": "amount",
-                   "speckle_noise": "sigma", "contrast": "factor"}[self.name]
+                   "speckle_noise": "sigma", "contrast": "factor", "gaussian_blur": "sigma"}[self.name]
             value = f"{key} {c:g}"
         return f"{self.name} severity {self.severity} (CIFAR-10-C parameters: {value})"
+
+
+def _imagecorruptions_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("imagecorruptions-imaug", "imagecorruptions"):
+        try:
+            return f"imagecorruptions {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "imagecorruptions"
+
+
+def check_available(corruption: Corruption) -> None:
+    """A ConfigError (one line) if the packages a corruption needs are not installed."""
+    import importlib.util
+
+    if corruption.params == "imagenet":
+        module, what = "imagecorruptions", f"{corruption.name} with ImageNet-C parameters"
+    elif corruption.name in _SKIMAGE:
+        module, what = "skimage", f"{corruption.name} (CIFAR-10-C parameters)"
+    else:
+        return
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"corruption {what} needs {module}, which is not installed; "
+                          f"pip install 'asbound[corruptions]'")
 
 
 def parse_corruption(name: object, severity: object, params: str = "auto") -> Corruption:
@@ -101,12 +141,14 @@ def parse_corruption(name: object, severity: object, params: str = "auto") -> Co
 def _clipped_zoom(img: np.ndarray, zoom_factor: float) -> np.ndarray:
     from scipy.ndimage import zoom
 
-    h = img.shape[0]
-    ch = int(np.ceil(h / zoom_factor))
-    top = (h - ch) // 2
-    img = zoom(img[top:top + ch, top:top + ch], (zoom_factor, zoom_factor, 1), order=1)
-    trim = (img.shape[0] - h) // 2
-    return img[trim:trim + h, trim:trim + h]
+    # the script crops and trims a square of the height; rows and columns apart here, which is the
+    # same on square images and keeps the shape of others
+    h, w = img.shape[:2]
+    ch, cw = int(np.ceil(h / zoom_factor)), int(np.ceil(w / zoom_factor))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    img = zoom(img[top:top + ch, left:left + cw], (zoom_factor, zoom_factor, 1), order=1)
+    trim_top, trim_left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[trim_top:trim_top + h, trim_left:trim_left + w]
 
 
 def _gaussian_noise(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray:
@@ -117,8 +159,18 @@ def _shot_noise(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarr
     return np.clip(rng.poisson(x * c) / c, 0, 1)
 
 
+def _skimage(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError("this corruption needs scikit-image, which is not installed; "
+                          "pip install 'asbound[corruptions]'") from None
+
+
 def _impulse_noise(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray:
-    from skimage.util import random_noise
+    random_noise = _skimage("skimage.util").random_noise
 
     return np.clip(random_noise(x, mode="s&p", amount=c, rng=int(rng.randint(0, 2**31 - 1))), 0, 1)
 
@@ -132,6 +184,39 @@ def _contrast(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray
     return np.clip((x - means) * c + means, 0, 1)
 
 
+def _gaussian_blur(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray:
+    # the script's gaussian(..., multichannel=True): per channel; scikit-image's defaults (mode
+    # 'nearest', truncate 4) are unchanged since
+    return np.clip(_skimage("skimage.filters").gaussian(x, sigma=c, channel_axis=-1), 0, 1)
+
+
+def _hsv(x: np.ndarray, change: Callable[[np.ndarray], None]) -> np.ndarray:
+    """RGB -> HSV, ``change`` it in place, back to RGB; one channel repeated to three and averaged back."""
+    color = _skimage("skimage.color")
+    grey = x.shape[2] == 1
+    hsv = color.rgb2hsv(np.repeat(x, 3, axis=2) if grey else x)
+    change(hsv)
+    out = color.hsv2rgb(hsv)
+    if grey:  # the mean of the three; where they are equal (brightness: everywhere) the value itself
+        same = (out[:, :, :1] == out[:, :, 1:2]) & (out[:, :, :1] == out[:, :, 2:])
+        out = np.where(same, out[:, :, :1], out.mean(axis=2, keepdims=True))
+    return np.clip(out, 0, 1)
+
+
+def _brightness(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray:
+    def change(hsv: np.ndarray) -> None:
+        hsv[:, :, 2] = np.clip(hsv[:, :, 2] + c, 0, 1)
+
+    return _hsv(x, change)
+
+
+def _saturate(x: np.ndarray, c: "tuple[float, float]", rng: np.random.RandomState) -> np.ndarray:
+    def change(hsv: np.ndarray) -> None:
+        hsv[:, :, 1] = np.clip(hsv[:, :, 1] * c[0] + c[1], 0, 1)
+
+    return _hsv(x, change)
+
+
 def _zoom_blur(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarray:
     x = x.astype(np.float32)  # the script zooms in float32
     out = np.zeros_like(x)
@@ -141,9 +226,10 @@ def _zoom_blur(x: np.ndarray, c: float, rng: np.random.RandomState) -> np.ndarra
     return np.clip((x + out) / (len(zooms) + 1), 0, 1)
 
 
-_CIFAR_FNS: "dict[str, Callable[[np.ndarray, float, np.random.RandomState], np.ndarray]]" = {
+_CIFAR_FNS: "dict[str, Callable[[np.ndarray, Any, np.random.RandomState], np.ndarray]]" = {
     "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
     "speckle_noise": _speckle_noise, "contrast": _contrast, "zoom_blur": _zoom_blur,
+    "gaussian_blur": _gaussian_blur, "brightness": _brightness, "saturate": _saturate,
 }
 
 
@@ -213,4 +299,6 @@ def corruption_of(name: Optional[str], severity: Optional[int], params: str = "a
         raise ConfigError(f"--severity {severity} needs --corruption NAME")
     if severity is None:
         raise ConfigError(f"--corruption {name} needs --severity 1-5")
-    return parse_corruption(name, severity, params)
+    corruption = parse_corruption(name, severity, params)
+    check_available(corruption)
+    return corruption

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asbound.data.base import DataSet, RawSource, check_values
-from asbound.data.corruptions import CIFAR_C, Corruption
+from asbound.data.corruptions import CIFAR_C, Corruption, check_available
 from asbound.data.dsprites import dsprites_source
 from asbound.data.sources import digits_source, folder_source, tensors_source, torchvision_source
 from asbound.data.transforms import plan_transform
@@ -120,6 +120,7 @@ def load_data(
             raise DataError(f"{what}: {corruption.name} with ImageNet-C parameters (imagecorruptions) needs images of "
                             f"at least 32x32, these are {plan.shape[1]}x{plan.shape[2]}; give --resize 32 or more, "
                             f"or a CIFAR-10-C corruption ({', '.join(sorted(CIFAR_C))})")
+        check_available(corruption)
         resized = any(t.startswith("resize") for t in transforms)
         transforms.append(f"corrupt: {corruption.describe()}" + (", after resizing" if resized else "")
                           + f", per image seeded by (seed {seed}, index)")
