@@ -8,7 +8,9 @@
 * :mod:`asbound.sweep`: ``run_sweep`` over ``shift_sweep`` / ``eps_sweep`` / ``resize_sweep`` /
   ``grid_sweep`` cells (each an ordinary run), locally or through submitit;
 * :mod:`asbound.predict`: ``predict`` (the AS ratio before transfer, with its measured power);
-* :mod:`asbound.data.corruptions`: ``parse_corruption`` / ``corrupt`` (CIFAR-10-C, ImageNet-C).
+* :mod:`asbound.data.corruptions`: ``parse_corruption`` / ``corrupt`` (CIFAR-10-C, ImageNet-C);
+* :mod:`asbound.report`: ``table`` / ``render`` (seed 001's tables in Markdown, LaTeX, CSV) and
+  ``plot`` (figures), from stored run records only (``collect`` reads run directories).
 
 The command line (:mod:`asbound.cli`) is a thin layer over these names.
 """
@@ -18,6 +20,12 @@ from __future__ import annotations
 from asbound.data.corruptions import Corruption, corrupt, parse_corruption
 from asbound.devices import resolve_device
 from asbound.predict import PredictConfig, predict
+from asbound.report.plots import KINDS as PLOT_KINDS
+from asbound.report.plots import plot
+from asbound.report.runs import Run, collect
+from asbound.report.tables import FORMATS as TABLE_FORMATS
+from asbound.report.tables import STYLES as TABLE_STYLES
+from asbound.report.tables import Rendered, render, table
 from asbound.scoring import (
     BACKENDS,
     DEFAULT_MODEL,
@@ -36,7 +44,16 @@ from asbound.transfer import METHODS, MethodResult, TransferConfig, transfer
 __all__ = [
     "BACKENDS",
     "Corruption",
+    "PLOT_KINDS",
     "PredictConfig",
+    "Rendered",
+    "Run",
+    "TABLE_FORMATS",
+    "TABLE_STYLES",
+    "collect",
+    "plot",
+    "render",
+    "table",
     "SlurmOptions",
     "Sweep",
     "corrupt",

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_parser(sub)
     _sweep_parser(sub)
     _predict_parser(sub)
-    _report_parsers(sub)
+    _table_parser(sub)
+    _plot_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
 
@@ -600,8 +601,7 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
 # --- table and plot ------------------------------------------------------------------------------
 
 
-def _report_parsers(sub: "argparse._SubParsersAction") -> None:
-    from asbound.report.plots import KINDS
+def _table_parser(sub: "argparse._SubParsersAction") -> None:
     from asbound.report.tables import FORMATS, STYLES
 
     p = sub.add_parser(
@@ -609,13 +609,18 @@ def _report_parsers(sub: "argparse._SubParsersAction") -> None:
         description="Render a paper-style table from run directories (score, transfer, sweep, predict, or folders "
                     "of them), from their records only: nothing is recomputed. lemma1: Tables 1, 2, 7; theorem2: "
                     "Table 3; transfer: Tables 5, 9; shift: Tables 12, 13; eps: Table 8; resize: Table 10; "
-                    "predict: Table 4.",
+                    "predict: Table 4; certify: runs of score --certify.",
         formatter_class=_DefaultsFormatter,
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--style", required=True, choices=STYLES, help="which table")
     p.add_argument("--format", default="md", choices=FORMATS, help="Markdown, LaTeX (booktabs) or CSV")
     p.add_argument("--out", help="write the table to this file (default: print it)")
+
+
+def _plot_parser(sub: "argparse._SubParsersAction") -> None:
+    from asbound.report.plots import KINDS
+
     p = sub.add_parser(
         "plot", help="figures from stored run records (PNG and PDF)",
         description="Draw a figure from run directories' records: lhs-rhs (Lemma 1), margin-vs-sensitivity "
@@ -627,7 +632,7 @@ def _report_parsers(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--out", required=True, help="FIG.png or FIG.pdf: both are written")
 
 
-def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]") -> int:
+def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]" = None) -> int:
     from asbound.report.tables import render, table
 
     text = render(table(args.runs, args.style), args.format, command=_command(argv))

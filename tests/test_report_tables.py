@@ -143,7 +143,8 @@ def test_every_style_renders_against_its_golden_file(runs, style, fmt):
 def test_the_tables_hold_the_records_numbers(runs):
     lemma = table(["score"], "lemma1").blocks[0].frame
     assert list(lemma.loc["LHS"]) == ["0.1", "0.2"] and list(lemma.loc["AS score (RHS)"]) == ["1.2", "3"]
-    assert lemma.columns[1] == "other → dsprites:shape"
+    assert lemma.columns[1] == ("other", "dsprites:shape")  # (Pretraining, Downstream)
+    assert lemma.index[1] == "‖W‖ (row_max)"
     t2 = table(["score/b"], "theorem2").blocks[0].frame
     assert list(t2.iloc[:, 0]) == ["90.0%", "25.0%", "0.0%", "-"]
     tr = table(["transfer"], "transfer").blocks[0].frame
@@ -244,3 +245,97 @@ def test_plots_refuse_what_they_cannot_draw(runs, capsys):
     assert main(["plot", "score", "--kind", "shift", "--out", "f.png"]) == 2
     assert "is not a cell of a shift sweep" in capsys.readouterr().err
     assert not (runs / "f.png").exists()
+
+
+def _wide_runs(root: Path) -> None:
+    """Table 7's shape: 2 pretrainings x 2 attack norms x 2 probes (builtin ``NAME/HEAD`` models)."""
+    pts = _points([True, False], [True, False])
+    for k, (model, norm, factor) in enumerate((m, n, f) for m in ("a", "b") for n in ("2", "inf")
+                                              for f in ("posx", "scale")):
+        _score_run(root / "t7" / f"{model}-{norm}-{factor}",
+                   {"model": f"builtin:lenet-{model}/{factor}", "data": f"dsprites:{factor}", "norm": norm},
+                   _summary(loss="euclidean_error", lhs=0.01 * (k + 1), as_score=1.0 + k, head_norm_name="spectral",
+                            model=f"builtin:lenet-{model}/{factor}", data=f"dsprites:{factor}"), pts)
+
+
+def test_many_runs_pivot_into_table7s_layout(runs):
+    _wide_runs(runs)
+    frame = table(["t7"], "lemma1").blocks[0].frame
+    assert list(frame.columns) == ["dsprites:posx", "dsprites:scale"]  # a column per probe
+    assert frame.index.names == ["Pretraining", "setting", "quantity"]
+    assert frame.loc[("lenet-a", "norm inf", "LHS"), "dsprites:scale"] == "0.04"  # 4th run: lhs 0.04
+    assert frame.loc[("lenet-b", "norm 2", "AS score (RHS)"), "dsprites:posx"] == "5"  # 5th run: as 5
+    assert frame.loc[("lenet-b", "norm 2", "Diff. loss"), "dsprites:posx"] == "0.4"
+    md = render(table(["t7"], "lemma1"), "md")
+    assert "| lenet-a       | norm 2    | Diff. loss" in md and "|               | norm inf  | Diff. loss" in md
+    tex = render(table(["t7"], "lemma1"), "tex")
+    assert r"\multirow" in tex and r"\cline" not in tex and r"\addlinespace" in tex
+
+
+def test_runs_that_do_not_pivot_get_a_row_each(runs):
+    _wide_runs(runs)
+    # two runs of one (pretraining, norm, probe): no unique pivot cell
+    _score_run(runs / "t7" / "dup", {"model": "builtin:lenet-a/posx", "data": "dsprites:posx", "norm": "2"},
+               _summary(model="builtin:lenet-a/posx", data="dsprites:posx"), _points([True], [True]))
+    frame = table(["t7"], "lemma1").blocks[0].frame
+    assert frame.index.names == ["Pretraining", "Downstream"] and len(frame) == 9
+    assert frame.index[0] == ("lenet-a", "dsprites:posx (norm 2)")
+    assert ("lenet-a", "dsprites:posx (norm 2) #2") in frame.index
+
+
+def test_the_transfer_table_takes_pgd_for_racc_and_adds_autoattack(runs):
+    final = json.loads((runs / "transfer" / "ft" / "final.json").read_text())
+    final["test"]["autoattack"] = 0.5
+    (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
+    block = table(["transfer"], "transfer").blocks[0]
+    assert list(block.frame.columns) == ["Acc", "RAcc", "RAcc (AA)", "AS", "CE", "robust CE", "‖W‖"]
+    assert block.frame.loc["ft", "RAcc"] == "55.0%" and block.frame.loc["ft", "RAcc (AA)"] == "50.0%"
+    assert block.frame.loc["lp", "RAcc (AA)"] == "-"
+    del final["test"]
+    (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
+    with pytest.raises(ConfigError, match="ft lacks test.clean_accuracy"):
+        table(["transfer"], "transfer")
+
+
+def test_a_predict_record_without_its_fields_is_named(runs, capsys):
+    rec = json.loads((runs / "predict" / "predict.json").read_text())
+    del rec["tasks"][1]["ratio"]
+    (runs / "predict" / "predict.json").write_text(json.dumps(rec))
+    assert main(["table", "predict", "--style", "predict"]) == 2
+    err = capsys.readouterr().err
+    assert "predict lacks tasks[1].ratio in predict.json" in err and err.count("\n") == 1
+
+
+def test_the_predict_table_shows_lemma1s_bound_when_recorded(runs):
+    rec = json.loads((runs / "predict" / "predict.json").read_text())
+    rec["tasks"][0]["bound"] = {"head_norm": 2.0, "head_norm_name": "row_max", "q": "inf", "lipschitz": 2.0,
+                                "loss_increase": 6.0, "source": "--head-norm"}
+    (runs / "predict" / "predict.json").write_text(json.dumps(rec))
+    frame = table(["predict"], "predict").blocks[0].frame
+    assert list(frame["CE increase bound (Lem. 1)"]) == ["-", "6", "-", "-"]
+
+
+def test_render_takes_a_bare_dataframe(runs):
+    text = render(pd.DataFrame({"a": ["1"]}, index=["x"]), "csv")
+    assert "runs:" not in text and text.splitlines()[-1] == "table,x,1"
+
+
+def test_the_report_room_is_in_the_api_and_the_cli():
+    import asbound.api as api
+    import asbound.cli as cli
+
+    for name in ("table", "render", "plot", "collect", "TABLE_STYLES", "PLOT_KINDS"):
+        assert name in api.__all__ and hasattr(api, name)
+    assert callable(cli._table_parser) and callable(cli._plot_parser)
+    parser = cli.build_parser()
+    args = parser.parse_args(["table", "r", "--style", "eps", "--format", "tex"])
+    assert (args.style, args.format, args.out) == ("eps", "tex", None)
+    assert parser.parse_args(["plot", "r", "--kind", "eps", "--out", "f.pdf"]).kind == "eps"
+
+
+def test_the_margin_plot_draws_misclassified_and_infinite_margins(runs):
+    points = _points([True, False, False, False], [True, False, False, False], margin=[float("inf"), 0.8, 0.2, -0.5],
+                     sensitivity=[0.1, 0.9, 0.1, 0.3])
+    points.to_csv(runs / "score" / "a" / "points.csv", index=False)
+    written = plot(["score/a"], "margin-vs-sensitivity", runs / "m.pdf")
+    assert [p.name for p in written] == ["m.png", "m.pdf"] and all(p.stat().st_size > 1000 for p in written)

@@ -19,10 +19,17 @@ from typing import Callable, Iterable
 import numpy as np
 
 from asbound.errors import ConfigError
-from asbound.report.runs import Run, collect, labels, model_label
+from asbound.report.runs import (
+    Run,
+    collect,
+    data_label,
+    labels,
+    model_label,
+    pretraining_label,
+    settings,
+)
 
 KINDS = ("lhs-rhs", "margin-vs-sensitivity", "shift", "eps", "predict")
-ESTIMATE = "AS: PGD estimate (a lower bound)"
 
 
 def _plt():  # noqa: ANN202 - pyplot, imported with the Agg backend
@@ -34,39 +41,69 @@ def _plt():  # noqa: ANN202 - pyplot, imported with the Agg backend
     return plt
 
 
+def _legend_outside(ax, handles):  # noqa: ANN001, ANN202
+    return ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                     frameon=False)
+
+
 def lhs_rhs(runs: "list[Run]"):  # noqa: ANN201
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8.4, 5.2), layout="constrained")
+    extra = settings(runs, beside_data=True)
+    groups = [pretraining_label(r) + (f" ({e})" if e else "") for r, e in zip(runs, extra)]
+    group_names = list(dict.fromkeys(groups))
+    data_names = list(dict.fromkeys(data_label(r) for r in runs))
+    markers = "osD^v<>pPX*h"
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
     pts = []
-    names = labels(runs)
-    models = list(dict.fromkeys(model_label(r) for r in runs))
-    markers = "osD^v<>p"
-    for run, name in zip(runs, names):
+    for run, group in zip(runs, groups):
         s = run.summary
-        if not s or s.get("lhs") is None:
-            raise ConfigError(f"--kind lhs-rhs: {run.path} has no Lemma 1 LHS (an AS-only run or no score)")
+        if not s or s.get("lhs") is None or s.get("as_score") is None:
+            raise ConfigError(f"--kind lhs-rhs: {run.path} lacks lhs (an AS-only run or no score after transfer); "
+                              f"give runs with Lemma 1's terms")
         pts.append((s["as_score"], s["lhs"]))
-        m = markers[models.index(model_label(run)) % len(markers)]
-        ax.scatter(s["as_score"], s["lhs"], marker=m, s=40, label=name, zorder=3)
-    xs, ys = np.array(pts).T
-    lo, hi = min(xs.min(), ys.min()), max(xs.max(), ys.max())
-    if hi / max(lo, 1e-12) > 100:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        grid = np.geomspace(max(lo, 1e-6) / 2, hi * 2, 50)
+        ax.scatter(s["as_score"], s["lhs"], s=42, zorder=3, edgecolors="k", linewidths=0.4,
+                   marker=markers[group_names.index(group) % len(markers)],
+                   color=colours[data_names.index(data_label(run)) % len(colours)])
+    xs, ys = np.array(pts, dtype=float).T
+    positive = np.concatenate([xs[xs > 0], ys[ys > 0]])
+    lo = float(positive.min()) if positive.size else 1e-3
+    hi = float(max(xs.max(), ys.max(), lo))
+    log = hi / lo > 100  # more than two decades
+    if log:
+        ax.set_xscale("log", nonpositive="clip")
+        ax.set_yscale("log", nonpositive="clip")
+        grid = np.geomspace(lo / 2, hi * 2, 100)
+        ax.set_xlim(lo / 2, hi * 2)
+        ax.set_ylim(lo / 2, hi * 2)
     else:
-        grid = np.linspace(0, hi * 1.1, 50)
-    ax.plot(grid, grid, "k--", lw=1, label="LHS = RHS")
-    ax.fill_between(grid, grid, grid.max() * 10, color="tab:red", alpha=0.07, lw=0, label="LHS > RHS: Lemma 1 fails")
-    if ax.get_yscale() == "log":
-        ax.set_ylim(top=max(ys.max() * 1.5, grid.max() * 0.05))
-    else:
+        grid = np.linspace(0, hi * 1.1, 100)
         ax.set_xlim(0, hi * 1.1)
         ax.set_ylim(min(0.0, float(ys.min()) * 1.1), hi * 1.1)
-    ax.set_xlabel(f"RHS = AS score ({ESTIMATE})")
-    ax.set_ylabel("LHS = mean (adv. loss - loss) / (L ||W||)")
-    ax.set_title("Lemma 1: LHS <= RHS (points below the diagonal)")
-    ax.legend(fontsize=6, loc="upper left")
+    ax.plot(grid, grid, "k--", lw=1)
+    ax.fill_between(grid, grid, grid.max() * 10, color="tab:red", alpha=0.07, lw=0)
+    ax.set_xlabel("RHS = AS score (mean sensitivity; PGD estimate, a lower bound)" + (" [log]" if log else ""))
+    ax.set_ylabel("LHS = mean (adv. loss - loss) / (L ||W||)" + (" [log]" if log else ""))
+    ax.set_title(f"Lemma 1 per run: LHS <= RHS below the diagonal ({int(np.sum(ys <= xs))} of {len(runs)} runs)\n"
+                 "RHS from PGD is an estimate: the lemma is checked against a lower bound of its right-hand side",
+                 fontsize=9)
+    data_handles = [Line2D([], [], ls="", marker="s", color=colours[k % len(colours)], label=name)
+                    for k, name in enumerate(data_names)]
+    group_handles = [Line2D([], [], ls="", marker=markers[k % len(markers)], color="0.5", markeredgecolor="k",
+                            label=name) for k, name in enumerate(group_names)]
+    key = [Line2D([], [], ls="--", color="k", label="LHS = RHS"),
+           plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.15, label="LHS > RHS: Lemma 1 fails")]
+    def header(text: str) -> Line2D:
+        return Line2D([], [], ls="", label=text)
+
+    handles = [header("downstream data (colour):"), *data_handles, header("pretraining (marker):"), *group_handles,
+               header(""), *key]
+    legend = _legend_outside(ax, handles)
+    for text, handle in zip(legend.get_texts(), handles):
+        if handle.get_label().endswith(":"):
+            text.set_fontweight("bold")
     return fig
 
 
@@ -75,32 +112,57 @@ def margin_sensitivity(runs: "list[Run]"):  # noqa: ANN201
     shown = runs[:6]
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False, layout="constrained")
     for ax, run, name in zip(axes.flat, shown, labels(shown)):
         p = run.points()
-        if "margin" not in p:
-            raise ConfigError(f"--kind margin-vs-sensitivity: {run.path} has no margins (an AS-only run)")
+        if "margin" not in p or "robust" not in p:
+            raise ConfigError(f"--kind margin-vs-sensitivity: {run.path} lacks margin in points.csv (a regression "
+                              f"or AS-only run); give classification runs scored with labels")
         m, s = p["margin"].to_numpy(float), p["sensitivity"].to_numpy(float)
+        robust = p["robust"].astype(bool).to_numpy()
+        finite = np.isfinite(m)
         wrong = m <= 0
-        top = max(float(np.nanmax(s)), float(np.nanmax(m)), 1e-9) * 1.05
+        top = max(float(np.nanmax(s)), float(np.max(m[finite & ~wrong], initial=0.0)), 1e-9) * 1.05
+        left = min(0.0, float(np.min(m[finite], initial=0.0)))
+        left = left - 0.03 * (top - left) if left < 0 else 0.0
+        m_shown = np.where(finite, m, np.where(m > 0, top, left))  # infinite margins at the edges
         grid = np.linspace(0, top, 50)
         ax.fill_between(grid, 0, grid, color="tab:green", alpha=0.12, lw=0, label="s < m: criterion holds")
+        if left < 0:
+            ax.axvspan(left, 0, color="0.85", lw=0, zorder=0, label="m <= 0: misclassified")
         ax.plot(grid, grid, "k--", lw=0.8)
-        ok = ~wrong
-        ax.scatter(m[ok], s[ok], s=6, alpha=0.6, label="correct")
-        if wrong.any():
-            ax.scatter(np.clip(m[wrong], 0, None), s[wrong], s=6, alpha=0.6, color="tab:red",
-                       label="misclassified (m <= 0, shown at 0)")
-        ax.set_xlim(0, top)
+        for mask, style in (
+            (~wrong & robust, dict(s=6, alpha=0.6, color="tab:blue", label="robust")),
+            (~wrong & ~robust, dict(s=10, alpha=0.8, color="tab:orange", marker="^", label="correct, not robust")),
+            (wrong, dict(s=14, alpha=0.8, color="tab:red", marker="x", label="misclassified")),
+        ):
+            if mask.any():
+                ax.scatter(m_shown[mask], s[mask], **style)
+        ax.set_xlim(left, top)
         ax.set_ylim(0, top)
-        held = float(np.mean(s < m))
-        ax.set_title(f"{name}\nfulfilled {100 * held:.1f}%", fontsize=7)
-        ax.set_xlabel("margin m_i")
-        ax.set_ylabel("sensitivity s_i (PGD, lower bound)")
-        ax.legend(fontsize=6, loc="lower right")
+        summary = run.summary or {}
+        held = summary.get("prop_fulfilled")
+        held = float(np.mean(s < m)) if held is None else held
+        racc = summary.get("robust_accuracy")
+        racc = float(np.mean(robust)) if racc is None else racc
+        note = f"; {int((~finite).sum())} infinite margins at the edge" if (~finite).any() else ""
+        ax.set_title(f"{name}\nfulfilled {100 * held:.1f}%, robust {100 * racc:.1f}% of {len(p)} points{note}",
+                     fontsize=7)
+        ax.set_xlabel("margin m_i (distance to the decision boundary in g-space)", fontsize=8)
+        ax.set_ylabel("sensitivity s_i (PGD estimate, a lower bound)", fontsize=8)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("Theorem 2 per datapoint" + (f" (first 6 of {len(runs)} runs)" if len(runs) > 6 else ""))
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="tab:green", alpha=0.25, label="s < m: the criterion holds (robust by Theorem 2)"),
+                        Patch(color="0.85", label="m <= 0: misclassified"),
+                        Line2D([], [], ls="", marker="o", ms=3, color="tab:blue", label="robust (PGD)"),
+                        Line2D([], [], ls="", marker="^", ms=4, color="tab:orange", label="correct, not robust"),
+                        Line2D([], [], ls="", marker="x", ms=4, color="tab:red", label="misclassified")],
+               loc="outside lower center", ncol=5, fontsize=7, frameon=False)
+    fig.suptitle("Theorem 2 per datapoint: s_i < m_i implies robust (s_i from PGD: a lower bound, so the "
+                 "criterion is estimated)" + (f"; first 6 of {len(runs)} runs" if len(runs) > 6 else ""), fontsize=9)
     return fig
 
 
@@ -124,33 +186,42 @@ def _acc(r: Run) -> "tuple[float, float]":
 def shift(runs: "list[Run]"):  # noqa: ANN201
     plt = _plt()
     groups = _sweeps(runs, "shift")
-    fig, axes = plt.subplots(len(groups), 3, figsize=(12, 3.4 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 3, figsize=(12, 3.6 * len(groups)), squeeze=False, layout="constrained")
     for row, (sweep, members) in zip(axes, groups.items()):
+        severities: "set[int]" = set()
         clean = [r for r in members if not r.params.get("corruption")]
         names = list(dict.fromkeys(r.params["corruption"] for r in members if r.params.get("corruption")))
         for name in names:
             cells = clean + sorted((r for r in members if r.params.get("corruption") == name),
                                    key=lambda r: r.params["severity"])
             sev = [r.params.get("severity") or 0 for r in cells]
+            severities.update(sev)
             for ax, value in zip(row, (lambda r: (r.summary or {}).get("as_score"),
                                        lambda r: (r.summary or {}).get("lhs"), lambda r: _acc(r)[1])):
-                ax.plot(sev, [value(r) for r in cells], "o-", label=name)
+                ax.plot(sev, [np.nan if value(r) is None else value(r) for r in cells], "o-", label=name)
         setting = f"{model_label(members[0])} → {members[0].config.get('data')}"
-        for ax, title in zip(row, ("AS score (PGD estimate)", "Lemma 1 LHS", "robust accuracy")):
+        for ax, (title, ylabel) in zip(row, (("AS score", "AS (PGD estimate, a lower bound)"),
+                                             ("Lemma 1 LHS", "mean (adv. loss - loss) / (L ||W||)"),
+                                             ("robust accuracy", "robust accuracy (PGD: an upper bound)"))):
             ax.set_title(f"{title}\n{setting}", fontsize=8)
-            ax.set_xlabel("severity (0: clean)")
+            ax.set_xlabel("corruption severity (0: uncorrupted)")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_xticks(sorted(severities))
             ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle("Distribution shift: metrics against corruption severity (AS from PGD is a lower bound)", fontsize=9)
     return fig
 
 
 def eps(runs: "list[Run]"):  # noqa: ANN201
     plt = _plt()
     groups = _sweeps(runs, "eps")
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.0), squeeze=False, layout="constrained")
     for ax, (sweep, members) in zip(axes[0], groups.items()):
         cells = sorted(members, key=lambda r: float(r.params["multiple"]))
         p0 = cells[0].points()
+        if "fulfilled" not in p0:
+            raise ConfigError(f"--kind eps: {cells[0].path} lacks fulfilled in points.csv (a regression or AS-only "
+                              f"run)")
         fulfilled = set(p0.loc[p0["fulfilled"].astype(bool), "index"])
         mult = [float(r.params["multiple"]) for r in cells]
         every = [_acc(r)[1] for r in cells]
@@ -159,28 +230,32 @@ def eps(runs: "list[Run]"):  # noqa: ANN201
             p = r.points()
             q = p[p["index"].isin(fulfilled)]
             sub.append(float(q["robust"].astype(bool).mean()) if len(q) else np.nan)
-        ax.plot(mult, every, "o-", label="all points")
-        ax.plot(mult, sub, "s-", label=f"fulfilled at x{mult[0]:g} ({len(fulfilled)} points)")
+        ax.plot(mult, [np.nan if v is None else v for v in every], "o-", label=f"all points ({len(p0)})")
+        ax.plot(mult, sub, "s-", label=f"fulfilled at x{mult[0]:g}: s_i < m_i ({len(fulfilled)} points)")
         ax.set_ylim(0, 1.02)
         ax.set_xticks(mult)
         ax.set_xlabel(f"eps multiple ({', '.join(r.params['eps_text'] for r in cells)})")
-        ax.set_ylabel("robust accuracy (PGD on the loss)")
+        ax.set_ylabel("robust accuracy (PGD: an upper bound)", fontsize=8)
         ax.set_title(f"{model_label(cells[0])} → {cells[0].config.get('data')}", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Theorem 2 beyond eps: robust accuracy of the points fulfilling the criterion at the first "
+                 "multiple\n(s_i from PGD, a lower bound: the criterion is an estimate)", fontsize=9)
     return fig
 
 
 def predict(runs: "list[Run]"):  # noqa: ANN201
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5))
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), layout="constrained")
     titles = []
+    thresholds = set()
     for r in runs:
         if r.kind != "predict":
             raise ConfigError(f"--kind predict: {r.path} is not an 'asbound predict' directory")
         tasks = [t for t in r.record["tasks"] if t.get("measured") and t["measured"].get("relative_ce") is not None]
         if not tasks:
             raise ConfigError(f"--kind predict: {r.path} has no measured tasks; run asbound predict with --measure lp")
+        if r.record.get("threshold") is not None:
+            thresholds.add(float(r.record["threshold"]))
         x = [t["ratio"] for t in tasks]
         y = [t["measured"]["relative_ce"] for t in tasks]
         ax.scatter(x, y, s=25, label=model_label(r), zorder=3)
@@ -188,10 +263,15 @@ def predict(runs: "list[Run]"):  # noqa: ANN201
             ax.annotate(t["label"], (a, b), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
         s = (r.record.get("spearman") or {}).get("ratio_vs_relative_ce")
         if s:
-            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} (n {s['n']})")
-    ax.set_xlabel(f"predicted: AS(downstream) / AS(pretraining) ({ESTIMATE})")
+            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} (p {s['p']:.2g}, {s['n']} tasks)")
+        else:
+            titles.append(f"{model_label(r)}: no Spearman rho (fewer than 3 measured tasks)")
+    for threshold in sorted(thresholds):
+        ax.axvline(threshold, color="0.4", ls=":", lw=1, label=f"threshold {threshold:g}: 'transfers' left of it")
+    ax.set_xlabel("predicted: AS(downstream) / AS(pretraining) (both PGD estimates, lower bounds)")
     ax.set_ylabel("measured after LP: (robust CE - CE) / CE")
-    ax.set_title("Prediction before transfer\n" + "; ".join(titles), fontsize=8)
+    ax.set_title("Prediction before transfer: AS ratio against the measured CE increase\n" + "; ".join(titles),
+                 fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
@@ -208,10 +288,15 @@ def plot(paths: "Iterable[str | os.PathLike]", kind: str, out: "str | os.PathLik
     out = Path(out)
     if out.suffix not in (".png", ".pdf"):
         raise ConfigError(f"--out {out} must end in .png or .pdf (both are written)")
+    paths = list(paths)
     runs, _ = collect(paths)
     if not runs:
         raise ConfigError("no finished runs to plot")
-    fig = BUILDERS[kind](runs)
+    try:
+        fig = BUILDERS[kind](runs)
+    except KeyError as exc:  # a record without a field the figure reads
+        raise ConfigError(f"--kind {kind}: the records under {', '.join(map(str, paths))} lack {exc} "
+                          f"(not the asbound record format; docs/RECORDS.md)") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix in (".png", ".pdf"):

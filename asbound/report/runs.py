@@ -132,25 +132,47 @@ def model_label(run: Run) -> str:
     return model.split(":", 1)[1] if model.startswith("builtin:") else model
 
 
+def pretraining_label(run: Run) -> str:
+    """The pretrained representation a run stands on: its model without a builtin's ``/HEAD``
+    (``builtin:lenet-adversarial/posx`` and ``.../scale`` share one representation)."""
+    model = str(run.get("model", "?"))
+    return model.split(":", 1)[1].split("/", 1)[0] if model.startswith("builtin:") else model
+
+
 #: options that, when they differ between runs, belong in the column labels
 _DISTINCT = ("method", "peft", "norm", "eps", "steps", "weight_decay", "epochs", "seed", "n")
 
 
-def labels(runs: "list[Run]") -> "list[str]":
-    """A column label per run: model and data, plus whatever else sets the runs apart."""
+def settings(runs: "list[Run]", beside_data: bool = False) -> "list[str]":
+    """Per run, what sets it apart from the others besides model and data (``norm 2, n all``), or ``""``;
+    ``beside_data``: only the options that vary within one data set (not those each data set fixes)."""
     varying = [k for k in _DISTINCT if len({str(r.get(k)) for r in runs}) > 1]
+    if beside_data:
+        varying = [k for k in varying
+                   if any(len({str(r.get(k)) for r in runs if data_label(r) == d}) > 1 for d in map(data_label, runs))]
     out = []
     for r in runs:
         extra = [f"{k} {_short(r.get(k))}" for k in varying]
         if r.kind == "transfer" and "method" not in varying and len({x.kind for x in runs}) > 1:
             extra.insert(0, str(r.record.get("method")) + (f" ({r.record['peft']})" if r.record.get("peft") else ""))
-        out.append(f"{model_label(r)} → {data_label(r)}" + (f" ({', '.join(extra)})" if extra else ""))
-    seen: "dict[str, int]" = {}
-    for i, text in enumerate(out):  # runs nothing sets apart: number them
+        out.append(", ".join(extra))
+    return out
+
+
+def numbered(texts: "list[str]") -> "list[str]":
+    """``texts`` with repeats numbered (``x``, ``x #2``): runs nothing sets apart stay distinct."""
+    out, seen = list(texts), {}
+    for i, text in enumerate(out):
         seen[text] = seen.get(text, 0) + 1
         if seen[text] > 1:
             out[i] = f"{text} #{seen[text]}"
     return out
+
+
+def labels(runs: "list[Run]") -> "list[str]":
+    """A label per run: model and data, plus whatever else sets the runs apart."""
+    return numbered([f"{model_label(r)} → {data_label(r)}" + (f" ({extra})" if extra else "")
+                     for r, extra in zip(runs, settings(runs))])
 
 
 def _short(value: Any) -> str:

@@ -5,8 +5,11 @@ Styles (``asbound table RUN... --style S``):
 
 =========== ====================================================================================
 lemma1      Tables 1, 2, 7: Diff. loss, ||W||, Lemma 1 LHS, AS score (= RHS), one column per run
-theorem2    Table 3: clean accuracy, robust accuracy, prop. fulfilled, rob. fulfilled
-transfer    Tables 5, 9: per method and downstream task: Acc, RAcc, AS after, Diff. CE, ||W||
+            under a (Pretraining, Downstream) header; many runs: Table 7's rows per pretraining and
+            setting (attack norm, weight decay, ...) with a column per downstream data set
+theorem2    Table 3: clean accuracy, robust accuracy, prop. fulfilled, rob. fulfilled (as lemma1)
+transfer    Tables 5, 9: per downstream task, a row per method: Acc, RAcc (PGD with the most steps),
+            AutoAttack where recorded, AS after transfer, CE, robust CE, ||W||
 shift       Tables 12, 13: per corruption, one column per severity (the clean data first)
 eps         Table 8: robust accuracy at each eps multiple, of all points and of the points that
             fulfil the Theorem 2 criterion at the first multiple (joined on ``index``)
@@ -17,6 +20,9 @@ certify     runs of ``score --certify``: the certified RHS mean(s_upper) against
 =========== ====================================================================================
 
 Every AS is a PGD estimate (a lower bound on the sensitivity), so every RHS is an estimate.
+
+Each style is a function ``runs -> list[Block]`` (a titled DataFrame in the seed's layout, with
+notes); :func:`table` collects the runs and builds the blocks, :func:`render` writes them.
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from typing import Callable, Iterable, Optional
 import pandas as pd
 
 from asbound.errors import ConfigError
-from asbound.report.runs import Run, collect, data_label, labels, model_label, relative
+from asbound.report.runs import (
+    Run,
+    collect,
+    data_label,
+    labels,
+    model_label,
+    numbered,
+    pretraining_label,
+    relative,
+    settings,
+)
 
 STYLES = ("lemma1", "theorem2", "transfer", "shift", "eps", "resize", "predict", "certify")
 FORMATS = ("md", "tex", "csv")
@@ -81,42 +97,76 @@ def _loss_name(s: dict) -> str:
 
 
 def lemma1(runs: "list[Run]") -> "list[Block]":
-    cols = labels(runs)
-    rows: "dict[str, list[str]]" = {}
-    names = set()
-    for run in runs:
-        s = _need(run, run.summary, ("loss_diff", "head_norm", "lhs", "as_score"), "lemma1")
-        names.add(_loss_name(s))
-        rows.setdefault("diff", []).append(num(s["loss_diff"]))
-        rows.setdefault("norm", []).append(f"{num(s['head_norm'])} ({s['head_norm_name']})")
-        rows.setdefault("lhs", []).append(num(s["lhs"]))
-        rows.setdefault("as", []).append(num(s["as_score"]))
-        rows.setdefault("holds", []).append("yes" if s["lhs"] <= s["as_score"] else "NO")
-    index = [" / ".join(sorted(names)), "‖W‖", "LHS", "AS score (RHS)", "LHS <= RHS"]
-    frame = pd.DataFrame([rows[k] for k in ("diff", "norm", "lhs", "as", "holds")], index=index, columns=cols)
-    return [Block("Lemma 1", _oriented(frame))]
+    summaries = [_need(r, r.summary, ("loss_diff", "head_norm", "lhs", "as_score"), "lemma1") for r in runs]
+    names = sorted({_loss_name(s) for s in summaries})
+    norms = sorted({f"{s['head_norm_name']}" for s in summaries})
+
+    def values(run: Run) -> "list[str]":
+        s = run.summary
+        return [num(s["loss_diff"]), num(s["head_norm"]) + ("" if len(norms) == 1 else f" ({s['head_norm_name']})"),
+                num(s["lhs"]), num(s["as_score"]), "yes" if s["lhs"] <= s["as_score"] else "NO"]
+
+    norm_row = f"‖W‖ ({norms[0]})" if len(norms) == 1 else "‖W‖"
+    index = [" / ".join(names), norm_row, "LHS", "AS score (RHS)", "LHS <= RHS"]
+    return [Block("Lemma 1", _per_run(runs, index, values),
+                  ["LHS: the mean of (adversarial loss - clean loss) / (L ‖W‖) over the points; ‖W‖: the head "
+                   "norm Lemma 1 uses (q and L as recorded); AS score: the mean sensitivity, a PGD estimate"])]
 
 
-def _oriented(frame: pd.DataFrame) -> pd.DataFrame:
-    """The paper's layout (a column per run) up to ``WIDE`` runs; a row per run beyond."""
-    return frame if frame.shape[1] <= WIDE else frame.T.rename_axis("run")
+def _per_run(runs: "list[Run]", quantities: "list[str]", values: "Callable[[Run], list[str]]") -> pd.DataFrame:
+    """Seed 001's layout for quantities of single runs, grouped by pretraining, then downstream data.
+
+    Up to ``WIDE`` runs: a column per run under a (Pretraining, Downstream) header, rows the
+    quantities (Tables 1-3). Beyond, when every (pretraining, setting, data) is one run and there
+    are at most ``WIDE`` data sets: a column per downstream data set, rows (Pretraining, setting,
+    quantity) (Table 7: rows per pretraining and attack, columns per factor). Else a row per run.
+    """
+    pre = [pretraining_label(r) for r in runs]
+    data = [data_label(r) for r in runs]
+    extra = settings(runs)
+    order = sorted(range(len(runs)), key=lambda i: (pre.index(pre[i]), data.index(data[i])))  # stable
+    cells = {i: values(runs[i]) for i in order}
+    down = [f"{data[i]} ({extra[i]})" if extra[i] else data[i] for i in order]
+    pairs = [tuple(k.split("\x00")) for k in numbered([f"{pre[i]}\x00{d}" for i, d in zip(order, down)])]
+    if len(runs) <= WIDE:
+        columns = pd.MultiIndex.from_tuples(pairs, names=["Pretraining", "Downstream"])
+        return pd.DataFrame(list(zip(*[cells[i] for i in order])), index=quantities, columns=columns)
+    extra = settings(runs, beside_data=True)
+    triples = {(pre[i], extra[i], data[i]): cells[i] for i in order}
+    datasets = list(dict.fromkeys(data[i] for i in order))
+    if len(triples) == len(runs) and len(datasets) <= WIDE:
+        groups = list(dict.fromkeys((pre[i], extra[i]) for i in order))
+        index, rows = [], []
+        for p, e in groups:
+            for q, name in enumerate(quantities):
+                index.append((p, e, name) if any(extra) else (p, name))
+                rows.append([triples[(p, e, d)][q] if (p, e, d) in triples else "-" for d in datasets])
+        names = ["Pretraining", "setting", "quantity"] if any(extra) else ["Pretraining", "quantity"]
+        return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=names),
+                            columns=pd.Index(datasets, name="Downstream"))
+    return pd.DataFrame([cells[i] for i in order], index=pd.MultiIndex.from_tuples(pairs, names=["Pretraining",
+                        "Downstream"]), columns=quantities)
 
 
 def theorem2(runs: "list[Run]") -> "list[Block]":
-    cols = labels(runs)
     keys = ("clean_accuracy", "robust_accuracy", "prop_fulfilled")
-    data = []
     for run in runs:
-        s = _need(run, run.summary, keys, "theorem2")
-        data.append([pct(s["clean_accuracy"]), pct(s["robust_accuracy"]), pct(s["prop_fulfilled"]),
-                     pct(s.get("rob_fulfilled"))])
+        _need(run, run.summary, keys, "theorem2")
+
+    def values(run: Run) -> "list[str]":
+        s = run.summary
+        return [pct(s["clean_accuracy"]), pct(s["robust_accuracy"]), pct(s["prop_fulfilled"]),
+                pct(s.get("rob_fulfilled"))]
+
     index = ["clean accuracy", "robust accuracy", "prop. fulfilled", "rob. fulfilled"]
-    return [Block("Theorem 2", _oriented(pd.DataFrame(list(zip(*data)), index=index, columns=cols)))]
+    return [Block("Theorem 2", _per_run(runs, index, values),
+                  ["robust: no point either PGD attack evaluated is misclassified (an upper bound on the true robust "
+                   "accuracy); prop. fulfilled: sensitivity < margin with the PGD sensitivity, an estimate; "
+                   "rob. fulfilled: the robust share of the fulfilled points"])]
 
 
 def _strongest(test: dict) -> "tuple[Optional[float], str]":
-    if test.get("autoattack") is not None:
-        return test["autoattack"], "AutoAttack"
+    """The PGD accuracy with the most steps (seed 001's RAcc: PGD-20) and its name."""
     pgd = test.get("pgd") or {}
     if not pgd:
         return None, "-"
@@ -133,19 +183,31 @@ def transfer(runs: "list[Run]") -> "list[Block]":
     for r in finals:
         groups.setdefault(f"{model_label(r)} → {data_label(r)}", []).append(r)
     blocks = []
+    for r in finals:
+        test = r.record.get("test")
+        if not isinstance(test, dict) or test.get("clean_accuracy") is None:
+            raise ConfigError(f"--style transfer: {r.path} lacks test.clean_accuracy in final.json (no final "
+                              f"evaluation); give finished transfer runs")
     for group, members in groups.items():
         rows, attacks = [], []
+        autoattack = any(r.record["test"].get("autoattack") is not None for r in members)
         for r in members:
             s = r.summary or {}
             racc, attack = _strongest(r.record["test"])
             attacks.append(attack)
-            rows.append([pct(r.record["test"].get("clean_accuracy")), pct(racc), num(s.get("as_score")),
-                         num(s.get("loss_clean")), num(s.get("loss_adv")), num(s.get("head_norm"))])
-        frame = pd.DataFrame(rows, index=pd.Index([_method(r) for r in members], name="method"),
-                             columns=["Acc", "RAcc", "AS", "CE", "robust CE", "‖W‖"])
-        blocks.append(Block(group, frame, [f"RAcc: {', '.join(sorted(set(attacks)))} accuracy on the test split "
-                                           f"({members[0].record['test'].get('eps_text')}); AS, CE, ‖W‖: the score "
-                                           f"after transfer"]))
+            row = [pct(r.record["test"].get("clean_accuracy")), pct(racc)]
+            row += [pct(r.record["test"].get("autoattack"))] if autoattack else []
+            rows.append(row + [num(s.get("as_score")), num(s.get("loss_clean")), num(s.get("loss_adv")),
+                               num(s.get("head_norm"))])
+        columns = ["Acc", "RAcc"] + (["RAcc (AA)"] if autoattack else []) + ["AS", "CE", "robust CE", "‖W‖"]
+        frame = pd.DataFrame(rows, index=pd.Index([_method(r) for r in members], name="method"), columns=columns)
+        without = [_method(r) for r in members if not r.summary]
+        blocks.append(Block(group, frame, [
+            f"RAcc: {', '.join(sorted(set(attacks)))} accuracy on the test split "
+            f"({members[0].record['test'].get('eps_text')})"
+            + (", RAcc (AA): AutoAttack standard" if autoattack else "")
+            + "; AS, CE, robust CE, ‖W‖: the score after transfer (AS a PGD estimate)"
+            + (f"; no score after transfer: {', '.join(without)}" if without else "")]))
     return blocks
 
 
@@ -216,7 +278,8 @@ def eps(runs: "list[Run]") -> "list[Block]":
         s0 = _need(first, first.summary, ("clean_accuracy", "robust_accuracy", "prop_fulfilled"), "eps")
         p0 = first.points()
         if "fulfilled" not in p0:
-            raise ConfigError(f"--style eps: {first.path} has no Theorem 2 criterion per datapoint (an AS-only run)")
+            raise ConfigError(f"--style eps: {first.path} has no Theorem 2 criterion per datapoint (a regression or "
+                              f"AS-only run)")
         fulfilled = set(p0.loc[p0["fulfilled"].astype(bool), "index"])
         rows = {"eps": ", ".join(f"{r.params['eps_text']}" for r in cells),
                 "clean accuracy": pct(s0["clean_accuracy"]),
@@ -266,29 +329,52 @@ def resize(runs: "list[Run]") -> "list[Block]":
 
 def predict(runs: "list[Run]") -> "list[Block]":
     rows, index, notes = [], [], []
+    bounds = any(t.get("bound") for r in runs for t in (r.record.get("tasks") or []) if r.kind == "predict")
     for r in runs:
         if r.kind != "predict":
             raise ConfigError(f"--style predict: {r.path} is a {r.kind} run, not an 'asbound predict' directory")
         rec = r.record
+        _need_predict(r)
         pre = rec["pretrain"]
         pre_rel = _rel_ce(pre.get("loss_clean"), pre.get("loss_adv"))
         index.append((model_label(r), pre["label"]))
         rows.append([num(pre["as_score"]), "1 (pretraining)", "-", _ce_pair(pre.get("loss_clean"), pre.get("loss_adv")),
-                     num(pre_rel)])
+                     num(pre_rel)] + (["-"] if bounds else []))
         for t in rec["tasks"]:
             m = t.get("measured") or {}
-            index.append(("", t["label"]))
+            index.append((model_label(r), t["label"]))
             rows.append([num(t["as_score"]), num(t["ratio"]), t["verdict"], _ce_pair(m.get("loss_clean"),
-                         m.get("loss_adv")), num(m.get("relative_ce"))])
+                         m.get("loss_adv")), num(m.get("relative_ce"))]
+                        + ([num((t.get("bound") or {}).get("loss_increase"))] if bounds else []))
         for name, s in (rec.get("spearman") or {}).items():
             if s:
-                notes.append(f"{model_label(r)}: Spearman {name.replace('_', ' ')}: rho {s['rho']:.3f} "
+                notes.append(f"{model_label(r)}: Spearman {_pretty(name)}: rho {s['rho']:.3f} "
                              f"(p {s['p']:.2g}, {s['n']} tasks)")
         notes.append(f"{model_label(r)}: eps {rec['eps_text']} (L{rec['norm']}), verdict: ratio <= {rec['threshold']:g}")
     frame = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["Pretraining", "Downstream"]),
-                         columns=["AS score", "AS ratio", "verdict", "clean / robust CE (LP)", "relative dif."])
-    return [Block("Prediction before transfer", frame,
-                  notes + ["relative dif.: (robust CE - CE) / CE after linear probing (measured)"])]
+                         columns=["AS score", "AS ratio", "verdict", "clean / robust CE (LP)", "relative dif."]
+                         + (["CE increase bound (Lem. 1)"] if bounds else []))
+    return [Block("Prediction before transfer", frame, notes + [
+        "relative dif.: (robust CE - CE) / CE after linear probing (measured); the pretraining row: the pretrained "
+        "model's own head"] + (["CE increase bound (Lem. 1): L ‖W‖ AS with the recorded head norm, an estimate "
+                                "(AS is a PGD lower bound)"] if bounds else []))]
+
+
+def _pretty(name: str) -> str:
+    """``ratio_vs_relative_ce`` -> ``ratio vs relative CE``."""
+    upper = {"ce": "CE", "lp": "LP", "as": "AS", "adv": "adv."}
+    return " ".join(upper.get(w, w) for w in name.split("_"))
+
+
+def _need_predict(r: Run) -> None:
+    rec = r.record
+    missing = [k for k in ("pretrain", "tasks", "eps_text", "norm", "threshold") if rec.get(k) is None]
+    missing += [f"pretrain.{k}" for k in ("label", "as_score") if not missing and rec["pretrain"].get(k) is None]
+    for n, t in enumerate(rec.get("tasks") or []):
+        missing += [f"tasks[{n}].{k}" for k in ("label", "as_score", "ratio", "verdict") if t.get(k) is None]
+    if missing:
+        raise ConfigError(f"--style predict: {r.path} lacks {', '.join(missing[:4])}"
+                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else "") + " in predict.json")
 
 
 def _rel_ce(clean: Optional[float], adv: Optional[float]) -> Optional[float]:
@@ -330,15 +416,24 @@ def table(paths: "Iterable[str | os.PathLike]", style: str) -> Rendered:
     runs, notes = collect(paths)
     if not runs:
         raise ConfigError(f"no finished runs under {', '.join(map(str, paths))}")
-    return Rendered(BUILDERS[style](runs), [relative(p) for p in paths], notes)
+    try:
+        blocks = BUILDERS[style](runs)
+    except KeyError as exc:  # a record without a field the style reads
+        raise ConfigError(f"--style {style}: the records under {', '.join(map(str, paths))} lack {exc} "
+                          f"(not the asbound record format; docs/RECORDS.md)") from exc
+    return Rendered(blocks, [relative(p) for p in paths], notes)
 
 
-def render(rendered: Rendered, fmt: str, command: Optional[str] = None) -> str:
+def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str] = None) -> str:
     """Markdown (pipe tables), LaTeX (booktabs) or CSV (one long frame with a ``table`` column), with
-    the command and the run directories as footer or comment lines."""
+    the command and the run directories as footer or comment lines. A bare DataFrame (one style's
+    ``.blocks[k].frame``, or any) renders as one untitled block."""
     if fmt not in FORMATS:
         raise ConfigError(f"table format {fmt!r} is not valid; valid: {', '.join(FORMATS)}")
-    provenance = ([f"command: {command}"] if command else []) + [f"runs: {', '.join(rendered.sources)}"]
+    if isinstance(rendered, pd.DataFrame):
+        rendered = Rendered([Block("table", rendered)], [], [])
+    provenance = ([f"command: {command}"] if command else []) + (
+        [f"runs: {', '.join(rendered.sources)}"] if rendered.sources else [])
     notes = [*rendered.notes, NOTE]
     if fmt == "csv":
         frames = []
@@ -346,6 +441,7 @@ def render(rendered: Rendered, fmt: str, command: Optional[str] = None) -> str:
             f = b.frame.copy()
             if isinstance(f.columns, pd.MultiIndex):
                 f.columns = [" | ".join(map(str, c)) for c in f.columns]
+            f.columns.name = None
             if not isinstance(f.index, pd.MultiIndex) and f.index.name is None:
                 f = f.rename_axis("quantity")
             f = f.reset_index()
@@ -356,20 +452,42 @@ def render(rendered: Rendered, fmt: str, command: Optional[str] = None) -> str:
     out = []
     for b in rendered.blocks:
         if fmt == "md":
-            flat = isinstance(b.frame.index, pd.MultiIndex)
-            frame = b.frame.reset_index() if flat else b.frame
-            out.append(f"**{b.title}**\n\n{frame.to_markdown(index=not flat)}\n")
+            out.append(f"**{b.title}**\n\n{_markdown(b.frame)}\n")
             out += [f"- {n}" for n in b.notes]
             out.append("")
         else:
             body = b.frame.to_latex(escape=True, caption=_tex_escape(b.title), multicolumn_format="c")
-            out.append(body.replace("→", r"$\to$").replace("‖W‖", r"$\|W\|$"))
+            # booktabs: group breaks as \addlinespace, not \cline
+            lines = [ln for ln in body.splitlines() if not (ln.startswith(r"\cline") and "bottomrule" in ln)]
+            lines = [r"\addlinespace" if ln.startswith(r"\cline") else ln for ln in lines]
+            lines = [ln for k, ln in enumerate(lines) if not (ln == r"\addlinespace" and k + 1 < len(lines)
+                                                               and lines[k + 1] == r"\bottomrule")]
+            out.append("\n".join(lines).replace("→", r"$\to$").replace("‖W‖", r"$\|W\|$") + "\n")
             out += [f"% {n}" for n in b.notes]
     if fmt == "md":
         out += [f"_{_md_escape(n)}_  " for n in notes] + [f"`{line}`  " for line in provenance]
     else:
         out += [f"% {line}" for line in notes + provenance]
+        out.append(r"% needs \usepackage{booktabs} (and \usepackage{multirow} for grouped rows)")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A pipe table: a (Pretraining, Downstream) header flattened to ``pretraining → downstream``,
+    a row MultiIndex as leading columns with repeated group labels left blank (as in the paper)."""
+    frame = frame.copy()
+    if isinstance(frame.columns, pd.MultiIndex):
+        frame.columns = [" → ".join(map(str, c)) for c in frame.columns]
+    if not isinstance(frame.index, pd.MultiIndex):
+        return frame.to_markdown()
+    levels = list(frame.index.names)
+    flat = frame.reset_index()
+    keys = flat[levels[:-1]].astype(str).values.tolist()
+    for k in range(len(flat) - 1, 0, -1):
+        for j in range(len(levels) - 1):
+            if keys[k][: j + 1] == keys[k - 1][: j + 1]:
+                flat.iat[k, j] = ""
+    return flat.to_markdown(index=False)
 
 
 def _md_escape(text: str) -> str:
