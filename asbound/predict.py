@@ -32,6 +32,8 @@ from asbound.records import RunDir, environment, read_json, write_json
 from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
 MANIFEST = "predict.json"
+#: up to this many tasks the Spearman p-value is an exact permutation test (n! orderings)
+EXACT_N = 8
 MEASURES = ("lp", "adv-lp")
 _MODIFIERS = ("classes", "corruption", "resize")
 #: Lemma 1 for softmax cross-entropy: 2-Lipschitz in the max norm, so ||W|| is max_k ||w_k||_2
@@ -107,6 +109,12 @@ def parse_tasks(text: "str | Sequence[str]") -> "list[Task]":
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
         raise ConfigError(f"task {twice[0]} is given twice; give each downstream task once")
+    slugs: "dict[str, str]" = {}
+    for t in tasks:  # each task's runs live in a directory named by its slug: never two tasks in one
+        if t.slug in slugs:
+            raise ConfigError(f"tasks {slugs[t.slug]!r} and {t.label!r} would share the run directory {t.slug}; "
+                              f"write one of them differently (e.g. classes as a range or a list)")
+        slugs[t.slug] = t.label
     return tasks
 
 
@@ -213,10 +221,21 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> "Optional[dict[str, floa
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return None
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata, spearmanr
 
-    res = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": len(pairs)}
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    res = spearmanr(a, b)
+    rho = float(res.statistic)
+    if len(pairs) <= EXACT_N:  # exact two-sided permutation p (the t approximation gives p = 0 at |rho| = 1)
+        import itertools
+
+        import numpy as np
+
+        ra, rb = rankdata(a), rankdata(b)
+        rhos = [np.corrcoef(ra, np.asarray(perm))[0, 1] for perm in itertools.permutations(rb)]
+        p = float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+        return {"rho": rho, "p": p, "n": len(pairs), "p_method": "exact permutation"}
+    return {"rho": rho, "p": float(res.pvalue), "n": len(pairs), "p_method": "t approximation"}
 
 
 def predict(

@@ -108,6 +108,11 @@ class ScoreConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int)):
+            raise ConfigError(f"n must be a whole number >= 1 (or 'all'), got {self.n!r}")
+        if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
+                                        or self.resize < 1):
+            raise ConfigError(f"resize must be a whole number >= 1, got {self.resize!r}")
         if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1 (or 'all'), got {self.n}")
         if not (math.isfinite(self.rel_step) and self.rel_step > 0):

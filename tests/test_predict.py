@@ -155,3 +155,12 @@ def test_the_measuring_lp_evaluates_as_many_test_images_as_are_scored():
     assert _transfer_config(PredictConfig(**{**cfg.__dict__, "n_test": None}), Task("digits"), "lp")["n_test"] is None
     with pytest.raises(ConfigError, match="n-test must be"):
         PredictConfig(model="builtin:digits-adversarial", pretrain_data="digits", data="digits", n_test=0).validated()
+
+
+def test_spearman_p_is_exact_for_few_tasks_and_task_directories_never_collide():
+    s = spearman([1, 2, 3], [0.1, 0.5, 2.0])
+    assert s["rho"] == pytest.approx(1.0) and s["p"] == pytest.approx(1 / 3) and s["p_method"] == "exact permutation"
+    assert spearman([1, 2, 3, 4], [1, 2, 3, 4])["p"] == pytest.approx(1 / 12)
+    assert spearman(list(range(12)), list(range(12)))["p_method"] == "t approximation"
+    with pytest.raises(ConfigError, match="would share the run directory digits-0-2"):
+        parse_tasks("digits@classes=0,2,digits@classes=0-2")

@@ -339,3 +339,27 @@ def test_the_margin_plot_draws_misclassified_and_infinite_margins(runs):
     points.to_csv(runs / "score" / "a" / "points.csv", index=False)
     written = plot(["score/a"], "margin-vs-sensitivity", runs / "m.pdf")
     assert [p.name for p in written] == ["m.png", "m.pdf"] and all(p.stat().st_size > 1000 for p in written)
+
+
+def test_eps_tables_of_several_sweeps_line_up_by_row(runs):
+    # a second sweep of the same setting with only the first multiple, and another fulfilled set
+    _sweep(runs / "eps2", "eps", [("eps-x1", {"eps": 0.05, "eps_text": "0.05", "multiple": 1})],
+           {"model": "builtin:m", "data": "digits", "classes": "0-4"})
+    _score_run(runs / "eps2" / "eps-x1", {"model": "builtin:m", "data": "digits", "classes": "0-4", "seed": 1},
+               _summary(prop_fulfilled=0.25, robust_accuracy=0.5),
+               _points([False, False, True, False], [True, False, False, False]))
+    frame = table(["eps", "eps2"], "eps").blocks[0].frame
+    assert frame.shape[1] == 2  # the second sweep of one setting is kept, not overwritten
+    second = frame.iloc[:, 1]
+    assert second["prop. fulfilled (x1)"] == "25.0%" and second["robust accuracy (x1)"] == "50.0%"
+    assert second["robust accuracy of the fulfilled (x1)"] == "0.0%"  # index 12: fulfilled, not robust
+    assert second["robust accuracy (x2)"] == "-" and second["robust accuracy of the fulfilled (x2)"] == "-"
+    assert frame.iloc[:, 0]["robust accuracy of the fulfilled (x2)"] == "50.0%"
+
+
+def test_lemma1_reads_whether_it_held_from_the_record(runs):
+    s = json.loads((runs / "score" / "a" / "summary.json").read_text())
+    s.update(lhs=s["as_score"] + 5e-10, lemma1_holds=True)  # within the recorded float tolerance
+    (runs / "score" / "a" / "summary.json").write_text(json.dumps(s))
+    frame = table(["score/a"], "lemma1").blocks[0].frame
+    assert "NO" not in frame.to_string()

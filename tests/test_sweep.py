@@ -268,3 +268,15 @@ def test_the_shipped_grid_files_are_valid():
     for path in sorted((Path(__file__).parent.parent / "analyses" / "sweeps").glob("*.toml")):
         sweep = grid_sweep(path).validated()
         assert sweep.run in ("score", "transfer") and len(sweep.cells) >= 3, path
+
+
+def test_bad_grid_values_are_refused_before_anything_runs_and_the_device_may_change(tmp_path):
+    for text in ("n = [8, true]", "resize = [0]"):
+        path = _grid(tmp_path, f'[base]\nmodel = "builtin:digits-adversarial"\ndata = "digits"\n[grid]\n{text}\n')
+        with pytest.raises(ConfigError):
+            run_sweep(grid_sweep(path), tmp_path / "never")
+        assert not (tmp_path / "never").exists()
+    out = tmp_path / "dev"
+    run_sweep(eps_sweep({**BASE, "n": 8, "device": "auto"}, "2/255", [1]), out, progress=False, printer=lambda _: None)
+    again = run_sweep(eps_sweep({**BASE, "n": 8}, "2/255", [1]), out, progress=False, printer=lambda _: None)
+    assert again.reused == ["eps-x1"]

@@ -109,9 +109,12 @@ def _merge(old: Optional[dict], new: dict, out: Path) -> dict:
     if not isinstance(old, dict) or "cells" not in old:
         raise ResumeError(f"{out / MANIFEST} is not a readable asbound sweep; choose another --out")
     for key in ("kind", "run", "base"):
-        if old.get(key) != new.get(key):
+        a, b = old.get(key), new.get(key)
+        if key == "base":  # the device may change: a sweep can be finished on another machine
+            a = {k: v for k, v in (a or {}).items() if k != "device"}
+            b = {k: v for k, v in b.items() if k != "device"}
+        if a != b:
             if key == "base":
-                a, b = old.get("base") or {}, new["base"]
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])
                 raise ResumeError(f"{out} holds a sweep with other shared settings ({shown}); choose another --out")
