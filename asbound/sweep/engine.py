@@ -128,12 +128,18 @@ def _merge(old: Optional[dict], new: dict, out: Path) -> dict:
     return {**new, "cells": list(cells.values())}
 
 
-def _executor(kind: str, folder: Path, slurm: SlurmOptions) -> Any:
+def _submitit(kind: str) -> Any:
+    """The submitit module, or a one-line ConfigError naming the extra to install."""
     try:
         import submitit
     except ImportError:
         raise ConfigError(f"--executor {kind} needs submitit, which is not installed; "
                           f"pip install 'asbound[slurm]'") from None
+    return submitit
+
+
+def _executor(kind: str, folder: Path, slurm: SlurmOptions) -> Any:
+    submitit = _submitit(kind)
     if kind == "submitit-local":
         ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
         ex.update_parameters(timeout_min=slurm.time_min)
@@ -172,11 +178,7 @@ def run_sweep(
     sweep = sweep.validated()
     out = Path(out)
     if executor != "local":
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"--executor {executor} needs submitit, which is not installed; "
-                              f"pip install 'asbound[slurm]'") from None
+        _submitit(executor)  # refused before anything is written
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is not a directory; give a directory path")
     if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MANIFEST).exists():

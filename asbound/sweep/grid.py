@@ -80,15 +80,7 @@ class Sweep:
             if self.run == "transfer" and len(cfg.methods) != 1:
                 raise ConfigError(f"a transfer cell runs one method; cell {cell.name} has method {cfg.method!r} "
                                   f"(make the method an axis of the grid instead)")
-            _check_corruption(cell.config)
         return self
-
-
-def _check_corruption(config: Mapping[str, Any]) -> None:
-    if config.get("corruption") is not None:
-        from asbound.data.corruptions import parse_corruption
-
-        parse_corruption(config["corruption"], config.get("severity"), config.get("corruption_params", "auto"))
 
 
 def _slug(value: Any) -> str:
@@ -282,7 +274,3 @@ def parse_list(text: str, kind: type, what: str) -> list:
             noun = "whole numbers" if kind is int else "numbers"
             raise ConfigError(f"{what} must be {noun} separated by commas, got {item!r}") from None
     return out
-
-
-def cell_names(cells: Iterable[Cell]) -> "list[str]":
-    return [c.name for c in cells]
