@@ -160,6 +160,7 @@ class PGD:
         start: Optional[Tensor] = None,
         clean_value: Optional[Tensor] = None,
         value: bool = True,
+        fast: Optional["FastObjective"] = None,
     ) -> AttackResult:
         """Run the attack on the batch ``x``.
 
@@ -170,6 +171,11 @@ class PGD:
         it (else it is evaluated once). ``value=False``: the caller needs only the point (a training
         attack): with ``select="last"`` and one restart the objective is not evaluated again at the
         last iterate, which saves a forward pass, and the result's value is ``None``.
+
+        ``fast`` (a :class:`FastObjective`: the same objective in low precision and/or compiled)
+        takes every gradient step; each restart's kept iterate is then re-evaluated by
+        ``objective`` in float32, so the returned value is a float32 evaluation at a point of the
+        threat set (a valid lower bound) and a watch on ``objective`` sees only those points.
         """
         x0 = x.detach()
         if generator is None:
@@ -185,7 +191,7 @@ class PGD:
         for restart in range(self.restarts):
             first = start if (restart == 0 and start is not None) else None
             final = value or self.select == "best" or self.restarts > 1
-            cand_x, cand_v = self._run_once(objective, x0, generator, first, final)
+            cand_x, cand_v = self._run_once(objective, x0, generator, first, final, fast)
             if cand_v is None:
                 return AttackResult(cand_x, None)
             best_x, best_v = (cand_x, cand_v) if best_x is None else _keep_best(best_x, best_v, cand_x, cand_v)
@@ -206,29 +212,137 @@ class PGD:
 
     def _run_once(
         self, objective: Objective, x0: Tensor, generator: torch.Generator, start: Optional[Tensor],
-        final: bool = True,
+        final: bool = True, fast: Optional["FastObjective"] = None,
     ) -> "tuple[Tensor, Optional[Tensor]]":
         geo = self.geometry
         alpha = self.rel_step * float(self.eps)
+        step_fn = fast if fast is not None else objective
         x_adv = self.start_point(x0, generator, start)
         best_x = best_v = None
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            value = objective(x_adv)
-            (grad,) = torch.autograd.grad(value.sum(), x_adv)
-            x_adv = x_adv.detach()
-            value = value.detach()
+            value, grad = _value_and_grad(step_fn, x_adv)
             if self.select == "best":
                 best_x, best_v = _keep_best(best_x, best_v, x_adv, value)
-            grad = torch.nan_to_num(grad)
             x_adv = self.clip(x0, x_adv + alpha * geo.direction(grad))
         if not final:
             return x_adv, None
-        with torch.no_grad():
-            value = objective(x_adv).detach()
-        if self.select == "best":
-            return _keep_best(best_x, best_v, x_adv, value)
-        return x_adv, value
+        return _finish(objective, fast, x_adv, best_x if self.select == "best" else None, best_v)
+
+
+@dataclass(frozen=True)
+class APGD(PGD):
+    """Auto-PGD (Croce and Hein 2020, "Reliable evaluation of adversarial robustness with an
+    ensemble of diverse parameter-free attacks", Algorithm 1) on any objective.
+
+    The step size starts at ``rel_step * eps`` (the paper's ``2 eps``) and is halved, per example,
+    at the checkpoints ``w_j = ceil(p_j * steps)`` (``p_0 = 0``, ``p_1 = 0.22``,
+    ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``) when since the last checkpoint fewer than
+    ``rho`` of the steps increased the objective, or when neither the step size nor the best value
+    changed; a halving restarts that example from its best point. Each step moves with momentum
+    ``x_{k+1} = P(x_k + momentum (z_{k+1} - x_k) + (1 - momentum)(x_k - x_{k-1}))``,
+    ``z_{k+1} = P(x_k + eta_k direction(grad))``. The best point over every step is kept
+    (``select="best"`` only). The cost is that of PGD with the same steps: one forward+backward
+    pass per step and one forward pass at the last point.
+    """
+
+    rel_step: float = 2.0
+    momentum: float = 0.75
+    rho: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select != "best":
+            raise ConfigError("APGD keeps the best point (select='best')")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"momentum must lie in [0, 1], got {self.momentum!r}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ConfigError(f"rho must lie in [0, 1], got {self.rho!r}")
+
+    def checkpoints(self) -> "list[int]":
+        """The iterations at which the step size may be halved (Croce and Hein's ``w_j``), in
+        whole hundredths so that ``0.22 * 100`` is 22, not 23."""
+        p = [0, 22]  # p_j in hundredths
+        while p[-1] < 100:
+            p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+        ws = {-(-q * self.steps // 100) for q in p[1:]}
+        return sorted(w for w in ws if 0 < w < self.steps)
+
+    def _run_once(
+        self, objective: Objective, x0: Tensor, generator: torch.Generator, start: Optional[Tensor],
+        final: bool = True, fast: Optional["FastObjective"] = None,
+    ) -> "tuple[Tensor, Optional[Tensor]]":
+        geo = self.geometry
+        step_fn = fast if fast is not None else objective
+        x = self.start_point(x0, generator, start)
+        if self.steps == 0:
+            return _finish(objective, fast, x, None, None)
+        eta = torch.full((x0.shape[0],), self.rel_step * float(self.eps), device=x0.device, dtype=x0.dtype)
+        value, grad = _value_and_grad(step_fn, x)
+        best_x, best_v, best_g = x, value, grad
+        x_prev = x
+        x_next = self.clip(x0, x + _expand(eta, x) * geo.direction(grad))
+        checkpoints = set(self.checkpoints())
+        last_check, increases = 0, torch.zeros_like(eta)
+        eta_at_check, best_at_check = eta.clone(), best_v.clone()
+        for k in range(1, self.steps):
+            v_next, g_next = _value_and_grad(step_fn, x_next)
+            increases += (v_next > value).to(eta.dtype)
+            better = v_next > best_v
+            best_x = torch.where(_expand(better, x), x_next, best_x)
+            best_g = torch.where(_expand(better, x), g_next, best_g)
+            best_v = torch.where(better, v_next, best_v)
+            x_prev, x, value, grad = x, x_next, v_next, g_next
+            if k in checkpoints:
+                few = increases < self.rho * (k - last_check)
+                stuck = (eta == eta_at_check) & (best_v == best_at_check)
+                halve = few | stuck
+                eta = torch.where(halve, eta / 2, eta)
+                h = _expand(halve, x)
+                x, grad = torch.where(h, best_x, x), torch.where(h, best_g, grad)
+                x_prev = torch.where(h, best_x, x_prev)  # no momentum out of a restart
+                last_check, increases = k, torch.zeros_like(eta)
+                eta_at_check, best_at_check = eta.clone(), best_v.clone()
+            z = self.clip(x0, x + _expand(eta, x) * geo.direction(grad))
+            x_next = self.clip(x0, x + self.momentum * (z - x) + (1 - self.momentum) * (x - x_prev))
+        if not final:
+            return x_next, None
+        return _finish(objective, fast, x_next, best_x, best_v)
+
+
+ATTACKS = {"pgd": PGD, "apgd": APGD}
+
+
+class FastObjective:
+    """The gradient side of an attack: the objective (without a watch) in low precision
+    (``dtype`` bf16 / fp16 under ``torch.autocast``) and/or compiled. Its values choose the kept
+    iterate only; :class:`PGD` re-evaluates that iterate with the float32 objective."""
+
+    def __init__(self, objective: Objective, dtype: Optional[torch.dtype] = None, device_type: str = "cpu") -> None:
+        self.objective, self.dtype, self.device_type = objective, dtype, device_type
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            return self.objective(x).float()
+
+
+def _value_and_grad(fn: Objective, x: Tensor) -> "tuple[Tensor, Tensor]":
+    x = x.detach().requires_grad_(True)
+    value = fn(x)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach().to(x.dtype), torch.nan_to_num(grad.to(x.dtype))
+
+
+def _finish(objective: Objective, fast: Optional[FastObjective], last: Tensor, best_x: Optional[Tensor],
+            best_v: Optional[Tensor]) -> "tuple[Tensor, Tensor]":
+    """Evaluate one restart's last point and return the kept one (``best_x`` given: the better of
+    it and the last point) with the float32 objective's value there."""
+    with torch.no_grad():
+        if fast is None:
+            value = objective(last).detach()
+            return (last, value) if best_x is None else _keep_best(best_x, best_v, last, value)
+        if best_x is not None:
+            last, _ = _keep_best(best_x, best_v, last, fast(last).detach().to(best_v.dtype))
+        return last, objective(last).detach()
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:

@@ -158,9 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--steps", type=_whole, default=d.steps, help="PGD steps")
-    g.add_argument("--rel-step", type=_number, default=d.rel_step, help="step size relative to eps")
+    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"),
+                   help="pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum)")
+    g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps per restart")
+    g.add_argument("--rel-step", type=_number, default=d.rel_step,
+                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack (every point they evaluate counts); more than 1 needs the random start")
+    g.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"),
+                   help="gradient passes under autocast; each kept point is re-evaluated in float32, so every "
+                        "reported number is float32 (auto: bf16 on CUDA and on CPUs with native bf16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (pays on long runs)")
     g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean input")
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")
@@ -297,6 +304,7 @@ def _score(args: argparse.Namespace) -> int:
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, classes=args.classes, as_only=args.as_only, corruption=args.corruption,
         severity=args.severity, corruption_params=args.corruption_params, certify=args.certify,
+        attack=args.attack, amp=args.amp, compile=args.compile,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:
@@ -398,8 +406,11 @@ def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGro
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--steps", type=_whole, default=d.steps, help="PGD steps of the scores")
-    g.add_argument("--rel-step", type=_number, default=d.rel_step, help="step size relative to eps")
+    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
+                   "protocol) or apgd (Auto-PGD)")
+    g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps of the scores")
+    g.add_argument("--rel-step", type=_number, default=d.rel_step,
+                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack")
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
@@ -466,7 +477,7 @@ def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
         shared["resize"] = args.resize
     if args.method is None:
         return "score", dict(shared, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts,
-                             n=args.n, split=args.split, head=args.head, as_only=args.as_only)
+                             attack=args.attack, n=args.n, split=args.split, head=args.head, as_only=args.as_only)
     if "," in args.method:
         raise ConfigError(f"--method {args.method}: a sweep's transfer cells run one method each; "
                           f"use a grid file with method as an axis for several")
@@ -561,7 +572,7 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
     cfg = PredictConfig(
         model=args.model or "", pretrain_data=args.pretrain_data, data=args.data, pretrain_classes=args.pretrain_classes,
         eps=args.eps, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts, n=args.n,
-        seed=args.seed,
+        seed=args.seed, attack=args.attack,
         batch_size=args.batch_size, threshold=args.threshold, head_norm=args.head_norm, measure=args.measure,
         epochs=args.epochs, n_train=args.n_train, n_test=getattr(args, "n_test", "as-n"), device=args.device,
         model_dir=args.model_dir,

@@ -129,8 +129,9 @@ class PredictConfig:
     eps: "float | str" = "8/255"
     norm: str = "inf"
     steps: int = 20
-    rel_step: float = 0.7
+    rel_step: Optional[float] = None  # None: the attack's own (0.7 for pgd, 2 for apgd)
     restarts: int = 1
+    attack: str = "pgd"
     n: Optional[int] = 500
     seed: int = 0
     batch_size: int = 128
@@ -197,7 +198,7 @@ def _reference_head_norm(spec: str) -> "tuple[float, str]":
 
 def _score_config(cfg: PredictConfig, data: str, *, as_only: bool, **extra: Any) -> dict:
     return dict(model=cfg.model, data=data, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps, rel_step=cfg.rel_step,
-                restarts=cfg.restarts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=cfg.device, model_dir=cfg.model_dir,
+                restarts=cfg.restarts, attack=cfg.attack, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, device=cfg.device, model_dir=cfg.model_dir,
                 data_root=cfg.data_root, weights=cfg.weights, feature_layer=cfg.feature_layer,
                 allow_pickle=cfg.allow_pickle, download=cfg.download, as_only=as_only, **extra)
 

@@ -26,12 +26,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from asbound.attacks import PGD, Watch, foolbox_pgd, loss_objective, representation_shift
+from asbound.attacks import ATTACKS, PGD, FastObjective, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
-from asbound.devices import resolve_device
+from asbound.devices import AMP_DTYPES, attack_amp_dtype, resolve_device, to_format
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
@@ -49,7 +49,10 @@ BACKENDS = ("asbound", "foolbox")
 
 
 #: options added after runs were recorded without them: such a run compares as if it had these
-OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None}
+OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
+                   "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32"}
+#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
+REL_STEP = {"pgd": 0.7, "apgd": 2.0}
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ScoreConfig:
     eps: "float | str" = "8/255"
     norm: str = "inf"
     steps: int = 20
-    rel_step: float = 0.7
+    rel_step: Optional[float] = None  # None: 0.7 for pgd, 2 for apgd (REL_STEP)
     restarts: int = 1
     random_start: bool = True
     batch_size: int = 128
@@ -86,6 +89,9 @@ class ScoreConfig:
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
     certify: Optional[str] = None  # "ibp": an upper bound on every s_i (asbound.certify), Theorem 2 certified
+    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
+    amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
+    compile: bool = False  # torch.compile the gradient passes
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
@@ -115,8 +121,17 @@ class ScoreConfig:
             raise ConfigError(f"resize must be a whole number >= 1, got {self.resize!r}")
         if self.n is not None and self.n < 1:
             raise ConfigError(f"n must be >= 1 (or 'all'), got {self.n}")
-        if not (math.isfinite(self.rel_step) and self.rel_step > 0):
-            raise ConfigError(f"rel-step must be > 0, got {self.rel_step}")
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack {self.attack!r} is not valid; valid: {', '.join(ATTACKS)}")
+        rel_step = REL_STEP[self.attack] if self.rel_step is None else self.rel_step
+        if isinstance(rel_step, bool) or not isinstance(rel_step, (int, float)) or not (
+                math.isfinite(rel_step) and rel_step > 0):
+            raise ConfigError(f"rel-step must be > 0, got {rel_step}")
+        if self.amp not in ("auto", "off", *AMP_DTYPES):
+            raise ConfigError(f"amp {self.amp!r} is not valid; valid: auto, off, {', '.join(AMP_DTYPES)}")
+        if self.backend == "foolbox" and (self.attack != "pgd" or self.amp not in ("auto", "off") or self.compile):
+            raise ConfigError("--backend foolbox runs foolbox's PGD in float32: it takes --attack pgd, and "
+                              "neither --amp bf16/fp16 nor --compile")
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"delta must lie in (0, 1), got {self.delta}")
         if not (math.isfinite(self.loss_cap) and self.loss_cap > 0):
@@ -130,13 +145,15 @@ class ScoreConfig:
         corruption_of(self.corruption, self.severity, self.corruption_params)
         if self.certify is not None and self.certify not in CERTIFY_METHODS:
             raise ConfigError(f"certify {self.certify!r} is not valid; valid: {', '.join(CERTIFY_METHODS)}")
-        return dataclasses.replace(self, eps=eps, norm=norm)
+        return dataclasses.replace(self, eps=eps, norm=norm, rel_step=float(rel_step))
 
     @property
-    def attack(self) -> PGD:
-        return PGD(
+    def pgd(self) -> PGD:
+        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`)."""
+        rel_step = REL_STEP[self.attack] if self.rel_step is None else self.rel_step
+        return ATTACKS[self.attack](
             eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
-            rel_step=self.rel_step, random_start=self.random_start, restarts=self.restarts,
+            rel_step=rel_step, random_start=self.random_start, restarts=self.restarts,
         )
 
 
@@ -193,15 +210,24 @@ class _Scorer:
     """
 
     def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float,
-                 bounder: "Optional[Bounder]" = None) -> None:
+                 bounder: "Optional[Bounder]" = None, amp: Optional[torch.dtype] = None,
+                 compile: bool = False) -> None:
         self.bounder = bounder
         self.split, self.loss, self.attack, self.backend, self.scale = split, loss, attack, backend, scale
+        # the gradient passes: low precision and/or compiled; kept points are re-evaluated exactly
+        self.fast = amp is not None or compile
+        self.amp = amp
+        self.fast_features = torch.compile(split.features) if compile else split.features
 
-    def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor) -> None:
+    def _fast(self, objective: Callable[[Tensor], Tensor], x: Tensor) -> "Optional[FastObjective]":
+        return FastObjective(objective, self.amp, x.device.type) if self.fast else None
+
+    def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor,
+             fast: "Optional[FastObjective]" = None) -> None:
         if self.backend == "foolbox":
             foolbox_pgd(self.attack, objective, x, generator=gen)
         else:
-            self.attack(objective, x, generator=gen, clean_value=clean)
+            self.attack(objective, x, generator=gen, clean_value=clean, fast=fast)
 
     def __call__(self, x: Tensor, y: Tensor, task: str, seed: int) -> "dict[str, object]":
         split = self.split
@@ -213,7 +239,8 @@ class _Scorer:
         labels = y if task == "classification" and self.loss is not None else None
         rep = Watch(head, g0, labels=labels)
         rep.observe(g0)
-        self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device))
+        self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device),
+                  self._fast(representation_shift(self.fast_features, x, g0), x))
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
         if self.bounder is not None:
             bound = sensitivity_upper(self.bounder, x, self.attack.eps, self.attack.norm)
@@ -227,7 +254,9 @@ class _Scorer:
         adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
         adv.observe(g0)
         loss_clean = adv.loss.clone()
-        self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype))
+        fast_model = (lambda z: split.head(self.fast_features(z))) if self.fast else split
+        self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype),
+                  self._fast(loss_objective(fast_model, self.loss, targets), x))
         best = torch.maximum(rep.shift, adv.shift)
         delta = adv.loss - loss_clean
         ratio = delta / self.scale if self.scale > 0 else torch.where(delta > 0, math.inf, 0.0).to(delta)
@@ -325,6 +354,10 @@ def score(
     if cfg.head is not None:
         split = split.with_head(load_head(cfg.head, split.feature_dim))
     split = split.to(device)
+    amp = None if cfg.backend == "foolbox" else attack_amp_dtype(cfg.amp, device)
+    fmt = torch.channels_last if (amp is not None or cfg.compile) and probe.dim() == 4 else torch.contiguous_format
+    if fmt == torch.channels_last:  # where convolutions run fastest with low precision / compiled kernels
+        split = split.to(memory_format=fmt)
     mismatch = "the AS score only (--as-only): no labels are used" if cfg.as_only else head_mismatch(split, data)
     loss = None if mismatch else loss_for_task(data.task)
     norms = head_norms(split.W)
@@ -346,20 +379,21 @@ def score(
         "feature_dim": split.feature_dim,
         "task_note": mismatch,
         "device": str(device),
+        "grad_dtype": str(amp or torch.float32).replace("torch.", ""),
         **environment(),
     }
     run = RunDir(out) if out is not None else None
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         bounder = Bounder(split.backbone) if cfg.certify else None
-        scorer = _Scorer(split, loss, cfg.attack, cfg.backend, scale, bounder)
+        scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile)
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
         with frozen(split), _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg) as advance:
             for positions in todo:
                 sel = torch.tensor(list(positions))
-                x = data.batch(sel).to(device)
+                x = to_format(data.batch(sel).to(device), fmt)
                 y = data.y[sel].to(device)
                 rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
                 frame = pd.DataFrame(
@@ -385,7 +419,7 @@ def summarize(points: pd.DataFrame, *, loss: Optional[Loss], norms: Optional[dic
     cols = {c: points[c].to_numpy() for c in points.columns}
     summary = summarize_points(cols, loss=loss, norms=norms, num_outputs=num_outputs, cap=cfg.loss_cap, delta=cfg.delta)
     summary.update(
-        eps=float(cfg.eps), eps_text=format_eps(float(cfg.eps)), norm=cfg.norm, steps=cfg.steps,
+        eps=float(cfg.eps), eps_text=format_eps(float(cfg.eps)), norm=cfg.norm, attack=cfg.attack, steps=cfg.steps,
         rel_step=cfg.rel_step, restarts=cfg.restarts, seed=cfg.seed,
         sensitivity_from_loss_attack=int((points["sensitivity_source"] == "loss").sum()),
     )

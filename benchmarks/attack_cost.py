@@ -1,33 +1,39 @@
-"""What asbound's AS attack costs, measured against its floor and against foolbox.
+"""What asbound's AS attack costs, measured against its floor and against foolbox, in float32 and
+on the fast gradient paths (issue 9 C).
 
 On a RobustBench WideResNet-16-4 with random weights and a batch of random 32x32 inputs, split
 with :func:`asbound.models.split_model` and frozen with :func:`asbound.models.frozen`, the
 objective is the AS objective ``||g(x') - g(x)||_2`` (:func:`asbound.attacks.representation_shift`).
-One run measures:
+One run measures, each the median of ``--repeats`` rounds (interleaved) after one warm-up call:
 
-* ``pgd``: asbound's ``PGD(eps=8/255, steps=S, rel_step=0.7)`` on that objective;
-* ``grad``: one forward + input-gradient pass (``torch.autograd.grad`` w.r.t. the input only);
-* ``foolbox``: foolbox's ``LinfPGD`` with the same steps on the same batch and objective
-  (:func:`asbound.attacks.foolbox_pgd`).
+* ``grad``: one float32 forward + input-gradient pass, the float32 floor of a step;
+* ``foolbox``: foolbox's ``LinfPGD`` (:func:`asbound.attacks.foolbox_pgd`), ``S`` steps;
+* ``pgd float32``: asbound's ``PGD(eps=8/255, steps=S, rel_step=0.7)``, as ``score`` runs it;
+* the fast paths (``asbound.attacks.FastObjective``: gradient passes in low precision and/or
+  compiled, the kept point re-evaluated in float32, as ``score --amp / --compile`` run them):
+  channels-last, ``torch.compile`` (+ channels-last), and autocast bf16 / fp16 (+ channels-last).
+  bf16 is measured on the CPU only where it computes bf16 natively (``avx512_bf16`` / ``amx_bf16``):
+  elsewhere torch emulates it (a single gradient pass ran 29x slower than float32 on this AVX2 CPU).
 
-and reports (a) ``pgd / (S * grad)``, how close the attack gets to the cost of its gradients
-(PGD also runs one final forward pass, so about ``1 + 1/(3S)`` is the floor), and (b)
-``pgd / foolbox`` (both evaluate the objective at their final point; foolbox's loop does not,
-so :func:`asbound.attacks.foolbox_pgd` adds that forward pass). Each time is the median of ``--repeats`` rounds (the three measurements
-interleaved in every round) after one warm-up call of each.
+It prints each time, its throughput (images per second: batch x steps / seconds), its ratio to
+``S x grad`` (the float32 floor) and to foolbox, and, per fast path, the AS it reports against the
+float32 attack's, next to the run-to-run noise of the random starts (float32 with another seed).
 
-    python benchmarks/attack_cost.py [--batch-size 128] [--steps 20] [--device auto|cpu|cuda]
+    python benchmarks/attack_cost.py [--batch-size 128] [--steps 20] [--device auto|cpu|cuda] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+from typing import Callable, Optional
 
 import torch
 
 from asbound._compat import import_robustbench
-from asbound.attacks import PGD, foolbox_pgd, representation_shift
+from asbound.attacks import PGD, FastObjective, foolbox_pgd, representation_shift
+from asbound.devices import cpu_has_bf16
 from asbound.models import frozen, split_model
 from timing import timed  # benchmarks/timing.py
 
@@ -39,6 +45,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile paths")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,49 +59,84 @@ def main() -> None:
     model = WideResNet(depth=16, widen_factor=4, num_classes=10).eval()
     x = torch.rand(args.batch_size, 3, 32, 32).to(device)
     split = split_model(model, x[:8].cpu()).to(device)
+    split_cl = copy.deepcopy(split).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    attack = PGD(eps=8 / 255, steps=args.steps, rel_step=0.7)
+    s, zeros = args.steps, torch.zeros(len(x), device=device)
+    native_bf16 = device.type == "cuda" or cpu_has_bf16()
 
-    def attack(steps: int) -> PGD:
-        return PGD(eps=8 / 255, steps=steps, rel_step=0.7)
+    # name -> (model, input, autocast dtype or None, compiled); None: the float32 path without FastObjective
+    fast_paths: "dict[str, tuple]" = {"pgd channels-last": (split_cl, x_cl, None, False)}
+    if not args.no_compile:
+        fast_paths["pgd compiled"] = (split, x, None, True)
+        fast_paths["pgd compiled + channels-last"] = (split_cl, x_cl, None, True)
+    if native_bf16:
+        fast_paths["pgd bf16"] = (split, x, torch.bfloat16, False)
+        fast_paths["pgd bf16 + channels-last"] = (split_cl, x_cl, torch.bfloat16, False)
+    if device.type == "cuda":
+        fast_paths["pgd fp16 + channels-last"] = (split_cl, x_cl, torch.float16, False)
+        if not args.no_compile:
+            fast_paths["pgd bf16 + channels-last, compiled"] = (split_cl, x_cl, torch.bfloat16, True)
 
-    with frozen(split):
-        objective = representation_shift(split.features, x)
-        zeros = torch.zeros(len(x), device=device)
+    with frozen(split), frozen(split_cl):
+        g0 = split.features(x).detach()
+        objective = representation_shift(split.features, x, g0)
 
         def grad_pass() -> None:
             xr = x.clone().requires_grad_(True)
             torch.autograd.grad(objective(xr).sum(), xr)
 
-        runs = {
+        def pgd(steps: int, seed: int = 0, fast: Optional[FastObjective] = None, exact=objective, inputs=x):
+            return PGD(eps=attack.eps, steps=steps, rel_step=attack.rel_step)(
+                exact, inputs, generator=torch.Generator().manual_seed(seed), clean_value=zeros, fast=fast).value
+
+        runs: "dict[str, Callable[[int], object]]" = {
             "grad": lambda steps: grad_pass(),
-            # as `score` calls it: the objective at the clean input (0) is known, not evaluated
-            "pgd": lambda steps: attack(steps)(
-                objective, x, generator=torch.Generator().manual_seed(0), clean_value=zeros
-            ),
-            "foolbox": lambda steps: foolbox_pgd(attack(steps), objective, x),
+            "foolbox LinfPGD": lambda steps: foolbox_pgd(PGD(eps=8 / 255, steps=steps, rel_step=0.7), objective, x),
+            "pgd float32": lambda steps: pgd(steps),
         }
-        for run in runs.values():  # warm-up: one short call of each
+        makers = {}
+        for name, (net, inputs, dtype, compiled) in fast_paths.items():
+            features = torch.compile(net.features) if compiled else net.features
+            exact = representation_shift(net.features, inputs, g0)
+            fast = FastObjective(representation_shift(features, inputs, g0), dtype, device.type)
+            makers[name] = (fast, exact, inputs)
+            runs[name] = (lambda f, e, i: (lambda steps: pgd(steps, fast=f, exact=e, inputs=i)))(fast, exact, inputs)
+        for run in runs.values():  # warm-up (and compilation): one short call of each
             run(1)
-        times: dict[str, list[float]] = {name: [] for name in runs}
+        times: "dict[str, list[float]]" = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
-                times[name].append(timed(lambda: run(args.steps), device))
+                times[name].append(timed(lambda: run(s), device))
+        # what each path reports: the mean AS, against float32 and against float32 with another seed
+        as_values = {"pgd float32": pgd(s), "pgd float32, another seed": pgd(s, seed=1)}
+        for name, (fast, exact, inputs) in makers.items():
+            as_values[name] = pgd(s, fast=fast, exact=exact, inputs=inputs)
 
     t = {name: statistics.median(values) for name, values in times.items()}
-    s = args.steps
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"model WideResNet-16-4 (random weights, feature dim {split.feature_dim}), "
-          f"batch {args.batch_size}x3x32x32, L-inf PGD eps 8/255, {s} steps, rel_step 0.7, "
-          f"median of {args.repeats}")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"native bf16: {'yes' if native_bf16 else 'no (bf16 not measured: emulated, about 29x slower here)'}")
+    print(f"model WideResNet-16-4 (random weights, feature dim {split.feature_dim}), batch {args.batch_size}x3x32x32, "
+          f"L-inf PGD eps 8/255, {s} steps, rel_step 0.7, median of {args.repeats}")
     print()
-    print(f"{'measurement':<44}{'seconds':>10}")
-    print(f"{'one forward + input-gradient pass':<44}{t['grad']:>10.3f}")
-    print(f"{f'asbound PGD, {s} steps':<44}{t['pgd']:>10.3f}")
-    print(f"{f'foolbox LinfPGD, {s} steps':<44}{t['foolbox']:>10.3f}")
+    print(f"{'measurement':<40}{'seconds':>9}{'images/s':>10}{'/ floor':>9}{'/ foolbox':>11}")
+    floor = s * t["grad"]
+    print(f"{'one forward + input-gradient pass':<40}{t['grad']:>9.3f}{args.batch_size / t['grad']:>10.1f}")
+    for name in runs:
+        if name == "grad":
+            continue
+        throughput = args.batch_size * s / t[name]
+        print(f"{name + f', {s} steps':<40}{t[name]:>9.3f}{throughput:>10.1f}{t[name] / floor:>9.3f}"
+              f"{t[name] / t['foolbox LinfPGD']:>11.3f}")
     print()
-    print(f"{'ratio':<44}{'value':>10}")
-    print(f"{'(a) asbound PGD / (steps x grad pass)':<44}{t['pgd'] / (s * t['grad']):>10.3f}")
-    print(f"{'(b) asbound PGD / foolbox LinfPGD':<44}{t['pgd'] / t['foolbox']:>10.3f}")
+    base = as_values["pgd float32"].double()
+    noise = float((as_values["pgd float32, another seed"].double().mean() - base.mean()).abs() / base.mean())
+    print(f"mean AS (the float32 objective at the kept points); run-to-run noise of the random starts: {noise:.2e}")
+    print(f"{'path':<40}{'mean AS':>10}{'rel. diff':>11}")
+    for name, value in as_values.items():
+        diff = float((value.double().mean() - base.mean()) / base.mean())
+        print(f"{name:<40}{float(value.double().mean()):>10.5f}{diff:>+11.2e}")
 
 
 if __name__ == "__main__":

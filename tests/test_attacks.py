@@ -33,7 +33,10 @@ def test_l2_as_score_is_eps_times_largest_singular_value():
     torch.testing.assert_close(result.value, exact.expand(4), rtol=1e-4, atol=0)
 
 
-def test_linf_as_score_is_the_best_vertex_of_the_cube():
+@pytest.mark.parametrize("attack_name", ["pgd", "apgd"])
+def test_linf_as_score_is_the_best_vertex_of_the_cube(attack_name):
+    from asbound.attacks import ATTACKS
+
     torch.manual_seed(1)
     d = 6
     A = torch.randn(3, d, dtype=torch.float64)
@@ -41,7 +44,7 @@ def test_linf_as_score_is_the_best_vertex_of_the_cube():
     eps = 0.05
     vertices = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d)), dtype=torch.float64)
     exact = (eps * vertices @ A.T).norm(dim=1).max()  # a convex function peaks at a vertex
-    attack = PGD(eps=eps, norm="inf", steps=50, rel_step=0.7, restarts=8)
+    attack = ATTACKS[attack_name](eps=eps, norm="inf", steps=50, restarts=8)
     result = attack(representation_shift(linear_features(A), x), x)
     assert torch.all(result.value <= exact * (1 + 1e-9))
     torch.testing.assert_close(result.value, exact.expand(2), rtol=1e-9, atol=1e-12)
@@ -300,3 +303,100 @@ def test_a_training_attack_asking_for_the_point_only_skips_the_last_evaluation()
     assert (n_full, len(calls)) == (4, 3)
     best = PGD(eps=0.1, norm="inf", steps=3, rel_step=0.25, select="best")(objective, x, value=False)
     assert best.value is not None  # "best" needs the values to choose
+
+
+# --- Auto-PGD and the fast (low-precision / compiled) gradient path ---------------------------
+
+
+def test_apgd_checkpoints_are_croce_and_hein_s():
+    from asbound.attacks import APGD
+
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (1.05 is past the end): w_j = ceil(p_j N)
+    assert APGD(eps=0.1, steps=100).checkpoints() == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert APGD(eps=0.1, steps=10).checkpoints() == [3, 5, 6, 7, 8, 9]
+    assert APGD(eps=0.1, steps=1).checkpoints() == []
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_apgd_evaluates_only_points_of_the_threat_set_and_returns_the_best(norm):
+    from asbound.attacks import APGD
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 6))
+    x = torch.rand(9, 3, 6, 6)
+    eps = 0.15
+    with frozen(net):
+        objective, seen = _recording(representation_shift(net, x))
+        result = APGD(eps=eps, norm=norm, steps=12, restarts=2)(objective, x)
+    assert len(seen) == 1 + 2 * (12 + 1)  # the clean point, and per restart every step and the last point
+    for x_adv, _ in seen:
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+        assert torch.all(size <= eps * (1 + 1e-6))
+        assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    best = torch.stack([v for _, v in seen]).max(0).values
+    torch.testing.assert_close(result.value, best)
+    with torch.no_grad():
+        torch.testing.assert_close(result.value, (net(result.x_adv) - net(x)).norm(dim=1))
+
+
+def test_apgd_halves_the_step_and_restarts_from_the_best_point():
+    from asbound.attacks import APGD
+
+    # a concave objective peaking inside the ball: every full step of 2 eps overshoots, so the
+    # step halves at checkpoints and the iterates close in on the peak (PGD's fixed step cannot)
+    x = torch.full((1, 4), 0.5, dtype=torch.float64)
+    peak = x + torch.tensor([[0.03, -0.02, 0.01, 0.0]], dtype=torch.float64)
+    objective = lambda z: -((z - peak) ** 2).sum(1)  # noqa: E731
+    start = x + 0.05
+    apgd = APGD(eps=0.05, steps=60)(objective, x, start=start)
+    pgd = PGD(eps=0.05, steps=60, rel_step=2.0)(objective, x, start=start)
+    assert float(apgd.value) > -1e-6
+    assert float(apgd.value) > float(pgd.value)
+
+
+def test_apgd_settings_are_checked():
+    from asbound.attacks import APGD
+
+    with pytest.raises(ConfigError, match="select"):
+        APGD(eps=0.1, select="last")
+    with pytest.raises(ConfigError, match="momentum"):
+        APGD(eps=0.1, momentum=1.5)
+
+
+@pytest.mark.parametrize("attack_name", ["pgd", "apgd"])
+def test_fast_gradients_keep_every_reported_value_float32(attack_name):
+    from asbound.attacks import ATTACKS, FastObjective
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 6)).eval()
+    x = torch.rand(5, 3, 6, 6)
+    head = nn.Linear(6, 3).double()
+    with frozen(net):
+        g0 = net(x)
+        watch = Watch(head, g0)
+        exact = representation_shift(net, x, g0, watch=watch)
+        fast = FastObjective(representation_shift(net, x, g0), torch.bfloat16, "cpu")
+        result = ATTACKS[attack_name](eps=0.1, steps=6, restarts=2)(exact, x, fast=fast, clean_value=torch.zeros(5))
+        with torch.no_grad():
+            recomputed = (net(result.x_adv) - g0).norm(dim=1)
+    assert result.value.dtype == torch.float32
+    torch.testing.assert_close(result.value, recomputed, rtol=0, atol=0)  # the float32 value at the kept point
+    # the watch saw only float32 evaluations: the kept point of each restart (not the bf16 steps)
+    assert watch.evaluations == 2
+    torch.testing.assert_close(watch.shift, result.value.double(), rtol=1e-5, atol=1e-7)  # the best kept point
+
+
+def test_fast_objective_runs_under_autocast_and_returns_float32():
+    from asbound.attacks import FastObjective
+
+    seen = []
+
+    def objective(z):
+        y = torch.nn.functional.linear(z, torch.ones(2, 3))
+        seen.append(y.dtype)
+        return y.sum(1)
+
+    value = FastObjective(objective, torch.bfloat16, "cpu")(torch.rand(4, 3))
+    assert seen == [torch.bfloat16] and value.dtype == torch.float32
+    assert FastObjective(objective, None, "cpu")(torch.rand(4, 3)).dtype == torch.float32 and seen[-1] == torch.float32

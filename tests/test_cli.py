@@ -423,9 +423,12 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
     d = ScoreConfig()
     for option, value in (("--split", d.split), ("--steps", d.steps), ("--restarts", d.restarts),
                           ("--batch-size", d.batch_size), ("--backend", d.backend), ("--seed", d.seed),
-                          ("--eps", d.eps), ("--norm", d.norm), ("--rel-step", d.rel_step),
+                          ("--eps", d.eps), ("--norm", d.norm), ("--attack", d.attack), ("--amp", d.amp),
                           ("--device", d.device), ("--delta", d.delta), ("--loss-cap", d.loss_cap)):
         assert help_of[option].endswith(f"(default: {value})"), help_of[option]
+    # the step's default depends on the attack: both named, from the table the config resolves with
+    assert help_of["--rel-step"].endswith(
+        f"(default: {scoring.REL_STEP['pgd']:g} for pgd, {scoring.REL_STEP['apgd']:g} for apgd)")
     assert help_of["--n"].endswith(f"(default: {d.n}; {scoring.DEFAULT_N} for the embedded default)")
     assert help_of["--out"].endswith(
         "(default: runs/<model>__<data>, runs/default/{orientation,shape} for the embedded default)")

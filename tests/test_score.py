@@ -143,14 +143,17 @@ def _recorded(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("backend,restarts", [("asbound", 1), ("asbound", 3), ("foolbox", 2)])
-def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkeypatch, backend, restarts):
+@pytest.mark.parametrize("backend,restarts,attack", [("asbound", 1, "pgd"), ("asbound", 3, "pgd"), ("foolbox", 2, "pgd"),
+                                                     ("asbound", 2, "apgd")])
+def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkeypatch, backend, restarts, attack):
     root, net, x, y = tiny_files
     seen = _recorded(monkeypatch)
     result = score(
         ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
-        eps=0.3, steps=4, restarts=restarts, n=None, batch_size=64, backend=backend, progress=False,
+        eps=0.3, steps=4, restarts=restarts, n=None, batch_size=64, backend=backend, progress=False, attack=attack,
     )
+    assert result.config["attack"] == attack and result.config["grad_dtype"] == "float32"
+    assert result.config["rel_step"] == {"pgd": 0.7, "apgd": 2.0}[attack]
     pts = result.points
     features = nn.Sequential(*list(net)[:-1])
     with torch.no_grad():
@@ -181,6 +184,34 @@ def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkey
     fulfilled = pts["sensitivity"].to_numpy() < pts["margin"].to_numpy()
     assert (pts["fulfilled"].to_numpy() == fulfilled).all()
     assert (pts["fulfilled_rep"].to_numpy() == (pts["s_rep"].to_numpy() < pts["margin"].to_numpy())).all()
+
+
+def test_low_precision_gradients_report_float32_values_at_evaluated_points(tiny_files, monkeypatch):
+    root, net, x, y = tiny_files
+    seen = _recorded(monkeypatch)
+    result = score(ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
+                   eps=0.3, steps=4, restarts=2, n=None, batch_size=64, amp="bf16", attack="apgd", progress=False)
+    assert result.config["amp"] == "bf16" and result.config["grad_dtype"] == "bfloat16"
+    features = nn.Sequential(*list(net)[:-1])
+    with torch.no_grad():
+        g0 = features(x)
+        shifts = torch.stack([(features(p) - g0).norm(dim=1) for p in seen["rep"]])  # float32, every point
+    pts = result.points
+    # each s_rep is the float32 shift at one of the evaluated points (a valid lower bound), not a bf16 value
+    gap = (shifts.double() - torch.tensor(pts["s_rep"].to_numpy())).abs().amin(0)
+    assert float(gap.max()) < 1e-5
+    assert (pts["s_rep"] > 0).all()
+
+
+@pytest.mark.parametrize("options,message", [(dict(backend="foolbox", attack="apgd"), "foolbox"),
+                                             (dict(backend="foolbox", amp="bf16"), "foolbox"),
+                                             (dict(attack="cw"), "attack 'cw' is not valid"),
+                                             (dict(amp="int8"), "amp 'int8' is not valid")])
+def test_attack_options_are_checked(options, message):
+    from asbound.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ScoreConfig(**options).validated()
 
 
 def test_foolbox_in_score_honours_seed_and_restarts(tiny_files):
