@@ -2,10 +2,15 @@
 (SPEC.md sections 2 and 4). With it, ``s_upper_i < m_i`` certifies Theorem 2's criterion and
 ``mean(s_upper_i)`` is a sound Lemma 1 RHS; PGD only bounds ``s_i`` from below.
 
-The representation is traced with ``torch.fx`` and bounded in float64, two ways, the tighter kept:
+The representation is traced with ``torch.fx`` and bounded in float64, the tightest kept:
 
 * interval bound propagation (IBP) of the input box ``[x - eps, x + eps] ∩ [0, 1]`` (which holds
   the L-inf ball and the L2 ball) to a box on ``g``; then ``s <= || max(u - g(x), g(x) - l) ||_2``;
+* with ``method="crown"``, linear relaxation (CROWN with IBP bounds for the intermediate layers,
+  Zhang et al. 2018, 2020): one backward pass per output coordinate and sign gives a linear
+  function of ``x'`` above ``±g_j(x')``, maximised over the box (and, for L2, over the ball:
+  ``<a, x> + eps ||a||_2``, the smaller kept); its box on ``g``, intersected with IBP's, gives the
+  bound as above. ReLU relaxations: the chord above, ``alpha z`` below (``alpha = 1`` iff ``u > -l``);
 * for chains of Linear / ReLU / batch norm / flatten / normalisation layers, the product of their
   L2 operator norms (exact spectral norms) times the ball's L2 radius (``eps``, or ``eps sqrt(d)``
   for L-inf): on a linear representation and an L2 ball this is the exact ``eps sigma_max(A)``.
@@ -18,6 +23,7 @@ widening of ``1e-9`` against rounding.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -31,8 +37,9 @@ from torch import Tensor, nn
 
 from asbound.errors import ModelError
 
-METHODS = ("ibp",)
+METHODS = ("ibp", "crown")
 _WIDEN = 1e-9
+_CHUNK_BYTES = 256 * 2**20  # CROWN: the coefficients of one chunk of output coordinates
 
 
 @dataclass
@@ -156,17 +163,25 @@ class Bounder:
                     _module_box(m, probe)  # raises with the module's type named
 
     def __call__(self, lo: Tensor, hi: Tensor) -> Box:
+        out = self.boxes(lo, hi)[self.output.name]
+        if not _is_box(out):
+            raise ModelError("certify: the representation's output does not depend on its input")
+        return out
+
+    @property
+    def output(self) -> "torch.fx.Node":
+        return next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
+
+    def boxes(self, lo: Tensor, hi: Tensor) -> "dict[str, Any]":
+        """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``."""
         env: "dict[str, Any]" = {}
-        out = None
         for node in self.graph.graph.nodes:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
             if node.op == "placeholder":
                 env[node.name] = Box(lo.double(), hi.double())
             elif node.op == "get_attr":
-                obj: Any = self.graph
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
+                obj = self._attr(node.target)
                 env[node.name] = obj.double() if isinstance(obj, Tensor) and obj.is_floating_point() else obj
             elif node.op == "call_module":
                 env[node.name] = _module_box(self.modules[node.target], args[0])
@@ -174,11 +189,7 @@ class Bounder:
                 env[node.name] = self._function(node.target, args, kwargs)
             elif node.op == "call_method":
                 env[node.name] = self._method(node.target, args, kwargs)
-            elif node.op == "output":
-                out = args[0]
-        if not _is_box(out):
-            raise ModelError("certify: the representation's output does not depend on its input")
-        return out
+        return env
 
     @staticmethod
     def _function(fn: Any, args: tuple, kwargs: dict) -> Any:
@@ -260,6 +271,13 @@ class Bounder:
                     return math.inf
         return lip * (1 + _WIDEN)
 
+    def double_module(self, target: str) -> nn.Module:
+        """The submodule ``target`` in float64 (a copy, made once)."""
+        cache = self.__dict__.setdefault("_double", {})
+        if target not in cache:
+            cache[target] = copy.deepcopy(self.modules[target]).double().eval()
+        return cache[target]
+
     def _attr(self, target: str) -> Any:
         obj: Any = self.graph
         for part in target.split("."):
@@ -267,24 +285,210 @@ class Bounder:
         return obj
 
 
+
+# --- CROWN: linear relaxation, backward from the output (IBP bounds for the intermediate layers) ---
+
+
+def _sum_k(t: Tensor) -> Tensor:
+    """``[N, k, ...] -> [N, k]``: the inner product's sum over a node's coordinates."""
+    return t.flatten(2).sum(2)
+
+
+def _affine_back(fn: Any, lam: Tensor, in_shape: "tuple[int, ...]") -> "tuple[Tensor, Tensor]":
+    """For a per-sample affine map ``fn(z) = J z + c``: ``(J^T lam, <lam, c>)``, ``lam`` ``[N, k, *out]``
+    (the ``k`` coefficient rows fold into the batch; ``J^T lam`` by autograd)."""
+    n, k = lam.shape[:2]
+    z = torch.zeros((n * k,) + in_shape, dtype=lam.dtype, device=lam.device, requires_grad=True)
+    with torch.enable_grad():
+        out = fn(z)
+        flat = lam.reshape((n * k,) + tuple(out.shape[1:]))
+        (back,) = torch.autograd.grad(out, z, grad_outputs=flat)
+    return back.view((n, k) + in_shape), (out.detach() * flat).flatten(1).sum(1).view(n, k)
+
+
+def _relu_back(lam: Tensor, box: Box) -> "tuple[Tensor, Tensor]":
+    """``lam`` through a ReLU whose input lies in ``box``, for an upper bound of ``<lam, relu(z)>``:
+    positive coefficients take the chord above, negative ones the line ``alpha z`` below."""
+    l, u = box.lo.unsqueeze(1), box.hi.unsqueeze(1)
+    active, dead = l >= 0, u <= 0
+    unstable = ~(active | dead)
+    width = torch.where(unstable, u - l, torch.ones_like(u))
+    up_slope = torch.where(active, 1.0, torch.where(unstable, u / width, 0.0))
+    up_offset = torch.where(unstable, -u * l / width, 0.0)
+    low_slope = torch.where(active | (unstable & (u > -l)), 1.0, 0.0)
+    pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+    return pos * up_slope + neg * low_slope, _sum_k(pos * up_offset)
+
+
+class _Backward:
+    """One CROWN backward pass: an upper bound ``[N, k]`` of ``<lam_j, g(x')>`` over the set."""
+
+    def __init__(self, bounder: Bounder, env: "dict[str, Any]") -> None:
+        self.bounder, self.env = bounder, env
+
+    def __call__(self, lam_out: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+        env, nodes = self.env, list(self.bounder.graph.graph.nodes)
+        self.lams: "dict[str, Tensor]" = {self.bounder.output.name: lam_out}
+        self.const = torch.zeros(lam_out.shape[:2], dtype=torch.float64, device=lam_out.device)
+        bound: Optional[Tensor] = None
+        for node in reversed(nodes):
+            if node.name not in self.lams:
+                continue
+            lam = self.lams.pop(node.name)
+            if node.op == "placeholder":
+                box = env[node.name]
+                bound = _sum_k(lam * box.mid.unsqueeze(1)) + _sum_k(lam.abs() * box.rad.unsqueeze(1))
+                if norm == "2":  # the set also lies in the L2 ball
+                    ball = _sum_k(lam * x.unsqueeze(1)) + eps * lam.flatten(2).norm(dim=2)
+                    bound = torch.minimum(bound, ball)
+                bound = bound + self.const
+            elif node.op == "call_module":
+                self._module(node, self.bounder.modules[node.target], lam)
+            elif node.op == "call_function":
+                self._function(node, lam)
+            elif node.op == "call_method":
+                self._method(node, lam)
+        if bound is None:
+            raise ModelError("certify: the representation's output does not depend on its input")
+        return bound
+
+    def _push(self, arg: Any, lam: Tensor) -> None:
+        if isinstance(arg, torch.fx.Node) and _is_box(self.env.get(arg.name)):
+            self.lams[arg.name] = self.lams[arg.name] + lam if arg.name in self.lams else lam
+
+    def _in(self, node: "torch.fx.Node") -> "tuple[Any, Box, tuple[int, ...]]":
+        src = node.args[0]
+        box = self.env[src.name]
+        return src, box, tuple(box.lo.shape[1:])
+
+    def _reshape(self, node: "torch.fx.Node", lam: Tensor) -> None:
+        src, _, shape = self._in(node)
+        self._push(src, lam.reshape(tuple(lam.shape[:2]) + shape))
+
+    def _relu(self, node: "torch.fx.Node", lam: Tensor) -> None:
+        src, box, _ = self._in(node)
+        lam, offset = _relu_back(lam, box)
+        self.const += offset
+        self._push(src, lam)
+
+    def _affine(self, node: "torch.fx.Node", fn: Any, lam: Tensor) -> None:
+        src, _, shape = self._in(node)
+        lam, offset = _affine_back(fn, lam, shape)
+        self.const += offset
+        self._push(src, lam)
+
+    def _module(self, node: "torch.fx.Node", m: nn.Module, lam: Tensor) -> None:
+        if isinstance(m, nn.ReLU):
+            self._relu(node, lam)
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
+            self._push(node.args[0], lam)
+        elif isinstance(m, nn.Flatten):
+            self._reshape(node, lam)
+        else:  # Linear, Conv2d, batch norm, average pooling: affine, in float64
+            self._affine(node, self.bounder.double_module(node.target), lam)
+
+    def _function(self, node: "torch.fx.Node", lam: Tensor) -> None:
+        fn = node.target
+        if fn in (F.relu, torch.relu):
+            self._relu(node, lam)
+        elif fn in (torch.flatten, torch.Tensor.flatten):
+            self._reshape(node, lam)
+        elif fn in (F.avg_pool2d, F.adaptive_avg_pool2d):
+            rest = torch.fx.node.map_arg(node.args[1:], lambda n: self.env[n.name])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self.env[n.name])
+            self._affine(node, lambda z: fn(z, *rest, **kwargs), lam)
+        elif fn in _ARITH:
+            self._arith(node, _ARITH[fn], lam)
+        else:
+            raise ModelError(f"certify: function {getattr(fn, '__name__', fn)} is not supported on the representation")
+
+    def _method(self, node: "torch.fx.Node", lam: Tensor) -> None:
+        if node.target in _SHAPE_METHODS:
+            self._reshape(node, lam)
+        elif node.target == "relu":
+            self._relu(node, lam)
+        elif node.target in ("add", "sub", "mul", "div"):
+            self._arith(node, node.target, lam)
+        else:
+            raise ModelError(f"certify: method .{node.target}() is not supported on the representation")
+
+    def _arith(self, node: "torch.fx.Node", op: str, lam: Tensor) -> None:
+        a, b = node.args[0], node.args[1]
+        value = lambda v: self.env[v.name] if isinstance(v, torch.fx.Node) else v  # noqa: E731
+        box_a, box_b = _is_box(value(a)), _is_box(value(b))
+        if box_a and box_b:  # residual additions (IBP refused the rest already)
+            self._push(a, lam)
+            self._push(b, lam if op == "add" else -lam)
+            return
+        arg, c = (a, value(b)) if box_a else (b, value(a))
+        c = torch.as_tensor(_const(c), dtype=torch.float64, device=lam.device)
+        if op == "add":
+            self.const += _sum_k(lam * c)
+            self._push(arg, lam)
+        elif op == "sub":  # box - c, or c - box
+            self.const += _sum_k(lam * c) * (-1 if box_a else 1)
+            self._push(arg, lam if box_a else -lam)
+        elif op == "mul":
+            self._push(arg, lam * c)
+        else:  # box / c (IBP refused c / box)
+            self._push(arg, lam / c)
+
+
+_ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
+          torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
+
+
+def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str) -> Box:
+    """CROWN (IBP intermediate bounds) bounds on every output coordinate of the representation
+    over ``B_norm(x, eps) ∩ [0, 1]^d``, intersected with IBP's; ``[N, m]`` each."""
+    x = x.double()
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    with torch.no_grad():
+        env = bounder.boxes(lo, hi)
+    out = env[bounder.output.name]
+    shape = tuple(out.lo.shape[1:])
+    n, m = x.shape[0], out.lo[0].numel()
+    widest = max(v.lo[0].numel() for v in env.values() if _is_box(v))
+    k = max(1, min(m, _CHUNK_BYTES // (8 * 4 * n * widest)))
+    backward = _Backward(bounder, env)
+    uppers, lowers = [], []
+    for start in range(0, m, k):
+        rows = torch.arange(start, min(m, start + k), device=x.device)
+        basis = torch.zeros(len(rows), m, dtype=torch.float64, device=x.device)
+        basis[torch.arange(len(rows)), rows] = 1.0
+        lam = basis.view((1, len(rows)) + shape).expand((n, len(rows)) + shape)
+        uppers.append(backward(lam, x, eps, norm))
+        lowers.append(-backward(-lam, x, eps, norm))
+    return Box(torch.maximum(torch.cat(lowers, 1), out.lo.flatten(1)),
+               torch.minimum(torch.cat(uppers, 1), out.hi.flatten(1)))
+
+
+def _box_shift(g: Tensor, box: Box) -> Tensor:
+    """``|| max(u - g, g - l) ||_2`` per row: the largest distance from ``g`` to a point of the box."""
+    return torch.maximum(box.hi.flatten(1) - g, g - box.lo.flatten(1)).clamp(min=0).norm(dim=1)
+
+
 def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
-                      lipschitz: Optional[float] = None) -> "dict[str, Tensor]":
-    """Per datapoint: ``s_upper`` (the tighter of the IBP box bound and the Lipschitz bound),
-    ``s_ibp``, ``s_lip`` and ``s_domain`` (the IBP bound over all of [0, 1]^d: a certificate that
-    is not below it says nothing the input domain does not already say)."""
+                      lipschitz: Optional[float] = None, method: str = "ibp") -> "dict[str, Tensor]":
+    """Per datapoint: ``s_upper`` (the tightest of the sound bounds computed), ``s_ibp``, ``s_lip``,
+    with ``method="crown"`` also ``s_crown``, and ``s_domain`` (the IBP bound over all of
+    [0, 1]^d: a certificate that is not below it says nothing the input domain does not already say)."""
+    if method not in METHODS:
+        raise ModelError(f"certify method {method!r} is not valid; valid: {', '.join(METHODS)}")
     x = x.double()
     lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
     with torch.no_grad():
         g = bounder(x, x).mid.flatten(1)  # g(x) in float64: the certificate is about the exact function
-        box = bounder(lo, hi)
-        l, u = box.lo.flatten(1), box.hi.flatten(1)
-        s_ibp = torch.maximum(u - g, g - l).clamp(min=0).norm(dim=1)
-        whole = bounder(torch.zeros_like(x), torch.ones_like(x))
-        s_domain = torch.maximum(whole.hi.flatten(1) - g, g - whole.lo.flatten(1)).clamp(min=0).norm(dim=1)
+        s_ibp = _box_shift(g, bounder(lo, hi))
+        s_domain = _box_shift(g, bounder(torch.zeros_like(x), torch.ones_like(x)))
     lip = bounder.lipschitz() if lipschitz is None else lipschitz
     d = x[0].numel()
     radius = eps if norm == "2" else eps * math.sqrt(d)
     s_lip = torch.full_like(s_ibp, lip * radius)
     s_ibp = s_ibp * (1 + _WIDEN) + 1e-12
+    out = {"s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN)}
     s_upper = torch.minimum(s_ibp, s_lip)
-    return {"s_upper": s_upper, "s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN)}
+    if method == "crown":
+        out["s_crown"] = _box_shift(g, crown_box(bounder, x, eps, norm)) * (1 + _WIDEN) + 1e-12
+        s_upper = torch.minimum(s_upper, out["s_crown"])
+    return {"s_upper": s_upper, **out}

@@ -29,9 +29,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from asbound.errors import ConfigError, ResumeError
 from asbound.records import RunDir, environment, read_json, write_json
+from asbound.scoring import REL_STEP
 from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
 MANIFEST = "predict.json"
+#: settings added after predictions were first written, as they ran before
+OLD_DEFAULTS = {"attack": "pgd"}
 #: up to this many tasks the Spearman p-value is an exact permutation test (n! orderings)
 EXACT_N = 8
 MEASURES = ("lp", "adv-lp")
@@ -268,6 +271,9 @@ def predict(
         TransferConfig(**_transfer_config(cfg, task, "lp")).validated()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is not a directory; give a directory path")
+    if cfg.attack not in REL_STEP:
+        raise ConfigError(f"attack {cfg.attack!r} is not valid; valid: {', '.join(REL_STEP)}")
+    cfg = dataclasses.replace(cfg, rel_step=REL_STEP[cfg.attack] if cfg.rel_step is None else cfg.rel_step)
     record: "dict[str, Any]" = {
         "model": cfg.model, "eps": parse_eps(cfg.eps, cfg.norm), "eps_text": format_eps(parse_eps(cfg.eps, cfg.norm))
         if "/" not in str(cfg.eps) else str(cfg.eps), "norm": cfg.norm, "threshold": cfg.threshold,
@@ -279,6 +285,7 @@ def predict(
         old = read_json(out / MANIFEST)
         a, b = (old or {}).get("config") or {}, record["config"]
         # the task list may change (each task's runs are reused or added); every other setting may not
+        a = {**OLD_DEFAULTS, **a}  # predictions made before a setting existed ran with its default then
         diff = sorted(k for k in set(a) | set(b) if k != "data" and a.get(k) != b.get(k))
         if isinstance(old, dict) and diff:
             raise ResumeError(f"{out} holds a prediction with other settings ({', '.join(diff[:4])}); "

@@ -88,7 +88,7 @@ class ScoreConfig:
     corruption: Optional[str] = None  # distribution shift: a corruption of every image (asbound.data.corruptions)
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
-    certify: Optional[str] = None  # "ibp": an upper bound on every s_i (asbound.certify), Theorem 2 certified
+    certify: Optional[str] = None  # ibp | crown: an upper bound on every s_i (asbound.certify), Theorem 2 certified
     attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
@@ -211,8 +211,8 @@ class _Scorer:
 
     def __init__(self, split: SplitModel, loss: Optional[Loss], attack: PGD, backend: str, scale: float,
                  bounder: "Optional[Bounder]" = None, amp: Optional[torch.dtype] = None,
-                 compile: bool = False) -> None:
-        self.bounder = bounder
+                 compile: bool = False, certify: Optional[str] = None) -> None:
+        self.bounder, self.certify = bounder, certify
         self.split, self.loss, self.attack, self.backend, self.scale = split, loss, attack, backend, scale
         # the gradient passes: low precision and/or compiled; kept points are re-evaluated exactly
         self.fast = amp is not None or compile
@@ -243,7 +243,8 @@ class _Scorer:
                   self._fast(representation_shift(self.fast_features, x, g0), x))
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
         if self.bounder is not None:
-            bound = sensitivity_upper(self.bounder, x, self.attack.eps, self.attack.norm)
+            bound = sensitivity_upper(self.bounder, x.contiguous(), self.attack.eps, self.attack.norm,
+                                      method=self.certify)
             rows.update(s_upper=bound["s_upper"].cpu().numpy(),
                         vacuous=(bound["s_upper"] >= bound["s_domain"]).cpu().numpy())
         if self.loss is None:
@@ -386,7 +387,7 @@ def score(
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         bounder = Bounder(split.backbone) if cfg.certify else None
-        scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile)
+        scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, cfg.certify)
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]

@@ -69,6 +69,14 @@ def test_predict_on_a_linear_representation_gives_the_closed_form_ratio(tmp_path
     assert len(ran) == 1 and more["tasks"][:2] == rec["tasks"] and len(more["tasks"]) == 3
     with pytest.raises(ResumeError, match="holds a prediction with other settings .*eps"):
         predict(dataclasses.replace(cfg, eps=0.04), tmp_path / "out", progress=False, printer=lambda _: None)
+    with pytest.raises(ResumeError, match="holds a prediction with other settings .*attack"):
+        predict(dataclasses.replace(cfg, attack="apgd"), tmp_path / "out", progress=False, printer=lambda _: None)
+    # a prediction written before --attack existed ran PGD: it is still the same prediction
+    manifest = tmp_path / "out" / "predict.json"
+    old = json.loads(manifest.read_text())
+    del old["config"]["attack"]
+    manifest.write_text(json.dumps(old))
+    assert predict(cfg, tmp_path / "out", progress=False, printer=lambda line: pytest.fail(line))["tasks"] == rec["tasks"]
 
 
 def test_measured_predictive_power_and_the_head_norm_of_a_reference_run(tmp_path, capsys):

@@ -399,15 +399,17 @@ def certify(runs: "list[Run]") -> "list[Block]":
     for r, name in zip(runs, labels(runs)):
         s = _need(r, r.summary, ("rhs_certified", "as_score"), "certify")
         vacuous = s.get("prop_vacuous") or 0.0
-        rows.append([s.get("eps_text"), num(s["as_score"]), num(s["rhs_certified"]) + (" (vacuous)" if vacuous >= 1 else ""),
+        rows.append([s.get("eps_text"), s.get("certify") or "ibp", num(s["as_score"]),
+                     num(s["rhs_certified"]) + (" (vacuous)" if vacuous >= 1 else ""),
                      num(s.get("tightness")), pct(s.get("prop_fulfilled")), pct(s.get("prop_certified")),
                      pct(s.get("robust_accuracy"))])
         index.append(name)
     frame = pd.DataFrame(rows, index=pd.Index(index, name="run"),
-                         columns=["eps", "AS (PGD, lower)", "mean s_upper (certified)", "tightness", "prop. fulfilled",
+                         columns=["eps", "bound", "AS (PGD, lower)", "mean s_upper (certified)", "tightness", "prop. fulfilled",
                                   "prop. certified", "robust accuracy"])
     return [Block("Certified sensitivity", frame,
-                  ["s_upper bounds every point of the ball (interval bound propagation / operator norms); "
+                  ["s_upper bounds every point of the ball (bound ibp: interval bound propagation; crown: linear "
+                   "relaxation, IBP for intermediate layers; both with operator norms where they are tighter); "
                    "prop. certified: s_upper < margin, a guarantee; prop. fulfilled: the PGD estimate < margin"])]
 
 
