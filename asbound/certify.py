@@ -163,7 +163,11 @@ class Bounder:
                     _module_box(m, probe)  # raises with the module's type named
 
     def __call__(self, lo: Tensor, hi: Tensor) -> Box:
-        out = self.boxes(lo, hi)[self.output.name]
+        return self.output_box(self.boxes(lo, hi))
+
+    def output_box(self, env: "dict[str, Any]") -> Box:
+        """The output's box among the node bounds ``env`` of :meth:`boxes`."""
+        out = env[self.output.name]
         if not _is_box(out):
             raise ModelError("certify: the representation's output does not depend on its input")
         return out
@@ -438,14 +442,21 @@ _ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub:
           torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
 
 
-def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str) -> Box:
-    """CROWN (IBP intermediate bounds) bounds on every output coordinate of the representation
-    over ``B_norm(x, eps) ∩ [0, 1]^d``, intersected with IBP's; ``[N, m]`` each."""
+def _input_box(x: Tensor, eps: float) -> "tuple[Tensor, Tensor, Tensor]":
+    """``x`` in float64 and the box ``[x - eps, x + eps] ∩ [0, 1]`` that holds both balls."""
     x = x.double()
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    with torch.no_grad():
-        env = bounder.boxes(lo, hi)
-    out = env[bounder.output.name]
+    return x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+
+
+def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[dict[str, Any]]" = None) -> Box:
+    """CROWN (IBP intermediate bounds) bounds on every output coordinate of the representation
+    over ``B_norm(x, eps) ∩ [0, 1]^d``, intersected with IBP's; ``[N, m]`` each. ``env``: the IBP
+    node bounds over that set (:meth:`Bounder.boxes`) when the caller has them."""
+    x, lo, hi = _input_box(x, eps)
+    if env is None:
+        with torch.no_grad():
+            env = bounder.boxes(lo, hi)
+    out = bounder.output_box(env)
     shape = tuple(out.lo.shape[1:])
     n, m = x.shape[0], out.lo[0].numel()
     widest = max(v.lo[0].numel() for v in env.values() if _is_box(v))
@@ -475,11 +486,11 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
     [0, 1]^d: a certificate that is not below it says nothing the input domain does not already say)."""
     if method not in METHODS:
         raise ModelError(f"certify method {method!r} is not valid; valid: {', '.join(METHODS)}")
-    x = x.double()
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    x, lo, hi = _input_box(x, eps)
     with torch.no_grad():
         g = bounder(x, x).mid.flatten(1)  # g(x) in float64: the certificate is about the exact function
-        s_ibp = _box_shift(g, bounder(lo, hi))
+        env = bounder.boxes(lo, hi)  # every node's IBP bounds: CROWN's intermediate bounds too
+        s_ibp = _box_shift(g, bounder.output_box(env))
         s_domain = _box_shift(g, bounder(torch.zeros_like(x), torch.ones_like(x)))
     lip = bounder.lipschitz() if lipschitz is None else lipschitz
     d = x[0].numel()
@@ -489,6 +500,6 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
     out = {"s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN)}
     s_upper = torch.minimum(s_ibp, s_lip)
     if method == "crown":
-        out["s_crown"] = _box_shift(g, crown_box(bounder, x, eps, norm)) * (1 + _WIDEN) + 1e-12
+        out["s_crown"] = _box_shift(g, crown_box(bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
         s_upper = torch.minimum(s_upper, out["s_crown"])
     return {"s_upper": s_upper, **out}

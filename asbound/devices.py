@@ -53,12 +53,13 @@ def cpu_has_bf16() -> bool:
 
 def attack_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for an attack's gradient passes: ``auto`` is bf16 on CUDA (fp16 where
-    the GPU has no bf16) and on CPUs with native bf16, float32 elsewhere. The objective at each
-    kept point is re-evaluated in float32 (:class:`asbound.attacks.FastObjective`)."""
+    the GPU has no bf16) and float32 on the CPU, so that a run's records are the same on every CPU
+    whether or not it computes bf16 natively (``--amp bf16`` opts in). The objective at each kept
+    point is re-evaluated in float32 (:class:`asbound.attacks.FastObjective`)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+        return None
     return amp_dtype(amp, device)
 
 

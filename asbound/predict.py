@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from asbound.errors import ConfigError, ResumeError
 from asbound.records import RunDir, environment, read_json, write_json
-from asbound.scoring import REL_STEP
+from asbound.scoring import REL_STEP, resolve_rel_step
 from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
 MANIFEST = "predict.json"
@@ -273,7 +273,7 @@ def predict(
         raise ConfigError(f"--out {str(out)!r} is not a directory; give a directory path")
     if cfg.attack not in REL_STEP:
         raise ConfigError(f"attack {cfg.attack!r} is not valid; valid: {', '.join(REL_STEP)}")
-    cfg = dataclasses.replace(cfg, rel_step=REL_STEP[cfg.attack] if cfg.rel_step is None else cfg.rel_step)
+    cfg = dataclasses.replace(cfg, rel_step=resolve_rel_step(cfg.attack, cfg.rel_step))
     record: "dict[str, Any]" = {
         "model": cfg.model, "eps": parse_eps(cfg.eps, cfg.norm), "eps_text": format_eps(parse_eps(cfg.eps, cfg.norm))
         if "/" not in str(cfg.eps) else str(cfg.eps), "norm": cfg.norm, "threshold": cfg.threshold,

@@ -31,7 +31,7 @@ from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, sensitivity_upp
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
-from asbound.devices import AMP_DTYPES, attack_amp_dtype, resolve_device, to_format
+from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, resolve_device, to_format
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
@@ -53,6 +53,11 @@ OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "a
                    "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32"}
 #: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
 REL_STEP = {"pgd": 0.7, "apgd": 2.0}
+
+
+def resolve_rel_step(attack: str, rel_step: Optional[float]) -> float:
+    """``rel_step``, or the attack's own when it is None (:data:`REL_STEP`)."""
+    return REL_STEP[attack] if rel_step is None else rel_step
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class ScoreConfig:
             raise ConfigError(f"n must be >= 1 (or 'all'), got {self.n}")
         if self.attack not in ATTACKS:
             raise ConfigError(f"attack {self.attack!r} is not valid; valid: {', '.join(ATTACKS)}")
-        rel_step = REL_STEP[self.attack] if self.rel_step is None else self.rel_step
+        rel_step = resolve_rel_step(self.attack, self.rel_step)
         if isinstance(rel_step, bool) or not isinstance(rel_step, (int, float)) or not (
                 math.isfinite(rel_step) and rel_step > 0):
             raise ConfigError(f"rel-step must be > 0, got {rel_step}")
@@ -150,10 +155,9 @@ class ScoreConfig:
     @property
     def pgd(self) -> PGD:
         """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`)."""
-        rel_step = REL_STEP[self.attack] if self.rel_step is None else self.rel_step
         return ATTACKS[self.attack](
             eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
-            rel_step=rel_step, random_start=self.random_start, restarts=self.restarts,
+            rel_step=resolve_rel_step(self.attack, self.rel_step), random_start=self.random_start, restarts=self.restarts,
         )
 
 
@@ -239,8 +243,9 @@ class _Scorer:
         labels = y if task == "classification" and self.loss is not None else None
         rep = Watch(head, g0, labels=labels)
         rep.observe(g0)
+        fast = FastObjective.shift(self.fast_features, x, self.amp, x.device.type) if self.fast else None
         self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device),
-                  self._fast(representation_shift(self.fast_features, x, g0), x))
+                  fast)
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
         if self.bounder is not None:
             bound = sensitivity_upper(self.bounder, x.contiguous(), self.attack.eps, self.attack.norm,
@@ -364,6 +369,9 @@ def score(
     norms = head_norms(split.W)
     scale = headline_term(loss, lemma1_terms(loss, norms, split.num_outputs, 0.0)).scale if loss else 1.0
     notes = list(loaded.notes) + [split.split_note] + ([mismatch] if mismatch else [])
+    if amp == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+        notes.append("--amp bf16: this CPU has no native bf16 (avx512_bf16 / amx_bf16), torch emulates it and "
+                     "the attack runs many times slower than in float32 (--amp off)")
 
     resolved = {
         **{k: v for k, v in dataclasses.asdict(cfg).items()},

@@ -21,6 +21,12 @@ def linear_features(A: torch.Tensor):
     return lambda x: x.flatten(1) @ A.T
 
 
+def _radius(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """``||x' - x||`` per example, in the attack's norm."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+
+
 def test_l2_as_score_is_eps_times_largest_singular_value():
     torch.manual_seed(0)
     A = torch.randn(5, 12, dtype=torch.float64)
@@ -69,9 +75,7 @@ def test_iterates_stay_in_the_threat_set(norm):
     attack = PGD(eps=eps, norm=norm, steps=10, rel_step=1.0, restarts=2)
     with frozen(net):
         result = attack(representation_shift(net, x), x)
-    delta = (result.x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
-    assert torch.all(size <= eps + 1e-6)
+    assert torch.all(_radius(result.x_adv, x, norm) <= eps + 1e-6)
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
     # the reported value is the objective at the returned point
     with torch.no_grad():
@@ -163,9 +167,7 @@ def test_an_explicit_start_is_projected_onto_the_threat_set(norm):
     eps = 0.01
     start = x + 0.4  # far outside the ball
     result = PGD(eps=eps, norm=norm, steps=0, select="last")(representation_shift(linear_features(A), x), x, start=start)
-    delta = result.x_adv - x
-    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
-    assert torch.all(size <= eps * (1 + 1e-6))
+    assert torch.all(_radius(result.x_adv, x, norm) <= eps * (1 + 1e-6))
     exact = eps * 2.0 if norm == "inf" else eps  # max ||d||_2 over the ball: sqrt(4) eps for L-inf
     assert torch.all(result.value <= exact * (1 + 1e-6))  # it reported 0.8 before the projection
     torch.testing.assert_close(result.value, torch.full((3,), exact), rtol=1e-5, atol=0)
@@ -178,9 +180,7 @@ def test_foolbox_projects_an_explicit_start_too(norm):
     attack = PGD(eps=eps, norm=norm, steps=0, select="last")
     result = foolbox_pgd(attack, representation_shift(linear_features(torch.eye(4)), x), x,
                          start=torch.full((3, 4), 0.4))
-    delta = result.x_adv - x
-    size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
-    assert torch.all(size <= eps * (1 + 1e-6))
+    assert torch.all(_radius(result.x_adv, x, norm) <= eps * (1 + 1e-6))
 
 
 def test_watch_sees_every_evaluated_point():
@@ -330,9 +330,7 @@ def test_apgd_evaluates_only_points_of_the_threat_set_and_returns_the_best(norm)
         result = APGD(eps=eps, norm=norm, steps=12, restarts=2)(objective, x)
     assert len(seen) == 1 + 2 * (12 + 1)  # the clean point, and per restart every step and the last point
     for x_adv, _ in seen:
-        delta = (x_adv - x).flatten(1)
-        size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
-        assert torch.all(size <= eps * (1 + 1e-6))
+        assert torch.all(_radius(x_adv, x, norm) <= eps * (1 + 1e-6))
         assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     best = torch.stack([v for _, v in seen]).max(0).values
     torch.testing.assert_close(result.value, best)
@@ -400,3 +398,22 @@ def test_fast_objective_runs_under_autocast_and_returns_float32():
     value = FastObjective(objective, torch.bfloat16, "cpu")(torch.rand(4, 3))
     assert seen == [torch.bfloat16] and value.dtype == torch.float32
     assert FastObjective(objective, None, "cpu")(torch.rand(4, 3)).dtype == torch.float32 and seen[-1] == torch.float32
+
+
+def test_the_fast_shift_takes_g_x0_in_its_own_precision():
+    """bf16 g(x') minus a float32 g(x0) is rounding noise of size |g| near x0; with g(x0) in bf16
+    too the shift at x0 is exactly 0 (no spurious gradient), as in float32."""
+    from asbound.attacks import FastObjective
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.rand(6, 3, 2, 2)
+    with frozen(net):
+        fast = FastObjective.shift(net, x, torch.bfloat16, "cpu")
+        assert torch.equal(fast(x), torch.zeros(6))
+        mixed = FastObjective(representation_shift(net, x), torch.bfloat16, "cpu")
+        assert float(mixed(x).min()) > 0  # what a float32 g(x0) gives: every coordinate's rounding
+        # and a start at x0 stays there, as the float32 attack does
+        result = PGD(eps=0.1, steps=5, random_start=False)(representation_shift(net, x), x, fast=fast,
+                                                          clean_value=torch.zeros(6))
+    assert torch.equal(result.x_adv, x) and torch.equal(result.value, torch.zeros(6))

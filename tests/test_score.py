@@ -352,3 +352,21 @@ def test_each_batch_draws_its_own_random_starts(tmp_path):
     pts = score(ScoreConfig(model=f"file:{tmp_path / 'n.pt'}", data=f"tensors:{tmp_path / 'd.pt'}"),
                 allow_pickle=True, n=None, steps=0, batch_size=1, progress=False).points
     assert pts["s_rep"][0] != pts["s_rep"][1]
+
+
+def test_amp_auto_is_float32_on_every_cpu(monkeypatch, tiny_files):
+    """auto must not depend on the CPU's flags: records reproduce on every CPU."""
+    import asbound.devices as devices
+    import asbound.scoring as scoring
+
+    for native in (True, False):
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda native=native: native)
+        assert devices.attack_amp_dtype("auto", torch.device("cpu")) is None
+        assert devices.attack_amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    root, net, x, y = tiny_files
+    monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: False)
+    cfg = ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}")
+    result = score(cfg, allow_pickle=True, eps=0.3, steps=2, n=4, progress=False)
+    assert result.config["grad_dtype"] == "float32" and not any("native bf16" in n for n in result.notes)
+    result = score(cfg, allow_pickle=True, eps=0.3, steps=2, n=4, amp="bf16", progress=False)
+    assert result.config["grad_dtype"] == "bfloat16" and any("no native bf16" in n for n in result.notes)
