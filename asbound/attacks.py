@@ -328,19 +328,6 @@ class FastObjective:
         with self.autocast():
             return self.objective(x).float()
 
-    @classmethod
-    def shift(cls, features: Callable[[Tensor], Tensor], x0: Tensor, dtype: Optional[torch.dtype] = None,
-              device_type: str = "cpu") -> "FastObjective":
-        """The AS objective ``||g(x') - g(x0)||_2`` for the gradient passes, with ``g(x0)`` computed
-        in the same precision as ``g(x')``: the rounding of the two largely cancels near ``x0``
-        (subtracting a float32 ``g(x0)`` from a bf16 ``g(x')`` leaves ``|g|`` times bf16's rounding
-        in every coordinate of the shift), and the shift at ``x0`` itself is 0, as in float32."""
-        fast = cls(lambda x: x, dtype, device_type)
-        with torch.no_grad(), fast.autocast():
-            g0 = features(x0)
-        fast.objective = representation_shift(features, x0, g0)
-        return fast
-
 
 def _value_and_grad(fn: Objective, x: Tensor) -> "tuple[Tensor, Tensor]":
     x = x.detach().requires_grad_(True)

@@ -101,6 +101,15 @@ def _is_box(v: Any) -> bool:
     return isinstance(v, Box)
 
 
+def _has_box(v: Any) -> bool:
+    """Whether ``v`` is a box or holds one (in a list, tuple or dict)."""
+    if isinstance(v, (list, tuple)):
+        return any(_has_box(a) for a in v)
+    if isinstance(v, dict):
+        return any(_has_box(a) for a in v.values())
+    return _is_box(v)
+
+
 def _arith(op: Any, a: Any, b: Any) -> Any:
     """``a op b`` where at most one side is a box, the other a constant (tensor or number)."""
     if _is_box(a) and _is_box(b):
@@ -152,6 +161,7 @@ class Bounder:
                              f"certify supports plain feed-forward and residual networks") from None
         self.modules = dict(self.graph.named_modules())
         self._check()
+        self.output  # noqa: B018 - refuses a representation that does not return one tensor
 
     def _check(self) -> None:
         for node in self.graph.graph.nodes:
@@ -174,7 +184,10 @@ class Bounder:
 
     @property
     def output(self) -> "torch.fx.Node":
-        return next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
+        out = next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
+        if not isinstance(out, torch.fx.Node):
+            raise ModelError(f"certify: the representation returns a {type(out).__name__}; it must return one tensor")
+        return out
 
     def boxes(self, lo: Tensor, hi: Tensor) -> "dict[str, Any]":
         """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``."""
@@ -201,15 +214,17 @@ class Bounder:
             box = args[0]
             if not _is_box(box):
                 return fn(*args, **kwargs)
+            if fn in (F.relu, torch.relu):  # not fn(box.lo, inplace=True): that would clamp the input's box
+                return Box(box.lo.clamp(min=0), box.hi.clamp(min=0))
             return Box(fn(box.lo, *args[1:], **kwargs), fn(box.hi, *args[1:], **kwargs))
         if fn in (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                   torch.div) and len(args) == 2 and not kwargs:
             return _arith(fn, *args)
         if fn is getattr and not _is_box(args[0]):
             return getattr(*args)
-        if fn is operator.getitem and not any(_is_box(a) for a in args):
+        if fn is operator.getitem and not _has_box(args):
             return operator.getitem(*args)
-        if any(_is_box(a) for a in args):
+        if _has_box(args) or _has_box(kwargs):  # also inside lists (torch.cat, torch.stack)
             raise ModelError(f"certify: function {getattr(fn, '__name__', fn)} is not supported on the representation")
         return fn(*args, **kwargs)
 
@@ -225,14 +240,26 @@ class Bounder:
         if name == "relu":
             return Box(target.lo.clamp(min=0), target.hi.clamp(min=0))
         if name in ("add", "sub", "mul", "div"):
+            if kwargs or len(args) != 2:
+                raise ModelError(f"certify: method .{name}() with {', '.join(kwargs) or 'more arguments'} is not "
+                                 f"supported on the representation (plain .{name}(other) is)")
             op = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[name]
             return _arith(op, target, args[1])
         raise ModelError(f"certify: method .{name}() is not supported on the representation")
 
-    def lipschitz(self) -> float:
+    def lipschitz(self, env: "dict[str, Any]") -> float:
         """An L2 -> L2 Lipschitz constant of the module when its graph is a chain of Linear, ReLU,
         batch norm, flatten and constant-affine layers; ``inf`` otherwise (convolutions, pooling,
-        residual additions)."""
+        residual additions). ``env``: node bounds from :meth:`boxes`, for the shapes: arithmetic
+        with a constant that broadcasts the input to ``k`` times its size copies every coordinate
+        ``k`` times, which multiplies the constant by ``sqrt(k)``."""
+
+        def copies(node: "torch.fx.Node") -> float:
+            src = [a for a in node.args if isinstance(a, torch.fx.Node) and _is_box(env.get(a.name))]
+            if not src:  # arithmetic among constants
+                return 1.0
+            return env[node.name].lo[0].numel() / env[src[0].name].lo[0].numel()
+
         lip = 1.0
         nodes = list(self.graph.graph.nodes)
         for node in nodes:
@@ -256,6 +283,7 @@ class Bounder:
                 if node.target in (operator.sub, operator.add, torch.sub, torch.add):
                     if sum(isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in node.args) > 1:
                         return math.inf
+                    lip *= math.sqrt(copies(node))
                     continue
                 if node.target in (operator.truediv, operator.mul, torch.div, torch.mul):
                     const = [a for a in node.args if not (isinstance(a, torch.fx.Node) and a.op != "get_attr")]
@@ -266,6 +294,7 @@ class Bounder:
                         c = self._attr(c.target)
                     c = torch.as_tensor(c, dtype=torch.float64).abs()
                     lip *= float((1 / c).max() if node.target in (operator.truediv, torch.div) else c.max())
+                    lip *= math.sqrt(copies(node))
                     continue
                 if node.target is getattr or node.target is operator.getitem:
                     continue
@@ -308,6 +337,19 @@ def _affine_back(fn: Any, lam: Tensor, in_shape: "tuple[int, ...]") -> "tuple[Te
         flat = lam.reshape((n * k,) + tuple(out.shape[1:]))
         (back,) = torch.autograd.grad(out, z, grad_outputs=flat)
     return back.view((n, k) + in_shape), (out.detach() * flat).flatten(1).sum(1).view(n, k)
+
+
+def _unbroadcast(lam: Tensor, shape: "tuple[int, ...]") -> Tensor:
+    """Coefficients ``[N, k, *out]`` of a node that broadcast its input of shape ``shape`` to
+    ``out``: every input coordinate feeds each of its copies, so its coefficient is their sum."""
+    target = tuple(lam.shape[:2]) + shape
+    if tuple(lam.shape) == target:
+        return lam
+    try:
+        return lam.sum_to_size(target)
+    except RuntimeError:
+        raise ModelError(f"certify: an operation broadcasts a bounded tensor of shape {list(shape)} to "
+                         f"{list(lam.shape[2:])} in a way CROWN does not follow; use --certify ibp") from None
 
 
 def _relu_back(lam: Tensor, box: Box) -> "tuple[Tensor, Tensor]":
@@ -358,6 +400,7 @@ class _Backward:
 
     def _push(self, arg: Any, lam: Tensor) -> None:
         if isinstance(arg, torch.fx.Node) and _is_box(self.env.get(arg.name)):
+            lam = _unbroadcast(lam, tuple(self.env[arg.name].lo.shape[1:]))
             self.lams[arg.name] = self.lams[arg.name] + lam if arg.name in self.lams else lam
 
     def _in(self, node: "torch.fx.Node") -> "tuple[Any, Box, tuple[int, ...]]":
@@ -482,8 +525,9 @@ def _box_shift(g: Tensor, box: Box) -> Tensor:
 def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
                       lipschitz: Optional[float] = None, method: str = "ibp") -> "dict[str, Tensor]":
     """Per datapoint: ``s_upper`` (the tightest of the sound bounds computed), ``s_ibp``, ``s_lip``,
-    with ``method="crown"`` also ``s_crown``, and ``s_domain`` (the IBP bound over all of
-    [0, 1]^d: a certificate that is not below it says nothing the input domain does not already say)."""
+    with ``method="crown"`` also ``s_crown``, ``s_domain`` (the method's bound over all of
+    [0, 1]^d: a certificate that is not below it says nothing the input domain does not already say)
+    and ``g``, the float64 ``g(x)`` the bounds are centred on (``[N, m]``)."""
     if method not in METHODS:
         raise ModelError(f"certify method {method!r} is not valid; valid: {', '.join(METHODS)}")
     x, lo, hi = _input_box(x, eps)
@@ -492,14 +536,28 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
         env = bounder.boxes(lo, hi)  # every node's IBP bounds: CROWN's intermediate bounds too
         s_ibp = _box_shift(g, bounder.output_box(env))
         s_domain = _box_shift(g, bounder(torch.zeros_like(x), torch.ones_like(x)))
-    lip = bounder.lipschitz() if lipschitz is None else lipschitz
+    lip = bounder.lipschitz(env) if lipschitz is None else lipschitz
     d = x[0].numel()
     radius = eps if norm == "2" else eps * math.sqrt(d)
-    s_lip = torch.full_like(s_ibp, lip * radius)
+    s_lip = torch.full_like(s_ibp, lip * radius if radius > 0 else 0.0)  # not inf * 0
     s_ibp = s_ibp * (1 + _WIDEN) + 1e-12
-    out = {"s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN)}
     s_upper = torch.minimum(s_ibp, s_lip)
     if method == "crown":
-        out["s_crown"] = _box_shift(g, crown_box(bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
-        s_upper = torch.minimum(s_upper, out["s_crown"])
-    return {"s_upper": s_upper, **out}
+        s_crown = _box_shift(g, crown_box(bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
+        s_upper = torch.minimum(s_upper, s_crown)
+        # over the domain by the same method: at eps >= 1 the ball is the domain and the bound is vacuous
+        s_domain = torch.minimum(s_domain, _box_shift(g, _crown_domain_box(bounder, x)))
+    out = {"s_upper": s_upper, "s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN), "g": g}
+    if method == "crown":
+        out["s_crown"] = s_crown
+    return out
+
+
+def _crown_domain_box(bounder: Bounder, x: Tensor) -> Box:
+    """CROWN's box on ``g`` over all of ``[0, 1]^d`` (the same for every datapoint; computed once)."""
+    cache = bounder.__dict__.setdefault("_domain", {})
+    key = (tuple(x.shape[1:]), str(x.device))
+    if key not in cache:
+        centre = torch.full((1,) + tuple(x.shape[1:]), 0.5, dtype=torch.float64, device=x.device)
+        cache[key] = crown_box(bounder, centre, 1.0, "inf")
+    return cache[key]

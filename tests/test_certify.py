@@ -38,19 +38,52 @@ def _bn_stats(net: nn.Module) -> nn.Module:
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+            if m.weight.data.min() >= 0:  # (_negative_bn's scales stay)
+                m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return net.eval().double()
 
 
+class Arith(nn.Module):
+    """Every constant operation and branch CROWN follows: a one-channel input broadcast to three by
+    the normalisation, an in-place ReLU, constant minus box, a negative factor, a residual
+    subtraction and a constant that broadcasts each coordinate to three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = Normalize((0.5, 0.4, 0.3), (0.5, 0.25, 0.2))
+        self.l1, self.l2 = nn.Linear(36, 8), nn.Linear(8, 8)
+        self.register_buffer("c", torch.tensor([[[-1.5, 0.5, 2.0]]]))
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.l1(self.norm(x).flatten(1)), inplace=True)
+        h = (0.3 - h) * -2.0 + 0.1
+        h = torch.relu(self.l2(h) - h)
+        return (h.unsqueeze(-1) * self.c).flatten(1)
+
+
+def _negative_bn(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.weight.data = torch.linspace(-1.5, 1.2, m.num_features, dtype=m.weight.dtype)
+    return net
+
+
 NETS = {
     "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 5)),
+    # a chain (the operator-norm bound applies) with negative batch-norm scales
+    "negbn": lambda: _negative_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                                nn.Linear(8, 5))),
+    # a chain whose normalisation broadcasts one channel to three (operator norm times sqrt(3))
+    "broadcast": lambda: nn.Sequential(Normalize((0.5, 0.4, 0.3), (0.5, 0.5, 0.5)), nn.Flatten(), nn.Linear(36, 4)),
+    "arith": Arith,
     "conv": lambda: nn.Sequential(Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), nn.Conv2d(3, 4, 3, padding=1),
                                   nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2), ViewFlatten(), nn.Linear(16, 6)),
     "residual": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=1, padding=1), Residual(4), nn.AdaptiveAvgPool2d(1),
                                       nn.Flatten()),
 }
-SHAPES = {"mlp": (1, 2, 6), "conv": (3, 4, 4), "residual": (3, 4, 4)}
+SHAPES = {"mlp": (1, 2, 6), "negbn": (1, 2, 6), "broadcast": (1, 2, 6), "arith": (1, 2, 6), "conv": (3, 4, 4),
+          "residual": (3, 4, 4)}
 
 
 def _ball_samples(x: torch.Tensor, eps: float, norm: str, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -250,3 +283,183 @@ def test_a_constant_minus_a_box_flips_its_ends():
     box = Bounder(Flip())(lo, hi)
     torch.testing.assert_close(box.lo, 1.0 - hi)
     torch.testing.assert_close(box.hi, 1.0 - lo)
+
+
+def _jacobian_norm(net: nn.Module, x: torch.Tensor) -> float:
+    """The exact L2 operator norm of a linear representation (its Jacobian's largest singular value)."""
+    J = torch.autograd.functional.jacobian(lambda z: net(z.view(1, *x.shape[1:])).flatten(), x[:1].flatten())
+    return float(torch.linalg.matrix_norm(J, ord=2))
+
+
+@pytest.mark.parametrize("make,channels", [
+    (lambda: nn.Sequential(Normalize((0.5, 0.4, 0.3), (0.5, 0.25, 0.2)), nn.Flatten(), nn.Linear(48, 4)), 3),
+    # one channel in, three out: each pixel is copied three times
+    (lambda: nn.Sequential(Normalize((0.5, 0.4, 0.3), (0.25, 0.25, 0.25)), nn.Flatten(), nn.Linear(48, 4)), 1),
+    (lambda: _negative_bn(nn.Sequential(nn.Flatten(), nn.Linear(48, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))), 3),
+], ids=["normalise", "normalise-broadcast", "negative-bn"])
+def test_the_operator_norm_bound_is_at_least_the_exact_norm_of_a_linear_chain(make, channels):
+    torch.manual_seed(3)
+    net = _bn_stats(make())
+    x = torch.rand(2, channels, 4, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    lip = bounder.lipschitz(bounder.boxes(x, x))
+    assert math.isfinite(lip) and lip >= _jacobian_norm(net, x) * (1 - 1e-12)
+
+
+def test_a_branching_representation_has_no_operator_norm_bound():
+    class LinearResidual(nn.Module):  # x + A x: ||I + A|| is not ||A||
+        def __init__(self):
+            super().__init__()
+            self.flat, self.lin = nn.Flatten(), nn.Linear(6, 6, bias=False)
+
+        def forward(self, x):
+            z = self.flat(x)
+            return z + self.lin(z)
+
+    torch.manual_seed(0)
+    net = LinearResidual().double()
+    net.lin.weight.data = 0.5 * torch.eye(6, dtype=torch.float64) + 0.05 * torch.randn(6, 6, dtype=torch.float64)
+    x = torch.full((1, 1, 2, 3), 0.5, dtype=torch.float64)
+    bounder = Bounder(net)
+    assert bounder.lipschitz(bounder.boxes(x, x)) >= _jacobian_norm(net, x)
+
+
+def test_crown_on_an_l2_ball_inside_the_box_is_the_exact_coordinate_bound():
+    """Linear coordinates over an L2 ball that the box does not cut: max a.x' = a.x + eps ||a||_2."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()).double()
+    x = torch.full((2, 3, 4, 4), 0.5, dtype=torch.float64)
+    eps = 0.1
+    J = torch.autograd.functional.jacobian(lambda z: net(z.view(1, 3, 4, 4)).flatten(), x[:1].flatten())
+    box = crown_box(Bounder(net), x, eps, "2")
+    g = net(x).flatten(1)
+    torch.testing.assert_close(box.hi, g + eps * J.norm(dim=1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(box.lo, g - eps * J.norm(dim=1), rtol=1e-10, atol=1e-12)
+
+
+def test_crown_at_a_corner_of_the_domain_bounds_mixed_signs():
+    """At x = 0 the box is [0, eps]: the ball term must be centred on x, not on the box's middle."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 2, bias=False)).double()
+    net[1].weight.data = torch.tensor([[1.0] + [-1.0] * 11, [-1.0] * 6 + [1.0] * 6], dtype=torch.float64)
+    x, eps = torch.zeros(1, 1, 3, 4, dtype=torch.float64), 0.3
+    box = crown_box(Bounder(net), x, eps, "2")
+    W = net[1].weight
+    exact = eps * W.clamp(min=0).norm(dim=1)  # max of w.x' over {x' >= 0, ||x'|| <= eps}: the positive part
+    assert torch.all(box.hi[0] >= exact * (1 - 1e-12))
+    assert torch.all(box.lo[0] <= -eps * (-W).clamp(min=0).norm(dim=1) * (1 - 1e-12))
+
+
+def test_crown_is_exact_on_affine_constant_arithmetic():
+    """An affine map of the box is bounded exactly (f(mid) +- |J| rad) through every constant operation."""
+
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 3), nn.Linear(3, 3)
+            self.register_buffer("c", torch.tensor([0.5, -2.0, 3.0]))
+
+        def forward(self, x):
+            h = (0.3 - self.l1(x)) * -2.0 + 0.1
+            h = self.l2(h) - h
+            h = h.mul(self.c) - 1.0
+            return (h / 4).sub(self.c) + torch.tensor(0.25)
+
+    torch.manual_seed(2)
+    net = Affine().double()
+    x, eps = torch.full((2, 4), 0.5, dtype=torch.float64), 0.1
+    x[1] = torch.tensor([0.2, 0.7, 0.05, 0.95])  # the box is cut at 0 and 1
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    mid, rad = (lo + hi) / 2, (hi - lo) / 2
+    J = torch.autograd.functional.jacobian(lambda z: net(z.view(1, 4)).flatten(), x[0])
+    box = crown_box(Bounder(net), x, eps, "inf")
+    torch.testing.assert_close(box.hi, net(mid) + rad @ J.abs().T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(box.lo, net(mid) - rad @ J.abs().T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inplace_module", [False, True])
+def test_an_in_place_relu_does_not_change_the_bounds_of_its_input(inplace_module):
+    class Abs(nn.Module):  # |x - 0.5| = relu(x - 0.5) + relu(0.5 - x)
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.act = nn.Linear(1, 2), nn.Linear(2, 1, bias=False), nn.ReLU(inplace=True)
+            self.l1.weight.data, self.l1.bias.data = torch.tensor([[1.0], [-1.0]]), torch.tensor([-0.5, 0.5])
+            self.l2.weight.data = torch.ones(1, 2)
+
+        def forward(self, x):
+            z = self.l1(x)
+            return self.l2(self.act(z) if inplace_module else torch.nn.functional.relu(z, inplace=True))
+
+    net = Abs().double()
+    out = sensitivity_upper(Bounder(net), torch.tensor([[0.5]], dtype=torch.float64), 0.1, "inf", method="crown")
+    assert float(out["s_upper"][0]) >= 0.1  # |g(0.6) - g(0.5)| = 0.1
+
+
+def test_arithmetic_with_keywords_and_concatenation_are_refused():
+    class Alpha(nn.Module):
+        def forward(self, x):
+            return (x * 0).add(x, alpha=5.0)
+
+    class Floor(nn.Module):
+        def forward(self, x):
+            return x.div(0.1, rounding_mode="floor")
+
+    class Cat(nn.Module):
+        def forward(self, x):
+            return torch.cat([x, 2 * x], 1)
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    x = torch.full((1, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ModelError, match=r"method .add\(\) with alpha is not supported"):
+        Bounder(Alpha())(x, x)
+    with pytest.raises(ModelError, match=r"method .div\(\) with rounding_mode is not supported"):
+        Bounder(Floor())(x, x)
+    with pytest.raises(ModelError, match="function cat is not supported"):
+        Bounder(Cat())(x, x)
+    with pytest.raises(ModelError, match="returns a tuple; it must return one tensor"):
+        Bounder(Pair())
+
+
+def _conv_bounds(eps: float, method: str) -> "dict[str, torch.Tensor]":
+    torch.manual_seed(0)
+    net = _bn_stats(NETS["conv"]())
+    return sensitivity_upper(Bounder(net), torch.rand(3, 3, 4, 4, dtype=torch.float64), eps, "inf", method=method)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_eps_zero_certifies_a_zero_shift(method):
+    out = _conv_bounds(0.0, method)
+    assert torch.all(torch.isfinite(out["s_upper"])) and torch.all(out["s_upper"] <= 1e-9)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_a_ball_that_covers_the_domain_is_vacuous(method):
+    out = _conv_bounds(1.0, method)
+    assert torch.all(out["s_upper"] >= out["s_domain"])
+    small = _conv_bounds(0.01, method)
+    assert torch.all(small["s_upper"] < small["s_domain"])
+
+
+def test_a_refused_certificate_leaves_no_run_directory(tmp_path, capsys):
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)), tmp_path / "tanh.pt")
+    out = tmp_path / "run"
+    base = ["score", "--model", f"file:{tmp_path / 'tanh.pt'}", "--allow-pickle", "--data", "digits", "--n", "4",
+            "--steps", "1", "--out", str(out), "--no-progress"]
+    assert main(base + ["--certify", "ibp"]) == 2
+    assert "module type Tanh is not supported" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert main(base) == 0  # the same directory, now without --certify
+
+
+def test_a_negative_batch_norm_scale_counts_by_its_size():
+    bn = nn.BatchNorm1d(4).double().eval()
+    bn.weight.data = torch.tensor([-1.5, 1.2, 0.3, -0.2], dtype=torch.float64)
+    net = nn.Sequential(nn.Flatten(), bn)
+    x = torch.full((1, 4), 0.5, dtype=torch.float64)
+    bounder = Bounder(net)
+    exact = 1.5 / math.sqrt(1 + bn.eps)  # running_var 1: the largest |scale|
+    assert bounder.lipschitz(bounder.boxes(x, x)) == pytest.approx(exact, rel=1e-8)
+    out = sensitivity_upper(bounder, x, 0.1, "2")
+    assert float(out["s_upper"][0]) == pytest.approx(0.1 * exact, rel=1e-8)
