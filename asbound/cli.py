@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack (every point they evaluate counts); more than 1 needs the random start")
     g.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"),
                    help="gradient passes under autocast; each kept point is re-evaluated in float32, so every "
-                        "reported number is float32 (auto: bf16 on CUDA, float32 on the CPU so that records match on every CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (pays on long runs)")
+                        "reported number is float32 (auto: bf16 on CUDA, float32 on the CPU so that records match on every CPU, "
+                        "float32 with --compile)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (pays on long runs; in float32: not with --amp bf16/fp16)")
     g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean input")
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")

@@ -13,7 +13,7 @@ One run measures, each the median of ``--repeats`` rounds (interleaved) after on
   compiled, the kept point re-evaluated in float32, as ``score --amp / --compile`` run them):
   channels-last, ``torch.compile`` (+ channels-last), and autocast bf16 / fp16 (+ channels-last).
   bf16 is measured on the CPU only where it computes bf16 natively (``avx512_bf16`` / ``amx_bf16``):
-  elsewhere torch emulates it (a single gradient pass ran 29x slower than float32 on this AVX2 CPU).
+  elsewhere torch emulates it (a single gradient pass ran 29x slower than float32 on an AVX2 CPU here).
 
 It prints each time, its throughput (images per second: batch x steps / seconds), its ratio to
 ``S x grad`` (the float32 floor) and to foolbox, and, per fast path, the AS it reports against the
@@ -73,10 +73,10 @@ def main() -> None:
     if native_bf16:
         fast_paths["pgd bf16"] = (split, x, torch.bfloat16, False)
         fast_paths["pgd bf16 + channels-last"] = (split_cl, x_cl, torch.bfloat16, False)
+    if native_bf16 and not args.no_compile:
+        fast_paths["pgd bf16 + channels-last, compiled"] = (split_cl, x_cl, torch.bfloat16, True)
     if device.type == "cuda":
         fast_paths["pgd fp16 + channels-last"] = (split_cl, x_cl, torch.float16, False)
-        if not args.no_compile:
-            fast_paths["pgd bf16 + channels-last, compiled"] = (split_cl, x_cl, torch.bfloat16, True)
 
     with frozen(split), frozen(split_cl):
         g0 = split.features(x).detach()
@@ -99,7 +99,7 @@ def main() -> None:
         for name, (net, inputs, dtype, compiled) in fast_paths.items():
             features = torch.compile(net.features) if compiled else net.features
             exact = representation_shift(net.features, inputs, g0)
-            fast = FastObjective(representation_shift(features, inputs, g0), dtype, device.type)
+            fast = FastObjective(representation_shift(features, inputs, g0), dtype, device.type)  # as score builds it
             makers[name] = (fast, exact, inputs)
             runs[name] = (lambda f, e, i: (lambda steps: pgd(steps, fast=f, exact=e, inputs=i)))(fast, exact, inputs)
         for run in runs.values():  # warm-up (and compilation): one short call of each
@@ -116,7 +116,7 @@ def main() -> None:
     t = {name: statistics.median(values) for name, values in times.items()}
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"native bf16: {'yes' if native_bf16 else 'no (bf16 not measured: emulated, about 29x slower here)'}")
+          f"native bf16: {'yes' if native_bf16 else 'no (bf16 not measured: emulated, 29x slower on an AVX2 CPU here)'}")
     print(f"model WideResNet-16-4 (random weights, feature dim {split.feature_dim}), batch {args.batch_size}x3x32x32, "
           f"L-inf PGD eps 8/255, {s} steps, rel_step 0.7, median of {args.repeats}")
     print()

@@ -206,7 +206,8 @@ def test_low_precision_gradients_report_float32_values_at_evaluated_points(tiny_
 @pytest.mark.parametrize("options,message", [(dict(backend="foolbox", attack="apgd"), "foolbox"),
                                              (dict(backend="foolbox", amp="bf16"), "foolbox"),
                                              (dict(attack="cw"), "attack 'cw' is not valid"),
-                                             (dict(amp="int8"), "amp 'int8' is not valid")])
+                                             (dict(amp="int8"), "amp 'int8' is not valid"),
+                                             (dict(compile=True, amp="bf16"), "--compile with --amp bf16")])
 def test_attack_options_are_checked(options, message):
     from asbound.errors import ConfigError
 
@@ -370,3 +371,17 @@ def test_amp_auto_is_float32_on_every_cpu(monkeypatch, tiny_files):
     assert result.config["grad_dtype"] == "float32" and not any("native bf16" in n for n in result.notes)
     result = score(cfg, allow_pickle=True, eps=0.3, steps=2, n=4, amp="bf16", progress=False)
     assert result.config["grad_dtype"] == "bfloat16" and any("no native bf16" in n for n in result.notes)
+
+
+def test_compiled_gradients_run_in_float32_and_report_evaluated_points(tiny_files, monkeypatch):
+    root, net, x, y = tiny_files
+    seen = _recorded(monkeypatch)
+    result = score(ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
+                   eps=0.3, steps=3, n=None, batch_size=64, compile=True, progress=False)
+    assert result.config["compile"] is True and result.config["grad_dtype"] == "float32"  # auto: float32 compiled
+    features = nn.Sequential(*list(net)[:-1])
+    with torch.no_grad():
+        g0 = features(x)
+        shifts = torch.stack([(features(p) - g0).norm(dim=1) for p in seen["rep"]])
+    gap = (shifts.double() - torch.tensor(result.points["s_rep"].to_numpy())).abs().amin(0)
+    assert float(gap.max()) < 1e-5 and (result.points["s_rep"] > 0).all()
