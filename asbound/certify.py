@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asbound.errors import ModelError
+from asbound.models.split import LayerOutput
 
 METHODS = ("ibp", "crown")
 _WIDEN = 1e-9
@@ -148,13 +149,28 @@ def _const(c: Any) -> Any:
     return c.double() if isinstance(c, Tensor) else c
 
 
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    """The ``torch.fx`` graph of ``module``. A :class:`~asbound.models.split.LayerOutput` stops the
+    forward pass with a hook on its layer, which tracing does not run on a leaf module (a Linear, a
+    ReLU): there the whole model is traced and its graph cut at the layer's first call."""
+    if isinstance(module, LayerOutput):
+        graph = torch.fx.symbolic_trace(module.model)
+        node = next((n for n in graph.graph.nodes if n.op == "call_module" and n.target == module.layer), None)
+        if node is not None:
+            next(n for n in graph.graph.nodes if n.op == "output").args = (node,)
+            graph.graph.eliminate_dead_code()
+            graph.recompile()
+            return graph
+    return torch.fx.symbolic_trace(module)
+
+
 class Bounder:
     """Interval bounds of a module's output over boxes of inputs (its ``torch.fx`` graph, float64)."""
 
     def __init__(self, module: nn.Module) -> None:
         module = module.eval()
         try:
-            self.graph = torch.fx.symbolic_trace(module)
+            self.graph = _trace(module)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is one reason to refuse
             raise ModelError(f"certify: the representation cannot be traced by torch.fx "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "

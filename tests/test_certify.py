@@ -463,3 +463,21 @@ def test_a_negative_batch_norm_scale_counts_by_its_size():
     assert bounder.lipschitz(bounder.boxes(x, x)) == pytest.approx(exact, rel=1e-8)
     out = sensitivity_upper(bounder, x, 0.1, "2")
     assert float(out["s_upper"][0]) == pytest.approx(0.1 * exact, rel=1e-8)
+
+
+@pytest.mark.parametrize("layer", ["2", "3", "4"])  # Linear, ReLU, a Sequential
+def test_a_feature_layer_is_certified_whether_or_not_it_is_a_leaf(layer):
+    """--feature-layer NAME: a leaf module (Linear, ReLU) as well as a container ends the representation."""
+    from asbound.models import LayerOutput
+
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Linear(6, 5), nn.ReLU())
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Linear(6, 6), nn.ReLU(), body, nn.Linear(5, 3))
+    model = model.double().eval()
+    rep = LayerOutput(model, layer)
+    x = torch.rand(4, 1, 3, 4, dtype=torch.float64)
+    out = sensitivity_upper(Bounder(rep), x, 0.05, "inf", method="crown")
+    torch.testing.assert_close(out["g"], rep(x).flatten(1))  # the bounds are centred on that layer's output
+    g0 = rep(x).flatten(1)
+    est = PGD(eps=0.05, steps=40, rel_step=0.5, restarts=3)(representation_shift(lambda z: rep(z).flatten(1), x, g0), x)
+    assert torch.all(est.value <= out["s_upper"]) and torch.all(est.value > 0)
