@@ -170,7 +170,9 @@ class Bounder:
     def __init__(self, module: nn.Module) -> None:
         module = module.eval()
         try:
-            self.graph = _trace(module)
+            # a float64 snapshot: every bound (IBP, CROWN, the operator norms, the cached domain box)
+            # is about the weights at construction, whatever happens to ``module`` later
+            self.graph = copy.deepcopy(_trace(module)).double().eval().requires_grad_(False)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is one reason to refuse
             raise ModelError(f"certify: the representation cannot be traced by torch.fx "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -181,6 +183,14 @@ class Bounder:
 
     def _check(self) -> None:
         for node in self.graph.graph.nodes:
+            inplace = node.kwargs.get("inplace") is True or (
+                node.op == "call_module" and getattr(self.modules[node.target], "inplace", False) is True) or (
+                node.op == "call_method" and str(node.target).endswith("_"))
+            src = node.args[0] if node.args else None
+            if inplace and isinstance(src, torch.fx.Node) and len(src.users) > 1:
+                raise ModelError(f"certify: {node.target if node.op != 'call_function' else node.target.__name__} "
+                                 f"works in place on a tensor that is used again ({src.name}); the network then "
+                                 f"computes something else than its graph says: use inplace=False there")
             if node.op == "call_module":
                 m = self.modules[node.target]
                 probe = Box(torch.zeros(1), torch.zeros(1))
@@ -222,6 +232,10 @@ class Bounder:
                 env[node.name] = self._function(node.target, args, kwargs)
             elif node.op == "call_method":
                 env[node.name] = self._method(node.target, args, kwargs)
+            value = env.get(node.name)
+            if _is_box(value) and (value.lo.dim() == 0 or value.lo.shape[0] != lo.shape[0]):
+                raise ModelError(f"certify: {node.name} changes the batch dimension ({lo.shape[0]} inputs, shape "
+                                 f"{list(value.lo.shape)}); every operation must keep one row per input")
         return env
 
     @staticmethod
@@ -247,8 +261,10 @@ class Bounder:
     @staticmethod
     def _method(name: str, args: tuple, kwargs: dict) -> Any:
         target = args[0]
-        if not _is_box(target):
+        if not _is_box(target) and not _has_box(args[1:]) and not _has_box(kwargs):
             return getattr(target, name)(*args[1:], **kwargs)
+        if not _is_box(target) and name not in ("add", "sub", "mul", "div"):
+            raise ModelError(f"certify: method .{name}() of a constant on a bounded tensor is not supported")
         if name == "size" or name == "dim":
             return getattr(target.lo, name)(*args[1:], **kwargs)
         if name in _SHAPE_METHODS:
@@ -321,11 +337,8 @@ class Bounder:
         return lip * (1 + _WIDEN)
 
     def double_module(self, target: str) -> nn.Module:
-        """The submodule ``target`` in float64 (a copy, made once)."""
-        cache = self.__dict__.setdefault("_double", {})
-        if target not in cache:
-            cache[target] = copy.deepcopy(self.modules[target]).double().eval()
-        return cache[target]
+        """The submodule ``target`` (of the float64 snapshot)."""
+        return self.modules[target]
 
     def _attr(self, target: str) -> Any:
         obj: Any = self.graph
@@ -485,6 +498,8 @@ class _Backward:
             return
         arg, c = (a, value(b)) if box_a else (b, value(a))
         c = torch.as_tensor(_const(c), dtype=torch.float64, device=lam.device)
+        if c.dim() == self.env[node.name].lo.dim():  # a constant with a batch axis [N or 1, ...]: lam is [N, k, ...]
+            c = c.unsqueeze(1)
         if op == "add":
             self.const += _sum_k(lam * c)
             self._push(arg, lam)

@@ -296,7 +296,8 @@ class _Scorer:
             if self.bounder is not None:  # s_upper bounds every point of the ball: the criterion certified,
                 # with the margin of the float64 g(x) the bound is centred on (the certificate is about
                 # the exact function, as is the float64 head's prediction)
-                exact_margin = margins(bound["g"], y, split.W, split.b)
+                # and below the recorded (float32) margin too, so that a certified row is also correct
+                exact_margin = torch.minimum(margins(bound["g"], y, split.W, split.b), m.double())
                 rows["certified"] = rows["s_upper"] < exact_margin.cpu().numpy()
         else:
             rows["pred"] = _format_values(out_clean)

@@ -481,3 +481,71 @@ def test_a_feature_layer_is_certified_whether_or_not_it_is_a_leaf(layer):
     g0 = rep(x).flatten(1)
     est = PGD(eps=0.05, steps=40, rel_step=0.5, restarts=3)(representation_shift(lambda z: rep(z).flatten(1), x, g0), x)
     assert torch.all(est.value <= out["s_upper"]) and torch.all(est.value > 0)
+
+
+def _attack_value(net: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
+    g0 = net(x).flatten(1)
+    return PGD(eps=eps, steps=50, rel_step=0.5, restarts=3)(
+        representation_shift(lambda z: net(z).flatten(1), x, g0), x, generator=torch.Generator().manual_seed(0)).value
+
+
+def test_constants_on_the_left_and_with_a_batch_axis_are_bounded_soundly():
+    class Left(nn.Module):  # a buffer's own methods: c.add(x), c.sub(x), c.mul(x)
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.tensor([0.5, 1.5, -1.0, 0.8]))
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(self.c * x) + self.lin(self.c.add(x)) - self.lin(self.c.sub(x)) + self.lin(self.c.mul(x))
+
+    class BatchAxis(nn.Module):  # a constant expanded to the batch
+        def __init__(self):
+            super().__init__()
+            self.s, self.lin = nn.Parameter(torch.tensor([[1.0, -2.0, 0.5, 3.0]])), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(torch.relu(x * self.s.expand(x.size(0), -1) - 0.3))
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 4, dtype=torch.float64)
+    for net in (Left().double().eval(), BatchAxis().double().eval()):
+        est = _attack_value(net, x, 0.1)
+        for method in ("ibp", "crown"):
+            assert torch.all(est <= sensitivity_upper(Bounder(net), x, 0.1, "inf", method=method)["s_upper"])
+
+
+def test_mixing_the_batch_and_reusing_an_in_place_input_are_refused():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x.view(1, -1))
+
+    class Reuse(nn.Module):  # relu_(h) changes h itself: the network computes 2 relu(h), its graph relu(h) + h
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.nn.functional.relu(h, inplace=True) + h
+
+    with pytest.raises(ModelError, match="changes the batch dimension"):
+        Bounder(Rows().double())(torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(ModelError, match="works in place on a tensor that is used again"):
+        Bounder(Reuse())
+
+
+def test_the_bounds_are_about_the_weights_at_construction():
+    net = nn.Sequential(nn.Linear(6, 3)).double().eval()
+    x = torch.rand(1, 6, dtype=torch.float64)
+    bounder = Bounder(net)
+    before = sensitivity_upper(bounder, x, 0.05, "2", method="crown")
+    net[0].weight.data.mul_(100)  # the caller's module changes; the bounder's float64 snapshot does not
+    after = sensitivity_upper(bounder, x, 0.05, "2", method="crown")
+    for key in ("s_upper", "s_crown", "s_domain", "g"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    assert float(sensitivity_upper(Bounder(net), x, 0.05, "2")["s_upper"][0]) > 50 * float(before["s_upper"][0])
