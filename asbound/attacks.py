@@ -320,12 +320,8 @@ class FastObjective:
     def __init__(self, objective: Objective, dtype: Optional[torch.dtype] = None, device_type: str = "cpu") -> None:
         self.objective, self.dtype, self.device_type = objective, dtype, device_type
 
-    def autocast(self) -> torch.autocast:
-        """The autocast context of the gradient passes (a no-op without ``dtype``)."""
-        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
-
     def __call__(self, x: Tensor) -> Tensor:
-        with self.autocast():
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             return self.objective(x).float()
 
 

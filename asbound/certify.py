@@ -336,10 +336,6 @@ class Bounder:
                     return math.inf
         return lip * (1 + _WIDEN)
 
-    def double_module(self, target: str) -> nn.Module:
-        """The submodule ``target`` (of the float64 snapshot)."""
-        return self.modules[target]
-
     def _attr(self, target: str) -> Any:
         obj: Any = self.graph
         for part in target.split("."):
@@ -461,7 +457,7 @@ class _Backward:
         elif isinstance(m, nn.Flatten):
             self._reshape(node, lam)
         else:  # Linear, Conv2d, batch norm, average pooling: affine, in float64
-            self._affine(node, self.bounder.double_module(node.target), lam)
+            self._affine(node, self.bounder.modules[node.target], lam)  # of the float64 snapshot
 
     def _function(self, node: "torch.fx.Node", lam: Tensor) -> None:
         fn = node.target
@@ -566,7 +562,7 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
         g = bounder(x, x).mid.flatten(1)  # g(x) in float64: the certificate is about the exact function
         env = bounder.boxes(lo, hi)  # every node's IBP bounds: CROWN's intermediate bounds too
         s_ibp = _box_shift(g, bounder.output_box(env))
-        s_domain = _box_shift(g, bounder(torch.zeros_like(x), torch.ones_like(x)))
+        s_domain = _box_shift(g, _domain_box(bounder, x, method))
     lip = bounder.lipschitz(env) if lipschitz is None else lipschitz
     d = x[0].numel()
     radius = eps if norm == "2" else eps * math.sqrt(d)
@@ -576,19 +572,20 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
     if method == "crown":
         s_crown = _box_shift(g, crown_box(bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
         s_upper = torch.minimum(s_upper, s_crown)
-        # over the domain by the same method: at eps >= 1 the ball is the domain and the bound is vacuous
-        s_domain = torch.minimum(s_domain, _box_shift(g, _crown_domain_box(bounder, x)))
     out = {"s_upper": s_upper, "s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN), "g": g}
     if method == "crown":
         out["s_crown"] = s_crown
     return out
 
 
-def _crown_domain_box(bounder: Bounder, x: Tensor) -> Box:
-    """CROWN's box on ``g`` over all of ``[0, 1]^d`` (the same for every datapoint; computed once)."""
+def _domain_box(bounder: Bounder, x: Tensor, method: str) -> Box:
+    """The method's box on ``g`` over all of ``[0, 1]^d``, one row (the same for every datapoint;
+    computed once per input shape): at eps >= 1 the ball is the domain and the bound is vacuous.
+    CROWN's is intersected with IBP's over the same set already."""
     cache = bounder.__dict__.setdefault("_domain", {})
-    key = (tuple(x.shape[1:]), str(x.device))
+    key = (method, tuple(x.shape[1:]), str(x.device))
     if key not in cache:
         centre = torch.full((1,) + tuple(x.shape[1:]), 0.5, dtype=torch.float64, device=x.device)
-        cache[key] = crown_box(bounder, centre, 1.0, "inf")
+        with torch.no_grad():
+            cache[key] = crown_box(bounder, centre, 1.0, "inf") if method == "crown" else bounder(centre - 0.5, centre + 0.5)
     return cache[key]
