@@ -248,8 +248,8 @@ class _Scorer:
         rep = Watch(head, g0, labels=labels)
         rep.observe(g0)
         # the fast objective subtracts the float32 g(x0): a g(x0) rounded to bf16 would add one constant
-        # error to every step's direction, and that biased the attack (mean AS -0.22% against +0.10%
-        # with the float32 g(x0), three seeds, WideResNet-16-4, bf16 on the CPU)
+        # error to every step's direction, and that biased the attack (mean AS -0.33% against +0.005%
+        # with the float32 g(x0), three seeds, WideResNet-16-4, bf16 on the CPU: benchmarks/amp_strength.py)
         self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device),
                   self._fast(representation_shift(self.fast_features, x, g0), x))
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
