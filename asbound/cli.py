@@ -207,7 +207,7 @@ def _steps_list(text: str) -> "tuple[int, ...]":
 def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     from asbound.transfer import METHODS, TransferConfig
     from asbound.transfer.autolr import CONDITIONS
-    from asbound.transfer.config import AMPS, AUGMENTS, PEFTS, SELECTS
+    from asbound.transfer.config import AMPS, AUGMENTS, HEAD_INITS, PEFTS, PROMPT_DEPTHS, SELECTS
     from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
     d = TransferConfig(model="", data="")
@@ -232,6 +232,9 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--lr", type=_number, default=d.lr, help="learning rate of head-only stages (LP, adv-LP)")
     g.add_argument("--lr-ft", type=_number, default=d.lr_ft,
                    help="learning rate of stages that train everything (FT, adv-FT, TRADES; RanLI / RoLI with --peft full)")
+    g.add_argument("--head-init", default=d.head_init, choices=HEAD_INITS,
+                   help="the new head: torch (nn.Linear's default), roli (seed 000's code: kaiming-normal "
+                        "fan-out weights, bias -log 99) or zeros")
     g.add_argument("--momentum", type=_number, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_number, default=d.weight_decay, help="weight decay")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule, stepped per iteration")
@@ -245,11 +248,16 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g = p.add_argument_group("RanLI / RoLI (seed 000) and AutoLoRa (seed 002)")
     g.add_argument("--peft", default=d.peft, choices=PEFTS,
-                   help="what RanLI / RoLI's adversarial stage trains besides the head (lora, adapter, bias: at --lr)")
+                   help="what RanLI / RoLI's adversarial stage trains besides the head (lora, adapter, bias, "
+                        "prompt: at --lr; prompt: ViTs, timm's VisionTransformer)")
     g.add_argument("--peft-rank", type=_whole, default=d.peft_rank, help="LoRA rank (--peft lora)")
     g.add_argument("--peft-alpha", type=_number, default=d.peft_alpha, help="LoRA alpha; the update is scaled by alpha / rank")
     g.add_argument("--adapter-reduction", type=_whole, default=d.adapter_reduction,
                    help="adapter bottleneck: width / reduction (--peft adapter)")
+    g.add_argument("--prompt-tokens", type=_whole, default=d.prompt_tokens,
+                   help="prompt tokens per block (--peft prompt)")
+    g.add_argument("--prompt-depth", default=d.prompt_depth, choices=PROMPT_DEPTHS,
+                   help="deep: new prompts before every block (VPT-deep, seed 000's code); shallow: before the first")
     g.add_argument("--autolora-lr", type=_number, default=d.autolora_lr, help="AutoLoRa's initial learning rate")
     g.add_argument("--autolora-rank", type=_whole, default=d.autolora_rank, help="rank of AutoLoRa's natural branch")
     g.add_argument("--autolora-alpha", type=_number, default=d.autolora_alpha, help="alpha of AutoLoRa's natural branch")
@@ -348,7 +356,9 @@ def _transfer(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
         weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, peft=args.peft, peft_rank=args.peft_rank, peft_alpha=args.peft_alpha,
-        adapter_reduction=args.adapter_reduction, autolora_lr=args.autolora_lr, autolora_rank=args.autolora_rank,
+        adapter_reduction=args.adapter_reduction, prompt_tokens=args.prompt_tokens,
+        prompt_depth=args.prompt_depth, head_init=args.head_init, autolora_lr=args.autolora_lr,
+        autolora_rank=args.autolora_rank,
         autolora_alpha=args.autolora_alpha, autolora_scale=args.autolora_scale, autolora_rho=args.autolora_rho,
         autolora_divide=args.autolora_divide, autolora_condition2=args.autolora_condition2,
         autolora_lambda_n=args.autolora_lambda_n, corruption=args.corruption, severity=args.severity,

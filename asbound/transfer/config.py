@@ -10,7 +10,10 @@ training attack                  L-inf PGD-10, eps 8/255, step 2/255, uniform ra
 TRADES                           beta 6, PGD-10 on the KL from x + 0.001 N(0, I)
 RanLI, RoLI (seed 000)           stage 2 (RoLI: after adv-LP, from its selected head) is Madry
                                  PGD-AT of what ``--peft`` says: full (lr ``--lr-ft``), lora (rank
-                                 16, alpha 16), adapter (reduction 8) or bias (lr ``--lr``)
+                                 16, alpha 16), adapter (reduction 8), bias or prompt (10 tokens,
+                                 VPT-deep; ViTs) (lr ``--lr``)
+new head                         ``nn.Linear``'s default init (``--head-init``; seed 000's code:
+                                 ``roli``)
 AutoLoRa (seed 002)              LoRA natural branch rank 8, alpha 1; lambda1 = 1 - a, lambda2 = 6 a;
                                  SGD from lr 0.01 with the automated halving rule (rho 0.75, divide 2)
 model selection                  5% seeded validation split of the training data; the epoch with
@@ -33,13 +36,14 @@ from asbound.errors import ConfigError
 from asbound.models.peft import VARIANTS
 from asbound.transfer.autolr import CONDITIONS
 from asbound.specs import parse_data_spec, parse_eps, parse_model_spec
-from asbound.transfer.methods import parse_methods
+from asbound.transfer.methods import HEAD_INITS, parse_methods
 from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
 SELECTS = ("auto", "robust", "clean", "last")
 PEFTS = VARIANTS
 AMPS = ("auto", "off", "bf16", "fp16")
+PROMPT_DEPTHS = ("deep", "shallow")
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,13 @@ class TransferConfig:
     attack_steps: int = 10
     attack_step: "float | str" = "2/255"
     trades_beta: float = 6.0
-    peft: str = "full"  # RanLI / RoLI stage 2: full, lora, adapter or bias
+    head_init: str = "torch"  # the new head: torch (nn.Linear's), roli (seed 000's code) or zeros
+    peft: str = "full"  # RanLI / RoLI stage 2: full, lora, adapter, bias or prompt
     peft_rank: int = 16
     peft_alpha: float = 16.0
     adapter_reduction: int = 8
+    prompt_tokens: int = 10  # --peft prompt: prompt tokens per block (seed 000's code: 10; CUB 20)
+    prompt_depth: str = "deep"  # deep: new prompts before every block (VPT-deep); shallow: the first only
     autolora_lr: float = 0.01
     autolora_rank: int = 8
     autolora_alpha: float = 1.0
@@ -108,7 +115,7 @@ class TransferConfig:
         corruption_of(self.corruption, self.severity, self.corruption_params)
         eps, step = parse_eps(self.eps), parse_eps(self.attack_step)
         for name in ("epochs", "batch_size", "attack_steps", "seed", "workers", "peft_rank", "adapter_reduction",
-                     "autolora_rank", "autolora_lambda_n"):
+                     "prompt_tokens", "autolora_rank", "autolora_lambda_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name.replace('_', '-')} must be a whole number, got {value!r}")
@@ -120,7 +127,7 @@ class TransferConfig:
             raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        for name in ("peft_rank", "adapter_reduction", "autolora_rank", "autolora_lambda_n"):
+        for name in ("peft_rank", "adapter_reduction", "prompt_tokens", "autolora_rank", "autolora_lambda_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("peft_alpha", "autolora_alpha", "autolora_scale"):
@@ -160,9 +167,11 @@ class TransferConfig:
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
         for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select", SELECTS),
-                            ("augment", AUGMENTS), ("amp", AMPS)):
+                            ("augment", AUGMENTS), ("amp", AMPS), ("head_init", HEAD_INITS),
+                            ("prompt_depth", PROMPT_DEPTHS)):
             if getattr(self, name) not in valid:
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not valid; valid: {', '.join(valid)}")
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)!r} is not valid; "
+                                  f"valid: {', '.join(valid)}")
         for name in ("n", "n_val", "n_test", "score_n"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -39,7 +39,7 @@ from asbound.distributed import SINGLE, World, local_device, world_from_env
 from asbound.data.corruptions import corruption_of
 from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
 from asbound.models import SplitModel, load_model, split_model
-from asbound.models.peft import PeftSpec, apply_peft, check_peft, natural_branch, saved_model
+from asbound.models.peft import REBUILT, PeftSpec, apply_peft, check_peft, natural_branch, saved_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
 from asbound.scoring import ScoreConfig, score
@@ -56,7 +56,7 @@ from asbound.transfer.loop import (
     derived_seed,
     train_stage,
 )
-from asbound.transfer.methods import AttackSettings, Method
+from asbound.transfer.methods import AttackSettings, Method, new_head
 
 FINAL = "final.json"
 EPOCHS = "epochs.csv"
@@ -145,7 +145,8 @@ def plan_stages(method: Method, cfg: TransferConfig, augment: str, distributed: 
             scope = "all" if cfg.peft == "full" else "peft"
             if cfg.peft != "full":
                 peft = PeftSpec(cfg.peft, rank=cfg.peft_rank, alpha=float(cfg.peft_alpha),
-                                reduction=cfg.adapter_reduction).as_record()
+                                reduction=cfg.adapter_reduction, tokens=cfg.prompt_tokens,
+                                deep=cfg.prompt_depth == "deep").as_record()
         if stage.objective == "autolora":
             peft = natural_branch(cfg.autolora_rank, float(cfg.autolora_alpha)).as_record()
         lr = {"lp": cfg.lr, "ft": cfg.lr_ft, "autolora": cfg.autolora_lr,
@@ -158,9 +159,9 @@ def plan_stages(method: Method, cfg: TransferConfig, augment: str, distributed: 
 
 
 def saved_structure(plans: "list[StagePlan]") -> Optional[dict]:
-    """The structure ``run:DIR`` rebuilds before loading ``model.pt`` (adapters; LoRA is saved
-    merged, AutoLoRa's natural branch is dropped), or ``None``."""
-    return next((p.peft for p in reversed(plans) if p.peft and p.peft["variant"] == "adapter"), None)
+    """The structure ``run:DIR`` rebuilds before loading ``model.pt`` (adapters, prompts; LoRA is
+    saved merged, AutoLoRa's natural branch is dropped), or ``None``."""
+    return next((p.peft for p in reversed(plans) if p.peft and p.peft["variant"] in REBUILT), None)
 
 
 def _build_structure(model: SplitModel, plan: StagePlan, cfg: TransferConfig, method: Method) -> None:
@@ -169,13 +170,10 @@ def _build_structure(model: SplitModel, plan: StagePlan, cfg: TransferConfig, me
         apply_peft(model, PeftSpec.from_record(plan.peft), seed=derived_seed(cfg.seed, method.name, plan.key, "peft"))
 
 
-def _new_head(split: SplitModel, num_classes: int, seed: int) -> SplitModel:
-    """A copy of the pretrained representation with a fresh ``Linear(m, K)`` head (torch's default
-    init, seeded); the pretrained model itself is never trained."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(split.feature_dim, num_classes)
-    return copy.deepcopy(split).with_head(head)
+def _new_head(split: SplitModel, num_classes: int, seed: int, init: str = "torch") -> SplitModel:
+    """A copy of the pretrained representation with a fresh ``Linear(m, K)`` head (``--head-init``,
+    seeded); the pretrained model itself is never trained."""
+    return copy.deepcopy(split).with_head(new_head(split.feature_dim, num_classes, init, seed))
 
 
 def _train_method(
@@ -197,7 +195,7 @@ def _train_method(
     """
     world = settings.world
     checkpoints = RunCheckpoints(folder, [], world, settings.device)
-    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"))
+    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"), cfg.head_init)
     plans = plan_stages(method, cfg, augment, world.distributed)
     last = checkpoints.load_last()
     start_stage, state = 0, StageProgress()
@@ -572,7 +570,7 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
     return final
 
 
-PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction")
+PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction", "prompt_tokens", "prompt_depth")
 AUTOLORA_KEYS = ("autolora_lr", "autolora_rank", "autolora_alpha", "autolora_scale", "autolora_rho",
                  "autolora_divide", "autolora_condition2", "autolora_lambda_n")
 
