@@ -662,15 +662,9 @@ def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]" = None) -> 
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    from pathlib import Path
+    from asbound.records import write_output
 
-    from asbound.records import atomic_write
-
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    atomic_write(out, lambda f: f.write(text.encode()))
-    print(f"table: {out}")
+    print(f"table: {write_output(args.out, lambda f: f.write(text.encode()))}")
     return 0
 
 

@@ -294,7 +294,7 @@ def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
         "foreign checkpoint": (with_tiny("--model", f"file:{assets / 'text.pt'}"), ["text.pt", "torch.save"]),
         "pickle not allowed": ([a for a in with_tiny() if a != "--allow-pickle"], ["--allow-pickle"]),
         "foreign, pickle not allowed": ([a for a in with_tiny("--model", f"file:{assets / 'text.pt'}") if a != "--allow-pickle"],
-                                        ["--allow-pickle"]),
+                                        ["text.pt", "is not a torch.save file"]),
         "model without data": (["--model", "builtin:lenet-adversarial"], ["--data"]),
         "data without model": (["--data", "dsprites:shape"], ["--model"]),
         "input size misfit": (with_tiny("--data", "dsprites:shape"), ["1x64x64", "--resize"]),

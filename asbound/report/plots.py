@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from asbound.errors import ConfigError
+from asbound.records import write_output
 from asbound.report.runs import (
     Run,
     attack_text,
@@ -362,11 +363,11 @@ def plot(paths: "Iterable[str | os.PathLike]", kind: str, out: "str | os.PathLik
     except KeyError as exc:  # a record without a field the figure reads
         raise ConfigError(f"--kind {kind}: the records under {', '.join(map(str, paths))} lack {exc} "
                           f"(not the asbound record format; docs/RECORDS.md)") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix in (".png", ".pdf"):
-        path = out.with_suffix(suffix)
-        fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if suffix == ".pdf" else None)
-        written.append(path)
-    _plt().close(fig)
+    try:
+        for suffix in (".png", ".pdf"):
+            written.append(write_output(out.with_suffix(suffix), lambda f, fmt=suffix[1:]: fig.savefig(
+                f, format=fmt, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None)))
+    finally:
+        _plt().close(fig)
     return written

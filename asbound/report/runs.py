@@ -15,8 +15,8 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-from asbound.errors import ConfigError
-from asbound.records import read_json
+from asbound.errors import ConfigError, RecordError
+from asbound.records import REMEDIES, SWEEP, read_json, read_points
 from asbound.specs import format_eps
 
 MARKERS = {"summary.json": "score", "final.json": "transfer", "sweep.json": "sweep", "predict.json": "predict"}
@@ -48,7 +48,7 @@ class Run:
         path = self.path / "points.csv" if self.kind == "score" else self.path / "score" / "after" / "points.csv"
         if not path.exists():
             raise ConfigError(f"{self.path} has no per-datapoint records ({path.name}); rerun it with its score")
-        return pd.read_csv(path)
+        return read_points(path)
 
     def get(self, key: str, default: Any = None) -> Any:
         """An option of the run: its sweep cell's value, else its config's."""
@@ -64,19 +64,20 @@ def _kind_of(path: Path) -> Optional[str]:
 
 def _read(path: Path, kind: str, **extra: Any) -> Run:
     marker = next(m for m, k in MARKERS.items() if k == kind)
-    record = read_json(path / marker)
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path / marker} is not a readable asbound record")
+    record = read_json(path / marker)  # a dict: anything else is a RecordError naming the file
     config = read_json(path / "config.json") if kind != "predict" else record.get("config")
     return Run(path=path, kind=kind, config=config if isinstance(config, dict) else {}, record=record, **extra)
 
 
 def _sweep_cells(path: Path) -> "tuple[list[Run], list[str]]":
-    manifest = read_json(path / "sweep.json")
-    if not isinstance(manifest, dict) or "cells" not in manifest:
-        raise ConfigError(f"{path / 'sweep.json'} is not a readable asbound sweep")
+    manifest = read_json(path / SWEEP)
+    cells = manifest.get("cells")
+    if not (isinstance(cells, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                            and isinstance(c.get("dir"), str) for c in cells)):
+        raise RecordError(f"{path / SWEEP} is damaged or not asbound's (its cells are not a list of "
+                          f"{{name, dir, ...}}); {REMEDIES[SWEEP]}")
     runs, missing = [], []
-    for cell in manifest["cells"]:
+    for cell in cells:
         folder = path / cell["dir"]
         kind = _kind_of(folder)
         if kind not in ("score", "transfer"):

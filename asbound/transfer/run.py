@@ -557,7 +557,7 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
     if needs_training:
         stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress)
     else:
-        stages = read_json(folder / "stages.json") or []
+        stages = read_json(folder / "stages.json", kind=list) or []
     write_json(folder / "stages.json", stages)
     trained = _load_trained(base, train.num_classes, folder, settings.device, structure)
     final = {"method": method.name, "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
