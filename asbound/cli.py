@@ -85,6 +85,10 @@ def _n(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"must be a whole number or 'all', got {text!r}") from None
 
 
+def _n_auto(text: str) -> "int | str | None":
+    return "auto" if text.lower() == "auto" else _n(text)
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -207,7 +211,11 @@ def _steps_list(text: str) -> "tuple[int, ...]":
 def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     from asbound.transfer import METHODS, TransferConfig
     from asbound.transfer.autolr import CONDITIONS
+<<<<<<< HEAD
     from asbound.transfer.config import AMPS, AUGMENTS, HEAD_INITS, PEFTS, PROMPT_DEPTHS, SELECTS
+=======
+    from asbound.transfer.config import AMPS, AUGMENTS, PEFTS, SCORE_N_CAP, SELECTS
+>>>>>>> i-transfer
     from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
     d = TransferConfig(model="", data="")
@@ -276,17 +284,27 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
     g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
     g.add_argument("--eval-steps", type=_steps_list, default=d.eval_steps,
-                   help="PGD step counts of the test evaluation, comma-separated (default: 10,20)")
-    g.add_argument("--autoattack", action="store_true", help="also run AutoAttack standard on the test data")
+                   help="PGD step counts of the test evaluation, comma-separated (default: 10,20); a test "
+                        "point is robust only if every attack run on it fails: PGD-k accuracy counts the "
+                        "points that every PGD with at most k steps left correct")
+    g.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack standard on the test data (its accuracy counts the points that "
+                        "it and every PGD left correct)")
     _model_options(p, with_head=False)
     g = _data_options(p, d.seed)
     g.add_argument("--n", "--n-train", dest="n", type=_n, default=None,
-                   help="training images, or 'all' (default: all); under torchrun write --n-train (torchrun "
+                   help="training images, or 'all' (default: all); it bounds every phase: --n-val, --n-test "
+                        "and --score-n follow it unless given; under torchrun write --n-train (torchrun "
                         "takes --n for an abbreviation of its own options)")
-    g.add_argument("--n-val", type=_n, default=None,
-                   help="validation images drawn from the validation split, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
-    g.add_argument("--score-n", type=_n, default=d.score_n, help="test images for `score` before and after transfer, or 'all'")
+    g.add_argument("--n-val", type=_n_auto, default=d.n_val,
+                   help="validation images drawn from the validation split, or 'all'; auto: as many as "
+                        "--n (at most the split), all without --n")
+    g.add_argument("--n-test", type=_n_auto, default=d.n_test,
+                   help="test images of the evaluation, or 'all'; auto: as many as --n (at most the "
+                        "split), all without --n")
+    g.add_argument("--score-n", type=_n_auto, default=d.score_n,
+                   help=f"test images of `score` before and after transfer, or 'all'; auto: as many as "
+                        f"--n-test, at most {SCORE_N_CAP}")
     g.add_argument("--score-steps", type=_whole, default=d.score_steps,
                    help="PGD steps of the scores before and after transfer (relative step 0.7)")
     g.add_argument("--no-score", action="store_true", help="skip `score` before and after transfer")
@@ -378,7 +396,7 @@ def _transfer(args: argparse.Namespace) -> int:
     console.print(transfer_table(finals, title=f"asbound transfer: {cfg.model} -> {cfg.data}"
                                  + (f" (classes {cfg.classes})" if cfg.classes else "")))
     for r in results:
-        console.print(f"{r.method}: {r.out} (model: --model run:{r.out})")
+        console.print(f"{r.method}: --model run:{r.out}")
     return 0
 
 

@@ -163,6 +163,9 @@ class PredictConfig:
         norm = parse_norm(self.norm)
         parse_eps(self.eps, norm)
         parse_tasks(self.data)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps!r} (with no step only the random start "
+                              f"would be scored: no attack)")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
             raise ConfigError(f"threshold must be a number > 0, got {self.threshold!r}")
         measure = tuple(self.measure.split(",")) if isinstance(self.measure, str) else tuple(self.measure)

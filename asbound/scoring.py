@@ -108,8 +108,9 @@ class ScoreConfig:
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
-        if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps} (with no step only the random start "
+                              f"would be scored: no attack)")
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1, got {self.restarts}")
         if self.restarts > 1 and not self.random_start:
@@ -332,6 +333,15 @@ def classes_for(loaded: LoadedModel, data_spec: DataSpec, classes: Optional[str]
     return classes
 
 
+def recorded_model(spec: str, out: "str | os.PathLike | None") -> str:
+    """``spec`` as ``config.json`` records it: a ``run:DIR`` holding the run directory ``out``
+    (a transfer run's score of itself) relative to ``out``, so that the run can be moved."""
+    if out is None or not spec.startswith("run:"):
+        return spec
+    target, here = Path(spec[len("run:"):]).resolve(), Path(out).resolve()
+    return f"run:{os.path.relpath(target, here)}" if target == here or target in here.parents else spec
+
+
 def score(
     config: Optional[ScoreConfig] = None,
     *,
@@ -388,7 +398,7 @@ def score(
     resolved = {
         **{k: v for k, v in dataclasses.asdict(cfg).items()},
         "eps_text": format_eps(float(cfg.eps)),
-        "model": str(loaded.spec),
+        "model": recorded_model(str(loaded.spec), out),
         "data": str(data.spec),
         "task": data.task,
         "n": len(data),

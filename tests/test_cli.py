@@ -280,7 +280,7 @@ def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
         "eps 2": (with_tiny("--eps", "2"), ["eps", "[0, 1]"]),
         "eps -0.1": (with_tiny("--eps", "-0.1"), ["eps", "[0, 1]"]),
         "eps abc": (with_tiny("--eps", "abc"), ["'abc'", "[0, 1]"]),
-        "steps -1": (with_tiny("--steps", "-1"), ["steps", ">= 0"]),
+        "steps 0": (with_tiny("--steps", "0"), ["steps", ">= 1", "no attack"]),
         "n 0": (with_tiny("--n", "0"), ["n must be >= 1"]),
         "batch size 0": (with_tiny("--batch-size", "0"), ["batch size", ">= 1"]),
         "delta 1.5": (with_tiny("--delta", "1.5"), ["delta", "(0, 1)"]),

@@ -150,4 +150,8 @@ def transfer_table(finals: "list[dict]", title: str = "asbound transfer") -> Tab
         table.add_column(f["method"] + (f" ({f['peft']})" if f.get("peft") else ""), justify="right")
     for label, cell in transfer_rows(finals):
         table.add_row(label, *(cell(f) for f in finals))
+    if any(f["test"].get("robust_rule") for f in finals):
+        table.caption = ("robust accuracy per point: a point counts only if every attack run on it failed "
+                         "(PGD-k: every PGD with at most k steps; AutoAttack: it and every PGD)")
+        table.caption_justify = "left"
     return table

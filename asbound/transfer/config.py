@@ -21,7 +21,13 @@ model selection                  5% seeded validation split of the training data
                                  validation accuracy (standard stages); the test split is used once
 evaluation                       clean, PGD-10 and PGD-20 accuracy (step 2/255) on the test split,
                                  AutoAttack standard with ``--autoattack``; ``score`` before and after
+images per phase                 without ``--n``: every training, validation and test image, 1000
+                                 test images scored; with ``--n N``: at most N in each phase
+                                 (:func:`image_counts`); ``all`` takes a whole split
 ================================ =================================================================
+
+Robust accuracy is counted per point: a test point is robust when every attack run on it fails
+(PGD with each of ``eval_steps``, and AutoAttack), as AutoAttack itself counts its attacks.
 """
 
 from __future__ import annotations
@@ -44,6 +50,39 @@ SELECTS = ("auto", "robust", "clean", "last")
 PEFTS = VARIANTS
 AMPS = ("auto", "off", "bf16", "fp16")
 PROMPT_DEPTHS = ("deep", "shallow")
+#: the default of --n-val, --n-test and --score-n: follow --n (:func:`image_counts`)
+AUTO = "auto"
+#: test images scored before and after transfer by default, at most
+SCORE_N_CAP = 1000
+
+
+def _count(value: "int | str | None", size: int, default: "int | None") -> int:
+    """``value`` images of a split of ``size``: None all, AUTO ``default`` (None: all), else at most ``size``."""
+    n = default if value == AUTO else value
+    return size if n is None else min(n, size)
+
+
+def score_request(n: "int | None", n_test: "int | str | None", score_n: "int | str | None") -> "int | None":
+    """``--score-n`` resolved (None: all test images): ``auto`` is the evaluation's request
+    (``--n-test``, which ``auto`` makes ``--n``), at most ``SCORE_N_CAP``."""
+    if score_n != AUTO:
+        return score_n
+    test = n if n_test == AUTO else n_test
+    return SCORE_N_CAP if test is None else min(test, SCORE_N_CAP)
+
+
+def image_counts(n: "int | None", n_val: "int | str | None", n_test: "int | str | None",
+                 score_n: "int | str | None", sizes: "tuple[int, int, int]") -> "dict[str, int]":
+    """The images each phase uses, from the options and the split sizes ``(train, val, test)``
+    (the training split after the validation split is taken out).
+
+    ``auto`` (the default of the three others) follows ``--n``: validation and test use as many
+    images as training (at most their split), or their whole split without ``--n``; the scores
+    before and after transfer use as many as the test, at most ``SCORE_N_CAP``. None is a whole split.
+    """
+    train, val, test = sizes
+    return {"train": _count(n, train, None), "val": _count(n_val, val, n), "test": _count(n_test, test, n),
+            "score": _count(score_request(n, n_test, score_n), test, None)}
 
 
 @dataclass(frozen=True)
@@ -85,9 +124,10 @@ class TransferConfig:
     select: str = "auto"
     augment: str = "auto"
     n: Optional[int] = None  # training images drawn (seeded) after the validation split is taken out; None: all
-    n_val: Optional[int] = None  # validation images drawn (seeded) from the validation split; None: all
-    n_test: Optional[int] = None  # test images for the evaluation and the scores; None: all
-    score_n: Optional[int] = 1000  # test images for `score` before and after (the attacks are costly)
+    # the other phases' images, drawn (seeded) from their splits; None: all; "auto": see image_counts
+    n_val: "int | str | None" = AUTO  # validation images
+    n_test: "int | str | None" = AUTO  # test images of the evaluation
+    score_n: "int | str | None" = AUTO  # test images of `score` before and after (the attacks are costly)
     score_steps: int = 20  # PGD steps of those scores (relative step 0.7, as `score`)
     eval_steps: "tuple[int, ...]" = (10, 20)
     autoattack: bool = False
@@ -174,8 +214,11 @@ class TransferConfig:
                                   f"valid: {', '.join(valid)}")
         for name in ("n", "n_val", "n_test", "score_n"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (or 'all'), got {value!r}")
+            if value is None or (value == AUTO and name != "n"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                also = "" if name == "n" else f", or {AUTO!r}"
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (or 'all'{also}), got {value!r}")
         if not isinstance(self.score_steps, int) or isinstance(self.score_steps, bool) or self.score_steps < 1:
             raise ConfigError(f"score steps must be a whole number >= 1, got {self.score_steps!r}")
         steps = tuple(self.eval_steps)
