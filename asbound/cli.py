@@ -211,11 +211,7 @@ def _steps_list(text: str) -> "tuple[int, ...]":
 def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     from asbound.transfer import METHODS, TransferConfig
     from asbound.transfer.autolr import CONDITIONS
-<<<<<<< HEAD
-    from asbound.transfer.config import AMPS, AUGMENTS, HEAD_INITS, PEFTS, PROMPT_DEPTHS, SELECTS
-=======
-    from asbound.transfer.config import AMPS, AUGMENTS, PEFTS, SCORE_N_CAP, SELECTS
->>>>>>> i-transfer
+    from asbound.transfer.config import AMPS, AUGMENTS, HEAD_INITS, PEFTS, PROMPT_DEPTHS, SCORE_N_CAP, SELECTS
     from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
 
     d = TransferConfig(model="", data="")
