@@ -747,11 +747,11 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
     if needs_training:
         stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress, preface)
     else:
-        if preface:
-            printer(preface)
         stages = read_json(folder / "stages.json", kind=list) or []
-    write_json(folder / "stages.json", stages)
     trained = _load_trained(base, train.num_classes, folder, settings.device, structure)
+    if preface and not needs_training:  # once the stored records have been read: a damaged one is the only line
+        printer(preface)
+    write_json(folder / "stages.json", stages)
     final = {"method": method.name, "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
              "stages": stages, "test": evaluate(trained, test, cfg, settings.device, progress=progress),
              "seconds": time.perf_counter() - started}
