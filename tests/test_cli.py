@@ -832,6 +832,21 @@ def test_every_help_reads_at_80_columns(command, capsys, monkeypatch):
     assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
 
 
+def test_the_progress_bar_keeps_its_count_at_80_columns(assets, tmp_path, capsys, monkeypatch):
+    """A description longer than the line (here two long paths) hid the bar, the count and the
+    time: it wraps now, and the count stays in view."""
+    monkeypatch.setenv("COLUMNS", "80")
+    deep = tmp_path / ("a-directory-with-a-long-name-" * 2)
+    deep.mkdir()
+    shutil.copy(assets / "tiny.pt", deep / "tiny.pt")
+    shutil.copy(assets / "data.pt", deep / "data.pt")
+    args = [a for a in _tiny(assets, n=8) if a != "--no-progress"]
+    args[1], args[4] = f"file:{deep / 'tiny.pt'}", f"tensors:{deep / 'data.pt'}"
+    rc, _, err = _cli(capsys, *args, "--json", "--out", tmp_path / "run")
+    assert rc == 0 and len(f"{args[1]} on {args[4]}") > 80
+    assert "8/8" in err and max(len(line) for line in err.splitlines()) <= 80
+
+
 def _score_summary(model: str, data: str, **changes) -> dict:
     s = {"model": model, "data": data, "task": "classification", "loss": "cross_entropy", "n": 500,
          "eps_text": "8/255", "norm": "inf", "steps": 20, "as_score": 1.111, "as_score_rep": 2.222,
