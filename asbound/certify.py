@@ -909,8 +909,10 @@ def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional
 #: each method's box on ``g`` over ``B_norm(x, eps) ∩ [0, 1]^d``, from the IBP node bounds over the
 #: input box: ``fn(bounder, x, eps, norm, env) -> Box`` (``[N, m]`` each); sound, and at least as
 #: tight as IBP's (a method intersects with it, or is IBP)
+#: the bound methods, a literal so that the command line reads it without importing torch
+METHODS = ("ibp", "crown")
 OUTPUT_BOXES: "dict[str, Callable[..., Box]]" = {"ibp": ibp_box, "crown": crown_box}
-METHODS = tuple(OUTPUT_BOXES)
+assert tuple(OUTPUT_BOXES) == METHODS
 
 
 def _box_shift(g: Tensor, box: Box) -> Tensor:

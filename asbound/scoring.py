@@ -507,11 +507,13 @@ class _progress:
             return lambda k: None
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.table import Column
 
-        # on stderr: stdout carries the results (the table, or the summary JSON with --json)
+        # on stderr: stdout carries the results (the table, or the summary JSON with --json); a long
+        # description wraps, so that the count and the time stay in view at 80 columns
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=False, console=Console(stderr=True),
+            TextColumn("{task.description}", table_column=Column(overflow="fold")), BarColumn(bar_width=12),
+            MofNCompleteColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True),
         )
         self._bar.__enter__()
         task = self._bar.add_task(self.label, total=self.total, completed=self.completed)

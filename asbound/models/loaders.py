@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from asbound.defaults import default_model_dir
 from asbound.errors import ModelError, describe
 from asbound.specs import InputFormat, ModelSpec, parse_model_spec
 
@@ -39,16 +40,6 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     #: a ``run:DIR``'s training data and ``--classes`` (its head's labels mean those classes)
     trained_on: Optional[dict] = None
-
-
-def default_model_dir() -> Path:
-    """RobustBench's model directory: ``$ASBOUND_MODEL_DIR`` or the user cache."""
-    env = os.environ.get("ASBOUND_MODEL_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("asbound")) / "models"
 
 
 def load_model(
