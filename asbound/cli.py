@@ -429,7 +429,8 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
     g.add_argument("--epochs", type=_whole, default=t.epochs, help="epochs of each transfer cell")
     g.add_argument("--lr", type=_number, default=t.lr, help="learning rate of head-only stages")
     g.add_argument("--n-train", type=_n, default=t.n, help="training images per transfer cell, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=t.n_test, help="test images of the evaluation, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n_auto, default=t.n_test,
+                   help="test images of the evaluation, 'all', or 'auto': as many as --n-train (all without it)")
     _executor_options(p)
 
 
