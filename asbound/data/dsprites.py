@@ -203,7 +203,7 @@ def _npz_source(path: Path, factor: str, split: str, order: str = "seeded", unit
         raise DataError(f"dSprites file {path}: latents have shapes {tuple(values.shape)} and "
                         f"{tuple(classes.shape)}; expected N×6")
     members = members_of(len(values), split, order)
-    targets = _targets(factor, classes[members], values[members], units)
+    targets = factor_targets(factor, classes[members], values[members], units)
     hw = _npz_image_size(path)
     source = _make_source(factor, len(members), _NpzImages(path, members), Tensors(targets),
                           str(path), members, hw)
@@ -232,7 +232,9 @@ def _npz_image_size(path: Path) -> "tuple[int, int]":
     return int(shape[1]), int(shape[2])
 
 
-def _targets(factor: str, classes: torch.Tensor, values: torch.Tensor, units: str = "values") -> torch.Tensor:
+def factor_targets(factor: str, classes: torch.Tensor, values: torch.Tensor, units: str = "values") -> torch.Tensor:
+    """The targets of ``factor`` for latent classes and values [n, 6]: class labels for the shape,
+    else the latent in ``units`` (:data:`TARGET_UNITS`), float32."""
     col = FACTOR_COLUMN[factor]
     if factor == "shape":
         return classes[:, col].long()
@@ -269,7 +271,7 @@ class _LatentTargets:
         self.factor, self.members, self.units = factor, members, units
 
     def __call__(self, pos: torch.Tensor) -> torch.Tensor:
-        return _targets(self.factor, *dsprites_latents(self.members[pos]), self.units)
+        return factor_targets(self.factor, *dsprites_latents(self.members[pos]), self.units)
 
 
 def dsprites_source(factor: str, root: Path, split: str, *, order: str = "seeded",
