@@ -236,3 +236,27 @@ def test_box_minus_one_one_is_scored_exactly_by_the_change_of_variables():
 def test_unknown_protocol_is_refused():
     with pytest.raises(ConfigError, match="valid: asbound, paper, dsprites-exp"):
         ScoreConfig(protocol="seed").validated()
+
+
+def test_cli_protocol_is_recorded(capsys, tmp_path, one_thread):
+    path = tmp_path / "orientation.pth"
+    fabricate(path)
+    out = tmp_path / "run"
+    rc = main(["score", "--model", "builtin:lenet-reference", "--weights", str(path), "--data", "dsprites:orientation",
+               "--protocol", "paper", "--n", "4", "--steps", "0", "--out", str(out), "--json", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"] == "paper" and config["protocol_settings"]["targets"] == "minmax"
+    assert config["protocol_settings"]["split"] == "whole"
+
+
+def test_runs_recorded_before_protocols_resume(tmp_path, one_thread):
+    """A run directory written before --protocol existed has neither key; it resumes as asbound's."""
+    out = tmp_path / "run"
+    cfg = ScoreConfig(model="builtin:lenet-standard", data="dsprites:orientation", n=4, steps=0, device="cpu")
+    score(cfg, out=out, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    del config["protocol"], config["protocol_settings"]
+    (out / "config.json").write_text(json.dumps(config))
+    again = score(cfg, out=out, progress=False)
+    assert len(again.points) == 4
