@@ -111,7 +111,8 @@ def _model_options(p: argparse.ArgumentParser, *, with_head: bool, default: str 
                    "run:DIR (a finished transfer run)" + (f"; without --model and --data: {default}" if default else ""))
     g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
                    f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
-    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
+    g.add_argument("--weights", help="state dict for torchvision:ARCH (without it: random weights) or for the "
+                   "layout builtin:lenet-reference; loaded with weights_only=True")
     if with_head:
         g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict()); without it: the model's last layer")
     g.add_argument("--feature-layer", help="module whose output is the representation g(x); without it: found automatically")
@@ -164,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help=f"datapoints, or 'all' (default: {d.n}; {DEFAULT_N} for the embedded default)")
+    g.add_argument("--protocol", default=d.protocol, choices=("asbound", "paper", "dsprites-exp"),
+                   help="whose choices: asbound (pixels in [0, 1], eps in pixels, latent values, seeded "
+                        "split); paper, dsprites-exp: the seed paper's dSprites code (target units, split "
+                        "and attack box, recorded in config.json)")
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
     g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"),
                    help="pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum)")
@@ -282,7 +287,7 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
                    help="training images on which the LoRA branch's accuracy a is measured (at each epoch's "
                         "start and after each of its first three quarters)")
     g = p.add_argument_group("attack (training and evaluation; L-inf)")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
     g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")
     g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
     g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
@@ -334,7 +339,7 @@ def _score(args: argparse.Namespace) -> int:
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, classes=args.classes, as_only=args.as_only, corruption=args.corruption,
         severity=args.severity, corruption_params=args.corruption_params, certify=args.certify,
-        attack=args.attack, amp=args.amp, compile=args.compile,
+        attack=args.attack, amp=args.amp, compile=args.compile, protocol=args.protocol,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:
@@ -437,7 +442,7 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
 def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGroup:
     """The scores' PGD options (sweeps, predict), with ``d``'s defaults."""
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
     g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
                    "protocol) or apgd (Auto-PGD)")

@@ -37,6 +37,7 @@ from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, resolve_
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
+from asbound.protocol import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol, load_protocol_data, wrap_data, wrap_model
 from asbound.records import RunDir, clean_json, environment
 from asbound.specs import DataSpec, format_eps, parse_classes, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
@@ -52,7 +53,8 @@ BACKENDS = ("asbound", "foolbox")
 
 #: options added after runs were recorded without them: such a run compares as if it had these
 OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
-                   "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32"}
+                   "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32",
+                   "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings()}
 #: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
 REL_STEP = {"pgd": 0.7, "apgd": 2.0}
 
@@ -99,6 +101,7 @@ class ScoreConfig:
     attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
+    protocol: str = DEFAULT_PROTOCOL  # asbound | paper | dsprites-exp: whose choices (asbound.protocol)
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
@@ -155,15 +158,18 @@ class ScoreConfig:
         parse_model_spec(self.model)
         parse_data_spec(self.data)
         corruption_of(self.corruption, self.severity, self.corruption_params)
+        get_protocol(self.protocol)
         if self.certify is not None and self.certify not in CERTIFY_METHODS:
             raise ConfigError(f"certify {self.certify!r} is not valid; valid: {', '.join(CERTIFY_METHODS)}")
         return dataclasses.replace(self, eps=eps, norm=norm, rel_step=float(rel_step))
 
     @property
     def pgd(self) -> PGD:
-        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`)."""
+        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`),
+        on the unit box: ``eps`` over the width of the protocol's box."""
+        width = get_protocol(self.protocol).width
         return ATTACKS[self.attack](
-            eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
+            eps=float(parse_eps(self.eps, parse_norm(self.norm))) / width, norm=parse_norm(self.norm), steps=self.steps,
             rel_step=resolve_rel_step(self.attack, self.rel_step), random_start=self.random_start, restarts=self.restarts,
         )
 
@@ -383,11 +389,19 @@ def score(
         download=cfg.download, builtin_head=data_spec.factor,
     )
     cfg = dataclasses.replace(cfg, classes=classes_for(loaded, data_spec, cfg.classes, cfg.as_only))
-    data = load_data(
-        data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
-        download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,
-        corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params),
-    )
+    protocol = get_protocol(cfg.protocol)
+    if protocol.is_default:
+        data = load_data(
+            data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
+            download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,
+            corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params),
+        )
+    else:
+        if cfg.resize is not None or cfg.classes is not None or cfg.corruption is not None:
+            raise ConfigError(f"--protocol {protocol.name} takes neither --resize, --classes nor --corruption")
+        data = load_protocol_data(protocol, data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n,
+                                  seed=cfg.seed, input_format=loaded.input_format)
+    data, loaded.module = wrap_data(protocol, data), wrap_model(protocol, loaded.module)
     probe = data.batch(torch.arange(min(len(data), 8)))
     try:
         split = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
@@ -432,6 +446,7 @@ def score(
         "task_note": mismatch,
         "device": str(device),
         "grad_dtype": str(amp or torch.float32).replace("torch.", ""),
+        "protocol_settings": protocol.settings(),
         **environment(),
     }
     run = RunDir(out) if out is not None else None

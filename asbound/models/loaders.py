@@ -54,8 +54,8 @@ def load_model(
     """Load the model named by ``spec`` (see :mod:`asbound.specs` for the grammar)."""
     if isinstance(spec, str):
         spec = parse_model_spec(spec)
-    if weights is not None and spec.source != "torchvision":
-        raise ModelError(f"--weights applies to torchvision:ARCH models only, not {spec}")
+    if weights is not None and spec.source not in ("torchvision", "builtin"):
+        raise ModelError(f"--weights applies to torchvision:ARCH and builtin:lenet-reference only, not {spec}")
     if spec.source == "robustbench":
         return _load_robustbench(spec, Path(model_dir) if model_dir else default_model_dir(), download)
     if spec.source == "file":
@@ -69,7 +69,7 @@ def load_model(
         return LoadedModel(module, spec, input_format, notes, trained_on)
     from asbound.builtin import load_builtin
 
-    module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head)
+    module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head, weights)
     return LoadedModel(module, resolved, input_format, notes)
 
 
