@@ -15,32 +15,59 @@ The representation is traced with ``torch.fx`` and bounded in float64, the tight
   L2 operator norms (exact spectral norms) times the ball's L2 radius (``eps``, or ``eps sqrt(d)``
   for L-inf): on a linear representation and an L2 ball this is the exact ``eps sigma_max(A)``.
 
-Supported: Linear, Conv2d, ReLU, BatchNorm (eval), average pooling, flatten / view / reshape, the
-normalisation layers models carry (affine arithmetic with constant tensors) and residual additions.
-Any other module or operation is refused with its type named. Float64 throughout, with a relative
-widening of ``1e-9`` against rounding.
+A method is a function from the node bounds to a box on ``g`` (:data:`OUTPUT_BOXES`); adding one
+is adding an entry there.
+
+Supported: Linear, Conv2d, ReLU, BatchNorm (eval), average pooling, flatten / view / reshape,
+dropout and identity layers (eval), the normalisation layers models carry (affine arithmetic with
+constant tensors) and residual additions, each as the ``torch.nn`` class itself (a subclass may
+compute something else). Any other module or operation is refused with its type named, and so is
+everything that would make the traced graph another function than the network: forward hooks and
+pre-hooks (on any module, or global), random draws inside ``forward`` (a random op in the graph, a
+draw frozen into it as a constant, dropout in training mode), a module in training mode, and an
+in-place operation (``relu_``, ``inplace=True``, ``o += h``) on a tensor that is read again after
+it, directly or through an alias (a view, ``flatten``, ``contiguous``, an eval dropout or an
+identity return the same storage). Float64 throughout, with a relative widening of ``1e-9``
+against rounding.
+
+Every bound is checked against the network (:func:`sensitivity_upper`: the graph's ``g(x)`` and the
+network's own forward pass, both in float64), and every scored batch checks its records
+(:func:`check_attack_points`, :func:`check_records`): the float64 shift at each attack's kept
+point stays below ``s_upper``, no recorded (float32) shift exceeds ``s_upper`` by more than
+float32 rounding (:func:`record_slack`: modelled and measured), and no certified point is fooled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 import operator
+import random
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import torch.fx
-
+import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asbound.errors import ModelError
 from asbound.models.split import LayerOutput
 
-METHODS = ("ibp", "crown")
 _WIDEN = 1e-9
 _CHUNK_BYTES = 256 * 2**20  # CROWN: the coefficients of one chunk of output coordinates
+
+
+class CheckFailed(ModelError):
+    """A scored batch disagrees with its certificate at row ``row``: nothing of it may be recorded."""
+
+    def __init__(self, row: int, what: str) -> None:
+        super().__init__(what)
+        self.row, self.what = row, what
 
 
 @dataclass
@@ -57,6 +84,35 @@ class Box:
         return (self.hi - self.lo) / 2
 
 
+# --- the supported leaf modules -------------------------------------------------------------------
+
+_AFFINE_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: the identity in eval mode (dropout with ``inplace=True`` too: it does nothing then)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout)
+_SUPPORTED_MODULES = _AFFINE_MODULES + _IDENTITY_MODULES + (nn.ReLU, nn.Flatten)
+_SUPPORTED_TEXT = ("Linear, Conv2d, ReLU, BatchNorm1d/2d (eval), AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, "
+                   "Dropout (eval), normalisation arithmetic, residual additions")
+
+
+def _module_type(module: nn.Module) -> type:
+    """The class that computes ``module``'s forward: its own, or for a module with
+    ``torch.nn.utils.parametrize`` parametrizations (whose class is generated) the class it extends."""
+    cls = type(module)
+    if torch.nn.utils.parametrize.is_parametrized(module) and cls.__bases__:
+        return cls.__bases__[0]
+    return cls
+
+
+def _refuse_module(module: nn.Module) -> None:
+    cls = _module_type(module)
+    if cls in _SUPPORTED_MODULES:
+        return
+    base = next((b.__name__ for b in cls.__mro__[1:] if b in _SUPPORTED_MODULES), None)
+    also = f" (a subclass of {base}, whose forward may differ: only {base} itself is bounded)" if base else ""
+    raise ModelError(f"certify: module type {cls.__name__} is not supported{also}; supported: {_SUPPORTED_TEXT}")
+
+
 def _affine(box: Box, fn: "Any", abs_fn: "Any") -> Box:
     """A linear map ``fn`` (with bias) applied to a box; ``abs_fn`` is the map of ``|W|`` without bias."""
     mid, rad = fn(box.mid), abs_fn(box.rad)
@@ -64,6 +120,7 @@ def _affine(box: Box, fn: "Any", abs_fn: "Any") -> Box:
 
 
 def _module_box(module: nn.Module, box: Box) -> Box:
+    _refuse_module(module)
     if isinstance(module, nn.Linear):
         W = module.weight.detach().double()
         b = module.bias.detach().double() if module.bias is not None else None
@@ -85,17 +142,498 @@ def _module_box(module: nn.Module, box: Box) -> Box:
         shape = (1, -1) + (1,) * (box.lo.dim() - 2)
         s, t = scale.view(shape), shift.view(shape)
         return _affine(box, lambda x: x * s + t, lambda r: r * s.abs())
-    if isinstance(module, (nn.ReLU,)):
+    if isinstance(module, nn.ReLU):
         return Box(box.lo.clamp(min=0), box.hi.clamp(min=0))
-    if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)):
-        return Box(module(box.lo), module(box.hi))  # monotone (positive linear) or the identity in eval
-    raise ModelError(f"certify: module type {type(module).__name__} is not supported; supported: Linear, Conv2d, "
-                     f"ReLU, BatchNorm1d/2d (eval), AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, "
-                     f"normalisation arithmetic, residual additions")
+    if isinstance(module, _IDENTITY_MODULES):
+        return box
+    return Box(module(box.lo), module(box.hi))  # pooling and flatten: monotone (positive linear)
 
+
+# --- operations: what is bounded, what is random, what works in place ----------------------------
 
 _MONOTONE_FN = {F.relu, torch.relu, torch.flatten, F.avg_pool2d, F.adaptive_avg_pool2d, torch.Tensor.flatten}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
+#: in-place operations that the bounds model as their out-of-place value (whether that is sound is
+#: decided for the whole graph: :func:`_stale_read`)
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: F.relu}
+_OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+#: augmented assignments: ``o += h`` changes ``o``'s storage (torch.fx's own proxy records ``o + h``)
+_AUGMENTED = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor",
+              "ilshift", "irshift")
+_INPLACE_OPERATORS = {getattr(operator, name) for name in _AUGMENTED} | {operator.setitem}
+_AUGMENTED_TEXT = {operator.iadd: "+=", operator.isub: "-=", operator.imul: "*=", operator.itruediv: "/="}
+#: draws from a random number generator, whatever their arguments
+_RANDOM = frozenset({"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+                     "bernoulli_", "multinomial", "normal", "normal_", "poisson", "binomial", "uniform_", "random_",
+                     "exponential_", "geometric_", "log_normal_", "cauchy_", "gumbel_softmax", "rrelu_with_noise"})
+#: dropout functions: random in training mode, the identity otherwise
+_DROPOUTS = frozenset({"dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_",
+                       "feature_alpha_dropout", "feature_alpha_dropout_", "feature_dropout", "feature_dropout_"})
+#: random only in training mode
+_TRAINING_RANDOM = _DROPOUTS | {"native_dropout", "rrelu", "rrelu_"}
+#: outputs that never share storage with an input (an in-place operation on them is then local)
+_FRESH_MODULES = _AFFINE_MODULES
+_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
+                    torch.mul, torch.div, torch.relu, F.relu, F.avg_pool2d, F.adaptive_avg_pool2d, torch.cat,
+                    torch.stack}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "relu", "sum", "mean", "clone"}
+_NOT_TENSOR_METHODS = {"size", "dim", "numel"}
+_NOT_TENSOR_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def _target_name(node: "torch.fx.Node") -> str:
+    return str(node.target) if node.op in ("call_method", "call_module") else getattr(node.target, "__name__", "")
+
+
+def _arguments(fn: Any, args: tuple, kwargs: dict) -> "Optional[dict[str, Any]]":
+    """``fn``'s arguments by name, defaults included; None where ``fn`` has no Python signature."""
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _training_flag(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """A dropout's (or rrelu's) ``training`` argument; True where it cannot be read."""
+    named = _arguments(fn, args, kwargs)
+    if named is not None:
+        return named.get("training", named.get("train", True)) is not False
+    for key in ("training", "train"):
+        if key in kwargs:
+            return kwargs[key] is not False
+    return not (len(args) >= 3 and args[2] is False)  # torch.dropout(input, p, train)
+
+
+def _random(node: "torch.fx.Node") -> bool:
+    """Whether ``node`` draws random numbers when the network runs."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _target_name(node)
+    if name in _RANDOM:
+        return True
+    if name in _TRAINING_RANDOM:
+        fn = node.target if node.op == "call_function" else getattr(torch.Tensor, name, None)
+        return _training_flag(fn, node.args, node.kwargs)
+    return False
+
+
+def _mutates(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
+    """Whether ``node`` changes its first argument's storage (its output is then that storage)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return getattr(m, "inplace", False) is True and not (isinstance(m, _IDENTITY_MODULES) and not m.training)
+    name = _target_name(node)
+    if node.op == "call_method":
+        return (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
+            name.startswith("__i") and name.endswith("__") and name[3:-2] in {a[1:] for a in _AUGMENTED})
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__")):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    named = _arguments(node.target, node.args, node.kwargs)
+    return named is not None and named.get("inplace") is True
+
+
+def _aliases(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> "list[torch.fx.Node]":
+    """The inputs whose storage ``node``'s output may share (all of them unless known otherwise)."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return []
+    if _mutates(node, modules):
+        return [node.args[0]] if node.args and isinstance(node.args[0], torch.fx.Node) else []
+    if node.op == "call_module" and (_module_type(modules[node.target]) in _FRESH_MODULES
+                                     or _module_type(modules[node.target]) is nn.ReLU):
+        return []
+    if node.op == "call_function" and (node.target in _FRESH_FUNCTIONS or (
+            node.target is getattr and len(node.args) > 1 and node.args[1] in _NOT_TENSOR_ATTRIBUTES)):
+        return []
+    if node.op == "call_method" and node.target in _FRESH_METHODS | _NOT_TENSOR_METHODS:
+        return []
+    return list(node.all_input_nodes)
+
+
+def _describe_op(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__}(inplace=True))"
+    if node.target in _AUGMENTED_TEXT:
+        return f"'{_AUGMENTED_TEXT[node.target]}' ({node.name})"
+    return f".{node.target}()" if node.op == "call_method" else _target_name(node)
+
+
+def _stale_read(graph: "torch.fx.Graph", modules: "dict[str, nn.Module]") -> Optional[str]:
+    """Why an in-place operation makes the network compute something else than the graph says, or
+    None. The graph gives every node the value it had when it was computed; an in-place operation
+    changes that storage, so the graph is the network only where no node sharing the storage
+    (the tensor itself or an alias: a view, ``flatten``, ``contiguous``, an eval dropout, an
+    identity, an earlier in-place result) is read after it, and where the storage is not the input
+    or a parameter or buffer (the caller's data, the next call's weights)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    parent: "dict[torch.fx.Node, torch.fx.Node]" = {n: n for n in nodes}
+
+    def find(n: "torch.fx.Node") -> "torch.fx.Node":
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for a in _aliases(n, modules):
+            parent[find(n)] = find(a)
+    storage: "dict[torch.fx.Node, list[torch.fx.Node]]" = defaultdict(list)
+    for n in nodes:
+        storage[find(n)].append(n)
+    for n in nodes:
+        if not _mutates(n, modules) or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        what = _describe_op(n, modules)
+        shared = storage[find(n.args[0])]
+        owner = next((m for m in shared if m.op in ("placeholder", "get_attr")), None)
+        if owner is not None:
+            whose = "the input" if owner.op == "placeholder" else f"the parameter or buffer {owner.target}"
+            return f"{what} changes {whose} in place; the network then changes with every call: work on a copy"
+        for m in shared:
+            if order[m] >= order[n]:
+                continue
+            reader = next((u for u in m.users if u is not n and order[u] > order[n]), None)
+            if reader is not None:
+                via = "" if m is n.args[0] else f", an alias of {n.args[0].name}"
+                return (f"{what} works in place on a tensor that is used again ({m.name}{via}, read by "
+                        f"{reader.name} after it); the network then computes something else than its graph says: "
+                        f"use inplace=False there, or o = o + h for o += h")
+    return None
+
+
+# --- tracing: a graph that is the network -----------------------------------------------------------
+
+
+class _Proxy(torch.fx.Proxy):
+    """torch.fx's proxy, with augmented assignment recorded as the in-place operator it is: the
+    plain proxy has no ``__iadd__``, so ``o += h`` becomes ``o = o + h`` in the graph while the
+    network changes ``o``'s storage (and every alias of it) in place."""
+
+
+def _augmented(name: str) -> Callable[[torch.fx.Proxy, Any], torch.fx.Proxy]:
+    op = getattr(operator, name)
+
+    def impl(self: torch.fx.Proxy, other: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    impl.__name__ = f"__{name}__"
+    return impl
+
+
+for _name in _AUGMENTED:
+    setattr(_Proxy, f"__{_name}__", _augmented(_name))
+
+
+class _Tracer(torch.fx.Tracer):
+    def proxy(self, node: "torch.fx.Node") -> torch.fx.Proxy:
+        return _Proxy(node, self)
+
+
+def _symbolic_trace(module: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with :class:`_Proxy`, leaving ``module`` as it was: tracing
+    stores its tensor constants on it (``_tensor_constant0`` ...) and runs ``forward``'s
+    assignments with proxies (``self.total += x`` would leave a proxy as the buffer), so every
+    submodule's attributes, parameters, buffers and children are put back once the graph holds
+    what it needs. (An object changed in place, a generator drawn from, stays changed: a second
+    trace then differs.)"""
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+        return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+    finally:
+        for m, attrs, params, buffers, children in saved:
+            for table, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+                table.clear()
+                table.update(old)
+            vars(m).clear()
+            vars(m).update(attrs)
+
+
+def _trace_once(module: nn.Module) -> torch.fx.GraphModule:
+    """The ``torch.fx`` graph of ``module``. A :class:`~asbound.models.split.LayerOutput` stops the
+    forward pass with a hook on its layer, which tracing does not run on a leaf module (a Linear, a
+    ReLU): there the whole model is traced and its graph cut at the layer's first call."""
+    if isinstance(module, LayerOutput):
+        graph = _symbolic_trace(module.model)
+        node = next((n for n in graph.graph.nodes if n.op == "call_module" and n.target == module.layer), None)
+        if node is not None:
+            next(n for n in graph.graph.nodes if n.op == "output").args = (node,)
+            graph.graph.eliminate_dead_code()
+            graph.recompile()
+            return graph
+    return _symbolic_trace(module)
+
+
+def _rng_states() -> "tuple[Any, ...]":
+    """Every random number generator a ``forward`` could draw from without a generator argument."""
+    cuda = ()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = tuple(bytes(s.numpy()) for s in torch.cuda.get_rng_state_all())
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return (bytes(torch.random.get_rng_state().numpy()), cuda, (kind, keys.tobytes(), pos, has_gauss, cached),
+            random.getstate())
+
+
+@contextlib.contextmanager
+def no_random_draws(what: str) -> Iterator[None]:
+    """Refuse (after the block) if the block drew from torch's, numpy's or Python's global random
+    number generator: ``what`` then is not one function of its input."""
+    before = _rng_states()
+    yield
+    if _rng_states() != before:
+        raise ModelError(f"certify: {what} draws random numbers (torch.rand, randn, dropout in training mode, numpy "
+                         f"or Python random ...): a bound holds for one function of the input; draw outside "
+                         f"forward, or remove the draw")
+
+
+def _refuse_hooks(module: nn.Module) -> None:
+    """Forward hooks change what a module returns without being part of its graph (IBP would ignore
+    them, CROWN run them); the root's ``__call__`` is not traced either."""
+    registry = torch.nn.modules.module
+    if getattr(registry, "_global_forward_hooks", None) or getattr(registry, "_global_forward_pre_hooks", None):
+        raise ModelError("certify: a global forward hook is registered (register_module_forward_hook or "
+                         "register_module_forward_pre_hook); the bounds follow each module's own computation: "
+                         "remove the hook")
+    for name, m in module.named_modules():
+        kinds = [k for k, hooks in (("forward hook", m._forward_hooks), ("forward pre-hook", m._forward_pre_hooks))
+                 if hooks]
+        if kinds:
+            raise ModelError(f"certify: module {name or '(the representation)'} ({type(m).__name__}) has a "
+                             f"{' and a '.join(kinds)}; the bounds follow the module's own computation, not what a "
+                             f"hook does: remove it (spectral_norm / weight_norm: use "
+                             f"torch.nn.utils.parametrizations)")
+    if type(module).__call__ is not nn.Module.__call__:
+        raise ModelError(f"certify: {type(module).__name__} overrides __call__, which tracing does not see; "
+                         f"put the computation in forward")
+
+
+def _same_constants(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    for node in a.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        x, y = _attr(a, node.target), _attr(b, node.target)
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)):
+                return False
+    return True
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    """The graph of ``module``, refused where it need not be the network: hooks, random draws
+    while tracing (frozen into the graph as constants), or two traces that differ."""
+    _refuse_hooks(module)
+    try:
+        with no_random_draws("the representation's forward"):
+            first = _trace_once(module)
+        second = _trace_once(module)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is one reason to refuse
+        raise ModelError(f"certify: the representation cannot be traced by torch.fx "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         f"certify supports plain feed-forward and residual networks") from None
+    if first.code != second.code or not _same_constants(first, second):
+        raise ModelError("certify: two traces of the representation differ (a random draw or other state inside "
+                         "forward); a bound holds for one function of the input")
+    return first
+
+
+class Bounder:
+    """Interval bounds of a module's output over boxes of inputs (its ``torch.fx`` graph, float64)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        module = module.eval()
+        traced = _trace(module)
+        self._check(traced.graph, dict(traced.named_modules()))
+        # a float64 snapshot: every bound (IBP, CROWN, the operator norms, the cached domain box)
+        # is about the weights at construction, whatever happens to ``module`` later
+        self.graph = copy.deepcopy(traced).double().eval().requires_grad_(False)
+        self.modules = dict(self.graph.named_modules())
+        # the network itself, in float64 at the same moment: every bound is checked against it
+        self.network = copy.deepcopy(module).double().eval().requires_grad_(False)
+        self.output  # noqa: B018 - refuses a representation that does not return one tensor
+
+    @staticmethod
+    def _check(graph: "torch.fx.Graph", modules: "dict[str, nn.Module]") -> None:
+        """Refuse a graph that need not compute what the network computes."""
+        for node in graph.nodes:
+            if node.op == "call_module":
+                m = modules[node.target]
+                _refuse_module(m)
+                if any(sub.training for sub in m.modules()):
+                    raise ModelError(f"certify: module {node.target} ({type(m).__name__}) stays in training mode "
+                                     f"after eval(); bounds need the function eval mode computes")
+            if _random(node):
+                raise ModelError(f"certify: {_describe_op(node, modules)} draws random numbers in forward "
+                                 f"(dropout in training mode, torch.rand ...); a bound holds for one function of the "
+                                 f"input: call it with training=False, or remove it")
+            if "out" in node.kwargs:
+                raise ModelError(f"certify: {_describe_op(node, modules)} writes into out=; use its result")
+        stale = _stale_read(graph, modules)
+        if stale is not None:
+            raise ModelError(f"certify: {stale}")
+
+    def __call__(self, lo: Tensor, hi: Tensor) -> Box:
+        return self.output_box(self.boxes(lo, hi))
+
+    def output_box(self, env: "dict[str, Any]") -> Box:
+        """The output's box among the node bounds ``env`` of :meth:`boxes`."""
+        out = env[self.output.name]
+        if not _is_box(out):
+            raise ModelError("certify: the representation's output does not depend on its input")
+        return out
+
+    @property
+    def output(self) -> "torch.fx.Node":
+        out = next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
+        if not isinstance(out, torch.fx.Node):
+            raise ModelError(f"certify: the representation returns a {type(out).__name__}; it must return one tensor")
+        return out
+
+    def boxes(self, lo: Tensor, hi: Tensor) -> "dict[str, Any]":
+        """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``."""
+        env: "dict[str, Any]" = {}
+        for node in self.graph.graph.nodes:
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+            if node.op == "placeholder":
+                env[node.name] = Box(lo.double(), hi.double())
+            elif node.op == "get_attr":
+                obj = self._attr(node.target)
+                env[node.name] = obj.double() if isinstance(obj, Tensor) and obj.is_floating_point() else obj
+            elif node.op == "call_module":
+                env[node.name] = _module_box(self.modules[node.target], args[0])
+            elif node.op == "call_function":
+                env[node.name] = self._function(node.target, args, kwargs)
+            elif node.op == "call_method":
+                env[node.name] = self._method(node.target, args, kwargs)
+            value = env.get(node.name)
+            if _is_box(value) and (value.lo.dim() == 0 or value.lo.shape[0] != lo.shape[0]):
+                raise ModelError(f"certify: {node.name} changes the batch dimension ({lo.shape[0]} inputs, shape "
+                                 f"{list(value.lo.shape)}); every operation must keep one row per input")
+        return env
+
+    @staticmethod
+    def _function(fn: Any, args: tuple, kwargs: dict) -> Any:
+        fn = _OUT_OF_PLACE.get(fn, fn)
+        if getattr(fn, "__name__", "") in _DROPOUTS and _is_box(args[0] if args else None):
+            return args[0]  # dropout with training=False (Bounder refuses it in training mode): the identity
+        if fn in _MONOTONE_FN:
+            box = args[0]
+            if not _is_box(box):
+                return fn(*args, **kwargs)
+            if fn in (F.relu, torch.relu):  # not fn(box.lo, inplace=True): that would clamp the input's box
+                return Box(box.lo.clamp(min=0), box.hi.clamp(min=0))
+            return Box(fn(box.lo, *args[1:], **kwargs), fn(box.hi, *args[1:], **kwargs))
+        if fn in (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                  torch.div) and len(args) == 2 and not kwargs:
+            return _arith(fn, *args)
+        if fn is getattr and not _is_box(args[0]):
+            return getattr(*args)
+        if fn is operator.getitem and not _has_box(args):
+            return operator.getitem(*args)
+        if _has_box(args) or _has_box(kwargs):  # also inside lists (torch.cat, torch.stack)
+            raise ModelError(f"certify: function {getattr(fn, '__name__', fn)} is not supported on the representation")
+        return fn(*args, **kwargs)
+
+    @staticmethod
+    def _method(name: str, args: tuple, kwargs: dict) -> Any:
+        target = args[0]
+        if not _is_box(target) and not _has_box(args[1:]) and not _has_box(kwargs):
+            return getattr(target, name)(*args[1:], **kwargs)
+        name = _OUT_OF_PLACE_METHODS.get(name, name)
+        if not _is_box(target) and name not in ("add", "sub", "mul", "div"):
+            raise ModelError(f"certify: method .{name}() of a constant on a bounded tensor is not supported")
+        if name == "size" or name == "dim":
+            return getattr(target.lo, name)(*args[1:], **kwargs)
+        if name in _SHAPE_METHODS:
+            return Box(getattr(target.lo, name)(*args[1:], **kwargs), getattr(target.hi, name)(*args[1:], **kwargs))
+        if name == "relu":
+            return Box(target.lo.clamp(min=0), target.hi.clamp(min=0))
+        if name in ("add", "sub", "mul", "div"):
+            if kwargs or len(args) != 2:
+                raise ModelError(f"certify: method .{name}() with {', '.join(kwargs) or 'more arguments'} is not "
+                                 f"supported on the representation (plain .{name}(other) is)")
+            op = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[name]
+            return _arith(op, target, args[1])
+        raise ModelError(f"certify: method .{name}() is not supported on the representation")
+
+    def lipschitz(self, env: "dict[str, Any]") -> float:
+        """An L2 -> L2 Lipschitz constant of the module when its graph is a chain of Linear, ReLU,
+        batch norm, flatten and constant-affine layers; ``inf`` otherwise (convolutions, pooling,
+        residual additions). ``env``: node bounds from :meth:`boxes`, for the shapes: arithmetic
+        with a constant that broadcasts the input to ``k`` times its size copies every coordinate
+        ``k`` times, which multiplies the constant by ``sqrt(k)``."""
+
+        def copies(node: "torch.fx.Node") -> float:
+            src = [a for a in node.args if isinstance(a, torch.fx.Node) and _is_box(env.get(a.name))]
+            if not src:  # arithmetic among constants
+                return 1.0
+            return env[node.name].lo[0].numel() / env[src[0].name].lo[0].numel()
+
+        lip = 1.0
+        nodes = list(self.graph.graph.nodes)
+        for node in nodes:
+            users = len(node.users)
+            if node.op in ("placeholder", "call_module", "call_function", "call_method") and users > 1:
+                return math.inf  # a branch: not a chain
+            if node.op == "call_module":
+                m = self.modules[node.target]
+                if isinstance(m, nn.Linear):
+                    lip *= float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2))
+                elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    scale = (m.running_var.double() + m.eps).rsqrt()
+                    if m.weight is not None:
+                        scale = scale * m.weight.detach().double()
+                    lip *= float(scale.abs().max())
+                elif not isinstance(m, (nn.ReLU, nn.Flatten) + _IDENTITY_MODULES):
+                    return math.inf
+            elif node.op == "call_function":
+                target = _OUT_OF_PLACE.get(node.target, node.target)
+                if target in (F.relu, torch.relu, torch.flatten, torch.Tensor.flatten) or (
+                        getattr(target, "__name__", "") in _DROPOUTS):  # dropout in eval: the identity
+                    continue
+                if target in (operator.sub, operator.add, torch.sub, torch.add):
+                    if sum(isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in node.args) > 1:
+                        return math.inf
+                    lip *= math.sqrt(copies(node))
+                    continue
+                if target in (operator.truediv, operator.mul, torch.div, torch.mul):
+                    const = [a for a in node.args if not (isinstance(a, torch.fx.Node) and a.op != "get_attr")]
+                    if len(const) != 1:
+                        return math.inf
+                    c = const[0]
+                    if isinstance(c, torch.fx.Node):
+                        c = self._attr(c.target)
+                    c = torch.as_tensor(c, dtype=torch.float64).abs()
+                    lip *= float((1 / c).max() if target in (operator.truediv, torch.div) else c.max())
+                    lip *= math.sqrt(copies(node))
+                    continue
+                if node.target is getattr or node.target is operator.getitem:
+                    continue
+                return math.inf
+            elif node.op == "call_method":
+                if node.target not in _SHAPE_METHODS | {"size", "dim", "relu", "relu_"}:
+                    return math.inf
+        return lip * (1 + _WIDEN)
+
+    def _attr(self, target: str) -> Any:
+        return _attr(self.graph, target)
 
 
 def _is_box(v: Any) -> bool:
@@ -147,201 +685,6 @@ def _arith(op: Any, a: Any, b: Any) -> Any:
 
 def _const(c: Any) -> Any:
     return c.double() if isinstance(c, Tensor) else c
-
-
-def _trace(module: nn.Module) -> torch.fx.GraphModule:
-    """The ``torch.fx`` graph of ``module``. A :class:`~asbound.models.split.LayerOutput` stops the
-    forward pass with a hook on its layer, which tracing does not run on a leaf module (a Linear, a
-    ReLU): there the whole model is traced and its graph cut at the layer's first call."""
-    if isinstance(module, LayerOutput):
-        graph = torch.fx.symbolic_trace(module.model)
-        node = next((n for n in graph.graph.nodes if n.op == "call_module" and n.target == module.layer), None)
-        if node is not None:
-            next(n for n in graph.graph.nodes if n.op == "output").args = (node,)
-            graph.graph.eliminate_dead_code()
-            graph.recompile()
-            return graph
-    return torch.fx.symbolic_trace(module)
-
-
-class Bounder:
-    """Interval bounds of a module's output over boxes of inputs (its ``torch.fx`` graph, float64)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        module = module.eval()
-        try:
-            # a float64 snapshot: every bound (IBP, CROWN, the operator norms, the cached domain box)
-            # is about the weights at construction, whatever happens to ``module`` later
-            self.graph = copy.deepcopy(_trace(module)).double().eval().requires_grad_(False)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is one reason to refuse
-            raise ModelError(f"certify: the representation cannot be traced by torch.fx "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             f"certify supports plain feed-forward and residual networks") from None
-        self.modules = dict(self.graph.named_modules())
-        self._check()
-        self.output  # noqa: B018 - refuses a representation that does not return one tensor
-
-    def _check(self) -> None:
-        for node in self.graph.graph.nodes:
-            inplace = node.kwargs.get("inplace") is True or (
-                node.op == "call_module" and getattr(self.modules[node.target], "inplace", False) is True) or (
-                node.op == "call_method" and str(node.target).endswith("_"))
-            src = node.args[0] if node.args else None
-            if inplace and isinstance(src, torch.fx.Node) and len(src.users) > 1:
-                raise ModelError(f"certify: {node.target if node.op != 'call_function' else node.target.__name__} "
-                                 f"works in place on a tensor that is used again ({src.name}); the network then "
-                                 f"computes something else than its graph says: use inplace=False there")
-            if node.op == "call_module":
-                m = self.modules[node.target]
-                probe = Box(torch.zeros(1), torch.zeros(1))
-                if not isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d,
-                                      nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)):
-                    _module_box(m, probe)  # raises with the module's type named
-
-    def __call__(self, lo: Tensor, hi: Tensor) -> Box:
-        return self.output_box(self.boxes(lo, hi))
-
-    def output_box(self, env: "dict[str, Any]") -> Box:
-        """The output's box among the node bounds ``env`` of :meth:`boxes`."""
-        out = env[self.output.name]
-        if not _is_box(out):
-            raise ModelError("certify: the representation's output does not depend on its input")
-        return out
-
-    @property
-    def output(self) -> "torch.fx.Node":
-        out = next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
-        if not isinstance(out, torch.fx.Node):
-            raise ModelError(f"certify: the representation returns a {type(out).__name__}; it must return one tensor")
-        return out
-
-    def boxes(self, lo: Tensor, hi: Tensor) -> "dict[str, Any]":
-        """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``."""
-        env: "dict[str, Any]" = {}
-        for node in self.graph.graph.nodes:
-            args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-            if node.op == "placeholder":
-                env[node.name] = Box(lo.double(), hi.double())
-            elif node.op == "get_attr":
-                obj = self._attr(node.target)
-                env[node.name] = obj.double() if isinstance(obj, Tensor) and obj.is_floating_point() else obj
-            elif node.op == "call_module":
-                env[node.name] = _module_box(self.modules[node.target], args[0])
-            elif node.op == "call_function":
-                env[node.name] = self._function(node.target, args, kwargs)
-            elif node.op == "call_method":
-                env[node.name] = self._method(node.target, args, kwargs)
-            value = env.get(node.name)
-            if _is_box(value) and (value.lo.dim() == 0 or value.lo.shape[0] != lo.shape[0]):
-                raise ModelError(f"certify: {node.name} changes the batch dimension ({lo.shape[0]} inputs, shape "
-                                 f"{list(value.lo.shape)}); every operation must keep one row per input")
-        return env
-
-    @staticmethod
-    def _function(fn: Any, args: tuple, kwargs: dict) -> Any:
-        if fn in _MONOTONE_FN:
-            box = args[0]
-            if not _is_box(box):
-                return fn(*args, **kwargs)
-            if fn in (F.relu, torch.relu):  # not fn(box.lo, inplace=True): that would clamp the input's box
-                return Box(box.lo.clamp(min=0), box.hi.clamp(min=0))
-            return Box(fn(box.lo, *args[1:], **kwargs), fn(box.hi, *args[1:], **kwargs))
-        if fn in (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-                  torch.div) and len(args) == 2 and not kwargs:
-            return _arith(fn, *args)
-        if fn is getattr and not _is_box(args[0]):
-            return getattr(*args)
-        if fn is operator.getitem and not _has_box(args):
-            return operator.getitem(*args)
-        if _has_box(args) or _has_box(kwargs):  # also inside lists (torch.cat, torch.stack)
-            raise ModelError(f"certify: function {getattr(fn, '__name__', fn)} is not supported on the representation")
-        return fn(*args, **kwargs)
-
-    @staticmethod
-    def _method(name: str, args: tuple, kwargs: dict) -> Any:
-        target = args[0]
-        if not _is_box(target) and not _has_box(args[1:]) and not _has_box(kwargs):
-            return getattr(target, name)(*args[1:], **kwargs)
-        if not _is_box(target) and name not in ("add", "sub", "mul", "div"):
-            raise ModelError(f"certify: method .{name}() of a constant on a bounded tensor is not supported")
-        if name == "size" or name == "dim":
-            return getattr(target.lo, name)(*args[1:], **kwargs)
-        if name in _SHAPE_METHODS:
-            return Box(getattr(target.lo, name)(*args[1:], **kwargs), getattr(target.hi, name)(*args[1:], **kwargs))
-        if name == "relu":
-            return Box(target.lo.clamp(min=0), target.hi.clamp(min=0))
-        if name in ("add", "sub", "mul", "div"):
-            if kwargs or len(args) != 2:
-                raise ModelError(f"certify: method .{name}() with {', '.join(kwargs) or 'more arguments'} is not "
-                                 f"supported on the representation (plain .{name}(other) is)")
-            op = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[name]
-            return _arith(op, target, args[1])
-        raise ModelError(f"certify: method .{name}() is not supported on the representation")
-
-    def lipschitz(self, env: "dict[str, Any]") -> float:
-        """An L2 -> L2 Lipschitz constant of the module when its graph is a chain of Linear, ReLU,
-        batch norm, flatten and constant-affine layers; ``inf`` otherwise (convolutions, pooling,
-        residual additions). ``env``: node bounds from :meth:`boxes`, for the shapes: arithmetic
-        with a constant that broadcasts the input to ``k`` times its size copies every coordinate
-        ``k`` times, which multiplies the constant by ``sqrt(k)``."""
-
-        def copies(node: "torch.fx.Node") -> float:
-            src = [a for a in node.args if isinstance(a, torch.fx.Node) and _is_box(env.get(a.name))]
-            if not src:  # arithmetic among constants
-                return 1.0
-            return env[node.name].lo[0].numel() / env[src[0].name].lo[0].numel()
-
-        lip = 1.0
-        nodes = list(self.graph.graph.nodes)
-        for node in nodes:
-            users = len(node.users)
-            if node.op in ("placeholder", "call_module", "call_function", "call_method") and users > 1:
-                return math.inf  # a branch: not a chain
-            if node.op == "call_module":
-                m = self.modules[node.target]
-                if isinstance(m, nn.Linear):
-                    lip *= float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2))
-                elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    scale = (m.running_var.double() + m.eps).rsqrt()
-                    if m.weight is not None:
-                        scale = scale * m.weight.detach().double()
-                    lip *= float(scale.abs().max())
-                elif not isinstance(m, (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout)):
-                    return math.inf
-            elif node.op == "call_function":
-                if node.target in (F.relu, torch.relu, torch.flatten, torch.Tensor.flatten):
-                    continue
-                if node.target in (operator.sub, operator.add, torch.sub, torch.add):
-                    if sum(isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in node.args) > 1:
-                        return math.inf
-                    lip *= math.sqrt(copies(node))
-                    continue
-                if node.target in (operator.truediv, operator.mul, torch.div, torch.mul):
-                    const = [a for a in node.args if not (isinstance(a, torch.fx.Node) and a.op != "get_attr")]
-                    if len(const) != 1:
-                        return math.inf
-                    c = const[0]
-                    if isinstance(c, torch.fx.Node):
-                        c = self._attr(c.target)
-                    c = torch.as_tensor(c, dtype=torch.float64).abs()
-                    lip *= float((1 / c).max() if node.target in (operator.truediv, torch.div) else c.max())
-                    lip *= math.sqrt(copies(node))
-                    continue
-                if node.target is getattr or node.target is operator.getitem:
-                    continue
-                return math.inf
-            elif node.op == "call_method":
-                if node.target not in _SHAPE_METHODS | {"size", "dim", "relu"}:
-                    return math.inf
-        return lip * (1 + _WIDEN)
-
-    def _attr(self, target: str) -> Any:
-        obj: Any = self.graph
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
 
 
 # --- CROWN: linear relaxation, backward from the output (IBP bounds for the intermediate layers) ---
@@ -452,7 +795,7 @@ class _Backward:
     def _module(self, node: "torch.fx.Node", m: nn.Module, lam: Tensor) -> None:
         if isinstance(m, nn.ReLU):
             self._relu(node, lam)
-        elif isinstance(m, (nn.Identity, nn.Dropout)):
+        elif isinstance(m, _IDENTITY_MODULES):
             self._push(node.args[0], lam)
         elif isinstance(m, nn.Flatten):
             self._reshape(node, lam)
@@ -460,9 +803,11 @@ class _Backward:
             self._affine(node, self.bounder.modules[node.target], lam)  # of the float64 snapshot
 
     def _function(self, node: "torch.fx.Node", lam: Tensor) -> None:
-        fn = node.target
+        fn = _OUT_OF_PLACE.get(node.target, node.target)
         if fn in (F.relu, torch.relu):
             self._relu(node, lam)
+        elif getattr(fn, "__name__", "") in _DROPOUTS:  # in eval (Bounder refuses training mode): the identity
+            self._push(node.args[0], lam)
         elif fn in (torch.flatten, torch.Tensor.flatten):
             self._reshape(node, lam)
         elif fn in (F.avg_pool2d, F.adaptive_avg_pool2d):
@@ -475,12 +820,13 @@ class _Backward:
             raise ModelError(f"certify: function {getattr(fn, '__name__', fn)} is not supported on the representation")
 
     def _method(self, node: "torch.fx.Node", lam: Tensor) -> None:
-        if node.target in _SHAPE_METHODS:
+        name = _OUT_OF_PLACE_METHODS.get(node.target, node.target)
+        if name in _SHAPE_METHODS:
             self._reshape(node, lam)
-        elif node.target == "relu":
+        elif name == "relu":
             self._relu(node, lam)
-        elif node.target in ("add", "sub", "mul", "div"):
-            self._arith(node, node.target, lam)
+        elif name in ("add", "sub", "mul", "div"):
+            self._arith(node, name, lam)
         else:
             raise ModelError(f"certify: method .{node.target}() is not supported on the representation")
 
@@ -509,13 +855,29 @@ class _Backward:
 
 
 _ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
-          torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
+          torch.mul: "mul", operator.truediv: "div", torch.div: "div"}  # (in-place operators: _OUT_OF_PLACE first)
+
+
+
+
+# --- the methods: node bounds -> a box on g -------------------------------------------------------
 
 
 def _input_box(x: Tensor, eps: float) -> "tuple[Tensor, Tensor, Tensor]":
     """``x`` in float64 and the box ``[x - eps, x + eps] ∩ [0, 1]`` that holds both balls."""
     x = x.double()
     return x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+
+
+def ibp_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[dict[str, Any]]" = None) -> Box:
+    """IBP's bounds on every output coordinate over ``[x - eps, x + eps] ∩ [0, 1]`` (``norm`` plays
+    no part: the box holds both balls). ``env``: the node bounds over that box when the caller has them."""
+    if env is None:
+        _, lo, hi = _input_box(x, eps)
+        with torch.no_grad():
+            env = bounder.boxes(lo, hi)
+    out = bounder.output_box(env)
+    return Box(out.lo.flatten(1), out.hi.flatten(1))
 
 
 def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[dict[str, Any]]" = None) -> Box:
@@ -544,6 +906,15 @@ def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional
                torch.minimum(torch.cat(uppers, 1), out.hi.flatten(1)))
 
 
+#: each method's box on ``g`` over ``B_norm(x, eps) ∩ [0, 1]^d``, from the IBP node bounds over the
+#: input box: ``fn(bounder, x, eps, norm, env) -> Box`` (``[N, m]`` each); sound, and at least as
+#: tight as IBP's (a method intersects with it, or is IBP)
+#: the bound methods, a literal so that the command line reads it without importing torch
+METHODS = ("ibp", "crown")
+OUTPUT_BOXES: "dict[str, Callable[..., Box]]" = {"ibp": ibp_box, "crown": crown_box}
+assert tuple(OUTPUT_BOXES) == METHODS
+
+
 def _box_shift(g: Tensor, box: Box) -> Tensor:
     """``|| max(u - g, g - l) ||_2`` per row: the largest distance from ``g`` to a point of the box."""
     return torch.maximum(box.hi.flatten(1) - g, g - box.lo.flatten(1)).clamp(min=0).norm(dim=1)
@@ -552,16 +923,20 @@ def _box_shift(g: Tensor, box: Box) -> Tensor:
 def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
                       lipschitz: Optional[float] = None, method: str = "ibp") -> "dict[str, Tensor]":
     """Per datapoint: ``s_upper`` (the tightest of the sound bounds computed), ``s_ibp``, ``s_lip``,
-    with ``method="crown"`` also ``s_crown``, ``s_domain`` (the method's bound over all of
-    [0, 1]^d: a certificate that is not below it says nothing the input domain does not already say)
-    and ``g``, the float64 ``g(x)`` the bounds are centred on (``[N, m]``)."""
-    if method not in METHODS:
+    with another method ``s_<method>`` too; ``s_domain`` (the method's bound over all of
+    [0, 1]^d: a certificate that is not below it says nothing the input domain does not already
+    say); ``g``, the float64 ``g(x)`` the bounds are centred on (``[N, m]``); and ``slack``, the
+    modelled float32 rounding a recorded shift may carry (:func:`float32_slack`).
+
+    Raises :class:`CheckFailed` where the graph's ``g(x)`` is not the network's (both in float64):
+    the bounds would be about another function."""
+    if method not in OUTPUT_BOXES:
         raise ModelError(f"certify method {method!r} is not valid; valid: {', '.join(METHODS)}")
     x, lo, hi = _input_box(x, eps)
     with torch.no_grad():
         g = bounder(x, x).mid.flatten(1)  # g(x) in float64: the certificate is about the exact function
-        env = bounder.boxes(lo, hi)  # every node's IBP bounds: CROWN's intermediate bounds too
-        s_ibp = _box_shift(g, bounder.output_box(env))
+        env = bounder.boxes(lo, hi)  # every node's IBP bounds: the other methods' intermediate bounds too
+        s_ibp = _box_shift(g, ibp_box(bounder, x, eps, norm, env))
         s_domain = _box_shift(g, _domain_box(bounder, x, method))
     lip = bounder.lipschitz(env) if lipschitz is None else lipschitz
     d = x[0].numel()
@@ -569,23 +944,163 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
     s_lip = torch.full_like(s_ibp, lip * radius if radius > 0 else 0.0)  # not inf * 0
     s_ibp = s_ibp * (1 + _WIDEN) + 1e-12
     s_upper = torch.minimum(s_ibp, s_lip)
-    if method == "crown":
-        s_crown = _box_shift(g, crown_box(bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
-        s_upper = torch.minimum(s_upper, s_crown)
-    out = {"s_upper": s_upper, "s_ibp": s_ibp, "s_lip": s_lip, "s_domain": s_domain * (1 + _WIDEN), "g": g}
-    if method == "crown":
-        out["s_crown"] = s_crown
+    out = {"s_ibp": s_ibp, "s_lip": s_lip}
+    if method != "ibp":
+        s_method = _box_shift(g, OUTPUT_BOXES[method](bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
+        s_upper = torch.minimum(s_upper, s_method)
+        out[f"s_{method}"] = s_method
+    _check_graph(bounder, x, g, s_upper)
+    out.update(s_upper=s_upper, s_domain=s_domain * (1 + _WIDEN), g=g,
+               slack=float32_slack(g, s_upper, eps, norm, d))
     return out
 
 
 def _domain_box(bounder: Bounder, x: Tensor, method: str) -> Box:
     """The method's box on ``g`` over all of ``[0, 1]^d``, one row (the same for every datapoint;
-    computed once per input shape): at eps >= 1 the ball is the domain and the bound is vacuous.
-    CROWN's is intersected with IBP's over the same set already."""
+    computed once per input shape): at eps >= 1 the ball is the domain and the bound is vacuous."""
     cache = bounder.__dict__.setdefault("_domain", {})
     key = (method, tuple(x.shape[1:]), str(x.device))
     if key not in cache:
         centre = torch.full((1,) + tuple(x.shape[1:]), 0.5, dtype=torch.float64, device=x.device)
         with torch.no_grad():
-            cache[key] = crown_box(bounder, centre, 1.0, "inf") if method == "crown" else bounder(centre - 0.5, centre + 0.5)
+            cache[key] = OUTPUT_BOXES[method](bounder, centre, 1.0, "inf")
     return cache[key]
+
+
+# --- a run checks itself ------------------------------------------------------------------------------
+#
+# The bounds are about the float64 function of the traced graph; the attacks evaluate the network
+# in float32 at float32 points. Checked on every batch: the graph is the network (in float64, where
+# rounding cannot hide a difference); the float64 shift at each attack's kept point is below
+# s_upper (exact); and what is recorded (float32) is below s_upper + slack, where the slack is the
+# float32 rounding, modelled and measured; a certified point needs s_upper + slack below its margins.
+
+#: the graph against the network, both in float64: ``(||g(x)||_2 + s_upper)`` times this
+FLOAT64_RTOL = 1e-9
+#: modelled float32 rounding of ``g``, relative to ``||g(x)||_2 + s_upper`` (which bounds
+#: ``||g(x')||_2``): 2^-16, 256 units in the last place (measured up to 3e-7 on ResNet-18,
+#: PreActResNet-18 and WideResNet-16-2, channels-last included)
+FLOAT32_RTOL = 2.0**-16
+#: a float32 network further than this from its float64 self (relative as above) is refused:
+#: it does not compute the function that is bounded (TF32, a low-precision cast inside forward)
+FLOAT32_LIMIT = 2.0**-8
+
+
+def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor) -> None:
+    """The graph's float64 ``g(x)`` against the network's own forward pass in float64."""
+    with torch.no_grad():
+        try:
+            g_net = bounder.network(x).flatten(1)
+        except Exception as exc:  # noqa: BLE001 - a network that cannot run in float64 cannot be checked
+            raise ModelError(f"certify: the representation cannot run in float64 ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); the bounds are computed in "
+                             f"float64") from None
+    if g_net.shape != g.shape:
+        raise CheckFailed(0, f"the network's g(x) has shape {list(g_net.shape)}, its traced graph's "
+                             f"{list(g.shape)}: the graph certify bounds is not the network")
+    err = (g_net - g).norm(dim=1)
+    tol = FLOAT64_RTOL * (g.norm(dim=1) + s_upper) + 1e-12 * float(g.norm(dim=1).max())
+    row = _first(~(err <= tol))
+    if row is not None:
+        raise CheckFailed(row, f"the network's g(x) differs from its traced graph's by {float(err[row]):.3g} in "
+                               f"float64 (rounding allows {float(tol[row]):.3g}): the graph certify bounds is "
+                               f"not the network")
+
+
+def float32_slack(g: Tensor, s_upper: Tensor, eps: float, norm: str, d: int) -> Tensor:
+    """The modelled part of the float32 rounding a recorded shift may carry above ``s_upper``, ``[N]``:
+    of ``g`` at ``x`` and ``x'``, :data:`FLOAT32_RTOL` ``(||g(x)||_2 + s_upper)`` each; and of the
+    point, which may lie outside the ball by a unit in the last place per coordinate (at most
+    ``eta = 2^-23`` in L-inf, ``2^-22 eps + 2^-23 sqrt(d)`` in L2), which scales the set about
+    ``x`` by ``1 + eta / eps`` and a (piecewise) linear shift by as much: ``s_upper eta / eps``.
+    :func:`record_slack` adds what is measured."""
+    rounding_g = 2 * FLOAT32_RTOL * (g.norm(dim=1) + s_upper)
+    if eps <= 0:  # the attacks evaluate x itself
+        return rounding_g
+    eta = 2.0**-23 if norm == "inf" else 2.0**-22 * eps + 2.0**-23 * math.sqrt(d)
+    return rounding_g + s_upper * (eta / eps)
+
+
+def float32_deviation(bound: "dict[str, Tensor]", g32: Tensor) -> Tensor:
+    """``||g32(x) - g(x)||_2``, ``[N]``: how far the scored (float32) network is from the float64
+    graph at ``x``; beyond :data:`FLOAT32_LIMIT` it is refused (:class:`CheckFailed`)."""
+    g = bound["g"]
+    dev = (g32.detach().flatten(1).double().to(g.device) - g).norm(dim=1)
+    limit = FLOAT32_LIMIT * (g.norm(dim=1) + bound["s_upper"])
+    row = _first(~(dev <= limit))
+    if row is not None:
+        raise CheckFailed(row, f"the scored network's g(x) is {float(dev[row]):.3g} from its float64 value "
+                               f"(float32 rounding stays below {float(limit[row]):.3g}): it does not compute the "
+                               f"function that is bounded (TF32? a low-precision cast in forward?)")
+    return dev
+
+
+@contextlib.contextmanager
+def float32_exact() -> Iterator[None]:
+    """IEEE float32 matrix products and convolutions on CUDA for the block (TF32 rounds to 10
+    bits, far above :data:`FLOAT32_RTOL`); nothing changes on the CPU."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _first(bad: Tensor) -> Optional[int]:
+    rows = torch.nonzero(bad.reshape(-1)).flatten()
+    return int(rows[0]) if len(rows) else None
+
+
+def check_attack_points(bounder: Bounder, bound: "dict[str, Tensor]", x: Tensor, x_adv: Tensor, g32_adv: Tensor,
+                        g32: Tensor, eps: float, norm: str) -> Tensor:
+    """The certificate itself, in float64, at the points an attack kept: each projected onto the
+    float64 set (the float32 point may lie an ulp outside), its shift must not exceed ``s_upper``
+    (else :class:`CheckFailed`). Returns the measured float32 rounding there, ``[N]``: the float32
+    shift ``||g32(x_adv) - g32(x)||`` against that float64 shift."""
+    x64, lo, hi = _input_box(x, eps)
+    z = torch.minimum(torch.maximum(x_adv.detach().double().to(x64.device).contiguous(), lo), hi)
+    if norm == "2":
+        delta = z - x64
+        length = delta.flatten(1).norm(dim=1)
+        scale = torch.where(length > eps, eps / length.clamp(min=1e-300), torch.ones_like(length))
+        z = x64 + delta * scale.view((-1,) + (1,) * (x64.dim() - 1))
+    with torch.no_grad():
+        shift = (bounder(z, z).mid.flatten(1) - bound["g"]).norm(dim=1)
+    row = _first(shift > bound["s_upper"])
+    if row is not None:
+        raise CheckFailed(row, f"an attack's point shifts the float64 g(x) by {float(shift[row]):.6g}, above "
+                               f"s_upper {float(bound['s_upper'][row]):.6g}: the certificate is wrong")
+    shift32 = (g32_adv.detach().flatten(1).double() - g32.detach().flatten(1).double()).norm(dim=1)
+    return (shift32.to(shift.device) - shift).abs()
+
+
+def record_slack(bound: "dict[str, Tensor]", measured: "list[Tensor]") -> Tensor:
+    """The float32 slack of a batch's records, ``[N]``: the modelled one (:func:`float32_slack`)
+    plus twice the largest rounding measured (:func:`float32_deviation`, :func:`check_attack_points`),
+    which holds a network whose rounding follows its intermediate values rather than ``g``."""
+    return bound["slack"] + 2 * torch.stack([m.to(bound["slack"].device) for m in measured]).amax(0)
+
+
+def certified(bound: "dict[str, Tensor]", slack: Tensor, margins: "list[Tensor]") -> Tensor:
+    """Theorem 2's criterion certified, ``[N]``: ``s_upper`` plus the float32 ``slack`` below every
+    margin given (the float64 margin of the graph's ``g(x)`` and the recorded one of the network's),
+    so that no float32 point of the ball can be classified otherwise either."""
+    upper = bound["s_upper"] + slack
+    return torch.stack([upper < m.to(upper.device, torch.float64) for m in margins]).all(0)
+
+
+def check_records(bound: "dict[str, Tensor]", slack: Tensor, sensitivity: Tensor,
+                  certified: Optional[Tensor] = None, robust: Optional[Tensor] = None) -> None:
+    """What a batch records against its certificate: no shift above ``s_upper`` beyond the
+    float32 ``slack``, and no certified point that an attack fooled (:class:`CheckFailed`)."""
+    s = sensitivity.detach().double().to(bound["s_upper"].device)
+    row = _first(s > bound["s_upper"] + slack)
+    if row is not None:
+        raise CheckFailed(row, f"the attacks' shift {float(s[row]):.6g} exceeds s_upper "
+                               f"{float(bound['s_upper'][row]):.6g} beyond float32 rounding "
+                               f"({float(slack[row]):.3g}): the certificate is wrong")
+    if certified is not None and robust is not None:
+        row = _first(certified.to(s.device) & ~robust.to(s.device))
+        if row is not None:
+            raise CheckFailed(row, "certified, yet an attack changed the class: the certificate is wrong")

@@ -14,8 +14,10 @@ import difflib
 import json
 import sys
 import textwrap
+from types import SimpleNamespace
 from typing import NoReturn, Optional, Sequence
 
+from asbound.defaults import config_defaults, constant, default_data_root, default_model_dir, first_arguments
 from asbound.errors import AsboundError, ConfigError
 
 
@@ -65,6 +67,12 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _defaults(module: str, name: str) -> SimpleNamespace:
+    """The defaults of the config dataclass ``module.name`` as attributes (``d.seed``), read from its
+    declaration: building the parser imports no torch (:mod:`asbound.defaults`)."""
+    return SimpleNamespace(**config_defaults(module, name))
+
+
 def _escape(path: object) -> str:
     return str(path).replace("%", "%%")  # help strings are %-formatted
 
@@ -85,6 +93,10 @@ def _n(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"must be a whole number or 'all', got {text!r}") from None
 
 
+def _n_auto(text: str) -> "int | str | None":
+    return "auto" if text.lower() == "auto" else _n(text)
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -92,12 +104,11 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
-def _model_options(p: argparse.ArgumentParser, *, with_head: bool) -> None:
-    from asbound.models import default_model_dir
-
+def _model_options(p: argparse.ArgumentParser, *, with_head: bool, default: str = "") -> None:
+    """The model options; ``default``: what runs without --model and --data."""
     g = p.add_argument_group("model")
     g.add_argument("--model", help="robustbench:[DATASET/THREAT/]NAME | file:PATH | torchvision:ARCH | builtin:NAME[/HEAD] | "
-                   "run:DIR (a finished transfer run)" + ("; without --model and --data: the embedded default" if with_head else ""))
+                   "run:DIR (a finished transfer run)" + (f"; without --model and --data: {default}" if default else ""))
     g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
                    f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
     g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
@@ -108,8 +119,6 @@ def _model_options(p: argparse.ArgumentParser, *, with_head: bool) -> None:
 
 
 def _data_options(p: argparse.ArgumentParser, seed: int) -> argparse._ArgumentGroup:
-    from asbound.data import default_data_root
-
     g = p.add_argument_group("data")
     g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | digits | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
     g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live "
@@ -130,9 +139,9 @@ def _data_options(p: argparse.ArgumentParser, seed: int) -> argparse._ArgumentGr
 
 def build_parser() -> argparse.ArgumentParser:
     from asbound import __version__
-    from asbound.api import DEFAULT_N, DEFAULT_TASKS, ScoreConfig
 
-    d = ScoreConfig()
+    d = _defaults("asbound.scoring", "ScoreConfig")
+    DEFAULT_N, DEFAULT_TASKS = constant("asbound.scoring", "DEFAULT_N"), constant("asbound.scoring", "DEFAULT_TASKS")
     parser = _Parser(
         prog="asbound", description="Verify robustness theory for transfer learning on real models."
     )
@@ -150,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
     )
     default_subs = ",".join(task.split(":")[1] for task in DEFAULT_TASKS)
-    _model_options(p, with_head=True)
+    _model_options(p, with_head=True, default="the embedded default")
     g = _data_options(p, d.seed)
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
@@ -174,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=d.backend, choices=("asbound", "foolbox"), help="PGD implementation")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument("--as-only", action="store_true", help="the AS score alone: no labels, no loss attack")
-    g.add_argument("--certify", choices=("ibp", "crown"), help="also bound every s_i from above (ibp: interval bound "
+    g.add_argument("--certify", choices=constant("asbound.certify", "METHODS"), help="also bound every s_i from above (ibp: interval bound "
                    "propagation; crown: linear relaxation with IBP for intermediate layers, slower and tighter; both "
                    "with operator norms for linear chains): a sound Lemma 1 RHS and a certified Theorem 2 criterion")
     g = p.add_argument_group("bounds")
@@ -205,12 +214,14 @@ def _steps_list(text: str) -> "tuple[int, ...]":
 
 
 def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
-    from asbound.transfer import METHODS, TransferConfig
-    from asbound.transfer.autolr import CONDITIONS
-    from asbound.transfer.config import AMPS, AUGMENTS, PEFTS, SELECTS
-    from asbound.transfer.optim import OPTIMIZERS, SCHEDULES
+    METHODS = first_arguments("asbound.transfer.methods", "METHODS", "Method")
+    CONDITIONS = constant("asbound.transfer.autolr", "CONDITIONS")
+    AMPS, AUGMENTS, HEAD_INITS, PEFTS, PROMPT_DEPTHS, SCORE_N_CAP, SELECTS = (
+        constant("asbound.transfer.config", name)
+        for name in ("AMPS", "AUGMENTS", "HEAD_INITS", "PEFTS", "PROMPT_DEPTHS", "SCORE_N_CAP", "SELECTS"))
+    OPTIMIZERS, SCHEDULES = constant("asbound.transfer.optim", "OPTIMIZERS"), constant("asbound.transfer.optim", "SCHEDULES")
 
-    d = TransferConfig(model="", data="")
+    d = _defaults("asbound.transfer.config", "TransferConfig")
     p = sub.add_parser(
         "transfer",
         help="transfer a pretrained model (LP, FT, LP-FT, adversarial LP / FT, TRADES, RanLI, RoLI, AutoLoRa) "
@@ -232,6 +243,9 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--lr", type=_number, default=d.lr, help="learning rate of head-only stages (LP, adv-LP)")
     g.add_argument("--lr-ft", type=_number, default=d.lr_ft,
                    help="learning rate of stages that train everything (FT, adv-FT, TRADES; RanLI / RoLI with --peft full)")
+    g.add_argument("--head-init", default=d.head_init, choices=HEAD_INITS,
+                   help="the new head: torch (nn.Linear's default), roli (seed 000's code: kaiming-normal "
+                        "fan-out weights, bias -log 99) or zeros")
     g.add_argument("--momentum", type=_number, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_number, default=d.weight_decay, help="weight decay")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule, stepped per iteration")
@@ -245,11 +259,16 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g = p.add_argument_group("RanLI / RoLI (seed 000) and AutoLoRa (seed 002)")
     g.add_argument("--peft", default=d.peft, choices=PEFTS,
-                   help="what RanLI / RoLI's adversarial stage trains besides the head (lora, adapter, bias: at --lr)")
+                   help="what RanLI / RoLI's adversarial stage trains besides the head (lora, adapter, bias, "
+                        "prompt: at --lr; prompt: ViTs, timm's VisionTransformer)")
     g.add_argument("--peft-rank", type=_whole, default=d.peft_rank, help="LoRA rank (--peft lora)")
     g.add_argument("--peft-alpha", type=_number, default=d.peft_alpha, help="LoRA alpha; the update is scaled by alpha / rank")
     g.add_argument("--adapter-reduction", type=_whole, default=d.adapter_reduction,
                    help="adapter bottleneck: width / reduction (--peft adapter)")
+    g.add_argument("--prompt-tokens", type=_whole, default=d.prompt_tokens,
+                   help="prompt tokens per block (--peft prompt)")
+    g.add_argument("--prompt-depth", default=d.prompt_depth, choices=PROMPT_DEPTHS,
+                   help="deep: new prompts before every block (VPT-deep, seed 000's code); shallow: before the first")
     g.add_argument("--autolora-lr", type=_number, default=d.autolora_lr, help="AutoLoRa's initial learning rate")
     g.add_argument("--autolora-rank", type=_whole, default=d.autolora_rank, help="rank of AutoLoRa's natural branch")
     g.add_argument("--autolora-alpha", type=_number, default=d.autolora_alpha, help="alpha of AutoLoRa's natural branch")
@@ -268,17 +287,27 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
     g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
     g.add_argument("--eval-steps", type=_steps_list, default=d.eval_steps,
-                   help="PGD step counts of the test evaluation, comma-separated (default: 10,20)")
-    g.add_argument("--autoattack", action="store_true", help="also run AutoAttack standard on the test data")
+                   help="PGD step counts of the test evaluation, comma-separated (default: 10,20); a test "
+                        "point is robust only if every attack run on it fails: PGD-k accuracy counts the "
+                        "points that every PGD with at most k steps left correct")
+    g.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack standard on the test data (its accuracy counts the points that "
+                        "it and every PGD left correct)")
     _model_options(p, with_head=False)
     g = _data_options(p, d.seed)
     g.add_argument("--n", "--n-train", dest="n", type=_n, default=None,
-                   help="training images, or 'all' (default: all); under torchrun write --n-train (torchrun "
+                   help="training images, or 'all' (default: all); it bounds every phase: --n-val, --n-test "
+                        "and --score-n follow it unless given; under torchrun write --n-train (torchrun "
                         "takes --n for an abbreviation of its own options)")
-    g.add_argument("--n-val", type=_n, default=None,
-                   help="validation images drawn from the validation split, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=None, help="test images for the evaluation, or 'all' (default: all)")
-    g.add_argument("--score-n", type=_n, default=d.score_n, help="test images for `score` before and after transfer, or 'all'")
+    g.add_argument("--n-val", type=_n_auto, default=d.n_val,
+                   help="validation images drawn from the validation split, or 'all'; auto: as many as "
+                        "--n (at most the split), all without --n")
+    g.add_argument("--n-test", type=_n_auto, default=d.n_test,
+                   help="test images of the evaluation, or 'all'; auto: as many as --n (at most the "
+                        "split), all without --n")
+    g.add_argument("--score-n", type=_n_auto, default=d.score_n,
+                   help=f"test images of `score` before and after transfer, or 'all'; auto: as many as "
+                        f"--n-test, at most {SCORE_N_CAP}")
     g.add_argument("--score-steps", type=_whole, default=d.score_steps,
                    help="PGD steps of the scores before and after transfer (relative step 0.7)")
     g.add_argument("--no-score", action="store_true", help="skip `score` before and after transfer")
@@ -295,8 +324,7 @@ def _slug(text: str) -> str:
 def _score(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from asbound.api import DEFAULT_N, ScoreConfig, score, score_default
-    from asbound.report import summary_table
+    from asbound.api import DEFAULT_N, ScoreConfig, score, score_default, summary_table
 
     options = dict(
         eps=args.eps, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts,
@@ -335,8 +363,7 @@ def _score(args: argparse.Namespace) -> int:
 def _transfer(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from asbound.api import TransferConfig, transfer
-    from asbound.report import transfer_table
+    from asbound.api import TransferConfig, transfer, transfer_table
 
     cfg = TransferConfig(
         model=args.model or "", data=args.data or "", method=args.method, classes=args.classes, epochs=args.epochs,
@@ -348,7 +375,9 @@ def _transfer(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, workers=args.workers, model_dir=args.model_dir, data_root=args.data_root,
         weights=args.weights, feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, peft=args.peft, peft_rank=args.peft_rank, peft_alpha=args.peft_alpha,
-        adapter_reduction=args.adapter_reduction, autolora_lr=args.autolora_lr, autolora_rank=args.autolora_rank,
+        adapter_reduction=args.adapter_reduction, prompt_tokens=args.prompt_tokens,
+        prompt_depth=args.prompt_depth, head_init=args.head_init, autolora_lr=args.autolora_lr,
+        autolora_rank=args.autolora_rank,
         autolora_alpha=args.autolora_alpha, autolora_scale=args.autolora_scale, autolora_rho=args.autolora_rho,
         autolora_divide=args.autolora_divide, autolora_condition2=args.autolora_condition2,
         autolora_lambda_n=args.autolora_lambda_n, corruption=args.corruption, severity=args.severity,
@@ -368,7 +397,7 @@ def _transfer(args: argparse.Namespace) -> int:
     console.print(transfer_table(finals, title=f"asbound transfer: {cfg.model} -> {cfg.data}"
                                  + (f" (classes {cfg.classes})" if cfg.classes else "")))
     for r in results:
-        console.print(f"{r.method}: {r.out} (model: --model run:{r.out})")
+        console.print(f"{r.method}: --model run:{r.out}")
     return 0
 
 
@@ -377,10 +406,9 @@ def _transfer(args: argparse.Namespace) -> int:
 
 def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> None:
     """The options a sweep's cells share (score cells; transfer cells with --method)."""
-    from asbound.api import ScoreConfig
-
-    d = ScoreConfig()
-    _model_options(p, with_head=True)
+    d, t = _defaults("asbound.scoring", "ScoreConfig"), _defaults("asbound.transfer.config", "TransferConfig")
+    model, data = _sweep_default()
+    _model_options(p, with_head=True, default=f"score cells of the embedded default's classification, {model} on {data}")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="cifar10 | cifar100 | fashion-mnist | mnist | digits | folder:PATH | tensors:PATH | dsprites[:FACTOR]")
     g.add_argument("--data-root", help="where torchvision data sets (and the dSprites .npz) live")
@@ -390,16 +418,18 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
         g.add_argument("--resize", type=_whole, help="resize inputs to RESIZE x RESIZE; without it: the model's input format")
     g.add_argument("--download", action="store_true", help="download missing data sets / checkpoints")
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="score cells: which split to draw from")
-    g.add_argument("--n", type=_n, default=d.n, help="datapoints scored per cell (transfer cells: scored before and after), or 'all'")
+    g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
+                   help="datapoints scored per cell (transfer cells: scored before and after), or 'all' "
+                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default)")
     g = _pgd_options(p, d)
     g.add_argument("--as-only", action="store_true", help="score cells: the AS score alone (no labels, no loss attack)")
     g = p.add_argument_group("transfer cells (with --method)")
     g.add_argument("--method", help="make every cell a transfer run of this one method (e.g. lp), scored after; "
                    "without it: score cells. Other transfer options: use a grid file")
-    g.add_argument("--epochs", type=_whole, default=20, help="epochs of each transfer cell")
-    g.add_argument("--lr", type=_number, default=0.01, help="learning rate of head-only stages")
-    g.add_argument("--n-train", type=_n, default=None, help="training images per transfer cell, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=None, help="test images of the evaluation, or 'all' (default: all)")
+    g.add_argument("--epochs", type=_whole, default=t.epochs, help="epochs of each transfer cell")
+    g.add_argument("--lr", type=_number, default=t.lr, help="learning rate of head-only stages")
+    g.add_argument("--n-train", type=_n, default=t.n, help="training images per transfer cell, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n, default=t.n_test, help="test images of the evaluation, or 'all' (default: all)")
     _executor_options(p)
 
 
@@ -420,7 +450,7 @@ def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGro
 
 
 def _executor_options(p: argparse.ArgumentParser) -> None:
-    from asbound.sweep import EXECUTORS
+    EXECUTORS = constant("asbound.sweep.engine", "EXECUTORS")
 
     g = p.add_argument_group("executor")
     g.add_argument("--executor", default="local", choices=EXECUTORS,
@@ -470,8 +500,42 @@ def _sweep_parser(sub: "argparse._SubParsersAction") -> None:
     _executor_options(s)
 
 
+def _sweep_default() -> "tuple[str, str]":
+    """(model, data) of a sweep without --model and --data: the embedded default's Theorem 2 row,
+    shape classification (the sweep tables read accuracies and the Theorem 2 criterion, which its
+    orientation regression row has not)."""
+    model, data = constant("asbound.scoring", "DEFAULT_RUNS")[1]
+    return model, data
+
+
+#: a sweep's options that only one kind of cell takes: option dest -> the config field it sets
+_SCORE_CELL_ONLY = {"head": "head", "split": "split", "as_only": "as_only", "attack": "attack", "rel_step": "rel_step",
+                    "restarts": "restarts"}
+_TRANSFER_CELL_ONLY = {"epochs": "epochs", "lr": "lr", "n_train": "n", "n_test": "n_test"}
+
+
 def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
-    shared = dict(model=args.model, data=args.data, classes=args.classes, seed=args.seed, eps=args.eps,
+    from asbound.api import DEFAULT_N, ScoreConfig, TransferConfig
+
+    model, data = args.model, args.data
+    n = getattr(args, "n", ScoreConfig.n)
+    if model is None and data is None:
+        if args.method is not None:
+            raise ConfigError("transfer cells (--method) need --model and --data; without both, a sweep scores "
+                              "the embedded default")
+        model, data = _sweep_default()
+        n = getattr(args, "n", DEFAULT_N)
+    elif model is None or data is None:
+        raise ConfigError("give both --model and --data, or neither for the embedded default")
+    # an option the cells would not use is refused, not dropped
+    config, only = (TransferConfig, _TRANSFER_CELL_ONLY) if args.method is None else (ScoreConfig, _SCORE_CELL_ONLY)
+    unused = ["--" + dest.replace("_", "-") for dest, field in only.items()
+              if hasattr(args, dest) and getattr(args, dest) != getattr(config, field)]
+    if unused:
+        cells = "score cells (without --method)" if args.method is None else "transfer cells (--method)"
+        raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {cells}; "
+                          f"leave {'it' if len(unused) == 1 else 'them'} out, or use a grid file")
+    shared = dict(model=model, data=data, classes=args.classes, seed=args.seed, eps=args.eps,
                   batch_size=args.batch_size, device=args.device, model_dir=args.model_dir, data_root=args.data_root,
                   weights=args.weights, feature_layer=args.feature_layer, allow_pickle=args.allow_pickle,
                   download=args.download)
@@ -479,20 +543,20 @@ def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
         shared["resize"] = args.resize
     if args.method is None:
         return "score", dict(shared, norm=args.norm, steps=args.steps, rel_step=args.rel_step, restarts=args.restarts,
-                             attack=args.attack, n=args.n, split=args.split, head=args.head, as_only=args.as_only)
+                             attack=args.attack, n=n, split=args.split, head=args.head, as_only=args.as_only)
     if "," in args.method:
         raise ConfigError(f"--method {args.method}: a sweep's transfer cells run one method each; "
                           f"use a grid file with method as an axis for several")
     if args.norm not in ("inf", "Linf", "linf"):
         raise ConfigError("transfer cells attack in L-inf; leave --norm out with --method")
     return "transfer", dict(shared, method=args.method, epochs=args.epochs, lr=args.lr, n=args.n_train,
-                            n_test=args.n_test, score_n=args.n, score_steps=args.steps)
+                            n_test=args.n_test, score_n=n, score_steps=args.steps)
 
 
 def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:
     from rich.console import Console
 
-    from asbound.sweep import SlurmOptions, eps_sweep, grid_sweep, resize_sweep, run_sweep, shift_sweep
+    from asbound.api import SlurmOptions, eps_sweep, grid_sweep, resize_sweep, run_sweep, shift_sweep
     from asbound.sweep.grid import parse_list
 
     if args.kind == "grid":
@@ -524,9 +588,9 @@ def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:
 
 
 def _predict_parser(sub: "argparse._SubParsersAction") -> None:
-    from asbound.predict import MEASURES, PredictConfig
+    MEASURES = constant("asbound.predict", "MEASURES")
 
-    d = PredictConfig(model="", pretrain_data="", data="")
+    d = _defaults("asbound.predict", "PredictConfig")
     p = sub.add_parser(
         "predict", help="will robustness transfer? the AS score on unlabelled pretraining and downstream data",
         description="Score the representation on the pretraining data and on each downstream task (no labels "
@@ -553,7 +617,7 @@ def _predict_parser(sub: "argparse._SubParsersAction") -> None:
                    help="AS ratio up to which robustness is predicted to transfer by LP")
     g.add_argument("--head-norm", help="max_k ||w_k||_2 of the downstream head, a number, or run:DIR of an LP run: "
                    "Lemma 1 then bounds the mean increase of the CE under attack by 2 * B * AS")
-    g.add_argument("--measure", default="", help=f"also train and measure, comma-separated: {', '.join(MEASURES)} "
+    g.add_argument("--measure", default=",".join(d.measure), help=f"also train and measure, comma-separated: {', '.join(MEASURES)} "
                    "(lp: the relative CE increase; lp,adv-lp: also seed 000's predictor)")
     g.add_argument("--epochs", type=_whole, default=d.epochs, help="epochs of the measuring LP runs")
     g.add_argument("--n-train", type=_n, default=None, help="training images of the LP runs, or 'all' (default: all)")
@@ -567,9 +631,8 @@ def _predict_parser(sub: "argparse._SubParsersAction") -> None:
 
 def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from asbound.predict import PredictConfig, predict
+    from asbound.api import PredictConfig, predict, predict_table
 
     cfg = PredictConfig(
         model=args.model or "", pretrain_data=args.pretrain_data, data=args.data, pretrain_classes=args.pretrain_classes,
@@ -589,20 +652,8 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
     if args.json:
         print(json.dumps(rec, indent=2))
         return 0
-    pre = rec["pretrain"]
-    table = Table(title=f"asbound predict: {rec['model']}, eps {rec['eps_text']} (L{rec['norm']}); "
-                        f"AS on {pre['label']} = {pre['as_score']:.4g}", title_justify="left")
-    for col in ("downstream", "AS score", "ratio", f"verdict (ratio <= {rec['threshold']:g})", "2 B AS (Lemma 1)",
-                "measured (rob. CE - CE) / CE"):
-        table.add_column(col, justify="left" if col == "downstream" else "right")
-    for t in rec["tasks"]:
-        bound = t["bound"]
-        measured = (t["measured"] or {}).get("relative_ce")
-        table.add_row(t["label"], f"{t['as_score']:.4g}", f"{t['ratio']:.3g}", t["verdict"],
-                      "-" if bound is None else f"{bound['loss_increase']:.4g}",
-                      "-" if measured is None else f"{measured:.3g}")
     console = Console()
-    console.print(table)
+    console.print(predict_table(rec))
     for name, s in (rec.get("spearman") or {}).items():
         if s:
             console.print(f"Spearman {name.replace('_', ' ')}: rho {s['rho']:.3f} (p {s['p']:.3g}, {s['n']} tasks)")
@@ -615,7 +666,7 @@ def _predict(args: argparse.Namespace, argv: "Sequence[str]") -> int:
 
 
 def _table_parser(sub: "argparse._SubParsersAction") -> None:
-    from asbound.report.tables import FORMATS, STYLES
+    FORMATS, STYLES = constant("asbound.report.tables", "FORMATS"), constant("asbound.report.tables", "STYLES")
 
     p = sub.add_parser(
         "table", help="seed 001's tables from stored run records (Markdown, LaTeX, CSV)",
@@ -632,7 +683,7 @@ def _table_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def _plot_parser(sub: "argparse._SubParsersAction") -> None:
-    from asbound.report.plots import KINDS
+    KINDS = constant("asbound.report.plots", "KINDS")
 
     p = sub.add_parser(
         "plot", help="figures from stored run records (PNG and PDF)",
@@ -646,26 +697,20 @@ def _plot_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]" = None) -> int:
-    from asbound.report.tables import render, table
+    from asbound.api import render, table
 
     text = render(table(args.runs, args.style), args.format, command=_command(argv))
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    from pathlib import Path
+    from asbound.records import write_output
 
-    from asbound.records import atomic_write
-
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    atomic_write(out, lambda f: f.write(text.encode()))
-    print(f"table: {out}")
+    print(f"table: {write_output(args.out, lambda f: f.write(text.encode()))}")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from asbound.report.plots import plot
+    from asbound.api import plot
 
     for path in plot(args.runs, args.kind, args.out):
         print(f"figure: {path}")

@@ -67,6 +67,11 @@ class World:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def share(self, n: int) -> torch.Tensor:
+        """This rank's positions among ``n`` rows (every ``size``-th from ``rank``): the ranks'
+        shares are disjoint and together hold every row once (sharded validation)."""
+        return torch.arange(self.rank, n, self.size)
+
     def sync_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm running statistics) on every rank. Each rank's train-mode
         forward updates its own statistics from its share of the batch; eval-mode passes (the

@@ -37,6 +37,11 @@ class RunLockedError(AsboundError):
     """An output directory that another process is writing."""
 
 
+class RecordError(AsboundError):
+    """A run's record (``summary.json``, ``final.json``, ``points.csv``, ...) that is damaged or
+    not asbound's: the message names the file and what to do about it."""
+
+
 def describe(exc: BaseException) -> str:
     """An exception from a library as one short line: its type and the first line of its text."""
     text = str(exc).strip()

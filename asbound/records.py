@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import pandas as pd
 
-from asbound.errors import ConfigError, ResumeError, RunLockedError
+from asbound.errors import ConfigError, RecordError, ResumeError, RunLockedError, describe
 
 CONFIG = "config.json"
 POINTS = "points.csv"
@@ -79,13 +79,12 @@ class RunDir:
 
     def create(self) -> None:
         """Create the directory (and its parents); a path that cannot be one is a ConfigError."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        reason = make_dir(self.path)
+        if reason is not None:
             raise ConfigError(
                 f"--out {str(self.path)!r} cannot be used as a run directory "
-                f"({exc.strerror or type(exc).__name__}); give a directory path that can be created"
-            ) from None
+                f"({reason}); give a directory path that can be created"
+            )
         if not self.path.is_dir():
             raise ConfigError(f"--out {str(self.path)!r} is not a directory; give a directory path")
 
@@ -172,7 +171,7 @@ class RunDir:
         path = self.points_path
         if not path.exists():
             return set()
-        text = path.read_text()
+        text = _read_text(path)
         lines = text.splitlines(keepends=True)
         if not lines:
             path.unlink()
@@ -190,9 +189,9 @@ class RunDir:
             # no complete record (perhaps not even a complete header): start the file afresh
             path.unlink()
             return set()
+        frame = _points_frame(path, io.StringIO("".join(good)))
         if len(good) != len(lines):
             path.write_text("".join(good))
-        frame = pd.read_csv(io.StringIO("".join(good)))
         return set(int(p) for p in frame["position"])
 
     def append(self, rows: pd.DataFrame) -> None:
@@ -205,8 +204,7 @@ class RunDir:
             os.fsync(handle.fileno())
 
     def points(self) -> pd.DataFrame:
-        frame = pd.read_csv(self.points_path)
-        return frame.sort_values("position").reset_index(drop=True)
+        return read_points(self.points_path).sort_values("position").reset_index(drop=True)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)
@@ -227,11 +225,49 @@ def write_json(path: Path, obj: object) -> None:
 def atomic_write(path: Path, write: "Callable[[io.BufferedWriter], object]") -> None:
     """Write ``path`` through ``write(handle)`` so that readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no stray temporary file
+        raise
+
+
+def make_dir(path: Path) -> Optional[str]:
+    """Create the directory ``path`` and its parents; return why that failed, or None.
+
+    The one check of every output path a user names (``--out``): the callers turn the reason
+    into a one-line :class:`ConfigError` that names their option.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, on a read-only or virtual file system, no permission
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+        return f"{path} cannot be created: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def write_output(path: "str | os.PathLike", write: "Callable[[io.BufferedWriter], object]",
+                 flag: str = "--out") -> Path:
+    """Write a file the user named (``table --out``, ``plot --out``) through ``write(handle)``,
+    atomically, creating its folder; a path that cannot be written is a one-line ConfigError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file path")
+    reason = make_dir(path.parent)
+    if reason is None:
+        try:
+            atomic_write(path, write)
+            return path
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+    raise ConfigError(f"{flag} {str(path)!r} cannot be written ({reason}); give a file path in a "
+                      f"folder that exists or can be created")
 
 
 def _json_default(obj: object) -> object:
@@ -255,12 +291,86 @@ def clean_json(obj: object) -> object:
     return obj
 
 
-def read_json(path: "str | os.PathLike") -> Optional[object]:
-    """The JSON object in ``path``, or None when the file does not exist."""
+FINAL = "final.json"  # a transfer run's result
+SWEEP = "sweep.json"  # a sweep's manifest
+PREDICT = "predict.json"  # a prediction's record
+STAGES = "stages.json"  # a transfer run's stages, as selected
+
+_RERUN = "delete it and rerun the command that made the run (for a run inside a sweep or predict: that command)"
+#: what to do about a damaged record, by file name: the second half of its one-line error
+REMEDIES = {
+    CONFIG: "the run's settings cannot be recovered from it: choose another --out, or delete the "
+            "directory to start over",
+    SUMMARY: f"{_RERUN}; it is written again from {POINTS}",
+    FINAL: f"{_RERUN}; the trained model.pt is kept, and evaluated and scored again",
+    STAGES: "delete it, model.pt and final.json and rerun the command that made the run; they are "
+            "rebuilt from its checkpoints",
+    SWEEP: "the sweep cannot be resumed without it: sweep into another --out, or delete the directory "
+           "to start over",
+    PREDICT: "delete it and rerun the predict command into the same --out; the runs it made are reused",
+    POINTS: "delete it to score every datapoint again, or choose another --out",
+}
+
+
+def _damaged(path: Path, problem: str, remedy: Optional[str] = None) -> RecordError:
+    remedy = remedy or REMEDIES.get(path.name, "delete it and rerun the command that wrote it")
+    return RecordError(f"{path} is damaged or not asbound's ({problem}); {remedy}")
+
+
+def _read_text(path: Path, remedy: Optional[str] = None) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise _damaged(path, "not text", remedy) from None
+    except OSError as exc:
+        raise RecordError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Optional[str] = None) -> Optional[object]:
+    """The JSON value in ``path`` (of type ``kind`` unless None), or None when the file does not exist.
+
+    A file that is not JSON or holds another type is a :class:`RecordError` naming it and what to do
+    (``remedy``, else the file's entry in :data:`REMEDIES`).
+    """
     p = Path(path)
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        value = json.loads(_read_text(p, remedy))
+    except json.JSONDecodeError as exc:
+        raise _damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
+    if kind is not None and not isinstance(value, kind):
+        raise _damaged(p, f"it holds {_JSON_TYPES.get(type(value), type(value).__name__)}, "
+                          f"not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
+    return value
 
 
 def read_summary(path: "str | os.PathLike") -> Optional[dict]:
-    p = Path(path) / SUMMARY
-    return json.loads(p.read_text()) if p.exists() else None
+    """The ``summary.json`` of the score run in ``path``, or None."""
+    return read_json(Path(path) / SUMMARY)  # type: ignore[return-value]
+
+
+def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
+    """The table in ``text`` (read from ``path``), checked to hold whole-number positions."""
+    try:
+        frame = pd.read_csv(text)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise _damaged(path, f"not a CSV table: {describe(exc)}") from None
+    if "position" not in frame.columns:
+        raise _damaged(path, "no position column")
+    positions = pd.to_numeric(frame["position"], errors="coerce")
+    bad = (positions.isna() | (positions != positions.round())).to_numpy()
+    if bad.any():
+        row = int(bad.argmax())
+        raise _damaged(path, f"position {str(frame['position'].iloc[row])!r} in row {row + 1} is not a whole number")
+    return frame
+
+
+def read_points(path: "str | os.PathLike") -> pd.DataFrame:
+    """The per-datapoint records in ``path`` (a ``points.csv``); a damaged file is a RecordError."""
+    p = Path(path)
+    return _points_frame(p, io.StringIO(_read_text(p)))

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from asbound.attacks import ATTACKS, PGD, FastObjective, Watch, foolbox_pgd, loss_objective, representation_shift
-from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, sensitivity_upper
+from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, CheckFailed, certified, check_attack_points
+from asbound.certify import check_records, float32_deviation, float32_exact, no_random_draws, record_slack
+from asbound.certify import sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
@@ -108,8 +110,9 @@ class ScoreConfig:
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must lie in [0, 2**63), got {self.seed}")
-        if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps} (with no step only the random start "
+                              f"would be scored: no attack)")
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1, got {self.restarts}")
         if self.restarts > 1 and not self.random_start:
@@ -231,17 +234,25 @@ class _Scorer:
         return FastObjective(objective, self.amp, x.device.type) if self.fast else None
 
     def _run(self, objective: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, clean: Tensor,
-             fast: "Optional[FastObjective]" = None) -> None:
+             fast: "Optional[FastObjective]" = None) -> Tensor:
+        """Run the attack; return the points it kept."""
         if self.backend == "foolbox":
-            foolbox_pgd(self.attack, objective, x, generator=gen)
-        else:
-            self.attack(objective, x, generator=gen, clean_value=clean, fast=fast)
+            return foolbox_pgd(self.attack, objective, x, generator=gen).x_adv
+        return self.attack(objective, x, generator=gen, clean_value=clean, fast=fast).x_adv
+
+    def _kept_rounding(self, bound: "dict[str, Tensor]", x: Tensor, kept: Tensor, g0: Tensor) -> Tensor:
+        """The certificate checked in float64 at an attack's kept points; the float32 rounding there."""
+        with torch.no_grad():
+            g_kept = self.split.features(kept)
+        return check_attack_points(self.bounder, bound, x, kept, g_kept, g0, self.attack.eps, self.attack.norm)
 
     def __call__(self, x: Tensor, y: Tensor, task: str, seed: int) -> "dict[str, object]":
         split = self.split
         gen = torch.Generator().manual_seed(seed)
         head = split.exact_head()  # predictions, losses and margins all in float64
-        with torch.no_grad():
+        certify = self.bounder is not None
+        # certify: the network must be one function of its input (its graph is checked against it below)
+        with torch.no_grad(), no_random_draws("the representation's forward") if certify else contextlib.nullcontext():
             g0 = split.features(x)
             out_clean = head(g0)
         labels = y if task == "classification" and self.loss is not None else None
@@ -250,15 +261,20 @@ class _Scorer:
         # the fast objective subtracts the float32 g(x0): a g(x0) rounded to bf16 would add one constant
         # error to every step's direction, and that biased the attack (mean AS -0.33% against +0.005%
         # with the float32 g(x0), three seeds, WideResNet-16-4, bf16 on the CPU: benchmarks/amp_strength.py)
-        self._run(representation_shift(split.features, x, g0, watch=rep), x, gen, torch.zeros(len(x), device=x.device),
-                  self._fast(representation_shift(self.fast_features, x, g0), x))
+        fast = self._fast(representation_shift(self.fast_features, x, g0), x)
+        kept = self._run(representation_shift(split.features, x, g0, watch=rep), x, gen,
+                         torch.zeros(len(x), device=x.device), fast)
         rows: "dict[str, object]" = {"s_rep": rep.shift.cpu().numpy()}
-        if self.bounder is not None:
-            bound = sensitivity_upper(self.bounder, x.contiguous(), self.attack.eps, self.attack.norm,
-                                      method=self.certify)
+        if certify:  # every batch checks itself (asbound.certify): CheckFailed names the row, nothing is recorded
+            eps, norm = self.attack.eps, self.attack.norm
+            # checks that the graph it bounds is the network (in float64)
+            bound = sensitivity_upper(self.bounder, x.contiguous(), eps, norm, method=self.certify)
+            measured = [float32_deviation(bound, g0), self._kept_rounding(bound, x, kept, g0)]
             rows.update(s_upper=bound["s_upper"].cpu().numpy(),
                         vacuous=(bound["s_upper"] >= bound["s_domain"]).cpu().numpy())
         if self.loss is None:
+            if certify:
+                check_records(bound, record_slack(bound, measured), rep.shift)
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
             return rows
@@ -267,8 +283,11 @@ class _Scorer:
         adv.observe(g0)
         loss_clean = adv.loss.clone()
         fast_model = (lambda z: split.head(self.fast_features(z))) if self.fast else split
-        self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype),
-                  self._fast(loss_objective(fast_model, self.loss, targets), x))
+        kept = self._run(loss_objective(split, self.loss, targets, watch=adv), x, gen, loss_clean.to(x.dtype),
+                         self._fast(loss_objective(fast_model, self.loss, targets), x))
+        if certify:
+            measured.append(self._kept_rounding(bound, x, kept, g0))
+            slack = record_slack(bound, measured)
         best = torch.maximum(rep.shift, adv.shift)
         delta = adv.loss - loss_clean
         ratio = delta / self.scale if self.scale > 0 else torch.where(delta > 0, math.inf, 0.0).to(delta)
@@ -293,13 +312,16 @@ class _Scorer:
                 fulfilled=(best < m).cpu().numpy(),
                 fulfilled_rep=(rep.shift < m).cpu().numpy(),
             )
-            if self.bounder is not None:  # s_upper bounds every point of the ball: the criterion certified,
-                # with the margin of the float64 g(x) the bound is centred on (the certificate is about
-                # the exact function, as is the float64 head's prediction)
-                # and below the recorded (float32) margin too, so that a certified row is also correct
-                exact_margin = torch.minimum(margins(bound["g"], y, split.W, split.b), m.double())
-                rows["certified"] = rows["s_upper"] < exact_margin.cpu().numpy()
+            if certify:  # s_upper bounds every point of the ball: the criterion certified, below the margin
+                # of the float64 g(x) the bound is centred on (the certificate is about the exact function,
+                # as is the float64 head's prediction) and, with the float32 slack, below the recorded margin
+                # of the network's g(x): no float32 point of the ball is classified otherwise either
+                sure = certified(bound, slack, [margins(bound["g"], y, split.W, split.b), m])
+                check_records(bound, slack, best, sure, ~(rep.fooled | adv.fooled))
+                rows["certified"] = sure.cpu().numpy()
         else:
+            if certify:
+                check_records(bound, slack, best)
             rows["pred"] = _format_values(out_clean)
         return rows
 
@@ -330,6 +352,15 @@ def classes_for(loaded: LoadedModel, data_spec: DataSpec, classes: Optional[str]
                           f"are those classes, in that order); --classes {classes} would relabel them: "
                           f"leave --classes out, give {recorded}, or score the AS alone with --as-only")
     return classes
+
+
+def recorded_model(spec: str, out: "str | os.PathLike | None") -> str:
+    """``spec`` as ``config.json`` records it: a ``run:DIR`` holding the run directory ``out``
+    (a transfer run's score of itself) relative to ``out``, so that the run can be moved."""
+    if out is None or not spec.startswith("run:"):
+        return spec
+    target, here = Path(spec[len("run:"):]).resolve(), Path(out).resolve()
+    return f"run:{os.path.relpath(target, here)}" if target == here or target in here.parents else spec
 
 
 def score(
@@ -388,7 +419,7 @@ def score(
     resolved = {
         **{k: v for k, v in dataclasses.asdict(cfg).items()},
         "eps_text": format_eps(float(cfg.eps)),
-        "model": str(loaded.spec),
+        "model": recorded_model(str(loaded.spec), out),
         "data": str(data.spec),
         "task": data.task,
         "n": len(data),
@@ -411,12 +442,19 @@ def score(
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
-        with frozen(split), _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg) as advance:
+        exact = float32_exact() if cfg.certify else contextlib.nullcontext()  # no TF32 under a float32 slack
+        bar = _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg)
+        with frozen(split), exact, bar as advance:
             for positions in todo:
                 sel = torch.tensor(list(positions))
                 x = to_format(data.batch(sel).to(device), fmt)
                 y = data.y[sel].to(device)
-                rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
+                try:
+                    rows = scorer(x, y, data.task, _batch_seed(cfg.seed, positions[0]))
+                except CheckFailed as failed:  # never recorded: the batch stops the run
+                    raise ModelError(f"certify: point {int(data.index[sel][failed.row])} (position "
+                                     f"{positions[failed.row]}): {failed.what}; stopped before recording "
+                                     f"its batch") from None
                 frame = pd.DataFrame(
                     {"position": list(positions), "index": data.index[sel].numpy(), "label": _format_values(data.y[sel]), **rows}
                 )
@@ -469,11 +507,13 @@ class _progress:
             return lambda k: None
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.table import Column
 
-        # on stderr: stdout carries the results (the table, or the summary JSON with --json)
+        # on stderr: stdout carries the results (the table, or the summary JSON with --json); a long
+        # description wraps, so that the count and the time stay in view at 80 columns
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=False, console=Console(stderr=True),
+            TextColumn("{task.description}", table_column=Column(overflow="fold")), BarColumn(bar_width=12),
+            MofNCompleteColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True),
         )
         self._bar.__enter__()
         task = self._bar.add_task(self.label, total=self.total, completed=self.completed)

@@ -1,12 +1,24 @@
-"""Shared pytest setup: the test helpers (``fabricate``) import under every import mode, and no
-test sees the user's data, models or cache."""
+"""Shared pytest setup: one compute thread per process, the test helpers (``fabricate``) import
+under every import mode, and no test sees the user's data, models or cache."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+#: One intra-op thread for torch and the OpenMP / BLAS pools, in this process and in every process
+#: a test starts (``python -m asbound``, torchrun ranks), unless the caller set its own. The tests
+#: run small models, where a pool gains little; on a loaded machine each process's pool of spinning
+#: OpenMP workers competes for the same cores: with 2 cores and a load of 9, two tests took 344 s
+#: and 275 s with torch's default threads and 11 s and 48 s with one.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+for _name in THREAD_VARIABLES:
+    os.environ.setdefault(_name, "1")
+if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"].isdigit():  # imported before this file: sized already
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
@@ -40,7 +52,8 @@ def _isolated(monkeypatch, tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
+    """One intra-op thread (already the default under this conftest, unless $OMP_NUM_THREADS says
+    otherwise): on a shared 2-core machine this is many times faster than two."""
     import torch
 
     threads = torch.get_num_threads()

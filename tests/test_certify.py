@@ -1,11 +1,17 @@
 """Certified sensitivity: on random small networks of every supported layer type and both norms,
 PGD's estimate and densely sampled points never exceed ``s_upper``, on every datapoint; the closed
-forms on linear representations; certified implies robust; unsupported modules are named."""
+forms on linear representations (and through residual branches); certified implies robust;
+unsupported modules are named. The graph that is bounded is the network that is scored: hooks,
+random draws and in-place operations whose old value is read again (through aliases too) are
+refused, and every run checks itself (graph against network, the bound at the attacks' points,
+the records against the bound) and stops, naming the point, where a check fails."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -549,3 +555,618 @@ def test_the_bounds_are_about_the_weights_at_construction():
     for key in ("s_upper", "s_crown", "s_domain", "g"):
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
     assert float(sensitivity_upper(Bounder(net), x, 0.05, "2")["s_upper"][0]) > 50 * float(before["s_upper"][0])
+
+
+# --- the graph that is bounded must be the network that is scored ---------------------------------
+
+
+def _graph_value(net: nn.Module, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The graph's g(x) as the bounds see it, with the in-place check switched off (what the bounds
+    were about before it existed)."""
+    import asbound.certify as certify
+
+    with monkeypatch.context() as mp:
+        mp.setattr(certify, "_stale_read", lambda *args: None)
+        return Bounder(net)(x, x).lo
+
+
+class InPlaceThrough(nn.Module):
+    """``h = lin(x)``; an in-place ReLU reaches ``h`` through ``alias``; ``out(h)`` reads ``h`` after it."""
+
+    def __init__(self, alias) -> None:
+        super().__init__()
+        self.alias = alias
+        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 6)
+        self.drop, self.ident, self.act = nn.Dropout(0.5), nn.Identity(), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = self.act(self.alias(self, h))
+        return self.out(h) + 0 * r.flatten(1)
+
+
+ALIASES = {
+    "dropout": lambda m, h: m.drop(h),
+    "identity": lambda m, h: m.ident(h),
+    "view": lambda m, h: h.view(h.size(0), -1),
+    "reshape": lambda m, h: h.reshape(h.size(0), 2, 3),
+    "flatten": lambda m, h: torch.flatten(h, 1),
+    "contiguous": lambda m, h: h.contiguous(),
+    "unsqueeze": lambda m, h: h.unsqueeze(1),
+    "functional-dropout": lambda m, h: torch.nn.functional.dropout(h, 0.5, training=False),
+    "two-aliases": lambda m, h: m.ident(m.drop(h).view(h.size(0), -1)),
+    # not bounded at all (refused before they are reached), the in-place check names them first
+    "detach": lambda m, h: h.detach(),
+    "transpose": lambda m, h: h.t(),
+    "expand": lambda m, h: h.expand(2, -1),
+}
+UNBOUNDED = {"detach", "transpose", "expand"}
+
+
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_an_in_place_op_through_an_alias_is_refused(alias, monkeypatch):
+    torch.manual_seed(0)
+    net = InPlaceThrough(ALIASES[alias]).double().eval()
+    with pytest.raises(ModelError, match="works in place on a tensor that is used again"):
+        Bounder(net)
+    if alias not in UNBOUNDED:  # why: the graph (out(h)) is not the network (out(relu(h)))
+        x = torch.rand(2, 4, dtype=torch.float64)
+        assert not torch.allclose(_graph_value(net, x, monkeypatch), net(x))
+
+
+class Augmented(nn.Module):
+    """``o = h; o op= c``: the network changes ``h`` in place, torch.fx's plain trace records
+    ``o = o op c`` and keeps ``h`` as it was."""
+
+    def __init__(self, op: str, read_h: bool) -> None:
+        super().__init__()
+        self.op, self.read_h = op, read_h
+        self.lin, self.out = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        o = h
+        if self.op == "+=":
+            o += h
+        elif self.op == "-=":
+            o -= 0.5
+        elif self.op == "*=":
+            o *= 3.0
+        else:
+            o /= 4.0
+        return self.out(h) + o if self.read_h else self.out(o)
+
+
+@pytest.mark.parametrize("op", ["+=", "-=", "*=", "/="])
+def test_augmented_assignment_is_modelled_in_place(op, monkeypatch):
+    """torch 2.14's fx proxy has no __iadd__: Python falls back to ``o = o + h`` and the graph reads
+    the old ``h`` where the network reads the changed one. asbound's trace records the in-place
+    operator; reading ``h`` after it is refused, the rest is bounded as the network computes it."""
+    import operator
+
+    from asbound.certify import _trace
+
+    torch.manual_seed(1)
+    plain = {n.target for n in torch.fx.symbolic_trace(Augmented(op, True)).graph.nodes if n.op == "call_function"}
+    ours = {n.target for n in _trace(Augmented(op, True)).graph.nodes if n.op == "call_function"}
+    name = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "truediv"}[op]
+    assert getattr(operator, name) in plain and getattr(operator, "i" + name) not in plain
+    assert getattr(operator, "i" + name) in ours
+    net = Augmented(op, True).double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    with pytest.raises(ModelError, match="works in place on a tensor that is used again"):
+        Bounder(net)
+    assert not torch.allclose(_graph_value(net, x, monkeypatch), net(x))
+    safe = Augmented(op, False).double().eval()  # out(o) alone: the in-place result is all that is read
+    torch.testing.assert_close(Bounder(safe)(x, x).lo, safe(x), rtol=1e-12, atol=1e-12)
+    est = _attack_value(safe, x, 0.05)
+    for method in ("ibp", "crown"):
+        assert torch.all(est <= sensitivity_upper(Bounder(safe), x, 0.05, "inf", method=method)["s_upper"])
+
+
+class TorchvisionBlock(nn.Module):
+    """``out = bn(conv(x)); out += identity; relu_(out)`` and an in-place ReLU on a fresh tensor:
+    in place, but nothing reads the old values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = self.act(self.stem(x))
+        out = self.bn(self.conv(identity))
+        out += identity
+        return self.act(out).flatten(1)
+
+
+def test_in_place_operations_whose_old_value_nobody_reads_are_bounded():
+    torch.manual_seed(2)
+    net = _bn_stats(TorchvisionBlock())
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    torch.testing.assert_close(bounder(x, x).lo, net(x), rtol=1e-12, atol=1e-12)
+    est = _attack_value(net, x, 0.02)
+    for method in ("ibp", "crown"):
+        assert torch.all(est <= sensitivity_upper(bounder, x, 0.02, "inf", method=method)["s_upper"])
+
+
+def test_in_place_changes_of_the_input_or_of_a_buffer_are_refused():
+    class Input(nn.Module):
+        def forward(self, x):
+            x += 1.0
+            return x
+
+    class Buffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("total", torch.zeros(3))
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.total += x.sum()
+            return self.lin(x) + self.total
+
+    with pytest.raises(ModelError, match="changes the input in place"):
+        Bounder(Input())
+    with pytest.raises(ModelError, match="changes the parameter or buffer"):
+        Bounder(Buffer())
+
+
+@pytest.mark.parametrize("where", ["leaf", "leaf-pre", "container", "root", "global"])
+def test_forward_hooks_are_refused(where):
+    net = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 3), nn.ReLU()), nn.Linear(3, 2))
+    double = lambda m, i, o: 2 * o  # noqa: E731
+    handle = {
+        "leaf": lambda: net[1][0].register_forward_hook(double),
+        "leaf-pre": lambda: net[2].register_forward_pre_hook(lambda m, i: (2 * i[0],)),
+        "container": lambda: net[1].register_forward_hook(double),
+        "root": lambda: net.register_forward_hook(double),
+        "global": lambda: torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None),
+    }[where]()
+    try:
+        with pytest.raises(ModelError, match="global forward hook" if where == "global" else "has a forward"):
+            Bounder(net)
+    finally:
+        handle.remove()
+    Bounder(net)  # without the hook
+
+
+class Draw(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(4, 3)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        h = self.lin(x)
+        noise = {
+            "rand": lambda: torch.rand(3),  # drawn while tracing: frozen into the graph as a constant
+            "randn_like": lambda: torch.randn_like(h),
+            "normal_": lambda: torch.zeros_like(h).normal_(),
+            "bernoulli": lambda: torch.bernoulli(torch.sigmoid(h)),
+            "dropout": lambda: torch.nn.functional.dropout(h, 0.5) - h,  # training=True by default
+            "dropout-positional": lambda: torch.nn.functional.dropout(h, 0.5, True) - h,
+            "numpy": lambda: torch.from_numpy(np.random.rand(3)).float(),
+            "python": lambda: random.random(),
+            "generator": lambda: torch.rand(3, generator=self.gen),  # no global state: two traces differ
+            # a random branch (stochastic depth): both traces may take the same one, the draw is seen
+            "branch": lambda: h if torch.rand(1).item() < 0.999 else -h,
+        }[self.kind]()
+        return h + 0.01 * noise
+
+
+@pytest.mark.parametrize("kind", ["rand", "randn_like", "normal_", "bernoulli", "dropout", "dropout-positional",
+                                  "numpy", "python", "generator", "branch"])
+def test_random_draws_in_forward_are_refused(kind):
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match="random|two traces of the representation differ"):
+        Bounder(Draw(kind))
+
+
+def test_dropout_in_eval_is_the_identity():
+    class Eval(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(4, 3), nn.Dropout1d(0.3)
+
+        def forward(self, x):
+            h = torch.nn.functional.dropout(self.lin(x), 0.5, training=self.training)
+            return self.drop(h.unsqueeze(-1)).flatten(1)
+
+    torch.manual_seed(0)
+    net = Eval().double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(Bounder(net)(x, x).lo, net(x))
+    for method in ("ibp", "crown"):
+        assert torch.all(_attack_value(net, x, 0.05) <= sensitivity_upper(Bounder(net), x, 0.05, "inf",
+                                                                           method=method)["s_upper"])
+
+
+def test_a_subclass_of_a_supported_layer_is_refused_and_a_parametrized_one_is_bounded():
+    class Doubled(nn.Linear):  # torch.fx keeps classes of torch.nn's namespace whole, as leaves
+        __module__ = "torch.nn.custom"
+
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ModelError, match="module type Doubled is not supported .a subclass of Linear"):
+        Bounder(nn.Sequential(Doubled(4, 3)))
+    torch.manual_seed(3)
+    net = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.ReLU()).double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(Bounder(net)(x, x).lo, net(x))
+    assert torch.all(_attack_value(net, x, 0.05) <= sensitivity_upper(Bounder(net), x, 0.05, "inf")["s_upper"])
+
+
+def test_tracing_leaves_the_module_as_it_was():
+    class Const(nn.Module):
+        def forward(self, x):
+            return x * torch.tensor(2.0)
+
+    net = Const()
+    Bounder(net)
+    assert not [k for k in vars(net) if k.startswith("_tensor_constant")]
+
+
+# --- every run checks itself -----------------------------------------------------------------------
+
+
+class AliasedRelu(nn.Module):
+    """``h = lin(x); r = relu_(dropout(h)); g = out(h) + 0 * r``, ``h = (x0 - .5, .5 - x0)``: the graph
+    (in-place ops modelled out of place) is ``out(h) = h0 + h1 = 0``, constant; the network computes
+    ``out(relu(h)) = |x0 - .5|`` and its head (class 0 iff ``g0 < .05``) changes class within 0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.lin, self.dropout = nn.Flatten(), nn.Linear(16, 2), nn.Dropout(0.5)
+        self.act, self.out, self.head = nn.ReLU(inplace=True), nn.Linear(2, 2), nn.Linear(2, 2)
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.weight[:, 0] = torch.tensor([1.0, -1.0])
+            self.lin.bias.copy_(torch.tensor([-0.5, 0.5]))
+            self.out.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+            self.out.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+            self.head.bias.copy_(torch.tensor([0.05, -0.05]))
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        r = self.act(self.dropout(h))
+        return self.head(self.out(h) + 0 * r)
+
+
+@pytest.fixture
+def aliased_files(tmp_path):
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 0] = torch.tensor([0.52, 0.47, 0.53, 0.46, 0.2, 0.9])
+    torch.save(AliasedRelu().eval(), tmp_path / "net.pt")
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long), "num_classes": 2}, tmp_path / "data.pt")
+    return ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.1", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_an_aliased_in_place_relu_is_refused_before_the_run(aliased_files, method, capsys):
+    """Before: 4 rows certified=True, robust=False (s_upper 1e-12, the attacks' shifts 0.04-0.10)."""
+    run = aliased_files[-1]
+    assert main(aliased_files + ["--certify", method]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "act (ReLU(inplace=True)) works in place on a tensor that is used again" in err
+    assert not (Path(run) / "config.json").exists()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_a_graph_that_is_not_the_network_stops_the_run_at_its_first_point(aliased_files, method, monkeypatch,
+                                                                          capsys):
+    """Without the static refusal, the first batch's graph-versus-network check stops the run, naming
+    the point; nothing of the batch is recorded."""
+    import asbound.certify as certify
+
+    monkeypatch.setattr(certify, "_stale_read", lambda *args: None)
+    run = Path(aliased_files[-1])
+    assert main(aliased_files + ["--certify", method]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "certify: point 0 (position 0): the network's g(x) differs from its traced graph's by 0.02 in float64" in err
+    assert not (run / "points.csv").exists()
+
+
+@pytest.fixture
+def relu_files(tmp_path):
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(6, 1, 4, 4)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    torch.save(net, tmp_path / "net.pt")
+    torch.save({"x": x, "y": y, "num_classes": 3}, tmp_path / "data.pt")
+    return ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.05", "--batch-size", "3",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
+
+
+def test_a_bound_below_an_attacks_shift_stops_the_run(relu_files, monkeypatch, capsys):
+    """A method whose box is too narrow (here: none at all) is caught in float64 at the attack's own
+    point; without that check, by the recorded shifts; nothing of the batch is written."""
+    import asbound.certify as certify
+    import asbound.scoring as scoring
+
+    monkeypatch.setitem(certify.OUTPUT_BOXES, "crown", lambda bounder, x, eps, norm, env=None: certify.Box(
+        *(2 * [bounder(*2 * [x.double()]).mid.flatten(1)])))
+    run = Path(relu_files[-1])
+    # both attacks; the AS attack alone; the loss attack's point alone (without a random start the AS
+    # attack never leaves x: its gradient there is zero)
+    for extra, out in (([], run), (["--as-only"], run.with_name("as-only")),
+                       (["--no-random-start"], run.with_name("loss-only"))):
+        assert main(relu_files[:-1] + [str(out), "--certify", "crown"] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the certificate is wrong" in err
+        assert "certify: point 0 (position 0): an attack's point shifts the float64 g(x)" in err
+        assert not (out / "points.csv").exists()
+    unchecked = lambda bounder, bound, *args: torch.zeros_like(bound["s_upper"])  # noqa: E731
+    monkeypatch.setattr(scoring, "check_attack_points", unchecked)
+    assert main(relu_files + ["--certify", "crown"]) == 2
+    err = capsys.readouterr().err
+    assert "certify: point 0 (position 0): the attacks' shift" in err and "exceeds s_upper" in err
+    assert not (run / "points.csv").exists()
+    monkeypatch.undo()
+    assert main(relu_files + ["--certify", "crown"]) == 0  # the same directory, with the sound bound
+
+
+def test_the_record_checks_name_the_first_bad_row():
+    from asbound.certify import CheckFailed, certified, check_records, record_slack
+
+    bound = {"s_upper": torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
+             "slack": torch.tensor([1e-6, 1e-6, 1e-6], dtype=torch.float64)}
+    slack = record_slack(bound, [torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1e-6, 0.0])])
+    torch.testing.assert_close(slack, torch.tensor([1e-6, 3e-6, 1e-6], dtype=torch.float64))
+    check_records(bound, slack, torch.tensor([0.5, 1.0 + 3e-6, 0.0]))  # within the slack
+    with pytest.raises(CheckFailed) as caught:
+        check_records(bound, slack, torch.tensor([0.5, 1.0 + 3e-6, 1.0 + 2e-6]))
+    assert caught.value.row == 2
+    sure = certified(bound, slack, [torch.tensor([2.0, 2.0, 1.0 + 5e-7]), torch.tensor([2.0, 1.0 + 2e-6, 2.0])])
+    assert sure.tolist() == [True, False, False]  # s_upper + slack (not s_upper alone) below every margin
+    with pytest.raises(CheckFailed, match="certified, yet an attack changed the class") as caught:
+        check_records(bound, slack, torch.zeros(3), sure, torch.tensor([False, True, True]))
+    assert caught.value.row == 0
+    check_records(bound, slack, torch.zeros(3), sure, torch.tensor([True, False, False]))
+
+
+def test_float32_shifts_exceed_an_exact_bound_by_rounding_never_by_more_than_the_slack():
+    """One output coordinate, an interior L-inf ball: CROWN's bound is the exact float64 maximum
+    (a vertex). The float32 attack reaches it, and its rounding (of the point and of g) puts about
+    of the recorded shifts above the bound (64 of 128 at d = 64): the slack must hold them."""
+    torch.manual_seed(0)
+    for d, bias in ((64, 0.0), (768, 1000.0)):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(d, 1)).eval()
+        net[1].bias.data += bias
+        x = torch.rand(128, d).clamp(0.05, 0.95)
+        eps = 1 / 255
+        out = sensitivity_upper(Bounder(net), x, eps, "inf", method="crown")
+        exact = eps * float(net[1].weight.detach().double().abs().sum())
+        torch.testing.assert_close(out["s_upper"], torch.full((128,), exact, dtype=torch.float64), rtol=2e-9, atol=0)
+        s = PGD(eps=eps, steps=10, rel_step=0.5)(representation_shift(net, x), x).value.double()
+        excess = s - out["s_upper"]
+        assert (excess > 0).any()  # rounding alone: a check without a slack would stop sound runs
+        assert torch.all(excess <= out["slack"])
+        assert torch.all(out["slack"] < 1e-3 * out["s_upper"] + 1e-4 * out["g"].norm(dim=1))
+
+
+def test_float32_exact_turns_tf32_off_and_restores_it():
+    from asbound.certify import float32_exact
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with float32_exact():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --- certified means below the recorded margin too; CROWN follows residual branches ---------------
+
+
+def test_a_near_tie_is_certified_only_below_the_recorded_margin(tmp_path):
+    """g = A x + 1000 (float32 rounds g by 6e-5), head the identity: at a near-tie the float32
+    margin and the float64 one differ by about that much. Eps puts s_upper (= eps sigma_max(A),
+    exact on an L2 ball) between them at one point: certified from the float64 margin alone, that
+    point would be recorded as certified with s_upper above its recorded margin."""
+    from asbound import ScoreConfig, score
+    from asbound.bounds import margins
+
+    torch.manual_seed(0)
+    feat, head = nn.Linear(4, 2), nn.Linear(2, 2)
+    feat.weight.data = torch.tensor([[0.3, -0.2, 0.5, 0.1]]).repeat(2, 1) + 0.2 * torch.randn(2, 4)
+    feat.bias.data = torch.full((2,), 1000.0)
+    head.weight.data, head.bias.data = torch.eye(2), torch.zeros(2)
+    pool = torch.rand(400, 4)
+    with torch.no_grad():
+        g32, g64 = feat(pool), feat.double()(pool.double())
+    feat.float()
+    y = g64.argmax(1)
+    m32, m64 = margins(g32, y, head.weight, head.bias), margins(g64, y, head.weight, head.bias)
+    tie = int(torch.where((m32 > 0) & (m32 < 0.02), m64 - m32, torch.zeros_like(m32)).argmax())
+    far = torch.nonzero(m32 > 0.15).flatten()[:5]
+    assert m64[tie] - m32[tie] > 1e-5 and len(far) == 5
+    keep = torch.cat([torch.tensor([tie]), far])
+    torch.save(nn.Sequential(nn.Flatten(), feat, head), tmp_path / "net.pt")
+    torch.save({"x": pool[keep].view(-1, 1, 2, 2), "y": y[keep], "num_classes": 2}, tmp_path / "data.pt")
+    sigma = float(torch.linalg.matrix_norm(feat.weight.detach().double(), ord=2))
+    eps = float(m32[tie] + m64[tie]) / 2 / sigma
+    pts = score(ScoreConfig(model=f"file:{tmp_path / 'net.pt'}", data=f"tensors:{tmp_path / 'data.pt'}"),
+                allow_pickle=True, eps=eps, norm="2", n=None, steps=5, certify="ibp", batch_size=6,
+                progress=False).points
+    with torch.no_grad():
+        exact = margins(feat.double()(torch.tensor(pool[keep].numpy(), dtype=torch.float64)), y[keep],
+                        head.weight, head.bias).numpy()
+    inside = (pts["margin"] < pts["s_upper"]) & (pts["s_upper"] < exact)
+    assert inside.tolist() == [True] + [False] * 5  # the near tie: float32 margin < s_upper < float64 margin
+    certified = pts["certified"].astype(bool)
+    assert certified.any() and not certified[0]
+    assert (pts.loc[certified, "s_upper"] < pts.loc[certified, "margin"]).all()
+    assert pts.loc[certified, "robust"].astype(bool).all()
+
+
+class LinearResidual(nn.Module):
+    def __init__(self, weight: torch.Tensor, subtract: bool = False) -> None:
+        super().__init__()
+        self.flat, self.lin, self.subtract = nn.Flatten(), nn.Linear(weight.shape[1], weight.shape[0]), subtract
+        self.lin.weight.data = weight.clone()
+
+    def forward(self, x):
+        z = self.flat(x)
+        return z - self.lin(z) if self.subtract else z + self.lin(z)
+
+
+@pytest.mark.parametrize("subtract", [False, True])
+def test_crown_alone_is_exact_and_tighter_than_ibp_through_a_residual_branch(subtract):
+    """g = z +- W z on an interior L-inf ball: max g_j - g_j(x) = eps ||(I +- W)_j||_1 exactly, which
+    CROWN must give (its box, before the intersection with IBP's); IBP gives eps (1 + |W| 1)_j,
+    larger where W's diagonal cancels the identity. A CROWN that drops or mis-signs the branch
+    misses the closed form, and its s_crown is not below s_ibp."""
+    torch.manual_seed(9)
+    d = 6
+    W = -0.8 * torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, dtype=torch.float64)
+    W = W if not subtract else -W  # I - W is I + (0.8 I - ...): the same cancellation
+    net = LinearResidual(W, subtract).double().eval()
+    x = torch.full((2, 1, 2, 3), 0.5, dtype=torch.float64)
+    eps = 0.01
+    jac = torch.eye(d, dtype=torch.float64) + (-W if subtract else W)
+    bounder = Bounder(net)
+    _, lo, hi = (x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    env = bounder.boxes(lo, hi)
+    from asbound.certify import _Backward
+
+    backward = _Backward(bounder, env)
+    lam = torch.eye(d, dtype=torch.float64).unsqueeze(0).expand(2, d, d)
+    g = net(x)
+    upper = backward(lam, x.double(), eps, "inf")  # CROWN alone, no intersection
+    lower = -backward(-lam, x.double(), eps, "inf")
+    torch.testing.assert_close(upper - g, eps * jac.abs().sum(1).expand(2, d), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g - lower, eps * jac.abs().sum(1).expand(2, d), rtol=1e-10, atol=1e-14)
+    out = sensitivity_upper(bounder, x, eps, "inf", method="crown")
+    assert torch.all(out["s_crown"] < 0.5 * out["s_ibp"])
+    torch.testing.assert_close(out["s_crown"], torch.full((2,), eps * float(jac.abs().sum(1).norm()),
+                                                          dtype=torch.float64), rtol=1e-8, atol=0)
+
+
+def test_crown_is_sound_and_tighter_than_ibp_through_relu_residual_blocks():
+    """Two ReLU residual blocks: every attack and sample stays below CROWN's bound, which is well
+    below IBP's (so the intersection with IBP does not decide it)."""
+
+    class Block(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, z):
+            return torch.relu(z + self.b(torch.relu(self.a(z))))
+
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), Block(10), Block(10), nn.Linear(10, 6)).double().eval()
+    x = torch.rand(6, 1, 3, 4, dtype=torch.float64)
+    eps = 0.03
+    out = sensitivity_upper(Bounder(net), x, eps, "inf", method="crown")
+    assert torch.all(out["s_crown"] < 0.8 * out["s_ibp"])
+    est = _attack_value(net, x, eps)
+    samples = _ball_samples(x, eps, "inf", 400, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shifts = (net(samples.flatten(0, 1)).view(400, len(x), -1) - net(x)).norm(dim=2).max(0).values
+    assert torch.all(est <= out["s_crown"]) and torch.all(shifts <= out["s_crown"])
+
+
+def test_rounding_that_follows_the_intermediate_values_is_measured_into_the_slack(tmp_path):
+    """g = relu(w (x + 10) - c), with w (x + 10) ~ 700 and g ~ 0.03: float32 rounds g by about
+    ulp(700), far more than a rounding relative to |g| allows, and the float32 shifts exceed the
+    exact bound by about 1e-3 of it. The slack measured at the clean and the attacks' points holds
+    them (modelled alone, it would stop this sound run)."""
+    import asbound.certify as certify
+    from asbound import ScoreConfig, score
+
+    torch.manual_seed(0)
+    d, eps = 64, 0.1 / 255
+    w, x0 = torch.rand(d) + 0.5, 0.5 + torch.rand(d) * 0.4
+    c = float(w.double() @ (x0.double() + 10)) - 1.1 * eps * float(w.double().sum())  # active throughout the ball
+    feat, head = nn.Linear(d, 1), nn.Linear(1, 2)
+    feat.weight.data, feat.bias.data = w.view(1, d).clone(), torch.tensor([-c])
+    head.weight.data, head.bias.data = torch.tensor([[1.0], [-1.0]]), torch.tensor([0.0, 0.0])
+    net = nn.Sequential(Normalize((-10.0,), (1.0,)), nn.Flatten(), feat, nn.ReLU(), head)
+    x = (x0.view(1, d) + torch.randint(-3, 4, (48, d)) * 2.0**-24).view(48, 1, 8, 8)
+    torch.save(net, tmp_path / "net.pt")
+    torch.save({"x": x, "y": torch.zeros(48, dtype=torch.long), "num_classes": 2}, tmp_path / "data.pt")
+    pts = score(ScoreConfig(model=f"file:{tmp_path / 'net.pt'}", data=f"tensors:{tmp_path / 'data.pt'}"),
+                allow_pickle=True, eps=eps, n=None, steps=10, certify="ibp", batch_size=48, progress=False).points
+    upper = pts["s_upper"].to_numpy()
+    assert abs(upper / (eps * float(w.double().sum())) - 1).max() < 1e-6  # IBP is exact here
+    with torch.no_grad():
+        g = torch.relu((torch.tensor(x.view(48, d).numpy(), dtype=torch.float64) + 10) @ w.double() - c).view(48, 1)
+    modelled = certify.float32_slack(g, torch.tensor(upper), eps, "inf", d).numpy()
+    excess = pts["sensitivity"].to_numpy() - upper
+    assert (excess > modelled).sum() > 5
+
+
+class LowPrecision(nn.Module):
+    """bf16 inside forward: tracing does not see the autocast region, and float64 tensors are
+    not cast, so the graph is the float64 network but not the float32 one that is scored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.lin, self.head = nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 3)
+        self.register_buffer("zero", torch.zeros(8))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.lin(self.flat(x))
+        return self.head(torch.relu(h) - self.zero)  # back in float32
+
+
+def test_a_scored_network_far_from_its_float64_self_stops_the_run(tmp_path, capsys):
+    from asbound.certify import CheckFailed, float32_deviation
+
+    bound = {"g": torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64),
+             "s_upper": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    dev = float32_deviation(bound, torch.tensor([[3.0, 4.01], [0.0, 0.0]]))
+    torch.testing.assert_close(dev, torch.tensor([0.01, 0.0], dtype=torch.float64), rtol=1e-4, atol=1e-9)
+    with pytest.raises(CheckFailed, match="it does not compute the function that is bounded") as caught:
+        float32_deviation(bound, torch.tensor([[3.0, 4.0], [0.0, 0.01]]))
+    assert caught.value.row == 1
+    torch.manual_seed(5)
+    torch.save(LowPrecision(), tmp_path / "net.pt")
+    torch.save({"x": torch.rand(4, 1, 4, 4), "y": torch.arange(4) % 3, "num_classes": 3}, tmp_path / "data.pt")
+    argv = ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.01", "--steps", "2", "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run"), "--certify", "ibp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.search(r"certify: point \d+ \(position \d+\): the scored network's g\(x\) is", err)
+
+
+def test_a_random_draw_that_tracing_missed_stops_the_run(tmp_path, monkeypatch, capsys):
+    """The scored forward pass is watched too: a draw the trace-time checks did not see (switched
+    off here) stops the run before anything is recorded."""
+    import contextlib
+
+    import asbound.certify as certify
+
+    monkeypatch.setattr(certify, "no_random_draws", lambda what: contextlib.nullcontext())
+    net = nn.Sequential(nn.Flatten(), Draw("branch"), nn.Linear(3, 2))
+    net[1].lin = nn.Linear(16, 3)
+    torch.save(net, tmp_path / "net.pt")
+    torch.save({"x": torch.rand(4, 1, 4, 4), "y": torch.arange(4) % 2, "num_classes": 2}, tmp_path / "data.pt")
+    torch.manual_seed(0)
+    argv = ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.01", "--steps", "2", "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run"), "--certify", "ibp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the representation's forward draws random numbers" in err
+    assert not (tmp_path / "run" / "points.csv").exists()

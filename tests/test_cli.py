@@ -1,5 +1,7 @@
 """``asbound score``: the summary, the run directory, resumption, one-line errors for bad input
 (argparse's included), the defaults ``--help`` shows, and that the attack options reach the run.
+The command line as a whole: start-up without the heavy stacks, every line at 80 columns, help
+that the commands keep (the sweeps' embedded default), the lazy API.
 
 Most runs use a tiny pickled model on a tensors file (fast); the embedded default and the
 head/task checks use the shipped builtin LeNet on procedural dSprites with ``--n`` 8-16 and
@@ -9,12 +11,16 @@ head/task checks use the shipped builtin LeNet on procedural dSprites with ``--n
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +28,9 @@ import pytest
 import torch
 from torch import nn
 
+import asbound.api as api
+import asbound.cli as cli
+import asbound.defaults as defaults
 import asbound.scoring as scoring
 from asbound.api import ScoreConfig
 from asbound.cli import _slug, build_parser, main
@@ -280,7 +289,7 @@ def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
         "eps 2": (with_tiny("--eps", "2"), ["eps", "[0, 1]"]),
         "eps -0.1": (with_tiny("--eps", "-0.1"), ["eps", "[0, 1]"]),
         "eps abc": (with_tiny("--eps", "abc"), ["'abc'", "[0, 1]"]),
-        "steps -1": (with_tiny("--steps", "-1"), ["steps", ">= 0"]),
+        "steps 0": (with_tiny("--steps", "0"), ["steps", ">= 1", "no attack"]),
         "n 0": (with_tiny("--n", "0"), ["n must be >= 1"]),
         "batch size 0": (with_tiny("--batch-size", "0"), ["batch size", ">= 1"]),
         "delta 1.5": (with_tiny("--delta", "1.5"), ["delta", "(0, 1)"]),
@@ -294,7 +303,7 @@ def _bad_inputs(assets: Path) -> "dict[str, tuple[list, list[str]]]":
         "foreign checkpoint": (with_tiny("--model", f"file:{assets / 'text.pt'}"), ["text.pt", "torch.save"]),
         "pickle not allowed": ([a for a in with_tiny() if a != "--allow-pickle"], ["--allow-pickle"]),
         "foreign, pickle not allowed": ([a for a in with_tiny("--model", f"file:{assets / 'text.pt'}") if a != "--allow-pickle"],
-                                        ["--allow-pickle"]),
+                                        ["text.pt", "is not a torch.save file"]),
         "model without data": (["--model", "builtin:lenet-adversarial"], ["--data"]),
         "data without model": (["--data", "dsprites:shape"], ["--model"]),
         "input size misfit": (with_tiny("--data", "dsprites:shape"), ["1x64x64", "--resize"]),
@@ -680,3 +689,314 @@ def test_versions_and_device_do_not_block_resume(assets, baseline, populated, ca
     config = json.loads((populated / "config.json").read_text())
     assert config["versions"]["torch"] != "0.0.1" and config["device"] == "cpu"
     _assert_same_run(populated, baseline)
+
+
+# --- start-up: parsing and help import none of the heavy stacks ---------------------------------
+
+HEAVY = {"torch", "torchvision", "numpy", "pandas", "robustbench", "foolbox", "timm", "matplotlib", "scipy",
+         "autoattack", "pyautoattack", "submitit"}
+COMMANDS = [[], ["score"], ["transfer"], ["sweep"], ["predict"], ["table"], ["plot"],
+            *(["sweep", kind] for kind in ("shift", "eps", "resize", "grid"))]
+
+
+def _imported_after(code: str) -> "set[str]":
+    """The heavy top-level packages a fresh interpreter holds after running ``code``."""
+    script = textwrap.dedent(code) + textwrap.dedent("""
+        import sys
+        print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split()) & HEAVY
+
+
+def test_help_and_argument_errors_import_no_heavy_stack():
+    """`asbound --help`, each command's --help and an argument error took 5 s, importing torch,
+    robustbench, foolbox and pandas at start: the parser now reads its defaults from the
+    declarations (asbound.defaults), and each command imports what it needs when it runs."""
+    assert _imported_after(f"""
+        import contextlib, io
+        from asbound.cli import main
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            for command in {COMMANDS!r}:
+                assert main([*command, "--help"]) == 0, command
+            assert main(["score", "--steps", "x"]) == 2
+            assert main(["transfer", "--method", "lp", "--epochs", "x", "--out", "o"]) == 2
+            assert main(["sweep", "eps", "--bogus"]) == 2
+    """) == set()
+    assert _imported_after("import asbound, asbound.api, asbound.cli, asbound.defaults") == set()
+    # a command needs only its own stack: tables and plots read records without torch
+    assert _imported_after("from asbound.api import table, render, plot, TABLE_STYLES") <= {"numpy", "pandas"}
+
+
+def test_the_parser_defaults_are_read_from_the_declarations(monkeypatch):
+    """Every default and choice the parser takes from a torch module is read from its source
+    (strict: no import as a fallback), and equals the imported value."""
+    calls = []
+
+    def strict(function):
+        def read(*args):
+            calls.append((function.__name__, args))
+            return function(*args, strict=True)
+        return read
+
+    for name in ("config_defaults", "constant", "first_arguments"):
+        monkeypatch.setattr(cli, name, strict(getattr(defaults, name)))
+    build_parser()
+    assert {name for name, _ in calls} == {"config_defaults", "constant", "first_arguments"}
+    for name, args in set(calls):
+        imported = getattr(importlib.import_module(args[0]), args[1])
+        value = getattr(defaults, name)(*args, strict=True)
+        if name == "config_defaults":
+            assert value == {f.name: f.default for f in dataclasses.fields(imported)
+                             if f.default is not dataclasses.MISSING}, args
+            assert all(f.default_factory is dataclasses.MISSING for f in dataclasses.fields(imported))
+        else:
+            assert value == (tuple(imported) if name == "first_arguments" else imported), args
+
+
+def test_the_declaration_reader_falls_back_to_the_import():
+    # a registry of objects and a field with a default factory are no literals: strict refuses them ...
+    with pytest.raises(defaults.NotLiteral):
+        defaults.constant("asbound.transfer.methods", "METHODS", strict=True)
+    with pytest.raises(defaults.NotLiteral):
+        defaults.config_defaults("asbound.scoring", "ScoreResult", strict=True)
+    # ... and without strict they come from the imported module
+    from asbound.transfer.methods import METHODS
+
+    assert defaults.constant("asbound.transfer.methods", "METHODS") is METHODS
+    assert defaults.config_defaults("asbound.scoring", "ScoreResult") == {"out": None, "notes": []}
+    # a name imported into a module is followed to where it is declared
+    from asbound.models.peft import VARIANTS
+
+    assert defaults.constant("asbound.transfer.config", "PEFTS", strict=True) == VARIANTS
+
+
+def _field_defaults(config: type) -> "dict[str, object]":
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+
+
+@pytest.mark.parametrize("command", [["score"], ["transfer"], ["predict"], ["sweep", "eps"]])
+def test_each_option_defaults_to_its_config_field(command):
+    """An option that sets a config field starts from that field's default (a sweep's transfer
+    options from TransferConfig's): no default is written twice."""
+    import argparse
+
+    from asbound.predict import PredictConfig
+    from asbound.transfer import TransferConfig
+
+    parser = build_parser().commands[command[0]]
+    config = {"score": ScoreConfig, "transfer": TransferConfig, "predict": PredictConfig, "sweep": ScoreConfig}
+    fields = {dest: (config[command[0]], dest) for dest in _field_defaults(config[command[0]])}
+    if command[0] == "sweep":
+        parser = next(a for a in parser._actions if a.dest == "kind").choices[command[1]]
+        fields.update({dest: (TransferConfig, field) for dest, field in cli._TRANSFER_CELL_ONLY.items()})
+    # None says what happens without the option: the embedded default; a sweep's score cells
+    unset = {"model", "data"} | ({"method"} if command[0] == "sweep" else set())
+    checked = []
+    for action in parser._actions:
+        if action.dest not in fields or action.dest in unset or action.required or action.default == argparse.SUPPRESS:
+            continue
+        expected = _field_defaults(fields[action.dest][0])[fields[action.dest][1]]
+        if isinstance(expected, tuple) and isinstance(action.default, str):
+            expected = ",".join(map(str, expected))
+        assert action.default == expected, (action.dest, action.default, expected)
+        checked.append(action.dest)
+    assert len(checked) >= 8, checked
+
+
+def test_the_api_is_lazy_and_its_static_imports_match():
+    """asbound.api resolves each name from its room on first use; the TYPE_CHECKING imports (what
+    editors and type checkers see) name the same objects."""
+    tree = ast.parse(Path(api.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    static = {(alias.asname or alias.name): (node.module, alias.name)
+              for node in block.body for alias in node.names}
+    assert static == api._EXPORTS
+    assert sorted(api.__all__) == sorted(api._EXPORTS) and set(dir(api)) >= set(api.__all__)
+    for name, (module, attribute) in api._EXPORTS.items():
+        assert getattr(api, name) is getattr(importlib.import_module(module), attribute), name
+    with pytest.raises(AttributeError):
+        api.no_such_name  # noqa: B018
+
+
+# --- 80 columns ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "asbound")
+def test_every_help_reads_at_80_columns(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main([*command, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
+
+
+def test_the_progress_bar_keeps_its_count_at_80_columns(assets, tmp_path, capsys, monkeypatch):
+    """A description longer than the line (here two long paths) hid the bar, the count and the
+    time: it wraps now, and the count stays in view."""
+    monkeypatch.setenv("COLUMNS", "80")
+    deep = tmp_path / ("a-directory-with-a-long-name-" * 2)
+    deep.mkdir()
+    shutil.copy(assets / "tiny.pt", deep / "tiny.pt")
+    shutil.copy(assets / "data.pt", deep / "data.pt")
+    args = [a for a in _tiny(assets, n=8) if a != "--no-progress"]
+    args[1], args[4] = f"file:{deep / 'tiny.pt'}", f"tensors:{deep / 'data.pt'}"
+    rc, _, err = _cli(capsys, *args, "--json", "--out", tmp_path / "run")
+    assert rc == 0 and len(f"{args[1]} on {args[4]}") > 80
+    assert "8/8" in err and max(len(line) for line in err.splitlines()) <= 80
+
+
+def _score_summary(model: str, data: str, **changes) -> dict:
+    s = {"model": model, "data": data, "task": "classification", "loss": "cross_entropy", "n": 500,
+         "eps_text": "8/255", "norm": "inf", "steps": 20, "as_score": 1.111, "as_score_rep": 2.222,
+         "loss_clean": 0.3333, "loss_adv": 0.4444, "loss_diff": 5.555, "q": "inf", "lipschitz": 2.0,
+         "head_norm": 6.666, "head_norm_name": "row_max", "lhs": 7.777, "lemma1_holds": True,
+         "lemma1_holds_rep": False, "theorem1": {"lhs_capped": 8.888, "cap": 10.0, "delta": 0.05, "bound": 9.999,
+                                                 "lipschitz_term": 9.5, "confidence": 0.499},
+         "clean_accuracy": 0.111, "robust_accuracy": 0.222, "prop_fulfilled": 0.333, "rob_fulfilled": 0.444,
+         "rob_fulfilled_rep": 0.555, "rhs_certified": 1.5, "tightness": 1.35, "prop_certified": 0.1,
+         "prop_vacuous": 0.0}
+    s.update(changes)
+    return s
+
+
+EMBEDDED = [_score_summary("builtin:lenet-adversarial/orientation", "dsprites:orientation", task="regression",
+                           loss="euclidean_error", q="2", head_norm_name="spectral", clean_accuracy=None),
+            _score_summary("builtin:lenet-shape-adversarial/shape", "dsprites:shape")]
+ZOO = "robustbench:cifar100/Linf/Addepalli2022Efficient_WRN_34_10"
+
+
+def _rendered(table) -> "list[str]":
+    from rich.console import Console
+
+    console = Console(width=80, record=True, color_system=None)
+    console.print(table)
+    return console.export_text().splitlines()
+
+
+def _assert_readable(lines: "list[str]", whole: "list[str]", words: "list[str]") -> None:
+    """At most 80 columns; each of ``whole`` on one line; no word of ``words`` cut."""
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    for text in whole:
+        assert any(text in line for line in lines), text
+    for text in words:
+        for word in text.split():
+            assert any(word in line for line in lines), (word, text)
+
+
+@pytest.mark.parametrize("summaries", [
+    EMBEDDED,
+    [_score_summary(ZOO, "cifar10")],
+    [*EMBEDDED, _score_summary(ZOO, "cifar10")],
+    [_score_summary(ZOO, "cifar10"), _score_summary(ZOO, "tensors:/home/someone/data/a-cifar10-subset.pt")],
+    [_score_summary("builtin:m", "cifar10"), _score_summary("builtin:m", "dsprites:shape")],
+], ids=["embedded default", "one run", "three models", "long data", "one model"])
+def test_the_score_table_reads_at_80_columns(summaries):
+    """Specs stand whole (they broke mid-word: "builtin:lenet-ad / versarial/"), no value is cut,
+    and with one or two runs every row label keeps its line."""
+    from asbound.report.console import CERTIFIED_ROWS, ROWS, summary_table
+
+    lines = _rendered(summary_table(summaries))
+    specs = [s[key] for s in summaries for key in ("model", "data")]
+    rows = ROWS + CERTIFIED_ROWS
+    cells = [cell(s) for _, cell in rows for s in summaries]
+    labels = [label for label, _ in rows]
+    _assert_readable(lines, specs + (labels if len(summaries) <= 2 else []), cells + labels)
+
+
+def _final(method: str, peft: "str | None" = None) -> dict:
+    return {"method": method, "peft": peft,
+            "test": {"n": 10000, "clean_accuracy": 0.8123, "pgd": {"10": 0.4512, "20": 0.4401}, "eps_text": "8/255"},
+            "score_before": {"as_score": 1.2345},
+            "score_after": {"as_score_rep": 1.111, "as_score": 1.2222, "loss": "cross_entropy", "loss_clean": 0.4321,
+                            "loss_adv": 1.2345, "head_norm": 3.21, "lhs": 0.1234, "prop_fulfilled": 0.3456,
+                            "rob_fulfilled": 0.9},
+            "stages": [{"stage": "lp", "selected_epoch": 17, "epochs": 20},
+                       *([{"stage": "ft", "selected_epoch": 9, "epochs": 10}] if method == "lp-ft" else [])]}
+
+
+@pytest.mark.parametrize("methods", [["lp"], ["lp", "ft", "lp-ft"], ["lp", "ft", "lp-ft", "adv-lp", "adv-ft"],
+                                     [("ranli", "lora"), ("roli", "adapter")]], ids=lambda m: str(len(m)))
+def test_the_transfer_table_reads_at_80_columns(methods):
+    from asbound.report.console import transfer_rows, transfer_table
+
+    finals = [_final(*m) if isinstance(m, tuple) else _final(m) for m in methods]
+    title = f"asbound transfer: {ZOO} -> cifar10 (classes 0-4)"
+    lines = _rendered(transfer_table(finals, title=title))
+    cells = [cell(f) for _, cell in transfer_rows(finals) for f in finals]
+    _assert_readable(lines, [ZOO], cells + title.split() + [label for label, _ in transfer_rows(finals)])
+
+
+def test_the_predict_table_reads_at_80_columns():
+    from asbound.report.console import predict_table
+
+    rec = {"model": ZOO, "eps_text": "8/255", "norm": "inf", "threshold": 2.0,
+           "pretrain": {"label": "cifar100", "as_score": 0.8765},
+           "tasks": [{"label": "cifar10", "as_score": 0.9, "ratio": 1.03, "verdict": "transfers",
+                      "bound": {"loss_increase": 1.234}, "measured": {"relative_ce": 0.44}},
+                     {"label": "digits [5-9] +zoom_blur-2 @32px", "as_score": 2.9, "ratio": 3.3,
+                      "verdict": "does not transfer", "bound": None, "measured": None}]}
+    lines = _rendered(predict_table(rec))
+    _assert_readable(lines, [ZOO], ["digits [5-9] +zoom_blur-2 @32px", "does not transfer", "1.234", "0.44",
+                                    "measured (rob. CE - CE) / CE", "verdict (ratio <= 2)"])
+
+
+# --- help that the commands keep: the sweeps' embedded default ----------------------------------
+
+
+def test_a_sweep_without_model_and_data_scores_the_embedded_default(tmp_path, capsys, monkeypatch):
+    """`sweep eps --help` promised the embedded default without --model/--data, and the command
+    refused with "give --model": now its cells score the embedded default's classification
+    setting, the one its help names, and the eps table reads them."""
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["sweep", "eps", "--help"]) == 0
+    model, data = scoring.DEFAULT_RUNS[1]
+    assert f"{model} on {data}" in _help_entries(capsys.readouterr().out)["--model"]
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "eps", "--multiples", "1,2", "--n", "4", "--steps", "1", "--no-progress", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    for cell, eps in (("eps-x1", EPS), ("eps-x2", 2 * EPS)):
+        summary = _strict_json((out / cell / "summary.json").read_text())
+        assert summary["model"] == f"{model}/shape" and summary["data"] == data
+        assert summary["n"] == 4 and summary["eps"] == pytest.approx(eps) and "prop_fulfilled" in summary
+    assert main(["table", str(out), "--style", "eps"]) == 0
+    assert "robust accuracy of the fulfilled (x2)" in capsys.readouterr().out
+    # without --n: the embedded default's n, as for score
+    args = cli.build_parser().parse_args(["sweep", "eps", "--out", "o"])
+    assert cli._sweep_base(args)[1]["n"] == scoring.DEFAULT_N
+    args = cli.build_parser().parse_args(["sweep", "eps", "--model", "m", "--data", "d", "--out", "o"])
+    assert cli._sweep_base(args)[1]["n"] == ScoreConfig.n
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "lp"], ["--method", "--model and --data"]),
+    (["--model", "builtin:lenet-adversarial"], ["both --model and --data"]),
+    (["--epochs", "3"], ["--epochs", "score cells"]),
+    (["--n-test", "50", "--lr", "0.1"], ["--lr, --n-test", "score cells"]),
+    (["--method", "lp", "--model", "builtin:lenet-adversarial", "--data", "digits", "--attack", "apgd",
+      "--head", "h.pt"], ["--head, --attack", "transfer cells"]),
+])
+def test_a_sweep_refuses_options_its_cells_would_not_use(args, expected, tmp_path, capsys):
+    """Options that one kind of cell ignores were dropped silently; they are refused, one line."""
+    capsys.readouterr()
+    rc = main(["sweep", "eps", *args, "--out", str(tmp_path / "sweep")])
+    line = _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and not (tmp_path / "sweep").exists()
+    for text in expected:
+        assert text in line, (text, line)
+
+
+# --- the test processes ---------------------------------------------------------------------------
+
+
+def test_tests_and_the_processes_they_start_run_one_compute_thread():
+    """conftest.py caps torch's threads (unless $OMP_NUM_THREADS says otherwise): with its default
+    pool per process the suite took 19 minutes on a loaded 2-core machine."""
+    threads = os.environ["OMP_NUM_THREADS"]
+    assert torch.get_num_threads() == int(threads)
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == threads, proc.stderr

@@ -187,8 +187,10 @@ def test_auto_takes_cifar_c_where_it_exists():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("blur", 1), "unknown corruption 'blur' for asbound; valid: brightness, contrast"),
-        (("fog", 1, "cifar"), "unknown corruption 'fog' for CIFAR-10-C's parameter set"),
+        (("blur", 1), "unknown corruption 'blur'; valid: brightness, contrast, defocus_blur"),
+        (("blur", 1, "cifar"), "unknown corruption 'blur'; valid: brightness, contrast, defocus_blur"),
+        (("fog", 1, "cifar"), "corruption 'fog' has no CIFAR-10-C parameter set; valid with "
+                              "--corruption-params cifar: brightness, contrast, gaussian_blur"),
         (("zoom_blur", 0), "severity 0 is not valid; valid: 1, 2, 3, 4, 5"),
         (("zoom_blur", 6), "severity 6 is not valid"),
         (("zoom_blur", 2.5), "severity 2.5 is not valid"),

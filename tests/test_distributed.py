@@ -128,3 +128,38 @@ def test_ranks_started_with_different_options_are_refused_in_one_line(tmp_path):
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert len(lines) == 1 and "ranks disagree on the configuration" in lines[0] and "lr" in lines[0], err
     assert not Path(tmp_path / "run").exists()
+
+
+# --- the shards themselves (no processes needed) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("n, batch_size", [(37, 8), (40, 8), (9, 9), (10, 3)])
+def test_the_ranks_batches_are_disjoint_and_together_the_one_process_batch(tmp_path, ranks, n, batch_size):
+    """Each row of a fabricated set carries its position; every global batch is split among the
+    ranks without overlap or loss (a last batch with fewer rows than ranks is left out by all)."""
+    from asbound.distributed import World
+
+    data = _numbered(tmp_path, n)
+    for shuffle in (False, True):
+        whole = [y.tolist() for _, y in data.loader(batch_size, shuffle=shuffle, seed=5)]
+        shares = [[y.tolist() for _, y in data.loader(batch_size, shuffle=shuffle, seed=5, shard=(r, ranks))]
+                  for r in range(ranks)]
+        kept = [b for b in whole if len(b) >= ranks]
+        assert all(len(s) == len(kept) for s in shares)
+        for i, batch in enumerate(kept):
+            parts = [set(s[i]) for s in shares]
+            assert sum(len(p) for p in parts) == len(batch)  # disjoint ...
+            assert set().union(*parts) == set(batch)  # ... and together the batch
+            assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    # validation: each rank counts its rows; together every row once
+    rows = [World(rank=r, size=ranks).share(n).tolist() for r in range(ranks)]
+    assert sorted(sum(rows, [])) == list(range(n))
+
+
+def _numbered(folder: Path, n: int):
+    """A data set whose label is the row's position (as many classes as rows)."""
+    from asbound.data import load_data
+
+    torch.save({"x": torch.rand(n, 1, 2, 2), "y": torch.arange(n), "num_classes": n}, folder / "t.pt")
+    return load_data(f"tensors:{folder / 't.pt'}")

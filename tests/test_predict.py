@@ -172,3 +172,54 @@ def test_spearman_p_is_exact_for_few_tasks_and_task_directories_never_collide():
     assert spearman(list(range(12)), list(range(12)))["p_method"] == "t approximation"
     with pytest.raises(ConfigError, match="would share the run directory digits-0-2"):
         parse_tasks("digits@classes=0,2,digits@classes=0-2")
+
+
+def test_the_ratio_divides_by_the_pretraining_as_of_the_representation_attack_alone(tmp_path):
+    """The tasks' AS comes from the representation attack alone (no labels), so the ratio's
+    denominator must too, though the pretraining run, having labels, also ran the loss attack (its
+    ``as_score`` is the larger shift of both). A 2-step attack on the digits CNN makes them differ."""
+    out = tmp_path / "p"
+    rec = predict(PredictConfig(model="builtin:digits-adversarial", pretrain_data="digits", pretrain_classes="0-4",
+                                data="digits@classes=5-9", n=16, steps=2, batch_size=16, device="cpu"),
+                  out, progress=False, printer=lambda _: None)
+    pre = json.loads((out / rec["pretrain"]["dir"] / "summary.json").read_text())
+    assert pre["as_score"] > 1.02 * pre["as_score_rep"]  # the two AS differ here (a linear map: equal)
+    task = rec["tasks"][0]
+    down = json.loads((out / task["dir"] / "summary.json").read_text())
+    assert task["as_score"] == down["as_score"] == down["as_score_rep"]  # the AS-only run: one attack
+    assert rec["pretrain"]["as_score"] == pre["as_score_rep"] and rec["pretrain"]["as_score_both"] == pre["as_score"]
+    assert task["ratio"] == pytest.approx(down["as_score_rep"] / pre["as_score_rep"], rel=1e-12)
+
+
+def test_spearman_beyond_exact_n_gives_the_t_approximation_and_a_permutation_p():
+    from scipy.stats import rankdata
+
+    from asbound.predict import PERMUTATIONS, p_text
+
+    x = list(range(9))
+    y = [2, 0, 1, 5, 3, 8, 4, 6, 7]
+    s = spearman(x, y)
+    assert s["p_method"] == "t approximation" and s["permutations"] == PERMUTATIONS
+    ra, rb = rankdata(x), rankdata(y)
+    perms = torch.tensor(list(itertools.permutations(rb)), dtype=torch.float64)  # all 9! orderings: the exact p
+    centred = perms - perms.mean(1, keepdim=True)
+    ca = torch.tensor(ra - ra.mean())
+    rhos = centred @ ca / (centred.norm(dim=1) * ca.norm())
+    exact = float((rhos.abs() >= abs(s["rho"]) - 1e-12).double().mean())
+    assert 0.01 < exact < 0.2
+    assert s["p_permutation"] == pytest.approx(exact, abs=4 * (exact * (1 - exact) / PERMUTATIONS) ** 0.5)
+    assert s["p"] != pytest.approx(exact, rel=0.02)  # the t approximation is another number
+    assert p_text(s) == (f"p {s['p']:.2g}, t approximation; {s['p_permutation']:.2g} by {PERMUTATIONS:,} random "
+                         f"permutations")
+    assert p_text({"p": 0.0003, "n": 20}) == "p 0.0003, t approximation"  # written before p_method was
+
+
+def test_the_measured_robust_accuracy_is_the_strongest_evaluation_recorded():
+    from asbound.predict import _strongest
+
+    test = {"robust_accuracy": 0.3, "autoattack": 0.5, "pgd": {"5": 0.7, "20": 0.6}}
+    assert _strongest(test) == 0.3  # a point robust only if every attack failed on it
+    del test["robust_accuracy"]
+    assert _strongest(test) == 0.5
+    del test["autoattack"]
+    assert _strongest(test) == 0.6  # PGD-20, the most steps (not the string-largest key "5")

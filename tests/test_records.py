@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -333,3 +334,191 @@ def test_api_run_directory_and_resume(tiny, tmp_path, monkeypatch):
     again = score(cfg, out=out, progress=False, data_root=tmp_path / "root")
     assert again.summary == first.summary
     pd.testing.assert_frame_equal(again.points, first.points)
+
+
+# --- docs/RECORDS.md lists exactly what real runs write -----------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "RECORDS.md"
+
+
+def _cells(line: str) -> "list[str]":
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+
+
+def _doc() -> "tuple[set[str], dict[tuple[str, str], dict[str, frozenset[str]]]]":
+    """The conditions the page defines, and per (section, file) its rows: name -> conditions."""
+    legend: "set[str]" = set()
+    tables: "dict[tuple[str, str], dict[str, frozenset[str]]]" = {}
+    section = sub = None
+    for line in DOC.read_text().splitlines():
+        if line.startswith("## "):
+            section, sub = line[3:].split(" (")[0], None
+        elif line.startswith("### "):
+            sub = line[4:].strip().strip("`")
+        elif line.startswith("|") and not line.startswith("|---"):
+            first, written = _cells(line)[:2]
+            if section is None and first != "written":
+                legend.add(first)
+            elif sub and first.startswith("`"):
+                conditions = frozenset() if written == "always" else frozenset(written.split(", "))
+                tables.setdefault((section, sub), {})[first.strip("`")] = conditions
+    return legend, tables
+
+
+LEGEND, TABLES = _doc()
+
+
+def _expected(section: str, name: str, holds: "set[str]") -> "set[str]":
+    return {key for key, conditions in TABLES[(section, name)].items() if conditions <= holds}
+
+
+def _flatten(obj: dict, documented: "set[str]", prefix: str = "") -> "set[str]":
+    """The keys of ``obj`` (``a.b``, ``a[].b``), inside an object or a list only where the page
+    lists keys inside it."""
+    keys = set()
+    for key, value in obj.items():
+        path = prefix + key
+        keys.add(path)
+        if isinstance(value, dict) and any(d.startswith(path + ".") for d in documented):
+            keys |= _flatten(value, documented, path + ".")
+        if isinstance(value, list) and any(d.startswith(path + "[].") for d in documented):
+            for item in value:
+                keys |= _flatten(item, documented, path + "[].")
+    return keys
+
+
+def _check_json(section: str, name: str, obj: dict, holds: "set[str]", options: "set[str]" = frozenset()) -> None:
+    documented = set(TABLES[(section, name)])
+    written = _flatten(obj, documented) - set(options)
+    assert set(options) <= set(obj), f"{section} {name}: options not recorded: {set(options) - set(obj)}"
+    expected = _expected(section, name, holds)
+    assert written - expected == set(), f"{section} {name}: written but not documented (or not so): {written - expected}"
+    assert expected - written == set(), f"{section} {name}: documented but not written: {expected - written}"
+
+
+def _pattern(name: str) -> "re.Pattern[str]":
+    return re.compile("".join("[^/]+" if part.startswith("<") else re.escape(part)
+                              for part in re.split(r"(<[^>]+>)", name)))
+
+
+def _check_files(section: str, root: Path, holds: "set[str]") -> None:
+    """Every file and folder in ``root`` matches a documented one; every documented one that
+    holds is there. Folders whose contents the page lists are entered; others (runs) are not."""
+    rows = TABLES[(section, "Files")]
+    found: "set[str]" = set()
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            rel = str(entry.relative_to(root)) + ("/" if entry.is_dir() else "")
+            match = [name for name in rows if _pattern(name).fullmatch(rel)]
+            assert match, f"{section}: {rel} is written but not documented"
+            assert any(rows[m] <= holds for m in match), f"{section}: {rel} is written where the page says it is not"
+            found.update(match)
+            if entry.is_dir() and any(name.startswith(m) and name != m for m in match for name in rows):
+                walk(entry)
+
+    walk(root)
+    missing = {name for name, conditions in rows.items() if conditions <= holds} - found
+    assert not missing, f"{section}: documented but not written: {missing}"
+
+
+def _fields(config_class: type) -> "set[str]":
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory) -> "dict[str, tuple[Path, set[str]]]":
+    """Real tiny runs of every kind and variant, with the conditions of the page that hold."""
+    import tiny_runs
+    from asbound.cli import main
+
+    root = tmp_path_factory.mktemp("real")
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 1)), root / "reg.pt")
+    make_tensors_file(root / "reg.pt.data", n=8, shape=(3, 4, 4), target="float", seed=2)
+    regression = ["score", "--model", f"file:{root / 'reg.pt'}", "--allow-pickle", "--data",
+                  f"tensors:{root / 'reg.pt.data'}", "--steps", "1", "--no-progress"]
+    variants = {
+        "classification": (tiny_runs.score, (), {"loss", "classification"}),
+        "as-only": (tiny_runs.score, ("--as-only",), set()),
+        "head misfit": (tiny_runs.score, ("--classes", "0-9"), set()),
+        "certify": (tiny_runs.score, ("--certify", "ibp"), {"loss", "classification", "--certify"}),
+        "certify as-only": (tiny_runs.score, ("--certify", "crown", "--as-only"), {"--certify"}),
+        "regression": (lambda out, *extra: [*regression, "--out", str(out), *extra], (), {"loss"}),
+        "regression certify": (lambda out, *extra: [*regression, "--out", str(out), *extra], ("--certify", "ibp"),
+                               {"loss", "--certify"}),
+        "transfer": (tiny_runs.transfer, (), {"scored"}),
+        "transfer unscored": (tiny_runs.transfer, ("--no-score",), set()),
+        "sweep": (lambda out: tiny_runs.sweep(out), (), set()),
+        "predict": (lambda out: tiny_runs.predict(out), (), set()),
+        "predict measured": (lambda out, *extra: [*tiny_runs.predict(out), *extra],
+                             ("--head-norm", "1", "--measure", "lp,adv-lp", "--epochs", "1", "--n-train", "32"),
+                             {"--head-norm", "--measure", "--measure adv-lp"}),
+    }
+    runs = {}
+    for name, (command, extra, holds) in variants.items():
+        out = root / name.replace(" ", "-")
+        assert main(command(out, *extra)) == 0, name
+        runs[name] = (out, holds)
+    return runs
+
+
+def test_the_page_uses_only_the_conditions_it_defines():
+    assert {"loss", "classification", "--certify", "scored", "--measure"} <= LEGEND
+    used = {c for rows in TABLES.values() for conditions in rows.values() for c in conditions}
+    assert used <= LEGEND, used - LEGEND
+    for table in [("Score run", f) for f in ("Files", "config.json", "points.csv", "summary.json")] + [
+            ("Transfer run", f) for f in ("Files", "config.json", "epochs.csv", "final.json")] + [
+            ("Sweep", "Files"), ("Sweep", "sweep.json"), ("Prediction", "Files"), ("Prediction", "predict.json")]:
+        assert TABLES.get(table), table
+
+
+SCORE_VARIANTS = ["classification", "as-only", "head misfit", "certify", "certify as-only", "regression",
+                  "regression certify"]
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS)
+def test_records_md_lists_what_a_score_run_writes(variant, real_runs):
+    out, holds = real_runs[variant]
+    _check_files("Score run", out, holds)
+    columns = list(pd.read_csv(out / POINTS, nrows=0).columns)
+    assert len(columns) == len(set(columns))
+    _check_json("Score run", "points.csv", dict.fromkeys(columns), holds)
+    _check_json("Score run", "summary.json", json.loads((out / SUMMARY).read_text()), holds)
+    _check_json("Score run", "config.json", json.loads((out / CONFIG).read_text()), holds, _fields(ScoreConfig))
+
+
+@pytest.mark.parametrize("variant", ["transfer", "transfer unscored"])
+def test_records_md_lists_what_a_transfer_run_writes(variant, real_runs):
+    from asbound.transfer import TransferConfig
+
+    out, holds = real_runs[variant]
+    _check_files("Transfer run", out, holds)
+    final = json.loads((out / "final.json").read_text())
+    _check_json("Transfer run", "final.json", final, holds)
+    _check_json("Transfer run", "config.json", json.loads((out / CONFIG).read_text()), holds, _fields(TransferConfig))
+    _check_json("Transfer run", "epochs.csv", dict.fromkeys(pd.read_csv(out / "epochs.csv", nrows=0).columns), holds)
+    assert json.loads((out / "stages.json").read_text()) == final["stages"]
+    for name in ("before", "after") if "scored" in holds else ():  # ordinary score runs
+        _check_files("Score run", out / "score" / name, set())
+
+
+def test_records_md_lists_what_a_sweep_writes(real_runs):
+    out, holds = real_runs["sweep"]
+    _check_files("Sweep", out, holds)
+    manifest = json.loads((out / "sweep.json").read_text())
+    _check_json("Sweep", "sweep.json", manifest, holds)
+    assert set(manifest["base"]) == _fields(ScoreConfig)  # every option the cells share, resolved
+
+
+@pytest.mark.parametrize("variant", ["predict", "predict measured"])
+def test_records_md_lists_what_a_prediction_writes(variant, real_runs):
+    from asbound.predict import PredictConfig
+
+    out, holds = real_runs[variant]
+    _check_files("Prediction", out, holds)
+    record = json.loads((out / "predict.json").read_text())
+    _check_json("Prediction", "predict.json", record, holds)
+    assert set(record["config"]) == _fields(PredictConfig)

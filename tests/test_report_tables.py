@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +27,8 @@ def _summary(**over):
     s = dict(n=4, as_score=1.2, as_score_rep=1.1, loss="cross_entropy", loss_clean=0.5, loss_adv=0.9, loss_diff=0.4,
              q="inf", lipschitz=2.0, head_norm=2.0, head_norm_name="row_max", lhs=0.1, rhs=1.2,
              clean_accuracy=0.75, robust_accuracy=0.5, prop_fulfilled=0.25, rob_fulfilled=1.0, eps=0.1,
-             eps_text="0.1", norm="inf", steps=20, model="builtin:m", data="digits", task="classification",
-             head_norms={"row_max": 2.0})
+             eps_text="0.1", norm="inf", steps=20, attack="pgd", restarts=1, rel_step=0.7, model="builtin:m",
+             data="digits", task="classification", head_norms={"row_max": 2.0})
     s.update(over)
     return s
 
@@ -77,7 +79,8 @@ def runs(tmp_path, monkeypatch):
         (d / "config.json").write_text(json.dumps({**base, "data": "digits", "classes": "5-9", "method": method}))
         (d / "final.json").write_text(json.dumps({
             "method": method, "peft": None, "stages": [],
-            "test": {"n": 4, "eps": 0.1, "eps_text": "0.1", "pgd": {"10": acc - 0.3, "20": acc - 0.4},
+            # "5" and "20": the string-largest key is not the most steps (RAcc is PGD-20's)
+            "test": {"n": 4, "eps": 0.1, "eps_text": "0.1", "pgd": {"5": acc - 0.3, "20": acc - 0.4},
                      "clean_accuracy": acc, "autoattack": None},
             "score_before": _summary(), "score_after": _summary(as_score=acc * 5)}))
     # shift: the clean baseline, gaussian noise at 1 and 5
@@ -96,7 +99,8 @@ def runs(tmp_path, monkeypatch):
     eps_cells = [("eps-x1", {"eps": 0.05, "eps_text": "0.05", "multiple": 1}),
                  ("eps-x2", {"eps": 0.1, "eps_text": "0.1", "multiple": 2})]
     _sweep(tmp_path / "eps", "eps", eps_cells, base)
-    _score_run(tmp_path / "eps" / "eps-x1", base, _summary(prop_fulfilled=0.5, robust_accuracy=0.75),
+    _score_run(tmp_path / "eps" / "eps-x1", base, _summary(prop_fulfilled=0.5, robust_accuracy=0.75, eps=0.05,
+                                                           eps_text="0.05"),
                _points([True, True, False, False], [True, True, True, False]))
     _score_run(tmp_path / "eps" / "eps-x2", base, _summary(prop_fulfilled=0.25, robust_accuracy=0.25),
                _points([True, False, False, False], [True, False, False, False]))
@@ -110,15 +114,15 @@ def runs(tmp_path, monkeypatch):
     (tmp_path / "predict" / "predict.json").write_text(json.dumps({
         "model": "builtin:m", "eps": 0.1, "eps_text": "0.1", "norm": "inf", "threshold": 2.0, "command": "x",
         "config": {"model": "builtin:m"},
-        "pretrain": {"data": "digits", "label": "digits [0-4]", "dir": "as/p", "as_score": 1.0, "loss_clean": 0.1,
+        "pretrain": {"data": "digits", "label": "digits [0-4]", "dir": "as/p", "as_score": 2.0, "loss_clean": 0.1,
                      "loss_adv": 0.15, "n": 4},
-        "tasks": [
-            {"label": "digits [5-9]", "data": "digits", "as_score": 1.5, "ratio": 1.5, "verdict": "transfers",
+        "tasks": [  # AS ratio = AS / 2: drawing the AS for the ratio shows
+            {"label": "digits [5-9]", "data": "digits", "as_score": 3.0, "ratio": 1.5, "verdict": "transfers",
              "bound": None, "measured": {"loss_clean": 0.4, "loss_adv": 0.6, "relative_ce": 0.5}},
-            {"label": "dsprites:shape", "data": "dsprites:shape", "as_score": 3.0, "ratio": 3.0,
+            {"label": "dsprites:shape", "data": "dsprites:shape", "as_score": 6.0, "ratio": 3.0,
              "verdict": "does not transfer", "bound": None,
              "measured": {"loss_clean": 0.5, "loss_adv": 1.5, "relative_ce": 2.0}},
-            {"label": "digits [0-4] +zoom_blur-5", "data": "digits", "as_score": 2.0, "ratio": 2.0,
+            {"label": "digits [0-4] +zoom_blur-5", "data": "digits", "as_score": 4.0, "ratio": 2.0,
              "verdict": "transfers", "bound": None, "measured": {"loss_clean": 0.2, "loss_adv": 0.4, "relative_ce": 1.0}}],
         "spearman": {"ratio_vs_relative_ce": {"rho": 1.0, "p": 0.0, "n": 3}}}))
     return tmp_path
@@ -255,7 +259,7 @@ def _wide_runs(root: Path) -> None:
         _score_run(root / "t7" / f"{model}-{norm}-{factor}",
                    {"model": f"builtin:lenet-{model}/{factor}", "data": f"dsprites:{factor}", "norm": norm},
                    _summary(loss="euclidean_error", lhs=0.01 * (k + 1), as_score=1.0 + k, head_norm_name="spectral",
-                            model=f"builtin:lenet-{model}/{factor}", data=f"dsprites:{factor}"), pts)
+                            model=f"builtin:lenet-{model}/{factor}", data=f"dsprites:{factor}", norm=norm), pts)
 
 
 def test_many_runs_pivot_into_table7s_layout(runs):
@@ -276,7 +280,7 @@ def test_runs_that_do_not_pivot_get_a_row_each(runs):
     _wide_runs(runs)
     # two runs of one (pretraining, norm, probe): no unique pivot cell
     _score_run(runs / "t7" / "dup", {"model": "builtin:lenet-a/posx", "data": "dsprites:posx", "norm": "2"},
-               _summary(model="builtin:lenet-a/posx", data="dsprites:posx"), _points([True], [True]))
+               _summary(model="builtin:lenet-a/posx", data="dsprites:posx", norm="2"), _points([True], [True]))
     frame = table(["t7"], "lemma1").blocks[0].frame
     assert frame.index.names == ["Pretraining", "Downstream"] and len(frame) == 9
     assert frame.index[0] == ("lenet-a", "dsprites:posx (norm 2)")
@@ -363,3 +367,169 @@ def test_lemma1_reads_whether_it_held_from_the_record(runs):
     (runs / "score" / "a" / "summary.json").write_text(json.dumps(s))
     frame = table(["score/a"], "lemma1").blocks[0].frame
     assert "NO" not in frame.to_string()
+
+
+def _transfer_run(path: Path, method: str, *, eps_text: str = "0.1", config: "dict | None" = None,
+                  test: "dict | None" = None, after: "dict | None" = None) -> None:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model": "builtin:m", "data": "digits", "classes": "5-9",
+                                                  "method": method, "eps_text": eps_text, **(config or {})}))
+    (path / "final.json").write_text(json.dumps({
+        "method": method, "peft": None, "stages": [],
+        "test": {"n": 4, "eps_text": eps_text, "pgd": {"20": 0.5}, "clean_accuracy": 0.9, **(test or {})},
+        "score_after": _summary(eps_text=eps_text, **(after or {}))}))
+
+
+def test_the_transfer_table_keeps_each_eps_apart_and_tells_two_runs_of_a_method_apart(runs):
+    _transfer_run(runs / "more" / "lp-8", "lp", eps_text="8/255", after={"as_score": 7.0})
+    _transfer_run(runs / "more" / "ft-30", "ft", config={"epochs": 30}, after={"as_score": 6.0})
+    _transfer_run(runs / "more" / "ft-lr", "ft", config={"epochs": 20, "lr": 0.5}, after={"as_score": 5.0})
+    (runs / "transfer" / "ft" / "config.json").write_text(json.dumps({
+        **json.loads((runs / "transfer" / "ft" / "config.json").read_text()), "epochs": 20, "lr": 0.01}))
+    blocks = table(["transfer", "more"], "transfer").blocks
+    assert [b.title for b in blocks] == ["m → digits [5-9], eps 0.1", "m → digits [5-9], eps 8/255"]
+    at_01, at_8 = (b.frame for b in blocks)
+    assert list(at_8.index) == ["lp"] and at_8.loc["lp", "AS"] == "7"  # never under eps 0.1
+    assert "eps 8/255" in blocks[1].notes[0] and "eps 0.1" in blocks[0].notes[0]
+    # three ft runs: told apart by epochs; the two at 20 epochs by the next recorded difference
+    assert list(at_01.index) == ["ft (epochs 20)", "lp", "ft (epochs 30)", "ft (epochs 20) #2"]
+    (runs / "more" / "ft-lr" / "config.json").write_text(json.dumps({
+        "model": "builtin:m", "data": "digits", "classes": "5-9", "method": "ft", "eps_text": "0.1", "lr": 0.5}))
+    (runs / "more" / "ft-30").rename(runs / "ft-30")
+    at_01 = table(["transfer", "more"], "transfer").blocks[0].frame
+    assert list(at_01.index) == ["ft (lr 0.01)", "lp", "ft (lr 0.5)"]
+    assert at_01.loc["ft (lr 0.5)", "AS"] == "5" and at_01.loc["ft (lr 0.01)", "AS"] == "4.75"
+
+
+def test_the_transfer_table_reads_robust_accuracy_and_says_its_rule(runs):
+    final = json.loads((runs / "transfer" / "ft" / "final.json").read_text())
+    rule = "a point is robust only if PGD-5 and PGD-20 both fail on it"
+    final["test"].update(robust_accuracy=0.125, robust_rule=rule)
+    (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
+    block = table(["transfer"], "transfer").blocks[0]
+    assert block.frame.loc["ft", "RAcc"] == "12.5%"  # not a PGD entry
+    assert block.frame.loc["lp", "RAcc"] == "40.0%"  # a record without it: PGD-20, the most steps
+    assert rule in block.notes[0] and "PGD-20 accuracy (each attack counted alone" in block.notes[0]
+
+
+def test_lemma1_of_transfer_runs_labels_the_scored_points_not_the_training_images(runs):
+    for name, n_train, n_scored in (("lp", 3000, 3), ("ft", None, 4)):
+        config = json.loads((runs / "transfer" / name / "config.json").read_text())
+        (runs / "transfer" / name / "config.json").write_text(json.dumps({**config, "n": n_train}))
+        final = json.loads((runs / "transfer" / name / "final.json").read_text())
+        final["score_after"]["n"] = n_scored
+        (runs / "transfer" / name / "final.json").write_text(json.dumps(final))
+    frame = table(["transfer"], "lemma1").blocks[0].frame
+    assert [c[1] for c in frame.columns] == ["digits [5-9] (ft, n 4, n train all)",
+                                             "digits [5-9] (lp, n 3, n train 3000)"]
+    assert not re.search(r"(?<![a-z])n 3000", render(table(["transfer"], "lemma1"), "md"))
+
+
+def test_the_certify_table_takes_n_and_eps_from_the_records_not_the_sweep_cell(runs):
+    _sweep(runs / "cs", "grid", [("n=200", {"n": 200, "eps": "1/255"})], {"model": "builtin:m", "data": "digits"})
+    _score_run(runs / "cs" / "n=200", {"model": "builtin:m", "data": "digits", "n": 170},
+               _summary(n=170, eps_text="1/255", rhs_certified=6.0, tightness=5.0, prop_certified=0.25,
+                        certify="crown"), _points([True], [True]))
+    rendered = table(["cs", "cert"], "certify")
+    frame = rendered.blocks[0].frame
+    assert list(frame["n"]) == [170, 4, 4] and list(frame["eps"]) == ["1/255", "1/255", "8/255"]
+    assert list(frame["bound"]) == ["crown", "ibp", "ibp"]
+    assert "200" not in render(rendered, "md")
+    assert list(frame.index) == ["m → digits", "m → digits [0-4]", "m → digits [0-4]"]
+
+
+def test_prop_fulfilled_says_how_strong_the_attack_was(runs):
+    s = json.loads((runs / "score" / "b" / "summary.json").read_text())
+    s.update(attack="apgd", steps=50, restarts=4, rel_step=2.0)
+    (runs / "score" / "b" / "summary.json").write_text(json.dumps(s))
+    frame = table(["score"], "theorem2").blocks[0].frame
+    assert list(frame.loc["attack"]) == ["PGD 20 steps x 1 restart, step 0.7 eps",
+                                         "APGD 50 steps x 4 restarts, step 2 eps"]
+    one = table(["score/a"], "theorem2").blocks[0]
+    assert "attack" not in one.frame.index
+    assert any(n.startswith("attack: PGD 20 steps x 1 restart, step 0.7 eps, on g and on the loss") for n in one.notes)
+    cert = table(["cert"], "certify").blocks[0]
+    assert any("attack: PGD 20 steps x 1 restart" in n for n in cert.notes)
+    eps_frame = table(["eps"], "eps").blocks[0].frame
+    assert eps_frame.iloc[:, 0]["attack"] == "PGD 20 steps x 1 restart, step 0.7 eps"
+    assert eps_frame.iloc[:, 0]["eps"] == "0.05, 0.1" and eps_frame.iloc[:, 0]["n (scored points)"] == "4"
+
+
+def test_the_predict_table_says_how_each_p_value_was_computed(runs):
+    rec = json.loads((runs / "predict" / "predict.json").read_text())
+    rec["spearman"]["ratio_vs_relative_ce"] = {"rho": 0.72, "p": 0.00031, "n": 20, "p_method": "t approximation",
+                                               "p_permutation": 0.00048, "permutations": 100000}
+    (runs / "predict" / "predict.json").write_text(json.dumps(rec))
+    notes = table(["predict"], "predict").blocks[0].notes
+    assert ("m: Spearman ratio vs relative CE: rho 0.720 (p 0.00031, t approximation; 0.00048 by 100,000 random "
+            "permutations; 20 tasks)") in notes
+
+
+def _figure(kind: str, paths: "list[str]"):
+    """The matplotlib figure ``asbound plot`` would save, to read its drawn data."""
+    from asbound.report import plots
+    from asbound.report.runs import collect
+
+    return plots.BUILDERS[kind](collect(paths)[0])
+
+
+def _pct(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+def test_the_eps_plot_draws_the_tables_values(runs):
+    column = table(["eps"], "eps").blocks[0].frame.iloc[:, 0]
+    every, fulfilled = _figure("eps", ["eps"]).axes[0].lines[:2]
+    assert list(every.get_xdata()) == [1, 2] and list(fulfilled.get_xdata()) == [1, 2]
+    assert list(every.get_ydata()) == pytest.approx([_pct(column[f"robust accuracy (x{m})"]) for m in (1, 2)], abs=5e-4)
+    assert list(fulfilled.get_ydata()) == pytest.approx(
+        [_pct(column[f"robust accuracy of the fulfilled (x{m})"]) for m in (1, 2)], abs=5e-4)
+    assert list(fulfilled.get_ydata()) == [1.0, 0.5]  # x2's own points: of the fulfilled 10 and 11, only 10 robust
+
+
+def test_the_shift_plot_draws_the_tables_values(runs):
+    frame = table(["shift"], "shift").blocks[0].frame
+    axes = _figure("shift", ["shift"]).axes
+    for ax, row in zip(axes, ("AS score", "LHS (Lem. 1)", "Robust Acc.")):
+        (line,) = ax.lines
+        assert list(line.get_xdata()) == [0, 1, 5]
+        want = [_pct(v) if v.endswith("%") else float(v) for v in frame.loc[row]]
+        assert list(line.get_ydata()) == pytest.approx(want, rel=1e-3, abs=5e-4)
+
+
+def test_the_lhs_rhs_plot_draws_each_runs_values_and_hides_none(runs):
+    from matplotlib.collections import PathCollection
+
+    lemma = table(["score"], "lemma1").blocks[0].frame
+    shutil.copytree(runs / "transfer" / "lp", runs / "transfer" / "lp2")  # a run equal to another
+    fig = _figure("lhs-rhs", ["score", "transfer"])
+    ax = fig.axes[0]
+    drawn = sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections if isinstance(c, PathCollection))
+    from_tables = [(float(a), float(b)) for a, b in zip(lemma.loc["AS score (RHS)"], lemma.loc["LHS"])]
+    from_tables += [(4.75, 0.1), (4.0, 0.1), (4.0, 0.1)]  # the transfer runs' score after transfer: ft, lp, lp2
+    assert drawn == sorted(from_tables)
+    numbers = {t.get_text() for t in ax.texts}
+    assert numbers == {"1", "2", "3", "4,5"}  # score/a, score/b, ft; lp and lp2 at one point: one label
+    key = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert key[3] == "4  m → digits [5-9] (lp)" and key[0].startswith("1  m → digits [5-9] (no transfer")
+    assert not any(re.search(r"\ball\b|method|peft", t) for t in key)  # nothing "not applicable" is named
+    fig.draw_without_rendering()
+    assert ax.get_position().width > 0.5  # the plot, not the legend, takes the width
+    assert "4,5" in ax.get_title()
+
+
+def test_the_predict_plot_draws_the_tables_values(runs):
+    frame = table(["predict"], "predict").blocks[0].frame.iloc[1:]  # the tasks (row 0: the pretraining)
+    (points,) = [c for c in _figure("predict", ["predict"]).axes[0].collections if len(c.get_offsets())]
+    want = [(float(a), float(b)) for a, b in zip(frame["AS ratio"], frame["relative dif."])]
+    assert [tuple(map(float, xy)) for xy in points.get_offsets()] == want
+
+
+def test_the_margin_plot_draws_each_points_margin_and_sensitivity(runs):
+    points = _points([True, False, False, False], [True, False, False, False], margin=[1.5, 0.8, 0.2, -0.5],
+                     sensitivity=[0.1, 0.9, 0.1, 0.3])
+    points.to_csv(runs / "score" / "a" / "points.csv", index=False)
+    ax = _figure("margin-vs-sensitivity", ["score/a"]).axes[0]
+    drawn = sorted(tuple(map(float, xy)) for c in ax.collections if c.get_label() in (
+        "robust", "correct, not robust", "misclassified") for xy in c.get_offsets())
+    assert drawn == sorted(zip(points["margin"], points["sensitivity"]))

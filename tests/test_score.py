@@ -344,14 +344,14 @@ def test_a_point_on_the_decision_boundary_is_not_fulfilled(tmp_path):
 
 
 def test_each_batch_draws_its_own_random_starts(tmp_path):
-    """Two copies of one image in two batches of one, no steps: their random starts differ."""
+    """Two copies of one image in two batches of one, one tiny step: their random starts differ."""
     torch.manual_seed(4)
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.Tanh(), nn.Linear(8, 3))
     torch.save(net, tmp_path / "n.pt")
     torch.save({"x": torch.rand(1, 3, 4, 4).repeat(2, 1, 1, 1), "y": torch.zeros(2, dtype=torch.long),
                 "num_classes": 3}, tmp_path / "d.pt")
     pts = score(ScoreConfig(model=f"file:{tmp_path / 'n.pt'}", data=f"tensors:{tmp_path / 'd.pt'}"),
-                allow_pickle=True, n=None, steps=0, batch_size=1, progress=False).points
+                allow_pickle=True, n=None, steps=1, rel_step=1e-6, batch_size=1, progress=False).points
     assert pts["s_rep"][0] != pts["s_rep"][1]
 
 

@@ -280,3 +280,24 @@ def test_bad_grid_values_are_refused_before_anything_runs_and_the_device_may_cha
     run_sweep(eps_sweep({**BASE, "n": 8, "device": "auto"}, "2/255", [1]), out, progress=False, printer=lambda _: None)
     again = run_sweep(eps_sweep({**BASE, "n": 8}, "2/255", [1]), out, progress=False, printer=lambda _: None)
     assert again.reused == ["eps-x1"]
+
+
+def test_two_eps_values_that_slug_to_one_cell_name_are_refused_not_merged(tmp_path):
+    """0.1234567 and 0.1234568 both name the cell eps=0.123457: in one grid the sweep refuses to
+    write two runs into one directory; across two sweeps into one --out, the second is refused
+    before it runs, and the first cell's records stay as they were."""
+    text = ('[base]\nmodel = "builtin:digits-adversarial"\ndata = "digits"\nn = 4\nsteps = 1\nbatch_size = 4\n'
+            'device = "cpu"\n[grid]\neps = [{}]\n')
+    both = grid_sweep(_grid(tmp_path, text.format("0.1234567, 0.1234568")))
+    assert [c.name for c in both.cells] == ["eps=0.123457", "eps=0.123457"]
+    with pytest.raises(ConfigError, match=r"names cells twice \(eps=0.123457\)"):
+        run_sweep(both, tmp_path / "one", progress=False, printer=lambda _: None)
+    assert not (tmp_path / "one").exists()
+    out = tmp_path / "two"
+    run_sweep(grid_sweep(_grid(tmp_path, text.format("0.1234567"))), out, progress=False, printer=lambda _: None)
+    first = (out / "eps=0.123457" / "summary.json").read_text()
+    with pytest.raises(ResumeError, match=r"holds a cell eps=0.123457 with other values .*0.1234567.*0.1234568"):
+        run_sweep(grid_sweep(_grid(tmp_path, text.format("0.1234568"))), out, progress=False,
+                  printer=lambda _: None)
+    assert _cells(out)["eps=0.123457"]["params"] == {"eps": 0.1234567}
+    assert (out / "eps=0.123457" / "summary.json").read_text() == first

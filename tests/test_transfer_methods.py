@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -190,6 +191,29 @@ def test_trades_loss_is_ce_plus_beta_kl_clean_to_adversarial_from_the_noisy_star
     torch.testing.assert_close(loss0, ce, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["trades", "autolora"])
+def test_the_noisy_start_is_projected_onto_the_threat_set_before_the_first_gradient(objective):
+    """TRADES' and AutoLoRa's start ``x + 0.001 N(0, I)`` is projected onto the eps-ball around x
+    and [0, 1] before the model sees it (the reference code takes its first gradient at the raw
+    start, outside [0, 1] wherever a pixel is 0 or 1): every input the attack evaluates is an image."""
+    from asbound.transfer.methods import adversarial_examples
+
+    model = _model(2)
+    x = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).expand(4, 1, 2, 2).contiguous()  # pixels on the box's faces
+    y = torch.tensor([0, 1, 2, 0])
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].detach().clone()))
+    attack = AttackSettings(eps=0.0005, steps=2, step=0.0002)  # smaller than the noise: the ball acts too
+    adversarial_examples(model, objective, x, y, attack, torch.Generator().manual_seed(0))
+    attacked = [z for z in seen if not torch.equal(z, x)]
+    assert len(attacked) >= attack.steps
+    for z in attacked:
+        assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+        assert float((z - x).abs().max()) <= attack.eps + 1e-7
+    raw = x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert float(raw.min()) < 0.0 and float((raw - x).abs().max()) > attack.eps  # what the reference evaluates
+
+
 # --- what each method trains, with which rate and selection ----------------------------------------
 
 
@@ -214,12 +238,102 @@ def test_stage_plans_take_the_right_learning_rate_selection_and_cache():
     last = dataclasses.replace(cfg, select="last", method="lp")
     assert {p.select for m in METHODS.values() for p in run_module.plan_stages(m, last, "none")} == {"last"}
     # --peft: RanLI / RoLI's adversarial stage trains the PEFT set at --lr (full: everything at --lr-ft)
-    for variant in ("lora", "adapter", "bias"):
-        peft = dataclasses.replace(cfg, method="roli", peft=variant)
+    for variant in ("lora", "adapter", "bias", "prompt"):
+        peft = dataclasses.replace(cfg, method="roli", peft=variant, prompt_tokens=7, prompt_depth="shallow")
         plans = run_module.plan_stages(METHODS["roli"], peft, "none")
         assert [(p.train_scope, p.lr) for p in plans] == [("head", 0.5), ("peft", 0.5)]
         assert plans[0].peft is None and plans[1].peft["variant"] == variant
-        assert run_module.saved_structure(plans) == (plans[1].peft if variant == "adapter" else None)
+        # adapters and prompts are saved unmerged: run:DIR rebuilds them
+        assert run_module.saved_structure(plans) == (plans[1].peft if variant in ("adapter", "prompt") else None)
+        # the prompt options are recorded for prompts only (the other records are unchanged)
+        prompt_fields = {"tokens": 7, "deep": False} if variant == "prompt" else {}
+        assert {k: plans[1].peft[k] for k in ("tokens", "deep") if k in plans[1].peft} == prompt_fields
+
+
+# --- the new head (--head-init) -----------------------------------------------------------------------
+
+
+def test_head_init_torch_is_nn_linears_default_from_the_seed():
+    from asbound.transfer.methods import new_head
+
+    state = torch.random.get_rng_state()
+    head = new_head(64, 7, "torch", seed=11)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
+    torch.manual_seed(11)
+    plain = nn.Linear(64, 7)
+    assert torch.equal(head.weight, plain.weight) and torch.equal(head.bias, plain.bias)
+    assert float(head.weight.detach().abs().max()) <= 1 / math.sqrt(64)  # U(-1/sqrt(m), 1/sqrt(m))
+    assert torch.equal(new_head(64, 7, "torch", seed=11).weight, head.weight)
+    assert not torch.equal(new_head(64, 7, "torch", seed=12).weight, head.weight)
+
+
+@pytest.mark.parametrize("features, classes", [(4096, 10), (1024, 40)])
+def test_head_init_roli_is_kaiming_normal_fan_out_with_bias_minus_log_99(features, classes):
+    """Seed 000's code (``src/models/mlp.py``): ``kaiming_normal_(weight, a=0, mode='fan_out')``,
+    i.e. N(0, 2 / K) with K = fan_out = the number of classes (whatever the feature width), and
+    the bias ``-log((1 - 0.01) / 0.01)`` for every class."""
+    from asbound.transfer.methods import new_head
+
+    head = new_head(features, classes, "roli", seed=3)
+    w = head.weight.detach().double().flatten()
+    std = math.sqrt(2.0 / classes)
+    n = w.numel()
+    assert abs(float(w.mean())) < 4 * std / math.sqrt(n)
+    assert abs(float(w.std()) / std - 1) < 4 / math.sqrt(2 * n)  # the sample std's standard error
+    inside = float((w.abs() <= std).double().mean())  # normal, not uniform: 68.3% within one std
+    assert abs(inside - 0.6827) < 4 * math.sqrt(0.6827 * 0.3173 / n)
+    assert float(w.abs().max()) > 3 * std  # unbounded tails (a uniform of this std stops at 1.73 std)
+    assert torch.equal(head.bias.detach(), torch.full((classes,), -math.log(99.0)))
+    assert float(head.bias.detach()[0]) == pytest.approx(-4.59512, abs=1e-5)
+    assert torch.equal(new_head(features, classes, "roli", seed=3).weight, head.weight)  # seeded
+
+
+def test_head_init_zeros_and_an_unknown_init():
+    from asbound.errors import ConfigError
+    from asbound.transfer.methods import new_head
+
+    head = new_head(16, 3, "zeros", seed=0)
+    assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
+    with pytest.raises(ConfigError, match="unknown head init 'kaiming'; valid: torch, roli, zeros"):
+        new_head(16, 3, "kaiming", seed=0)
+    with pytest.raises(ConfigError, match="head-init 'x' is not valid; valid: torch, roli, zeros"):
+        TransferConfig(model="file:m.pt", data="digits", head_init="x").validated()
+
+
+@pytest.mark.parametrize("init", ["roli", "zeros", None])
+def test_head_init_from_the_command_line_reaches_every_stage_that_starts_from_a_new_head(
+        tmp_path, monkeypatch, init):
+    """``--head-init`` is recorded in config.json and draws the head that lp, ranli and roli's
+    adv-LP stage start from (roli's second stage starts from the first stage's selection)."""
+    from asbound.cli import main
+    from asbound.transfer.loop import derived_seed
+    from asbound.transfer.methods import new_head
+
+    path = tmp_path / "cnn.pt"
+    torch.save(_cnn(), path)
+    starts = []
+    original = run_module.train_stage
+
+    def spy(model, plan, *args, **kwargs):
+        starts.append((plan.stage.name, model.head.weight.detach().clone(), model.head.bias.detach().clone()))
+        return original(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", spy)
+    argv = ["transfer", "--method", "lp,ranli,roli", "--model", f"file:{path}", "--allow-pickle", "--data", "digits",
+            "--classes", "5-9", "--epochs", "1", "--n", "64", "--n-val", "16", "--n-test", "16", "--no-score",
+            "--attack-steps", "1", "--eval-steps", "1", "--no-progress", "--device", "cpu",
+            "--out", str(tmp_path / "run"), *(["--head-init", init] if init else [])]
+    assert main(argv) == 0
+    kind = init or "torch"
+    assert [s[0] for s in starts] == ["lp", "ranli", "adv-lp", "roli"]
+    for (stage, weight, bias), method in zip([starts[0], starts[1], starts[2]], ["lp", "ranli", "roli"]):
+        expected = new_head(8, 5, kind, derived_seed(0, method, "head"))
+        assert torch.equal(weight, expected.weight) and torch.equal(bias, expected.bias), stage
+        config = json.loads((tmp_path / "run" / method / "config.json").read_text())
+        assert config["head_init"] == kind
+    if kind != "torch":  # not nn.Linear's default
+        torch.manual_seed(derived_seed(0, "lp", "head"))
+        assert not torch.equal(starts[0][1], nn.Linear(8, 5).weight)
 
 
 def test_cosine_step_and_constant_schedules_match_the_closed_form():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -220,6 +221,207 @@ def test_bias_tuning_leaves_a_bias_table_alone():
 
     model = apply_peft(SplitModel(Table(), nn.Linear(8, 3)), PeftSpec("bias"))
     assert peft_parameter_names(model) == ["backbone.proj.bias"]
+
+
+# --- visual prompt tuning of a ViT (--peft prompt) ---------------------------------------------------------
+
+
+def _vit(seed: int = 0, **options) -> nn.Module:
+    """A tiny timm ViT with random weights for 1x8x8 inputs: 2x2 patches of 4x4, width 16."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=16, depth=3, num_heads=2,
+              mlp_ratio=2.0)
+    vit = VisionTransformer(**{**kw, **options})
+    with torch.no_grad():  # a class token and position embeddings that matter
+        vit.cls_token.normal_(0.0, 0.5)
+        vit.pos_embed.normal_(0.0, 0.5)
+    return vit.eval()
+
+
+def _vit_split(**options) -> SplitModel:
+    from asbound.models import split_model
+
+    x, _ = _batch()
+    return split_model(_vit(**options), x)
+
+
+def test_a_prompted_vit_with_no_tokens_is_the_vit_itself():
+    """The prompted forward is timm's own (patch and position embedding, blocks, norm, pooling):
+    with 0 prompt tokens it gives the ViT's features bit for bit (class-token and average pooling,
+    with and without register tokens)."""
+    from asbound.models.peft import PromptedViT
+
+    x, _ = _batch()
+    for options in ({}, {"global_pool": "avg"}, {"global_pool": "avg", "reg_tokens": 2}, {"reg_tokens": 1}):
+        split = _vit_split(**options)
+        assert split.split_note == "head = head (auto)" and split.feature_dim == 16
+        for deep in (True, False):
+            prompted = PromptedViT(copy.deepcopy(split.backbone), 0, deep).eval()
+            assert torch.equal(prompted(x), split.backbone(x)), (options, deep)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("deep", [True, False])
+def test_prompts_enter_after_the_prefix_tokens_and_leave_before_the_pooling(pool, deep):
+    """VPT written out on timm's modules: the prompts go after the class (and register) tokens once
+    the position embeddings are added, before the first block; VPT-deep replaces them with the
+    block's own before each later block; they leave before the norm and the pooling, so average
+    pooling averages the patch tokens alone (as the model did), not the prompts."""
+    options = {"global_pool": pool, "reg_tokens": 1} if pool == "avg" else {}
+    vit = _vit(**options)
+    split = _vit_split(**options)
+    model = apply_peft(copy.deepcopy(split), PeftSpec("prompt", tokens=3, deep=deep), seed=2).eval()
+    prompts = model.backbone.prompts.detach()
+    assert prompts.shape == (3 if deep else 1, 3, 16)
+    x, _ = _batch()
+    k = 2 if pool == "avg" else 1  # the prefix tokens
+    with torch.no_grad():
+        embedded = vit._pos_embed(vit.patch_embed(x))  # [N, k + 4, 16]
+        seq = torch.cat((embedded[:, :k], prompts[0].expand(len(x), -1, -1), embedded[:, k:]), dim=1)
+        for i, block in enumerate(vit.blocks):
+            if deep and i > 0:
+                seq = seq.clone()
+                seq[:, k:k + 3] = prompts[i]
+            seq = block(seq)
+        tokens = vit.norm(seq)
+        without = torch.cat((tokens[:, :k], tokens[:, k + 3:]), dim=1)
+        pooled = without[:, 0] if pool == "token" else without[:, k:].mean(1)
+        expected = vit.head(vit.fc_norm(pooled))
+        got = model(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, split(x), atol=1e-4)  # the prompts act, through attention
+        if pool == "avg":  # pooling the prompts too would be another function
+            with_prompts = vit.head(vit.fc_norm(tokens[:, k:].mean(1)))
+            assert not torch.allclose(got, with_prompts, atol=1e-4)
+        other = apply_peft(copy.deepcopy(split), PeftSpec("prompt", tokens=3, deep=not deep), seed=2).eval()
+        with torch.no_grad():  # the same first prompts; deep and shallow differ after the first block
+            other.backbone.prompts[0] = prompts[0]
+        assert not torch.allclose(other(x), got, atol=1e-4)
+
+
+def test_prompts_start_as_the_references_uniform_draw():
+    """U(-v, v), v = sqrt(6 / (C p^2 + d)) (the reference's VPT init): C = 1 channel, p = 4, d = 64."""
+    split = _vit_split(embed_dim=64, num_heads=4)
+    model = apply_peft(split, PeftSpec("prompt", tokens=50, deep=True), seed=0)
+    w = model.backbone.prompts.detach().double().flatten()
+    v = math.sqrt(6.0 / (1 * 16 + 64))
+    assert float(w.abs().max()) <= v and float(w.abs().max()) > 0.99 * v
+    assert abs(float(w.std()) - v / math.sqrt(3)) < 0.02 * v and abs(float(w.mean())) < 0.02 * v
+    again = apply_peft(_vit_split(embed_dim=64, num_heads=4), PeftSpec("prompt", tokens=50), seed=0)
+    assert torch.equal(again.backbone.prompts, model.backbone.prompts)  # drawn from the seed
+
+
+@pytest.mark.parametrize("deep", [True, False])
+def test_prompt_tuning_trains_the_prompts_and_the_head_and_nothing_else(deep):
+    """Every other parameter and buffer of the ViT stays bit for bit after three Madry steps."""
+    model = apply_peft(_vit_split(), PeftSpec("prompt", tokens=4, deep=deep), seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = set_scope(model, "peft")
+    assert peft_parameter_names(model) == ["backbone.prompts"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"backbone.prompts", "head.weight",
+                                                                           "head.bias"}
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    for seed in (1, 2, 3):
+        grads = _step(model, optimizer, seed=seed)
+        assert all(g.abs().sum() > 0 for g in grads.values())
+        assert model.backbone.training is False  # the representation stays in eval mode
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"backbone.prompts", "head.weight", "head.bias"}
+    assert all(k.startswith("backbone.vit.") for k in before if k.startswith("backbone.") and "prompts" not in k)
+
+
+def test_prompts_are_saved_with_the_model_and_rebuilt_with_the_same_outputs():
+    x, _ = _batch()
+    spec = PeftSpec("prompt", tokens=4, deep=False)
+    model = apply_peft(_vit_split(), spec, seed=3).eval()
+    expected = model(x)
+    saved, structure = saved_model(model)
+    assert structure == spec.as_record() == {"variant": "prompt", "rank": 16, "alpha": 16.0, "reduction": 8,
+                                             "init": "kaiming", "tokens": 4, "deep": False}
+    assert "backbone.prompts" in saved.state_dict()
+    from asbound.models.peft import rebuild_structure
+
+    rebuilt = rebuild_structure(_vit_split(seed=5), structure)  # other weights: the state dict brings them
+    rebuilt.load_state_dict(saved.state_dict(), strict=True)
+    assert torch.equal(rebuilt.eval()(x), expected)
+    # the other variants' records are those written before prompts existed
+    assert set(PeftSpec("adapter").as_record()) == {"variant", "rank", "alpha", "reduction", "init"}
+
+
+def test_prompt_tuning_refuses_what_it_cannot_prompt():
+    from asbound.models.peft import PromptedViT
+    from asbound.models.split import split_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ModelError, match=r"needs a ViT \(timm's VisionTransformer\).*has none"):
+        apply_peft(_split(), PeftSpec("prompt"))
+    prompted, _ = saved_model(apply_peft(_vit_split(), PeftSpec("prompt", tokens=2), seed=0))
+    with pytest.raises(ModelError, match="already holds prompts"):
+        apply_peft(prompted, PeftSpec("prompt"))
+
+    class Pooled(VisionTransformer):  # its own forward: where prompts go is not defined
+        def forward_head(self, x, pre_logits=False):
+            return self.head(x.max(1).values)
+
+    torch.manual_seed(0)
+    other = Pooled(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=16, depth=1, num_heads=2).eval()
+    x, _ = _batch()
+    with pytest.raises(ModelError, match="Pooled changes timm's VisionTransformer.forward_head"):
+        apply_peft(split_model(other, x), PeftSpec("prompt"))
+    inside = split_model(_vit(), x, feature_layer="fc_norm")  # a layer inside the ViT
+    with pytest.raises(ModelError, match="--feature-layer fc_norm lies inside the ViT"):
+        apply_peft(inside, PeftSpec("prompt"))
+    assert not any(isinstance(m, PromptedViT) for m in inside.modules())
+
+
+@pytest.fixture(scope="module")
+def pretrained_vit(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vit") / "vit.pt"
+    torch.save(_vit(), path)
+    return path
+
+
+def test_a_prompt_run_reenters_as_run_dir_with_its_test_accuracy(pretrained_vit, tmp_path):
+    """RanLI with --peft prompt on a tiny ViT: the prompts and the head train, every other ViT
+    weight is the pretrained one bit for bit, and run:DIR rebuilds the prompts from config.json."""
+    from asbound.data import load_data
+    from asbound.transfer.loop import accuracy
+
+    argv = ["transfer", "--method", "ranli", "--peft", "prompt", "--prompt-tokens", "3", "--prompt-depth", "shallow",
+            "--model", f"file:{pretrained_vit}", "--allow-pickle", "--data", "digits", "--classes", "5-9",
+            "--epochs", "1", "--n", "96", "--n-val", "16", "--n-test", "40", "--no-score", "--attack-steps", "2",
+            "--eval-steps", "2", "--batch-size", "32", "--lr", "0.1", "--no-progress", "--device", "cpu", "--json",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["structure"] == {"variant": "prompt", "rank": 16, "alpha": 16.0, "reduction": 8, "init": "kaiming",
+                                   "tokens": 3, "deep": False}
+    assert (config["peft"], config["prompt_tokens"], config["prompt_depth"]) == ("prompt", 3, "shallow")
+    state = _state(tmp_path / "run" / "model.pt")
+    assert state["backbone.prompts"].shape == (1, 3, 16)
+    base = torch.load(pretrained_vit, weights_only=False).state_dict()
+    for key, value in base.items():
+        if not key.startswith("head."):
+            assert torch.equal(state[f"backbone.vit.{key}"], value), key
+    loaded = load_model(parse_model_spec(f"run:{tmp_path / 'run'}"), allow_pickle=True)
+    test = load_data("digits", split="test", classes="5-9", n=40, seed=0)
+    clean, _ = accuracy(loaded.module, test.loader(32), torch.device("cpu"))
+    assert clean == pytest.approx(final["test"]["clean_accuracy"])
+    assert torch.equal(loaded.module.backbone.prompts, state["backbone.prompts"])
+
+
+def test_prompt_on_a_model_without_a_vit_is_one_line_with_exit_2(pretrained, tmp_path, capsys):
+    argv = ["transfer", "--method", "ranli", "--peft", "prompt", "--model", f"file:{pretrained}", "--allow-pickle",
+            "--data", "digits", "--classes", "5-9", "--n", "64", "--n-test", "20", "--no-score", "--epochs", "1",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--peft prompt needs a ViT (timm's VisionTransformer)" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # refused before any directory is written
 
 
 # --- AutoLoRa's objective ---------------------------------------------------------------------------------
@@ -458,7 +660,10 @@ def test_autolora_condition2_variants_reach_the_loop(pretrained, tmp_path, monke
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--peft", "prompt"], "invalid choice: 'prompt'"),
+    (["--peft", "prompt"], "applies to the methods ranli and roli only"),
+    (["--method", "ranli", "--peft", "prompt", "--prompt-tokens", "0"], "prompt-tokens must be >= 1, got 0"),
+    (["--method", "ranli", "--peft", "prompt", "--prompt-depth", "middle"], "invalid choice: 'middle'"),
+    (["--head-init", "kaiming"], "invalid choice: 'kaiming'"),
     (["--peft", "lora"], "applies to the methods ranli and roli only"),
     (["--method", "autolora", "--autolora-rho", "0"], "autolora-rho must lie in (0, 1]"),
     (["--method", "autolora", "--autolora-divide", "1"], "autolora-divide must be a number > 1"),
@@ -513,7 +718,7 @@ def test_runs_recorded_before_peft_and_torchrun_are_reread(pretrained, tmp_path,
                      printer=lambda s: None)[0]
     config_path = first.out / "config.json"
     config = json.loads(config_path.read_text())
-    for key in ("world_size", "structure"):
+    for key in ("world_size", "structure", "head_init", "prompt_tokens", "prompt_depth"):
         config.pop(key)
     for stage in config["stages"]:
         assert "scope" not in stage and "peft" not in stage  # recorded only where --peft resolved them
@@ -574,7 +779,8 @@ def test_autolora_measures_its_lambdas_four_times_an_epoch(pretrained, tmp_path,
 
 def test_options_a_method_does_not_use_do_not_bind_its_run(pretrained, tmp_path):
     """adv-ft trained beside roli --peft adapter is the same run as adv-ft alone."""
-    cfg = _cfg(pretrained, "adv-ft,roli", peft="adapter", adapter_reduction=4, score=False, epochs=1)
+    cfg = _cfg(pretrained, "adv-ft,roli", peft="adapter", adapter_reduction=4, prompt_tokens=5,
+               prompt_depth="shallow", score=False, epochs=1)
     first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
     alone = transfer(_cfg(pretrained, "adv-ft", score=False, epochs=1), tmp_path / "run" / "adv-ft",
                      progress=False, printer=lambda s: None)[0]

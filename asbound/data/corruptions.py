@@ -122,11 +122,13 @@ def parse_corruption(name: object, severity: object, params: str = "auto") -> Co
     """Check a corruption; ``auto`` takes CIFAR-10-C's parameters where they define it."""
     if params not in PARAM_SETS:
         raise ConfigError(f"corruption parameters {params!r} are not valid; valid: {', '.join(PARAM_SETS)}")
-    known = set(CIFAR_C) if params == "cifar" else set(imagenet_names()) | set(CIFAR_C)
-    if not isinstance(name, str) or name not in known:
-        where = "CIFAR-10-C's parameter set" if params == "cifar" else "asbound"
-        extra = "" if params != "cifar" else " (all 19 with --corruption-params imagenet)"
-        raise ConfigError(f"unknown corruption {name!r} for {where}; valid: {', '.join(sorted(known))}{extra}")
+    every = set(imagenet_names()) | set(CIFAR_C)
+    if not isinstance(name, str) or name not in every:
+        raise ConfigError(f"unknown corruption {name!r}; valid: {', '.join(sorted(every))}")
+    if params == "cifar" and name not in CIFAR_C:
+        raise ConfigError(f"corruption {name!r} has no CIFAR-10-C parameter set; valid with "
+                          f"--corruption-params cifar: {', '.join(sorted(CIFAR_C))} (every corruption "
+                          f"with --corruption-params auto or imagenet)")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
         raise ConfigError(f"corruption severity {severity!r} is not valid; valid: 1, 2, 3, 4, 5")
     resolved = params if params != "auto" else ("cifar" if name in CIFAR_C else "imagenet")

@@ -14,6 +14,7 @@ from asbound.data.corruptions import CIFAR_C, Corruption, check_available
 from asbound.data.dsprites import dsprites_source
 from asbound.data.sources import digits_source, folder_source, tensors_source, torchvision_source
 from asbound.data.transforms import plan_transform
+from asbound.defaults import default_data_root
 from asbound.errors import ConfigError, DataError
 from asbound.specs import (
     TORCHVISION_DATASETS,
@@ -25,16 +26,6 @@ from asbound.specs import (
 )
 
 SPLITS = ("train", "test")
-
-
-def default_data_root() -> Path:
-    """``$ASBOUND_DATA_ROOT`` if set, else ``<user cache dir>/asbound/data``."""
-    env = os.environ.get("ASBOUND_DATA_ROOT")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("asbound")) / "data"
 
 
 def select_indices(size: int, n: Optional[int], seed: int) -> torch.Tensor:

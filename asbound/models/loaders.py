@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from asbound.defaults import default_model_dir
 from asbound.errors import ModelError, describe
 from asbound.specs import InputFormat, ModelSpec, parse_model_spec
 
@@ -39,16 +40,6 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     #: a ``run:DIR``'s training data and ``--classes`` (its head's labels mean those classes)
     trained_on: Optional[dict] = None
-
-
-def default_model_dir() -> Path:
-    """RobustBench's model directory: ``$ASBOUND_MODEL_DIR`` or the user cache."""
-    env = os.environ.get("ASBOUND_MODEL_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("asbound")) / "models"
 
 
 def load_model(
@@ -156,11 +147,20 @@ def _load_file(spec: ModelSpec, allow_pickle: bool) -> LoadedModel:
     path = Path(spec.name).expanduser()
     if not path.is_file():
         raise ModelError(f"model file {str(path)!r} does not exist (file:PATH expects a torch.save(model, PATH) file)")
+    found = pickled_globals(path)
+    if found is None:
+        raise ModelError(f"{spec} {NOT_TORCH}; file:PATH expects torch.save(model, PATH)")
+    if not found:  # tensors and containers only: it loads without unpickling code, and is no module
+        obj = load_tensor_file(path, str(spec), "file:PATH expects torch.save(model, PATH)")
+        raise ModelError(
+            f"{spec} holds {type(obj).__name__} (a state dict?), not an nn.Module; file:PATH "
+            f"expects torch.save(model, PATH); for a state dict use torchvision:ARCH --weights PATH"
+        )
     if not allow_pickle:
         raise ModelError(
-            f"{spec} holds a pickled nn.Module; unpickling runs code from the file, so asbound "
-            f"loads it only with --allow-pickle (use it for files you trust), or save a state dict "
-            f"and use torchvision:ARCH --weights PATH"
+            f"{spec} holds pickled Python objects ({_shown(found)}); unpickling runs code from the file, "
+            f"so asbound loads it only with --allow-pickle (use it for files you trust), or save a state "
+            f"dict and use torchvision:ARCH --weights PATH"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -213,20 +213,8 @@ def _load_torchvision(spec: ModelSpec, weights: "str | os.PathLike | None") -> L
         kwargs["num_classes"] = num_classes
     net = torchvision.models.get_model(spec.name, **kwargs)
     if state is not None:
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            missing, unexpected = _key_diff(net.state_dict(), state)
-            detail = (
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]})"
-                if missing or unexpected
-                else " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-            )
-            raise ModelError(
-                f"--weights do not fit torchvision:{spec.name}: {detail}; save the state dict of "
-                f"torchvision.models.{spec.name}(num_classes=K)"
-            ) from None
+        load_weights(net, state, f"--weights {weights} do not fit torchvision:{spec.name}",
+                     f"save the state dict of torchvision.models.{spec.name}(num_classes=K)")
     module = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net).eval()
     return LoadedModel(module, spec, InputFormat(3, 224, 224), notes)
 
@@ -240,18 +228,78 @@ def _head_outputs(state: dict) -> Optional[int]:
     return int(last.shape[0]) if last is not None else None
 
 
-def _key_diff(expected: dict, got: dict) -> "tuple[list[str], list[str]]":
-    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+NOT_TORCH = "is not a torch.save file (damaged, truncated, or another format)"
+
+
+def pickled_globals(path: Path) -> "Optional[list[str]]":
+    """The classes and functions that unpickling the torch.save file ``path`` would import beyond
+    tensors and plain containers (``[]`` for a state dict), found without running any of its
+    code; None when ``path`` is not a torch.save file (or one too damaged to read)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        if find is None:
+            return ["not listed by this torch version"]
+        try:
+            return list(find(str(path)))
+        except Exception:  # a damaged archive
+            return None
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    # torch's legacy format is a pickle (protocol 2+): its contents are not listed without unpickling
+    return ["torch's legacy format"] if len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5) else None
+
+
+def _shown(names: "list[str]", k: int = 3) -> str:
+    """The first ``k`` of ``names``, then how many more."""
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
 
 
 def load_tensor_file(path: Path, flag: str, hint: str) -> object:
-    """``torch.load(path, weights_only=True)``; a missing or unloadable file is a ModelError."""
+    """``torch.load(path, weights_only=True)``; a missing or unloadable file is a ModelError that
+    says what the file holds instead (it never suggests unpickling it)."""
     if not path.is_file():
         raise ModelError(f"{flag} {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        found = pickled_globals(path)
+        if found is None:
+            what = NOT_TORCH
+        elif found:
+            what = (f"is not a state dict: it holds pickled Python objects ({_shown(found)}), which "
+                    f"load only by running code from the file")
+        else:
+            what = "is damaged: its tensors do not load"
+        raise ModelError(f"{flag} {path} {what}" + (f"; {hint}" if hint else "")) from None
+
+
+def _shape(value: object) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def state_mismatch(expected: dict, got: dict) -> str:
+    """How the state dict ``got`` differs from ``expected`` (a module's): its missing and
+    unexpected keys and the tensors of another shape, a few of each by name, then a count."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    reshaped = [f"{k} ({_shape(got[k])} in the file, {_shape(expected[k])} in the model)"
+                for k in expected if k in got and _shape(got[k]) != _shape(expected[k])]
+    parts = [f"{len(keys)} {what}: {_shown(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+    return "; ".join(parts)
+
+
+def load_weights(module: nn.Module, state: dict, what: str, hint: str) -> None:
+    """``module.load_state_dict(state, strict=True)``; weights that do not fit are a ModelError
+    ``what: <the keys and shapes that differ>; hint``."""
+    try:
+        module.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise ModelError(f"{flag} {path} is not loadable with weights_only=True ({describe(exc)}); {hint}") from None
+        detail = state_mismatch(module.state_dict(), state) or describe(exc)
+        raise ModelError(f"{what}: {detail}; {hint}") from None
 
 
 def load_head(path: "str | os.PathLike", feature_dim: int) -> nn.Linear:
@@ -263,8 +311,6 @@ def load_head(path: "str | os.PathLike", feature_dim: int) -> nn.Linear:
     if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
         raise ModelError(f"--head {p} must hold {{'weight': [K, {feature_dim}], 'bias': [K]}}; {hint}")
     head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
-    try:
-        head.load_state_dict({k: v for k, v in state.items() if k in ("weight", "bias")}, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"--head {p} does not form a linear layer ({describe(exc)}); {hint}") from None
+    load_weights(head, {k: v for k, v in state.items() if k in ("weight", "bias")},
+                 f"--head {p} does not form a linear layer", hint)
     return head

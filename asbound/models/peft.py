@@ -16,6 +16,16 @@ adapter   a bottleneck adapter after every ``Conv2d`` and ``Linear`` of the back
 bias      the parameters named ``bias`` of the backbone's layers (convolutions, linear maps,
           normalisation shifts), and nothing else: not, e.g., a transformer's
           ``relative_position_bias_table`` (P-R8)
+prompt    visual prompt tuning (VPT, Jia et al. 2022) of a ViT (timm's ``VisionTransformer``):
+          ``tokens`` learnable prompt tokens enter the sequence after the class (and register)
+          tokens, once the patch and position embeddings are in, before the first block; VPT-deep
+          (``deep``, the reference's configs: 10 tokens, 20 for CUB) replaces them with the
+          block's own prompts before every later block, VPT-shallow keeps the first ones. The
+          prompts leave the sequence after the last block, so the model's own pooling (class
+          token, or the average of the patch tokens) reads the same tokens as before: the prompts
+          act through attention only. Drawn U(-v, v), v = sqrt(6 / (C p^2 + d)) (the reference's
+          init; C channels, p the patch side, d the width). No prompt dropout (the reference's
+          0.1): like every PEFT variant here the representation stays in eval mode while it trains.
 ========= ==================================================================================
 
 AutoLoRa's natural branch (seed 002) is LoRA too (``natural_branch``): rank 8, alpha 1 (scale
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
@@ -44,9 +55,13 @@ import torch
 from torch import Tensor, nn
 
 from asbound.errors import ConfigError, ModelError
-from asbound.models.split import SplitModel
+from asbound.models.split import LayerOutput, SplitModel
 
-VARIANTS = ("full", "lora", "adapter", "bias")
+VARIANTS = ("full", "lora", "adapter", "bias", "prompt")
+#: variants saved unmerged, whose structure ``run:DIR`` rebuilds before loading the weights
+REBUILT = ("adapter", "prompt")
+#: the fields of :class:`PeftSpec` that only ``prompt`` records
+_PROMPT_FIELDS = ("tokens", "deep")
 #: the module types LoRA and adapters are put on
 ADAPTED_TYPES = (nn.Conv2d, nn.Linear)
 _TYPE_NAMES = ", ".join(t.__name__ for t in ADAPTED_TYPES)
@@ -61,9 +76,17 @@ class PeftSpec:
     alpha: float = 16.0
     reduction: int = 8
     init: str = "kaiming"  # LoRA's A: "kaiming" (peft's default) or "normal" (N(0, 1): AutoLoRa)
+    tokens: int = 10  # prompt tokens per block (prompt)
+    deep: bool = True  # prompt: VPT-deep (new prompts before every block) or VPT-shallow
 
     def as_record(self) -> dict:
-        return asdict(self)
+        """The spec as ``config.json`` records it (the prompt fields only for ``prompt``, so the
+        records of the other variants are those written before prompts existed)."""
+        record = asdict(self)
+        if self.variant != "prompt":
+            for name in _PROMPT_FIELDS:
+                del record[name]
+        return record
 
     @staticmethod
     def from_record(record: "dict | None") -> "Optional[PeftSpec]":
@@ -103,6 +126,8 @@ def check_peft(split: SplitModel, spec: PeftSpec) -> None:
         raise _no_layers(spec, "parameters named 'bias'")
     if spec.variant in ("lora", "adapter", "natural-branch") and not adapted_layers(split.backbone):
         raise _no_layers(spec, f"modules of type {_TYPE_NAMES}")
+    if spec.variant == "prompt":
+        prompt_sites(split.backbone)
 
 
 def bias_names(backbone: nn.Module) -> "list[str]":
@@ -162,6 +187,16 @@ def apply_peft(split: SplitModel, spec: PeftSpec, *, seed: int = 0) -> SplitMode
                     setattr(owner, child, Adapter(owner.get_submodule(child), spec.reduction))
             else:
                 split.backbone = _lora(backbone, names, spec)
+    elif spec.variant == "prompt":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name in prompt_sites(backbone):
+                prompted = PromptedViT(backbone.get_submodule(name), spec.tokens, spec.deep)
+                if name:
+                    parent, _, child = name.rpartition(".")
+                    setattr(backbone.get_submodule(parent) if parent else backbone, child, prompted)
+                else:
+                    split.backbone = prompted
     split.peft = spec
     # what this structure added, by identity: a chained model's own adapters or LoRA layers (a
     # run:DIR base) are part of the representation, whatever their names
@@ -210,6 +245,84 @@ def _set_branch(backbone: nn.Module, enabled: bool) -> None:
                          "install the peft version in constraints.txt")
     for m in layers:
         m._disable_adapters = not enabled
+
+
+# --- visual prompts ------------------------------------------------------------------------------------
+
+
+def _vit_class() -> type:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def prompt_sites(backbone: nn.Module) -> "list[str]":
+    """Names (in ``backbone``) of the ViTs that prompts go into: each timm ``VisionTransformer``
+    whose forward is timm's own (``forward_features`` then ``forward_head``), not inside another.
+    Raises :class:`ModelError` naming what is missing."""
+    vit_class = _vit_class()
+    if any(isinstance(m, PromptedViT) for m in backbone.modules()):
+        raise ModelError("--peft prompt: this model already holds prompts (a prompt run as the base); its "
+                         "prompts are part of the representation: choose --peft full, lora, adapter or bias")
+    sites: "list[str]" = []
+    for name, module in backbone.named_modules():
+        if isinstance(module, vit_class) and not any(name.startswith(s + ".") or not s for s in sites):
+            sites.append(name)
+    if not sites:
+        raise ModelError("--peft prompt needs a ViT (timm's VisionTransformer) in the representation and this "
+                         "model has none; choose --peft full, lora, adapter or bias")
+    own = ("forward", "forward_features", "forward_head", "_pos_embed")
+    for name in sites:
+        kind = type(backbone.get_submodule(name))
+        changed = [f for f in own if getattr(kind, f) is not getattr(vit_class, f)]
+        if changed:
+            raise ModelError(f"--peft prompt: {kind.__name__} changes timm's VisionTransformer.{changed[0]}, so "
+                             f"where prompts go is not defined for it; choose --peft full, lora, adapter or bias")
+    layer = getattr(backbone, "layer", None)
+    if isinstance(backbone, LayerOutput) and any(f"model.{layer}".startswith(s + ".") for s in sites):
+        raise ModelError(f"--peft prompt: --feature-layer {layer} lies inside the ViT, where the prompt tokens "
+                         f"are still in the sequence; leave --feature-layer out (the ViT's own head split)")
+    return sites
+
+
+class PromptedViT(nn.Module):
+    """A timm ``VisionTransformer`` with ``tokens`` learnable prompt tokens (see the module's table).
+
+    ``forward`` is timm's ``forward_features`` then ``forward_head`` (timm 1.0) with the prompts
+    inserted after the prefix (class, register) tokens before the first block (and, ``deep``,
+    replaced before every later block) and removed after the last block, before the final norm
+    and the pooling. With 0 tokens it computes the ViT's own output.
+    """
+
+    def __init__(self, vit: nn.Module, tokens: int, deep: bool) -> None:
+        super().__init__()
+        self.vit = vit
+        self.tokens = int(tokens)
+        self.deep = bool(deep)
+        width = int(vit.embed_dim)
+        patch = math.prod(vit.patch_embed.patch_size)
+        channels = int(vit.patch_embed.proj.in_channels)
+        bound = math.sqrt(6.0 / (channels * patch + width))
+        ref = next(vit.parameters())
+        layers = len(vit.blocks) if self.deep else 1
+        prompts = torch.empty(layers, self.tokens, width).uniform_(-bound, bound)
+        self.prompts = nn.Parameter(prompts.to(device=ref.device, dtype=ref.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        vit, n = self.vit, self.tokens
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        k = int(vit.num_prefix_tokens)
+        for i, block in enumerate(vit.blocks):
+            if i < len(self.prompts):
+                prompt = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                x = torch.cat((x[:, :k], prompt, x[:, k + (n if i else 0):]), dim=1)
+            x = block(x)
+        x = torch.cat((x[:, :k], x[:, k + n:]), dim=1)  # the prompts leave before the norm and the pooling
+        x = vit.norm(x)
+        return vit.forward_head(x)
 
 
 # --- what trains ----------------------------------------------------------------------------------------
@@ -265,7 +378,8 @@ def _base_set(split: SplitModel) -> "set[str]":
 def saved_model(split: SplitModel) -> "tuple[SplitModel, Optional[dict]]":
     """What a run saves: a copy with LoRA merged into the weights (``lora``) or dropped
     (AutoLoRa's natural branch: inference uses the feature-extractor branch), and the structure
-    ``run:DIR`` must rebuild before loading (adapters), or ``None``."""
+    ``run:DIR`` must rebuild before loading (adapters, prompts: part of the representation), or
+    ``None``."""
     spec: Optional[PeftSpec] = getattr(split, "peft", None)
     out = copy.deepcopy(split)
     if spec is not None and spec.variant == "lora":
@@ -274,17 +388,18 @@ def saved_model(split: SplitModel) -> "tuple[SplitModel, Optional[dict]]":
         out.backbone = out.backbone.unload()
     out.__dict__.pop("_base_names", None)
     out.__dict__.pop("peft_added", None)
-    structure = spec.as_record() if spec is not None and spec.variant == "adapter" else None
+    structure = spec.as_record() if spec is not None and spec.variant in REBUILT else None
     out.peft = None
     return out, structure
 
 
 def rebuild_structure(split: SplitModel, structure: "dict | None") -> SplitModel:
-    """Rebuild a saved run's structure (adapters) so its ``model.pt`` loads strictly."""
+    """Rebuild a saved run's structure (adapters, prompts) so its ``model.pt`` loads strictly."""
     spec = PeftSpec.from_record(structure)
     if spec is None:
         return split
-    if spec.variant != "adapter":
-        raise ModelError(f"a saved structure {spec.variant!r} cannot be rebuilt (only adapters are saved unmerged)")
+    if spec.variant not in REBUILT:
+        raise ModelError(f"a saved structure {spec.variant!r} cannot be rebuilt (only adapters and prompts "
+                         f"are saved unmerged)")
     return apply_peft(split, spec)
 

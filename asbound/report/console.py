@@ -3,13 +3,63 @@
 Paper layout (seed 001, Tables 1 and 3): one row per quantity, one column per run. The AS
 score is a PGD estimate of a maximum (a lower bound), so "RHS", the Theorem 1 bound and the
 Theorem 2 criterion are estimates, and the rows say so.
+
+Every table reads at 80 columns (:class:`LabelledTable`): the specs, which have no spaces to
+break at, stand whole in the title, and the row labels wrap only where the values could not fit
+beside them otherwise.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
+
+
+class LabelledTable(Table):
+    """A rich table whose first column holds row labels, laid out for the console's width.
+
+    Rich narrows the widest columns first, which can leave a value column narrower than its
+    longest word (cut mid-word) while the labels keep their full width. Here every column gets at
+    least its longest word; the labels keep their line where the values still fit beside them,
+    else they wrap at their spaces too; what room is left goes to each column in proportion to
+    what it lacks for one line per cell. The table is at least as wide as the longest word of its
+    title, which wraps at the table's width.
+    """
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        title = Measurement.get(console, options, self.title).minimum if self.title else 0
+        self.min_width = min(title, options.max_width) or None
+        widths = self._widths(console, options) if self.columns else None
+        for i, column in enumerate(self.columns):
+            column.width = widths[i] if widths else None
+            column.no_wrap = bool(widths) and i == 0 and widths[0] >= self._natural
+        yield from super().__rich_console__(console, options)
+
+    def _widths(self, console: Console, options: ConsoleOptions) -> "Optional[list[int]]":
+        """Content widths that fit the console with no word cut; None where rich's own layout does
+        as well (everything fits on one line) or nothing can (a word wider than any layout allows)."""
+        for column in self.columns:
+            column.width = None
+        measured = [[Measurement.get(console, options, cell)
+                     for cell in ([c.header] if self.show_header else []) + list(c.cells)] for c in self.columns]
+        natural = [max((m.maximum for m in ms), default=0) for ms in measured]
+        least = [max((m.minimum for m in ms), default=0) for ms in measured]
+        self._natural = natural[0]
+        room = options.max_width - self._extra_width - sum(self._get_padding_width(i) for i in range(len(natural)))
+        if sum(natural) <= room:
+            return None
+        if natural[0] + sum(least[1:]) <= room:
+            least[0] = natural[0]  # the labels keep their line
+        elif sum(least) > room:
+            return None
+        spare, wants = room - sum(least), [n - m for n, m in zip(natural, least)]
+        shares = [spare * w // sum(wants) for w in wants]
+        for i in sorted(range(len(wants)), key=lambda i: -wants[i])[: spare - sum(shares)]:
+            shares[i] += 1
+        return [m + s for m, s in zip(least, shares)]
 
 
 def _num(value: Optional[float], fmt: str = "{:.4g}") -> str:
@@ -85,17 +135,33 @@ def _certified(s: dict, text: str) -> str:
     return text
 
 
+#: the longest data spec that heads a column; longer ones stand in the title, keyed (1), (2), ...
+SHORT = 20
+
+
 def summary_table(summaries: Iterable[dict], title: str = "asbound score") -> Table:
-    """One row per quantity, one column per run (``model -> data``; the model goes to the title
-    when every run shares it)."""
+    """One row per quantity, one column per run.
+
+    The runs' specs go to the title, where they stand whole: one run, ``title: model -> data``;
+    runs of one model, ``title: model`` and the data as column headers (up to :data:`SHORT`
+    characters; else one title line ``(k) data`` per run, ``(k)`` heading its column); runs of
+    several models, one title line ``(k) model -> data`` per run.
+    """
     summaries = list(summaries)
-    models = {s["model"] for s in summaries}
-    shared = len(models) == 1 and len(summaries) > 1
-    table = Table(title=f"{title}: {summaries[0]['model']}" if shared else title, title_justify="left")
-    table.add_column("", style="bold", no_wrap=True)
-    for s in summaries:
-        model = s["model"].replace("/", "/\n")  # long specs break at their slashes, not mid-word
-        table.add_column(s["data"] if shared else f"{model}\n-> {s['data']}", justify="right", overflow="fold")
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    keys = [f"({k})" for k in range(1, len(summaries) + 1)]
+    if len(summaries) == 1:
+        lines, headers = [f"{title}: {models[0]} -> {summaries[0]['data']}"], [""]
+    elif len(models) == 1 and all(len(s["data"]) <= SHORT for s in summaries):
+        lines, headers = [f"{title}: {models[0]}"], [s["data"] for s in summaries]
+    elif len(models) == 1:
+        lines, headers = [f"{title}: {models[0]}"] + [f"{k} {s['data']}" for k, s in zip(keys, summaries)], keys
+    else:
+        lines, headers = [title] + [f"{k} {s['model']} -> {s['data']}" for k, s in zip(keys, summaries)], keys
+    table = LabelledTable(title="\n".join(lines), title_justify="left", show_header=any(headers))
+    table.add_column("", style="bold")
+    for header in headers:
+        table.add_column(header, justify="right", overflow="fold")
     rows = ROWS + (CERTIFIED_ROWS if any(s.get("rhs_certified") is not None for s in summaries) else [])
     for label, cell in rows:
         table.add_row(label, *(cell(s) for s in summaries))
@@ -144,10 +210,34 @@ def transfer_rows(finals: "list[dict]") -> "list[tuple[str, Callable[[dict], str
 
 def transfer_table(finals: "list[dict]", title: str = "asbound transfer") -> Table:
     """One column per method (seed 001, Tables 5 and 9), read from each run's ``final.json``."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("", style="bold", no_wrap=True)
+    table = LabelledTable(title=title, title_justify="left")
+    table.add_column("", style="bold")
     for f in finals:  # RanLI / RoLI: with what --peft trained
         table.add_column(f["method"] + (f" ({f['peft']})" if f.get("peft") else ""), justify="right")
     for label, cell in transfer_rows(finals):
         table.add_row(label, *(cell(f) for f in finals))
+    if any(f["test"].get("robust_rule") for f in finals):
+        table.caption = ("robust accuracy per point: a point counts only if every attack run on it failed "
+                         "(PGD-k: every PGD with at most k steps; AutoAttack: it and every PGD)")
+        table.caption_justify = "left"
+    return table
+
+
+# --- predict: one row per downstream task -----------------------------------------------------------
+
+
+def predict_table(rec: dict) -> Table:
+    """The AS ratio and its verdict per downstream task, read from ``predict.json``."""
+    pre = rec["pretrain"]
+    table = LabelledTable(title=f"asbound predict: {rec['model']}, eps {rec['eps_text']} (L{rec['norm']}); "
+                                f"AS on {pre['label']} = {pre['as_score']:.4g}", title_justify="left")
+    for col in ("downstream", "AS score", "ratio", f"verdict (ratio <= {rec['threshold']:g})", "2 B AS (Lemma 1)",
+                "measured (rob. CE - CE) / CE"):
+        table.add_column(col, justify="left" if col == "downstream" else "right")
+    for t in rec["tasks"]:
+        bound = t["bound"]
+        measured = (t["measured"] or {}).get("relative_ce")
+        table.add_row(t["label"], f"{t['as_score']:.4g}", f"{t['ratio']:.3g}", t["verdict"],
+                      "-" if bound is None else f"{bound['loss_increase']:.4g}",
+                      "-" if measured is None else f"{measured:.3g}")
     return table

@@ -2,7 +2,8 @@
 
 Kinds (``asbound plot RUN... --kind K --out FIG.png``):
 
-* ``lhs-rhs``: Lemma 1's LHS against its RHS (the AS score) per run, with the diagonal LHS = RHS;
+* ``lhs-rhs``: Lemma 1's LHS against its RHS (the AS score) per run, with the diagonal LHS = RHS
+  (colour: downstream data; marker: pretraining; runs that share both numbered, with a key below);
 * ``margin-vs-sensitivity``: per datapoint, the sensitivity against the margin, the region where
   Theorem 2's criterion holds (sensitivity < margin) shaded; one panel per run (at most 6);
 * ``shift``: AS, LHS and robust accuracy against corruption severity, per corruption;
@@ -19,13 +20,16 @@ from typing import Callable, Iterable
 import numpy as np
 
 from asbound.errors import ConfigError
+from asbound.records import write_output
 from asbound.report.runs import (
     Run,
+    attack_text,
     collect,
     data_label,
     labels,
     model_label,
     pretraining_label,
+    robust_accuracy,
     settings,
 )
 
@@ -41,70 +45,126 @@ def _plt():  # noqa: ANN202 - pyplot, imported with the Agg backend
     return plt
 
 
-def _legend_outside(ax, handles):  # noqa: ANN001, ANN202
-    return ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-                     frameon=False)
-
-
 def lhs_rhs(runs: "list[Run]"):  # noqa: ANN201
+    """Lemma 1 per run. Colour: the downstream data; marker: the pretrained representation. Where
+    runs share both (another method, eps, weight decay, ...), each point is numbered and the key
+    below names what sets it apart; runs whose markers overlap carry one label with all their
+    numbers (``1,7``), and the title names runs at one point, so that no run hides another."""
     plt = _plt()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8.4, 5.2), layout="constrained")
-    extra = settings(runs, beside_data=True)
-    groups = [pretraining_label(r) + (f" ({e})" if e else "") for r, e in zip(runs, extra)]
-    group_names = list(dict.fromkeys(groups))
-    data_names = list(dict.fromkeys(data_label(r) for r in runs))
-    markers = "osD^v<>pPX*h"
-    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
     pts = []
-    for run, group in zip(runs, groups):
+    for run in runs:
         s = run.summary
         if not s or s.get("lhs") is None or s.get("as_score") is None:
             raise ConfigError(f"--kind lhs-rhs: {run.path} lacks lhs (an AS-only run or no score after transfer); "
                               f"give runs with Lemma 1's terms")
-        pts.append((s["as_score"], s["lhs"]))
-        ax.scatter(s["as_score"], s["lhs"], s=42, zorder=3, edgecolors="k", linewidths=0.4,
-                   marker=markers[group_names.index(group) % len(markers)],
-                   color=colours[data_names.index(data_label(run)) % len(colours)])
+        pts.append((float(s["as_score"]), float(s["lhs"])))
+    pre = [pretraining_label(r) for r in runs]
+    data = [data_label(r) for r in runs]
+    extra = settings(runs)
+    pre_names, data_names = list(dict.fromkeys(pre)), list(dict.fromkeys(data))
+    markers = "osD^v<>pPX*h"
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    style = [dict(marker=markers[pre_names.index(p) % len(markers)], color=colours[data_names.index(d) % len(colours)])
+             for p, d in zip(pre, data)]
+    at: "dict[tuple[str, str], list[int]]" = {}  # runs drawn at one point
+    for i, (x, y) in enumerate(pts):
+        at.setdefault((f"{x:.3g}", f"{y:.3g}"), []).append(i)
+    number = len(set(zip(pre, data))) < len(runs) or len(at) < len(runs) or any(extra)
+
+    key = []
+    fig, ax = plt.subplots(figsize=(8.0, 6.4 + (0.14 * ((len(runs) + 1) // 2) if number else 0.4)),
+                           layout="constrained")
+    for i, xy in enumerate(pts):
+        ax.scatter(*xy, s=38, zorder=3, edgecolors="k", linewidths=0.5, alpha=0.85, **style[i])
     xs, ys = np.array(pts, dtype=float).T
     positive = np.concatenate([xs[xs > 0], ys[ys > 0]])
     lo = float(positive.min()) if positive.size else 1e-3
     hi = float(max(xs.max(), ys.max(), lo))
-    log = hi / lo > 100  # more than two decades
+    log = bool(np.all(xs > 0) and np.all(ys > 0) and hi / lo > 10)  # more than a decade: log axes
     if log:
-        ax.set_xscale("log", nonpositive="clip")
-        ax.set_yscale("log", nonpositive="clip")
-        grid = np.geomspace(lo / 2, hi * 2, 100)
-        ax.set_xlim(lo / 2, hi * 2)
-        ax.set_ylim(lo / 2, hi * 2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        grid = np.geomspace(lo / 1.5, hi * 1.5, 100)
+        ax.set_xlim(lo / 1.5, hi * 1.5)
+        ax.set_ylim(lo / 1.5, hi * 1.5)
     else:
         grid = np.linspace(0, hi * 1.1, 100)
         ax.set_xlim(0, hi * 1.1)
         ax.set_ylim(min(0.0, float(ys.min()) * 1.1), hi * 1.1)
+    ax.set_aspect("equal", adjustable="box")
     ax.plot(grid, grid, "k--", lw=1)
     ax.fill_between(grid, grid, grid.max() * 10, color="tab:red", alpha=0.07, lw=0)
-    ax.set_xlabel("RHS = AS score (mean sensitivity; PGD estimate, a lower bound)" + (" [log]" if log else ""))
-    ax.set_ylabel("LHS = mean (adv. loss - loss) / (L ||W||)" + (" [log]" if log else ""))
-    ax.set_title(f"Lemma 1 per run: LHS <= RHS below the diagonal ({int(np.sum(ys <= xs))} of {len(runs)} runs)\n"
-                 "RHS from PGD is an estimate: the lemma is checked against a lower bound of its right-hand side",
-                 fontsize=9)
-    data_handles = [Line2D([], [], ls="", marker="s", color=colours[k % len(colours)], label=name)
-                    for k, name in enumerate(data_names)]
-    group_handles = [Line2D([], [], ls="", marker=markers[k % len(markers)], color="0.5", markeredgecolor="k",
-                            label=name) for k, name in enumerate(group_names)]
-    key = [Line2D([], [], ls="--", color="k", label="LHS = RHS"),
-           plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.15, label="LHS > RHS: Lemma 1 fails")]
-    def header(text: str) -> Line2D:
-        return Line2D([], [], ls="", label=text)
-
-    handles = [header("downstream data (colour):"), *data_handles, header("pretraining (marker):"), *group_handles,
-               header(""), *key]
-    legend = _legend_outside(ax, handles)
-    for text, handle in zip(legend.get_texts(), handles):
-        if handle.get_label().endswith(":"):
-            text.set_fontweight("bold")
+    ax.set_xlabel("RHS = AS score (mean sensitivity; PGD estimate, a lower bound)" + (" [log]" if log else ""),
+                  fontsize=8)
+    ax.set_ylabel("LHS = mean (adv. loss - loss) / (L ||W||)" + (" [log]" if log else ""), fontsize=8)
+    shared = [",".join(str(k + 1) for k in m) for m in at.values() if len(m) > 1]
+    ax.set_title(f"Lemma 1 per run: LHS <= RHS below the diagonal ({int(np.sum(ys <= xs))} of {len(runs)} runs)"
+                 + (f"\nruns at one point (to 3 digits), one marker over the other: {'; '.join(shared)}"
+                    if shared else "")
+                 + "\nRHS from PGD is an estimate: the lemma is checked against a lower bound of its right-hand side",
+                 fontsize=8)
+    handles = [Line2D([], [], ls="", marker="s", ms=6, color=colours[k % len(colours)], label=name)
+               for k, name in enumerate(data_names)]
+    handles += [Line2D([], [], ls="", marker=markers[k % len(markers)], ms=6, color="0.6", markeredgecolor="k",
+                       label=name) for k, name in enumerate(pre_names)]
+    handles += [Line2D([], [], ls="--", color="k", label="LHS = RHS"),
+                plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.15, label="LHS > RHS: Lemma 1 fails")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", title="colour: downstream data; marker: pretraining",
+              title_fontsize=7, frameon=True, framealpha=0.9)
+    if number:
+        for i, (p, d, e) in enumerate(zip(pre, data, extra)):
+            key.append(Line2D([], [], ls="", markeredgecolor="k", ms=5, **style[i],
+                              label=f"{i + 1}  {p} → {d}" + (f" ({e})" if e else "")))
+        fig.legend(handles=key, loc="outside lower center", ncol=2 if len(key) > 3 else 1, fontsize=6.5,
+                   frameon=False, columnspacing=1.5, handletextpad=0.3)
+        _numbers(fig, ax, pts)
     return fig
+
+
+def _numbers(fig, ax, pts: "list[tuple[float, float]]") -> None:  # noqa: ANN001
+    """Number each point (1, 2, ...) beside it; points whose markers overlap (centres within 4
+    points) share one label (``1,7``). Each label goes to the first of eight places around its
+    point (then eight further out, with a leader line) where it covers no other label and no point:
+    a greedy placement in display space, once the layout is fixed."""
+    fig.draw_without_rendering()
+    px_per_pt = fig.dpi / 72.0
+    dots = [ax.transData.transform(xy) for xy in pts]
+    groups: "list[list[int]]" = []
+    for i, (px, py) in enumerate(dots):
+        near = next((g for g in groups if np.hypot(*(dots[g[0]] - (px, py))) < 4 * px_per_pt), None)
+        near.append(i) if near is not None else groups.append([i])
+    boxes: "list[tuple[float, float, float, float]]" = []
+    for group in groups:
+        text = ",".join(str(k + 1) for k in group)
+        px, py = dots[group[0]]
+        w, h = 4.3 * len(text) + 1, 7.0  # points, at fontsize 7
+        places = []
+        for r in (4.5, 14.0):
+            for ux, uy in ((1, 0.3), (1, -1), (-1, 0.3), (-1, -1), (0, 1), (0, -1.6), (1, 1), (-1, 1)):
+                dx = r * ux - (w if ux < 0 else w / 2 if ux == 0 else 0)
+                dy = r * uy - (h / 2 if uy == 0.3 else 0) - (h if uy < 0 and ux != 0 else 0)
+                places.append((dx, dy, r > 5))
+        best, best_cost = places[0], None
+        for dx, dy, far in places:
+            box = (px + dx * px_per_pt, py + dy * px_per_pt, px + (dx + w) * px_per_pt, py + (dy + h) * px_per_pt)
+            cost = sum(_overlap(box, b) for b in boxes) + sum(
+                _overlap(box, (qx - 4 * px_per_pt, qy - 4 * px_per_pt, qx + 4 * px_per_pt, qy + 4 * px_per_pt))
+                for qx, qy in dots)
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = (dx, dy, far), cost
+            if cost == 0:
+                break
+        dx, dy, far = best
+        boxes.append((px + dx * px_per_pt, py + dy * px_per_pt, px + (dx + w) * px_per_pt, py + (dy + h) * px_per_pt))
+        ax.annotate(text, pts[group[0]], xytext=(dx, dy), textcoords="offset points", fontsize=7, zorder=4,
+                    va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.35", shrinkA=0, shrinkB=3) if far else None)
+
+
+def _overlap(a: "tuple[float, float, float, float]", b: "tuple[float, float, float, float]") -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def margin_sensitivity(runs: "list[Run]"):  # noqa: ANN201
@@ -161,8 +221,11 @@ def margin_sensitivity(runs: "list[Run]"):  # noqa: ANN201
                         Line2D([], [], ls="", marker="^", ms=4, color="tab:orange", label="correct, not robust"),
                         Line2D([], [], ls="", marker="x", ms=4, color="tab:red", label="misclassified")],
                loc="outside lower center", ncol=5, fontsize=7, frameon=False)
+    attacks = sorted({attack_text(r.summary) for r in shown if r.summary})
     fig.suptitle("Theorem 2 per datapoint: s_i < m_i implies robust (s_i from PGD: a lower bound, so the "
-                 "criterion is estimated)" + (f"; first 6 of {len(runs)} runs" if len(runs) > 6 else ""), fontsize=9)
+                 "criterion is estimated)" + (f"; first 6 of {len(runs)} runs" if len(runs) > 6 else "")
+                 + (f"\nattack: {attacks[0]} (a stronger attack finds larger s_i: fewer fulfilled points)"
+                    if len(attacks) == 1 else ""), fontsize=9)
     return fig
 
 
@@ -176,10 +239,11 @@ def _sweeps(runs: "list[Run]", kind: str) -> "dict[str, list[Run]]":
 
 
 def _acc(r: Run) -> "tuple[float, float]":
+    """Clean and robust accuracy: a transfer run's on its test split (as the transfer table counts
+    it), a score run's over its scored points."""
     s = r.summary or {}
     if r.kind == "transfer":
-        pgd = r.record["test"].get("pgd") or {}
-        return r.record["test"].get("clean_accuracy"), pgd[max(pgd, key=int)] if pgd else None
+        return r.record["test"].get("clean_accuracy"), robust_accuracy(r.record["test"])[0]
     return s.get("clean_accuracy"), s.get("robust_accuracy")
 
 
@@ -244,6 +308,8 @@ def eps(runs: "list[Run]"):  # noqa: ANN201
 
 
 def predict(runs: "list[Run]"):  # noqa: ANN201
+    from asbound.predict import p_text  # torch, through scoring: only where a prediction is drawn
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 5.4), layout="constrained")
     titles = []
@@ -263,14 +329,14 @@ def predict(runs: "list[Run]"):  # noqa: ANN201
             ax.annotate(t["label"], (a, b), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
         s = (r.record.get("spearman") or {}).get("ratio_vs_relative_ce")
         if s:
-            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} (p {s['p']:.2g}, {s['n']} tasks)")
+            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} ({p_text(s)}; {s['n']} tasks)")
         else:
             titles.append(f"{model_label(r)}: no Spearman rho (fewer than 3 measured tasks)")
     for threshold in sorted(thresholds):
         ax.axvline(threshold, color="0.4", ls=":", lw=1, label=f"threshold {threshold:g}: 'transfers' left of it")
     ax.set_xlabel("predicted: AS(downstream) / AS(pretraining) (both PGD estimates, lower bounds)")
     ax.set_ylabel("measured after LP: (robust CE - CE) / CE")
-    ax.set_title("Prediction before transfer: AS ratio against the measured CE increase\n" + "; ".join(titles),
+    ax.set_title("Prediction before transfer: AS ratio against the measured CE increase\n" + "\n".join(titles),
                  fontsize=8)
     ax.legend(fontsize=7)
     return fig
@@ -297,11 +363,11 @@ def plot(paths: "Iterable[str | os.PathLike]", kind: str, out: "str | os.PathLik
     except KeyError as exc:  # a record without a field the figure reads
         raise ConfigError(f"--kind {kind}: the records under {', '.join(map(str, paths))} lack {exc} "
                           f"(not the asbound record format; docs/RECORDS.md)") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix in (".png", ".pdf"):
-        path = out.with_suffix(suffix)
-        fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if suffix == ".pdf" else None)
-        written.append(path)
-    _plt().close(fig)
+    try:
+        for suffix in (".png", ".pdf"):
+            written.append(write_output(out.with_suffix(suffix), lambda f, fmt=suffix[1:]: fig.savefig(
+                f, format=fmt, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None)))
+    finally:
+        _plt().close(fig)
     return written

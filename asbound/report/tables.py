@@ -8,8 +8,10 @@ lemma1      Tables 1, 2, 7: Diff. loss, ||W||, Lemma 1 LHS, AS score (= RHS), on
             under a (Pretraining, Downstream) header; many runs: Table 7's rows per pretraining and
             setting (attack norm, weight decay, ...) with a column per downstream data set
 theorem2    Table 3: clean accuracy, robust accuracy, prop. fulfilled, rob. fulfilled (as lemma1)
-transfer    Tables 5, 9: per downstream task, a row per method: Acc, RAcc (PGD with the most steps),
-            AutoAttack where recorded, AS after transfer, CE, robust CE, ||W||
+transfer    Tables 5, 9: per downstream task and eps, a row per method (two runs of one method
+            labelled with what differs): Acc, RAcc (robust against every attack run where the
+            record says so, else PGD with the most steps; the note names the rule), AutoAttack
+            where recorded, AS after transfer, CE, robust CE, ||W||
 shift       Tables 12, 13: per corruption, one column per severity (the clean data first)
 eps         Table 8: robust accuracy at each eps multiple, of all points and of the points that
             fulfil the Theorem 2 criterion at the first multiple (joined on ``index``)
@@ -19,7 +21,9 @@ certify     runs of ``score --certify``: the certified RHS mean(s_upper) against
             ratio (tightness), prop. certified against prop. fulfilled
 =========== ====================================================================================
 
-Every AS is a PGD estimate (a lower bound on the sensitivity), so every RHS is an estimate.
+Every AS is a PGD estimate (a lower bound on the sensitivity), so every RHS is an estimate;
+each table names the attack behind it (name, steps, restarts, step) and the number of points
+scored, both read from the runs' summaries (never from the values a sweep asked for).
 
 Each style is a function ``runs -> list[Block]`` (a titled DataFrame in the seed's layout, with
 notes); :func:`table` collects the runs and builds the blocks, :func:`render` writes them.
@@ -38,13 +42,17 @@ import pandas as pd
 from asbound.errors import ConfigError
 from asbound.report.runs import (
     Run,
+    attack_text,
     collect,
     data_label,
+    differences,
     labels,
     model_label,
     numbered,
     pretraining_label,
+    recorded,
     relative,
+    robust_accuracy,
     settings,
 )
 
@@ -109,17 +117,46 @@ def lemma1(runs: "list[Run]") -> "list[Block]":
     summaries = [_need(r, r.summary, ("loss_diff", "head_norm", "lhs", "as_score"), "lemma1") for r in runs]
     names = sorted({_loss_name(s) for s in summaries})
     norms = sorted({f"{s['head_norm_name']}" for s in summaries})
+    attack_row, attack_note = _attacks(runs, fulfilled=False)
 
     def values(run: Run) -> "list[str]":
         s = run.summary
         return [num(s["loss_diff"]), num(s["head_norm"]) + ("" if len(norms) == 1 else f" ({s['head_norm_name']})"),
-                num(s["lhs"]), num(s["as_score"]), _holds(s)]
+                num(s["lhs"]), num(s["as_score"]), _holds(s)] + ([attack_text(s)] if attack_row else [])
 
     norm_row = f"‖W‖ ({norms[0]})" if len(norms) == 1 else "‖W‖"
-    index = [" / ".join(names), norm_row, "LHS", "AS score (RHS)", "LHS <= RHS"]
+    index = [" / ".join(names), norm_row, "LHS", "AS score (RHS)", "LHS <= RHS"] + (["attack"] if attack_row else [])
     return [Block("Lemma 1", _per_run(runs, index, values),
-                  ["LHS: the mean of (adversarial loss - clean loss) / (L ‖W‖) over the points; ‖W‖: the head "
-                   "norm Lemma 1 uses (q and L as recorded); AS score: the mean sensitivity, a PGD estimate"])]
+                  [f"LHS: the mean of (adversarial loss - clean loss) / (L ‖W‖) over the {_points(runs)}; "
+                   "‖W‖: the head norm Lemma 1 uses (q and L as recorded); AS score: the mean sensitivity over the "
+                   "same points, a PGD estimate", *attack_note])]
+
+
+def _points(runs: "list[Run]") -> str:
+    """``n scored points`` (n the runs' own, from their records; a transfer run's: those of its
+    score after transfer, not its training images)."""
+    ns = {recorded(r, "n") for r in runs}
+    if len(ns) == 1 and None not in ns:
+        return f"{ns.pop()} scored points"
+    return "scored points (n: their number, per run)" if len(ns) > 1 else "scored points"
+
+
+def _attacks(runs: "list[Run]", fulfilled: bool = True) -> "tuple[bool, list[str]]":
+    """How strong the attack behind the AS and the Theorem 2 criterion was: one note when every run
+    used the same attack (``(False, [note])``), else a row per run (``(True, [note])``). The
+    criterion ``sensitivity < margin`` is only as good as this attack: a stronger one finds larger
+    shifts (``fulfilled``: the table shows the criterion, and the note says so)."""
+    summaries = [r.summary for r in runs if r.summary]
+    texts = {attack_text(s) for s in summaries}
+    stronger = "; a stronger attack finds larger shifts (a higher AS" + (
+        ", fewer fulfilled points)" if fulfilled else ")")
+    if len(texts) > 1:
+        return True, ["attack: the one behind each run's sensitivity" + stronger]
+    if not texts:
+        return False, []
+    both = any(s.get("loss_adv") is not None for s in summaries)
+    return False, [f"attack: {texts.pop()}" + (", on g and on the loss (the sensitivity: the larger shift)" if both
+                                               else ", on g") + stronger]
 
 
 def _per_run(runs: "list[Run]", quantities: "list[str]", values: "Callable[[Run], list[str]]") -> pd.DataFrame:
@@ -161,63 +198,88 @@ def theorem2(runs: "list[Run]") -> "list[Block]":
     keys = ("clean_accuracy", "robust_accuracy", "prop_fulfilled")
     for run in runs:
         _need(run, run.summary, keys, "theorem2")
+    attack_row, attack_note = _attacks(runs)
 
     def values(run: Run) -> "list[str]":
         s = run.summary
         return [pct(s["clean_accuracy"]), pct(s["robust_accuracy"]), pct(s["prop_fulfilled"]),
-                pct(s.get("rob_fulfilled"))]
+                pct(s.get("rob_fulfilled"))] + ([attack_text(s)] if attack_row else [])
 
-    index = ["clean accuracy", "robust accuracy", "prop. fulfilled", "rob. fulfilled"]
+    index = ["clean accuracy", "robust accuracy", "prop. fulfilled", "rob. fulfilled"] + (
+        ["attack"] if attack_row else [])
     return [Block("Theorem 2", _per_run(runs, index, values),
-                  ["robust: no point either PGD attack evaluated is misclassified (an upper bound on the true robust "
-                   "accuracy); prop. fulfilled: sensitivity < margin with the PGD sensitivity, an estimate; "
-                   "rob. fulfilled: the robust share of the fulfilled points"])]
-
-
-def _strongest(test: dict) -> "tuple[Optional[float], str]":
-    """The PGD accuracy with the most steps (seed 001's RAcc: PGD-20) and its name."""
-    pgd = test.get("pgd") or {}
-    if not pgd:
-        return None, "-"
-    k = max(pgd, key=int)
-    return pgd[k], f"PGD-{k}"
+                  [f"over the {_points(runs)}; robust: no point either attack evaluated is misclassified (an upper "
+                   "bound on the true robust accuracy); prop. fulfilled: sensitivity < margin with the attack's "
+                   "sensitivity, an empirical estimate; rob. fulfilled: the robust share of the fulfilled "
+                   "points", *attack_note])]
 
 
 def transfer(runs: "list[Run]") -> "list[Block]":
+    """A table per (pretraining, downstream data, eps): runs at other radii are never mixed under one
+    eps; two runs of one method are told apart by what differs between them."""
     finals = [r for r in runs if r.kind == "transfer"]
     if len(finals) != len(runs):
         bad = next(r for r in runs if r.kind != "transfer")
         raise ConfigError(f"--style transfer: {bad.path} is a {bad.kind} run, not a transfer run (final.json)")
-    groups: "dict[str, list[Run]]" = {}
-    for r in finals:
-        groups.setdefault(f"{model_label(r)} → {data_label(r)}", []).append(r)
-    blocks = []
     for r in finals:
         test = r.record.get("test")
         if not isinstance(test, dict) or test.get("clean_accuracy") is None:
             raise ConfigError(f"--style transfer: {r.path} lacks test.clean_accuracy in final.json (no final "
                               f"evaluation); give finished transfer runs")
-    for group, members in groups.items():
-        rows, attacks = [], []
+    groups: "dict[tuple[str, str], list[Run]]" = {}
+    for r in finals:
+        groups.setdefault((f"{model_label(r)} → {data_label(r)}", _test_eps(r)), []).append(r)
+    blocks = []
+    for (setting, eps_text), members in groups.items():
+        rows, rules = [], []
         autoattack = any(r.record["test"].get("autoattack") is not None for r in members)
         for r in members:
-            s = r.summary or {}
-            racc, attack = _strongest(r.record["test"])
-            attacks.append(attack)
-            row = [pct(r.record["test"].get("clean_accuracy")), pct(racc)]
-            row += [pct(r.record["test"].get("autoattack"))] if autoattack else []
+            test, s = r.record["test"], r.summary or {}
+            racc, rule = robust_accuracy(test)
+            rules.append(rule)
+            row = [pct(test.get("clean_accuracy")), pct(racc)]
+            row += [pct(test.get("autoattack"))] if autoattack else []
             rows.append(row + [num(s.get("as_score")), num(s.get("loss_clean")), num(s.get("loss_adv")),
                                num(s.get("head_norm"))])
         columns = ["Acc", "RAcc"] + (["RAcc (AA)"] if autoattack else []) + ["AS", "CE", "robust CE", "‖W‖"]
-        frame = pd.DataFrame(rows, index=pd.Index([_method(r) for r in members], name="method"), columns=columns)
+        frame = pd.DataFrame(rows, index=pd.Index(_method_labels(members), name="method"), columns=columns)
         without = [_method(r) for r in members if not r.summary]
-        blocks.append(Block(group, frame, [
-            f"RAcc: {', '.join(sorted(set(attacks)))} accuracy on the test split "
-            f"({members[0].record['test'].get('eps_text')})"
-            + (", RAcc (AA): AutoAttack standard" if autoattack else "")
-            + "; AS, CE, robust CE, ‖W‖: the score after transfer (AS a PGD estimate)"
-            + (f"; no score after transfer: {', '.join(without)}" if without else "")]))
+        scored = [r for r in members if r.summary]
+        tested = sorted({str(r.record["test"].get("n", "?")) for r in members}, key=lambda t: (len(t), t))
+        notes = [f"RAcc: on {' / '.join(tested)} test images at eps {eps_text}: "
+                 + "; ".join(dict.fromkeys(rules)) + ("; RAcc (AA): AutoAttack standard" if autoattack else "")]
+        if scored:
+            per_run, attack = _attacks(scored, fulfilled=False)
+            if per_run:
+                attack = ["attacks: " + ", ".join(f"{m}: {attack_text(r.summary)}" for r, m in
+                                                  zip(members, frame.index) if r.summary)]
+            notes.append(f"AS, CE, robust CE, ‖W‖: the score after transfer, over the {_points(scored)} (AS a PGD "
+                         f"estimate); " + "; ".join(attack))
+        if without:
+            notes.append(f"no score after transfer: {', '.join(without)}")
+        blocks.append(Block(f"{setting}, eps {eps_text}", frame, notes))
     return blocks
+
+
+def _test_eps(r: Run) -> str:
+    """The radius of a transfer run's test evaluation, as recorded."""
+    test = r.record.get("test") or {}
+    text = test.get("eps_text") or recorded(r, "eps")
+    return str(text) if text is not None else "?"
+
+
+def _method_labels(members: "list[Run]") -> "list[str]":
+    """A row label per transfer run: its method, and where two runs share one, what sets them
+    apart (``autolora (epochs 30)``), numbered where nothing does."""
+    methods = [_method(r) for r in members]
+    out = []
+    for r, m in zip(members, methods):
+        same = [x for x, y in zip(members, methods) if y == m]
+        extra = settings(same, omit=("method", "peft"))[same.index(r)] if len(same) > 1 else ""
+        if len(same) > 1 and not extra:  # none of the usual options: any other recorded setting
+            extra = differences(same)[same.index(r)]
+        out.append(f"{m} ({extra})" if extra else m)
+    return numbered(out)
 
 
 def _method(r: Run) -> str:
@@ -244,7 +306,7 @@ def _setting(members: "list[Run]") -> str:
 def _metrics(r: Run, style: str) -> dict:
     s = _need(r, r.summary, ("loss_clean", "loss_adv", "lhs", "as_score"), style)
     if r.kind == "transfer":
-        acc, (racc, _) = r.record["test"].get("clean_accuracy"), _strongest(r.record["test"])
+        acc, (racc, _) = r.record["test"].get("clean_accuracy"), robust_accuracy(r.record["test"])
     else:
         acc, racc = s.get("clean_accuracy"), s.get("robust_accuracy")
     return {"acc": acc, "racc": racc, "ce": s["loss_clean"], "rce": s["loss_adv"], "diff": s["loss_diff"],
@@ -273,7 +335,8 @@ def shift(runs: "list[Run]") -> "list[Block]":
                     used.append(f"C{r.params['severity']} {found.group(1)}")
             family = "CIFAR-10-C parameters" if any("CIFAR-10-C" in str(r.config.get("transforms")) for r in cells) else ""
             blocks.append(Block(f"{_setting(members)}: {name}", pd.DataFrame(rows, index=index, columns=cols),
-                                [f"{relative(sweep)}" + (f"; {family}: " if family else "; ") + ", ".join(used)]))
+                                [f"{relative(sweep)}" + (f"; {family}: " if family else "; ") + ", ".join(used),
+                                 *_attacks(cells, fulfilled=False)[1]]))
     return blocks
 
 
@@ -290,7 +353,9 @@ def eps(runs: "list[Run]") -> "list[Block]":
             raise ConfigError(f"--style eps: {first.path} has no Theorem 2 criterion per datapoint (a regression or "
                               f"AS-only run)")
         fulfilled = set(p0.loc[p0["fulfilled"].astype(bool), "index"])
-        rows = {"eps": ", ".join(f"{r.params['eps_text']}" for r in cells),
+        rows = {"eps": ", ".join(str(recorded(r, "eps")) for r in cells),
+                "n (scored points)": str(recorded(first, "n")),
+                "attack": " / ".join(dict.fromkeys(attack_text(r.summary) for r in cells if r.summary)),
                 "clean accuracy": pct(s0["clean_accuracy"]),
                 f"prop. fulfilled (x{_m(first)})": pct(s0["prop_fulfilled"])}
         for r in cells:
@@ -311,8 +376,9 @@ def eps(runs: "list[Run]") -> "list[Block]":
         index += [key for key in rows if key not in index]
     frame = pd.DataFrame({name: [rows.get(key, "-") for key in index] for name, rows in columns.items()}, index=index)
     return [Block("Theorem 2 at eps multiples", frame,
-                  ["fulfilled: sensitivity < margin at the first multiple; robust: PGD on the loss at that multiple "
-                   "(every iterate counts)", *notes])]
+                  ["fulfilled: sensitivity < margin at the first multiple, with the attack's sensitivity (an "
+                   "empirical estimate: a stronger attack finds larger shifts, fewer fulfilled points); robust: no "
+                   "point either attack evaluates at that multiple is misclassified", *notes])]
 
 
 def _m(r: Run) -> str:
@@ -332,11 +398,18 @@ def resize(runs: "list[Run]") -> "list[Block]":
         index = pd.Index([f"{r.params['resize']}x{r.params['resize']}" for r in cells], name="input image")
         frame = pd.DataFrame(rows, index=index,
                              columns=["clean / robust CE", "clean / robust acc", "prop. fulfilled", "LHS", "RHS"])
-        blocks.append(Block(_setting(cells), frame, [relative(sweep)]))
+        tested = [r for r in cells if r.kind == "transfer"]
+        blocks.append(Block(_setting(cells), frame, [
+            f"{relative(sweep)}; prop. fulfilled, LHS, RHS: over the {_points(cells)}"
+            + (f"; clean / robust acc: on the test split, {robust_accuracy(tested[0].record['test'])[1]}"
+               if tested else ""),
+            *_attacks(cells)[1]]))
     return blocks
 
 
 def predict(runs: "list[Run]") -> "list[Block]":
+    from asbound.predict import p_text  # torch, through scoring: only where a prediction is rendered
+
     rows, index, notes = [], [], []
     bounds = any(t.get("bound") for r in runs for t in (r.record.get("tasks") or []) if r.kind == "predict")
     for r in runs:
@@ -358,7 +431,7 @@ def predict(runs: "list[Run]") -> "list[Block]":
         for name, s in (rec.get("spearman") or {}).items():
             if s:
                 notes.append(f"{model_label(r)}: Spearman {_pretty(name)}: rho {s['rho']:.3f} "
-                             f"(p {s['p']:.2g}, {s['n']} tasks)")
+                             f"({p_text(s)}; {s['n']} tasks)")
         notes.append(f"{model_label(r)}: eps {rec['eps_text']} (L{rec['norm']}), verdict: ratio <= {rec['threshold']:g}")
     frame = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["Pretraining", "Downstream"]),
                          columns=["AS score", "AS ratio", "verdict", "clean / robust CE (LP)", "relative dif."]
@@ -395,22 +468,26 @@ def _ce_pair(clean: Optional[float], adv: Optional[float]) -> str:
 
 
 def certify(runs: "list[Run]") -> "list[Block]":
-    rows, index = [], []
-    for r, name in zip(runs, labels(runs)):
-        s = _need(r, r.summary, ("rhs_certified", "as_score"), "certify")
+    """A row per run; eps, the bound's method and n (the points scored) in columns of their own,
+    read from each run's summary, never from the sweep cell's requested values."""
+    summaries = [_need(r, r.summary, ("rhs_certified", "as_score"), "certify") for r in runs]
+    attack_column, attack_note = _attacks(runs)
+    rows = []
+    for s in summaries:
         vacuous = s.get("prop_vacuous") or 0.0
-        rows.append([s.get("eps_text"), s.get("certify") or "ibp", num(s["as_score"]),
+        rows.append([s.get("eps_text"), s.get("certify") or "ibp", s.get("n"), num(s["as_score"]),
                      num(s["rhs_certified"]) + (" (vacuous)" if vacuous >= 1 else ""),
                      num(s.get("tightness")), pct(s.get("prop_fulfilled")), pct(s.get("prop_certified")),
-                     pct(s.get("robust_accuracy"))])
-        index.append(name)
-    frame = pd.DataFrame(rows, index=pd.Index(index, name="run"),
-                         columns=["eps", "bound", "AS (PGD, lower)", "mean s_upper (certified)", "tightness", "prop. fulfilled",
-                                  "prop. certified", "robust accuracy"])
+                     pct(s.get("robust_accuracy"))] + ([attack_text(s)] if attack_column else []))
+    frame = pd.DataFrame(rows, index=pd.Index(labels(runs, omit=("eps", "certify", "n")), name="run"),
+                         columns=["eps", "bound", "n", "AS (PGD, lower)", "mean s_upper (certified)", "tightness",
+                                  "prop. fulfilled", "prop. certified", "robust accuracy"]
+                         + (["attack"] if attack_column else []))
     return [Block("Certified sensitivity", frame,
-                  ["s_upper bounds every point of the ball (bound ibp: interval bound propagation; crown: linear "
-                   "relaxation, IBP for intermediate layers; both with operator norms where they are tighter); "
-                   "prop. certified: s_upper < margin, a guarantee; prop. fulfilled: the PGD estimate < margin"])]
+                  ["n: the points each run scored; s_upper bounds every point of the ball (bound ibp: interval "
+                   "bound propagation; crown: linear relaxation, IBP for intermediate layers; both with operator "
+                   "norms where they are tighter); prop. certified: s_upper < margin, a guarantee; prop. "
+                   "fulfilled: the attack's sensitivity < margin, an empirical estimate", *attack_note])]
 
 
 BUILDERS: "dict[str, Callable[[list[Run]], list[Block]]]" = {
@@ -459,7 +536,8 @@ def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str]
             f.insert(0, "table", b.title)
             frames.append(f)
         body = pd.concat(frames, ignore_index=True).fillna("-").to_csv(index=False)
-        return "".join(f"# {line}\n" for line in provenance + notes) + body
+        block_notes = [f"{b.title}: {n}" for b in rendered.blocks for n in b.notes]
+        return "".join(f"# {line}\n" for line in provenance + block_notes + notes) + body
     out = []
     for b in rendered.blocks:
         if fmt == "md":

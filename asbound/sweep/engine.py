@@ -106,7 +106,8 @@ def _merge(old: Optional[dict], new: dict, out: Path) -> dict:
     An earlier sweep of another kind or with other shared options is refused."""
     if old is None:
         return new
-    if not isinstance(old, dict) or "cells" not in old:
+    cells = old.get("cells") if isinstance(old, dict) else None
+    if not (isinstance(cells, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in cells)):
         raise ResumeError(f"{out / MANIFEST} is not a readable asbound sweep; choose another --out")
     for key in ("kind", "run", "base"):
         a, b = old.get(key), new.get(key)

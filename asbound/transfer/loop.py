@@ -259,6 +259,7 @@ def train_stage(
     *,
     report: Callable[[EpochRecord], None] = lambda r: None,
     on_batch: Callable[[int, int, float, float], None] = lambda *a: None,
+    on_pass: Callable[[str, int, int], None] = lambda *a: None,
     lambda_batches: Optional[Callable[[], "Iterator[tuple[Tensor, Tensor]]"]] = None,
 ) -> StageProgress:
     """Train ``model`` through one stage, from ``state`` (a fresh or resumed stage).
@@ -267,7 +268,9 @@ def train_stage(
     torchrun: this rank's share of each global batch); ``val_batches()`` the validation batches
     (this rank's share); ``lambda_batches()`` AutoLoRa's subset for measuring its lambdas. On
     return the model holds the selected weights (the best validation epoch, or the last with
-    ``select == "last"``).
+    ``select == "last"``). ``on_batch(epoch, step, loss, lr)`` follows the training steps,
+    ``on_pass(what, epoch, images)`` the passes without training (``"features"`` cached before
+    the first epoch, ``"validation"`` after each).
     """
     stage = plan.stage
     scope = plan.train_scope
@@ -301,7 +304,8 @@ def train_stage(
         _set_lr(optimizer, autolr.lr)
     cached = None
     if plan.cache_features:
-        cached = _features(model, train_batches(0, False), device)
+        cached = _features(model, _counted(train_batches(0, False), lambda k: on_pass("features", state.epoch, k)),
+                           device)
     objective = "features" if cached is not None else stage.objective
     net: torch.nn.Module = StepLoss(model, objective, settings.trades_beta)
     if world.distributed:
@@ -367,7 +371,8 @@ def train_stage(
             )
         robust_needed = plan.select == "robust" or stage.adversarial or epoch == plan.epochs - 1
         val_clean, val_robust = accuracy(
-            model, val_batches(), device, attack=settings.attack if robust_needed else None,
+            model, _counted(val_batches(), lambda k, e=epoch: on_pass("validation", e, k)),
+            device, attack=settings.attack if robust_needed else None,
             steps=settings.attack.steps, seed=derived_seed(settings.seed, "val"), world=world,
         )
         record = EpochRecord(
@@ -398,6 +403,14 @@ def train_stage(
         report(record)
     model.load_state_dict(checkpoints.load_best(plan))
     return state
+
+
+def _counted(batches: "Iterator[tuple[Tensor, Tensor]]",
+             report: Callable[[int], None]) -> "Iterator[tuple[Tensor, Tensor]]":
+    """``batches``, reporting each batch's size once the consumer has taken the next."""
+    for x, y in batches:
+        yield x, y
+        report(len(y))
 
 
 def _lambdas(model: SplitModel, batches: "Iterator[tuple[Tensor, Tensor]]", device: torch.device, world: World,

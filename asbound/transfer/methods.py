@@ -14,8 +14,8 @@ adv-lp     head (backbone frozen, eval mode)                CE(f(x~), y), x~ = P
 adv-ft     all; the attack runs in eval mode                CE(f(x~), y), x~ = PGD on CE (Madry)
 trades-ft  all; the attack runs in eval mode                CE(f(x), y) + beta KL(p(x) || p(x~)),
                                                             x~ = PGD on the KL from x + 0.001 N(0, I)
-ranli      ``--peft`` (full, lora, adapter, bias) + head,   Madry, as adv-ft
-           from a random head (seed 000)
+ranli      ``--peft`` (full, lora, adapter, bias, prompt)   Madry, as adv-ft
+           + head, from a random head (seed 000)
 roli       adv-lp, then ranli's stage from the adv-lp       Madry
            stage's selected head, fresh optimiser (seed 000)
 autolora   all + a LoRA natural branch (seed 002)           l1 CE(f_nat(x), y) + (1 - l1) CE(f(x~), y)
@@ -31,12 +31,20 @@ stages keep the backbone in eval mode (the reference's ``froze_enc``): nothing o
 set changes. AutoLoRa's natural branch reads the backbone's weights detached (no
 ``requires_grad`` toggling, P-A8), and its lambda comes from the LoRA branch (P-A1).
 
+Every method starts from a new ``Linear(m, K)`` head drawn from ``--head-init``
+(:func:`new_head`): ``torch`` (the default: ``nn.Linear``'s own init, as seed 001's code and the
+high-resolution AutoLoRa and TWINS code), ``roli`` (seed 000's code, ``src/models/mlp.py``:
+``kaiming_normal_`` fan-out weights, std ``sqrt(2 / K)``, and every bias ``-log(99)``) or
+``zeros`` (the low-resolution AutoLoRa code). RoLI's second stage starts from its first
+stage's selected head, so the option reaches it through the adv-LP stage.
+
 Each mini-batch's loss is the ``forward`` of :class:`StepLoss`, one module call however many
 forward passes the objective makes, so ``DistributedDataParallel`` can wrap it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -135,6 +143,37 @@ def parse_methods(text: str) -> "list[Method]":
     if len(set(names)) != len(names):
         raise ConfigError(f"--method names a method twice ({text}); give each once")
     return [METHODS[n] for n in names]
+
+
+# --- the new head ---------------------------------------------------------------------------------
+
+#: how a method's new head is drawn (``--head-init``)
+HEAD_INITS = ("torch", "roli", "zeros")
+#: the bias of seed 000's head: the logit of a prior probability 0.01, ``-log((1 - 0.01) / 0.01)``
+ROLI_HEAD_BIAS = -math.log(99.0)
+
+
+def new_head(features: int, classes: int, init: str, seed: int) -> nn.Linear:
+    """A ``Linear(features, classes)`` head drawn from ``seed`` (the global generator untouched).
+
+    ``torch``: ``nn.Linear``'s default, U(-1/sqrt(m), 1/sqrt(m)) weights and bias; ``roli``: seed
+    000's code, weights ``kaiming_normal_(mode="fan_out")`` (N(0, 2 / K)), bias ``-log 99`` (a
+    constant shift of every logit: softmax, the loss and the prediction ignore it); ``zeros``:
+    weights and bias zero (the low-resolution AutoLoRa code's linear heads).
+    """
+    if init not in HEAD_INITS:
+        raise ConfigError(f"unknown head init {init!r}; valid: {', '.join(HEAD_INITS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(features, classes)
+        with torch.no_grad():
+            if init == "roli":
+                nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+                head.bias.fill_(ROLI_HEAD_BIAS)
+            elif init == "zeros":
+                head.weight.zero_()
+                head.bias.zero_()
+    return head
 
 
 # --- what trains --------------------------------------------------------------------------------

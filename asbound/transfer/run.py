@@ -6,11 +6,14 @@ A method's run directory (``OUT`` for one method, ``OUT/<method>`` for several):
     epochs.csv           one row per epoch and stage: losses, lr, clean / robust validation accuracy,
                          seconds, images per second (rewritten atomically after every epoch)
     checkpoints/last.pt  the resumable state after the last complete epoch (atomic)
+    checkpoints/last.prev.pt          the one before it, resumed when last.pt is unreadable
     checkpoints/<i>-<stage>-best.pt   the stage's selected weights (atomic)
     model.pt             the trained split model's weights: what ``run:DIR`` loads
-    final.json           test metrics (clean, PGD-k, AutoAttack) and the stages' selections
+    final.json           test metrics (clean, PGD-k, AutoAttack, robust accuracy per point:
+                         robust against every attack run) and the stages' selections
     score/before/        ``score`` of the pretrained representation on the test data (AS only)
-    score/after/         ``score`` of ``run:DIR`` on the test data (every bound)
+    score/after/         ``score`` of ``run:DIR`` on the test data (every bound); its config
+                         names the run relatively (``run:../..``), so the directory can move
 
 Every directory is locked while it is written; a finished run is only reread; a rerun with other
 settings is refused. Under ``torchrun`` (:mod:`asbound.distributed`) every rank trains and rank 0
@@ -22,7 +25,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,13 +43,14 @@ from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
 from asbound.data.corruptions import corruption_of
 from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
-from asbound.models import SplitModel, load_model, split_model
-from asbound.models.peft import PeftSpec, apply_peft, check_peft, natural_branch, saved_model
+from asbound.models import SplitModel, frozen, load_model, split_model
+from asbound.models.peft import REBUILT, PeftSpec, apply_peft, check_peft, natural_branch, saved_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
 from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
-from asbound.scoring import ScoreConfig, score
+from asbound.scoring import ScoreConfig, recorded_model, score
 from asbound.specs import absolute_path, format_eps, parse_data_spec, parse_model_spec
-from asbound.transfer.config import TransferConfig
+from asbound.transfer.config import TransferConfig, image_counts, score_request
+from asbound.transfer import loop
 from asbound.transfer.loop import (
     AutoLoraSettings,
     Checkpointer,
@@ -52,11 +58,10 @@ from asbound.transfer.loop import (
     Settings,
     StagePlan,
     StageProgress,
-    accuracy,
     derived_seed,
     train_stage,
 )
-from asbound.transfer.methods import AttackSettings, Method
+from asbound.transfer.methods import AttackSettings, Method, new_head
 
 FINAL = "final.json"
 EPOCHS = "epochs.csv"
@@ -78,6 +83,8 @@ class MethodResult:
 class RunCheckpoints(Checkpointer):
     """``checkpoints/last.pt`` (stage, epoch, weights, optimiser, schedule, history) and per-stage bests.
 
+    Each new ``last.pt`` is written whole beside the old one, which then becomes ``last.prev.pt``
+    (an epoch earlier): a ``last.pt`` damaged later (a copy cut short, a full disk) falls back to it.
     In a distributed ``world`` rank 0 writes and reads the files and sends what it read to the others.
     """
 
@@ -94,6 +101,10 @@ class RunCheckpoints(Checkpointer):
     def last_path(self) -> Path:
         return self.folder / "last.pt"
 
+    @property
+    def previous_path(self) -> Path:
+        return self.folder / "last.prev.pt"
+
     def best_path(self, plan: StagePlan) -> Path:
         return self.folder / f"{plan.key}-best.pt"
 
@@ -102,7 +113,7 @@ class RunCheckpoints(Checkpointer):
             return
         state = {"stage": plan.index, "model": model.state_dict(), "progress": dataclasses.asdict(progress),
                  "history": self.done_history}
-        _save(self.last_path, state)
+        _save(self.last_path, state, previous=self.previous_path)
         self.write_epochs(self.done_history + progress.history)
 
     def save_best(self, plan: StagePlan, model: nn.Module) -> None:
@@ -110,24 +121,94 @@ class RunCheckpoints(Checkpointer):
             _save(self.best_path(plan), model.state_dict())
 
     def load_best(self, plan: StagePlan) -> dict:
-        state = torch.load(self.best_path(plan), map_location="cpu", weights_only=True) if self.world.main else None
-        return self.world.broadcast(state, self.device)
+        def read() -> dict:
+            path = self.best_path(plan)
+            state = _load(path, dict)
+            if state is None:
+                raise ResumeError(f"{path} is unreadable (truncated?); delete {self.folder} to train this method "
+                                  f"from its first epoch, or choose another --out")
+            return state
 
-    def load_last(self) -> Optional[dict]:
-        state = None
-        if self.world.main and self.last_path.exists():
-            state = torch.load(self.last_path, map_location="cpu", weights_only=True)
-        return self.world.broadcast(state, self.device)
+        return self._shared(read)
+
+    def load_last(self) -> "tuple[Optional[dict], str]":
+        """The state to resume from (None: start afresh) and a note naming the checkpoint it
+        came from when that is not ``last.pt``."""
+        return self._shared(self._read_last)
+
+    def _shared(self, read: "Callable[[], object]") -> object:
+        """``read()`` on rank 0, its result (or its one-line refusal) on every rank."""
+        result: object = None
+        if self.world.main:
+            try:
+                result = read()
+            except ResumeError as exc:
+                if self.world.distributed:
+                    self.world.broadcast(_Refusal(str(exc)), self.device)
+                raise
+        result = self.world.broadcast(result, self.device)
+        if isinstance(result, _Refusal):
+            raise ResumeError(result.message)
+        return result
+
+    def _read_last(self) -> "tuple[Optional[dict], str]":
+        last, previous = self.last_path, self.previous_path
+        if not last.exists() and not previous.exists():
+            return None, ""
+        state = _load(last, dict, RESUME_KEYS) if last.exists() else None
+        if state is not None:
+            return state, ""
+        what = "is unreadable (truncated?)" if last.exists() else "is missing"
+        state = _load(previous, dict, RESUME_KEYS) if previous.exists() else None
+        if state is None:
+            raise ResumeError(
+                f"{last} {what} and no earlier checkpoint is readable; delete {self.folder} to train this "
+                f"method from its first epoch, or choose another --out")
+        return state, f"{self._name(last)} {what}: resumed from {previous.name}"
+
+    def _name(self, path: Path) -> str:
+        return f"{CHECKPOINTS}/{path.name}"
 
     def write_epochs(self, rows: "list[dict]") -> None:
         text = pd.DataFrame(rows).to_csv(index=False) if rows else ""
         atomic_write(self.epochs_path, lambda handle: handle.write(text.encode()))
 
 
-def _save(path: Path, obj: object) -> None:
+@dataclass
+class _Refusal:
+    """Rank 0's refusal, sent to the other ranks."""
+
+    message: str
+
+
+#: what a resumable state holds
+RESUME_KEYS = ("stage", "model", "progress", "history")
+
+
+def _save(path: Path, obj: object, previous: "Path | None" = None) -> None:
+    """Write ``obj`` atomically; with ``previous``, the file it replaces is kept there."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    if previous is None or not path.exists():
+        atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+        return
+    fresh = path.with_name(path.name + ".new")
+    atomic_write(fresh, lambda handle: handle.write(buffer.getvalue()))
+    os.replace(path, previous)  # an interruption here leaves last.pt missing: previous is resumed
+    os.replace(fresh, path)
+
+
+def _load(path: Path, kind: type, keys: "tuple[str, ...]" = ()) -> "object | None":
+    """``path`` read with ``weights_only=True``, or None if it cannot be read whole or lacks ``keys``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception:  # a truncated zip, a torn pickle, a file that is not a checkpoint
+        return None
+    if not isinstance(state, kind) or any(k not in state for k in keys):
+        return None
+    return state
 
 
 # --- one method ------------------------------------------------------------------------------------
@@ -145,7 +226,8 @@ def plan_stages(method: Method, cfg: TransferConfig, augment: str, distributed: 
             scope = "all" if cfg.peft == "full" else "peft"
             if cfg.peft != "full":
                 peft = PeftSpec(cfg.peft, rank=cfg.peft_rank, alpha=float(cfg.peft_alpha),
-                                reduction=cfg.adapter_reduction).as_record()
+                                reduction=cfg.adapter_reduction, tokens=cfg.prompt_tokens,
+                                deep=cfg.prompt_depth == "deep").as_record()
         if stage.objective == "autolora":
             peft = natural_branch(cfg.autolora_rank, float(cfg.autolora_alpha)).as_record()
         lr = {"lp": cfg.lr, "ft": cfg.lr_ft, "autolora": cfg.autolora_lr,
@@ -158,9 +240,9 @@ def plan_stages(method: Method, cfg: TransferConfig, augment: str, distributed: 
 
 
 def saved_structure(plans: "list[StagePlan]") -> Optional[dict]:
-    """The structure ``run:DIR`` rebuilds before loading ``model.pt`` (adapters; LoRA is saved
-    merged, AutoLoRa's natural branch is dropped), or ``None``."""
-    return next((p.peft for p in reversed(plans) if p.peft and p.peft["variant"] == "adapter"), None)
+    """The structure ``run:DIR`` rebuilds before loading ``model.pt`` (adapters, prompts; LoRA is
+    saved merged, AutoLoRa's natural branch is dropped), or ``None``."""
+    return next((p.peft for p in reversed(plans) if p.peft and p.peft["variant"] in REBUILT), None)
 
 
 def _build_structure(model: SplitModel, plan: StagePlan, cfg: TransferConfig, method: Method) -> None:
@@ -169,13 +251,10 @@ def _build_structure(model: SplitModel, plan: StagePlan, cfg: TransferConfig, me
         apply_peft(model, PeftSpec.from_record(plan.peft), seed=derived_seed(cfg.seed, method.name, plan.key, "peft"))
 
 
-def _new_head(split: SplitModel, num_classes: int, seed: int) -> SplitModel:
-    """A copy of the pretrained representation with a fresh ``Linear(m, K)`` head (torch's default
-    init, seeded); the pretrained model itself is never trained."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(split.feature_dim, num_classes)
-    return copy.deepcopy(split).with_head(head)
+def _new_head(split: SplitModel, num_classes: int, seed: int, init: str = "torch") -> SplitModel:
+    """A copy of the pretrained representation with a fresh ``Linear(m, K)`` head (``--head-init``,
+    seeded); the pretrained model itself is never trained."""
+    return copy.deepcopy(split).with_head(new_head(split.feature_dim, num_classes, init, seed))
 
 
 def _train_method(
@@ -189,6 +268,7 @@ def _train_method(
     augment: str,
     printer: "Callable[[str], None]",
     progress: bool,
+    preface: str = "",
 ) -> "list[dict]":
     """Train every stage (resuming after the last complete epoch); write ``model.pt``; return the stages.
 
@@ -197,20 +277,24 @@ def _train_method(
     """
     world = settings.world
     checkpoints = RunCheckpoints(folder, [], world, settings.device)
-    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"))
+    model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"), cfg.head_init)
     plans = plan_stages(method, cfg, augment, world.distributed)
-    last = checkpoints.load_last()
+    last, source = checkpoints.load_last()
     start_stage, state = 0, StageProgress()
     if last is not None:
         start_stage = int(last["stage"])
     for plan in plans[:start_stage + 1]:
         _build_structure(model, plan, cfg, method)
     model = model.to(settings.device, memory_format=memory_format(settings.amp))
+    if preface:
+        printer(preface)
     if last is not None:
         model.load_state_dict(last["model"])
         state = StageProgress(**last["progress"])
         checkpoints.done_history = list(last["history"])
         printer(f"resuming {method.name}: stage {plans[start_stage].stage.name}, after epoch {state.epoch}")
+        if source:
+            printer(f"  ({source})")
     stages = []
     for plan in plans[:start_stage]:
         stages.append(_stage_summary(plan, checkpoints.done_history))
@@ -222,9 +306,10 @@ def _train_method(
         )
 
     def share(data: DataSet) -> DataSet:  # this rank's rows, for counts summed over the ranks
-        return data.subset(torch.arange(world.rank, len(data), world.size)) if world.distributed else data
+        return data.subset(world.share(len(data))) if world.distributed else data
 
-    val_batches = loader(share(val), False, False)
+    val_share = share(val)
+    val_batches = loader(val_share, False, False)
     lambda_set = share(train.subset(select_indices(len(train), cfg.autolora_lambda_n,
                                                    derived_seed(cfg.seed, "lambda"))))
     lambda_batches = loader(lambda_set, False, False)
@@ -232,11 +317,12 @@ def _train_method(
     train_loader = lambda seed, training: loader(train, training, training, (world.rank, world.size))(seed)  # noqa: E731
     progress = progress and world.main
     for plan in plans[start_stage:]:
-        with _EpochBar(progress, method.name, plan, len(train), cfg.batch_size) as bar:
+        printer(_stage_line(method.name, plan))
+        with _EpochBar(progress, method.name, plan, len(train), cfg.batch_size, len(val_share)) as bar:
             state = train_stage(
                 model, plan, settings, train_loader, len(train), val_batches, checkpoints, state,
-                report=lambda record: bar.say(_epoch_line(method.name, plan, record), printer), on_batch=bar.update,
-                lambda_batches=lambda_batches,
+                report=lambda record: bar.say(_epoch_line(record, plan.epochs), printer), on_batch=bar.update,
+                on_pass=bar.passed, lambda_batches=lambda_batches,
             )
         stages.append(_stage_summary(plan, checkpoints.done_history + state.history))
         checkpoints.done_history = checkpoints.done_history + state.history
@@ -270,45 +356,59 @@ def _stage_label(method: str, plan: StagePlan) -> str:
     return method if plan.stage.name == method else f"{method}: {plan.stage.name}"
 
 
-def _epoch_line(method: str, plan: StagePlan, r: EpochRecord) -> str:
+SELECT_TEXT = {"robust": "best robust validation accuracy", "clean": "best clean validation accuracy",
+               "last": "last epoch"}
+
+
+def _stage_line(method: str, plan: StagePlan) -> str:
+    """The line before a stage's epoch lines."""
+    epochs = f"{plan.epochs} epoch{'s' if plan.epochs != 1 else ''}"
+    return f"{_stage_label(method, plan)}: {epochs}; * marks the {SELECT_TEXT[plan.select]} so far"
+
+
+def _epoch_line(r: EpochRecord, epochs: int) -> str:
+    """A finished epoch in at most 80 columns (``epochs.csv`` holds every value in full)."""
     robust = "-" if r.val_robust_accuracy is None else f"{100 * r.val_robust_accuracy:.1f}%"
-    mark = "  *selected" if r.selected else ""
-    return (f"{_stage_label(method, plan)} epoch {r.epoch}/{plan.epochs}: loss {r.train_loss:.4f}, "
-            f"lr {r.lr:.3g}, val acc {100 * r.val_accuracy:.1f}%, val robust acc {robust}, "
-            f"{r.images_per_second:.0f} img/s{mark}")
+    rate = r.images_per_second
+    rate_text = "-" if not math.isfinite(rate) else f"{rate:.0f}" if rate < 1e5 else f"{rate / 1e3:.0f}k"
+    return (f"  epoch {r.epoch}/{epochs}: loss {r.train_loss:.4g}, lr {r.lr:.2g}, val {100 * r.val_accuracy:.1f}%"
+            f", robust {robust}, {rate_text} img/s{' *' if r.selected else ''}")
 
 
-class _EpochBar:
-    """A rich progress bar over the batches of each epoch (loss and learning rate as it trains)."""
+class _Bar:
+    """A rich progress bar on stderr, one task at a time: ``show(description, total)`` starts
+    (or restarts) it, ``advance(k)`` moves it on; nothing when disabled."""
 
-    def __init__(self, enabled: bool, method: str, plan: StagePlan, n: int, batch_size: int) -> None:
-        self.enabled, self.method, self.plan = enabled, method, plan
-        self.steps = max(1, -(-n // batch_size))
-        self.epoch = -1
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.key = enabled, None
 
-    def __enter__(self) -> "_EpochBar":
+    def __enter__(self) -> "_Bar":
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            console = Console(stderr=True)
+            self.enabled = console.is_terminal  # a log file gets the lines, not a bar's last state
+        if self.enabled:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                console=Console(stderr=True), transient=True)
+                                console=console, transient=True)
             self.bar.__enter__()
-            self.task = self.bar.add_task("", total=self.steps, info="")
+            self.task = self.bar.add_task("", total=1, info="")
         return self
 
-    def update(self, epoch: int, step: int, loss: float, lr: float) -> None:
-        if not self.enabled:
-            return
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.bar.reset(self.task, total=self.steps,
-                           description=f"{_stage_label(self.method, self.plan)} epoch {epoch + 1}/{self.plan.epochs}")
-        self.bar.update(self.task, completed=step + 1, info=f"loss {loss:.4f}  lr {lr:.3g}")
+    def show(self, key: object, description: str, total: int) -> None:
+        """Restart the bar for a new task ``key`` (nothing when ``key`` is the current one)."""
+        if self.enabled and key != self.key:
+            self.key = key
+            self.bar.reset(self.task, total=max(1, total), description=description, info="")
+
+    def advance(self, k: int, info: str = "") -> None:
+        if self.enabled:
+            self.bar.update(self.task, advance=k, info=info)
 
     def say(self, line: str, printer: "Callable[[str], None]") -> None:
-        """A finished epoch's line: above the live bar when it shows, else through ``printer``."""
+        """A line above the live bar when it shows, else through ``printer``."""
         if self.enabled:
             self.bar.console.print(line, highlight=False, soft_wrap=True)
         else:
@@ -319,43 +419,93 @@ class _EpochBar:
             self.bar.__exit__(*exc)
 
 
+class _EpochBar(_Bar):
+    """The bar of a stage: over the batches of each epoch (loss and learning rate as it trains),
+    then over the validation images; before the first epoch over the images whose features are cached."""
+
+    def __init__(self, enabled: bool, method: str, plan: StagePlan, n: int, batch_size: int, n_val: int) -> None:
+        super().__init__(enabled)
+        self.label, self.plan = _stage_label(method, plan), plan
+        self.steps, self.totals = max(1, -(-n // batch_size)), {"features": n, "validation": n_val}
+
+    def update(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        self.show(("train", epoch), f"{self.label} epoch {epoch + 1}/{self.plan.epochs}", self.steps)
+        self.advance(1, info=f"loss {loss:.4f}  lr {lr:.3g}")
+
+    def passed(self, what: str, epoch: int, images: int) -> None:
+        """``images`` more of a pass without training (``features`` or ``validation``)."""
+        where = "" if what == "features" else f" epoch {epoch + 1}/{self.plan.epochs}"
+        self.show((what, epoch), f"{self.label}{where}: {what}", self.totals[what])
+        self.advance(images)
+
+
 # --- evaluation and the scores before / after --------------------------------------------------------
 
 
-def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device) -> dict:
-    """Test metrics in float32: clean accuracy, PGD-k accuracy for each k, AutoAttack if asked."""
+#: how ``final.json`` counts robust accuracy (``test.robust_rule``)
+ROBUST_RULE = "per point, robust against every attack run"
+
+
+def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device, *,
+             progress: bool = False) -> dict:
+    """Test metrics in float32: clean accuracy, robust accuracy under PGD-k for each k and
+    AutoAttack if asked, counted per point (``ROBUST_RULE``): ``pgd[k]`` counts the points that
+    every PGD attack with at most k steps left correct, ``autoattack`` those that AutoAttack and
+    every PGD attack left correct, ``robust_accuracy`` those that every attack run left correct.
+    Each PGD-k draws its random starts from its own seeded generator, as if run alone."""
     attack = AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step))
-    out: dict = {"n": len(test), "eps": float(cfg.eps), "eps_text": format_eps(float(cfg.eps)),
-                 "attack_step": float(cfg.attack_step), "pgd": {}}
-    for k in cfg.eval_steps:
-        clean, robust = accuracy(model, test.loader(cfg.batch_size, shuffle=False), device, attack=attack,
-                                 steps=k, seed=derived_seed(cfg.seed, "test", k))
-        out["clean_accuracy"] = clean
-        out["pgd"][str(k)] = robust
-    out["autoattack"] = autoattack_accuracy(model, test, cfg, device) if cfg.autoattack else None
-    return out
+    steps = sorted(set(cfg.eval_steps))
+    generators = {k: torch.Generator().manual_seed(derived_seed(cfg.seed, "test", k)) for k in steps}
+    adversary = _autoattacker(model, test, cfg, device) if cfg.autoattack else None
+    clean = total = robust = after_autoattack = 0
+    pgd = dict.fromkeys(steps, 0)
+    attacks = ", ".join([*(f"PGD-{k}" for k in steps), *(["AutoAttack"] if adversary else [])])
+    with frozen(model), _Bar(progress) as bar:
+        bar.show("test", f"test: clean, {attacks}", len(test))
+        for x, y in test.loader(cfg.batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                g0 = model.features(x)  # once: the clean prediction and every attack's starting point
+                clean += int((model.head(g0).argmax(1) == y).sum())
+            survived = torch.ones_like(y, dtype=torch.bool)
+            for k in steps:  # robust_correct judges the clean point too
+                survived &= loop.robust_correct(model, x, y, attack, k, generators[k], g0=g0)
+                pgd[k] += int(survived.sum())
+            if adversary is not None:  # on the points every PGD left correct, as it runs its own attacks
+                left = survived.nonzero().flatten()
+                if len(left):
+                    survived[left] = adversary(x[left], y[left]).to(survived.device)
+                after_autoattack += int(survived.sum())
+            robust += int(survived.sum())
+            total += len(y)
+            bar.advance(len(y))
+    n = max(total, 1)
+    return {"n": len(test), "eps": float(cfg.eps), "eps_text": format_eps(float(cfg.eps)),
+            "attack_step": float(cfg.attack_step), "clean_accuracy": clean / n,
+            "pgd": {str(k): v / n for k, v in pgd.items()},
+            "autoattack": after_autoattack / n if adversary is not None else None,
+            "robust_accuracy": robust / n, "robust_rule": ROBUST_RULE}
 
 
-def autoattack_accuracy(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device) -> float:
-    """AutoAttack standard (pyautoattack), L-inf at ``eps``, on the test data."""
+def _autoattacker(model: SplitModel, test: DataSet, cfg: TransferConfig,
+                  device: torch.device) -> "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]":
+    """AutoAttack standard (pyautoattack), L-inf at ``eps``: ``(x, y) -> the points it left correct``."""
     import logging
 
     from pyautoattack import AutoAttack
 
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    model = model.eval()
     adversary = AutoAttack(model, norm="Linf", eps=float(cfg.eps), version="standard", device=device, seed=cfg.seed)
     k = int(test.num_classes or 2)
     adversary.apgd_targeted.n_target_classes = max(1, min(9, k - 1))  # fewer than 10 classes
     adversary.fab.n_target_classes = max(1, min(9, k - 1))
-    correct = total = 0
-    for x, y in test.loader(cfg.batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
+
+    def correct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))  # (images, their predictions)
         with torch.no_grad():
-            correct += int((model(x_adv).argmax(1) == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
+            return model(x_adv).argmax(1) == y
+
+    return correct
 
 
 def _score_options(cfg: TransferConfig) -> dict:
@@ -376,8 +526,22 @@ def _scores(cfg: TransferConfig, folder: Path, siblings: "list[Path]", progress:
         ScoreConfig(model=cfg.model, **_score_options(cfg)), out=before_dir, progress=progress, as_only=True,
         model_dir=cfg.model_dir, weights=cfg.weights, feature_layer=cfg.feature_layer,
     )
+    _name_the_run_relatively(folder, after_dir)
     after = score(ScoreConfig(model=f"run:{folder}", **_score_options(cfg)), out=after_dir, progress=progress)
     return before.summary, after.summary
+
+
+def _name_the_run_relatively(folder: Path, after_dir: Path) -> None:
+    """``score/after`` records its model, this run, relative to itself (``run:../..``); one
+    written before it did names the run by an absolute path, which a moved run no longer has:
+    that name is rewritten (the run's own config matched, so the model is this run)."""
+    path = after_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # none yet, or unreadable: score() says so
+    if isinstance(config, dict) and str(config.get("model", "")).startswith("run:/"):
+        write_json(path, {**config, "model": recorded_model(f"run:{folder}", after_dir)})
 
 
 # --- the whole command -------------------------------------------------------------------------------
@@ -426,6 +590,18 @@ def _option_defaults() -> dict:
     return {**options, "world_size": 1, "structure": None}  # recorded since torchrun and --peft
 
 
+def _images_line(counts: "dict[str, int]", sizes: "tuple[int, int, int]", scored: bool) -> str:
+    """How many images each phase uses, of how many (wrapped at 80 columns)."""
+    import textwrap
+
+    parts = [f"{what} {counts[k]:,} of {size:,}" for k, size, what in
+             zip(("train", "val", "test"), sizes, ("training", "validation", "test"))]
+    if scored:
+        parts.append(f"scored before and after transfer {counts['score']:,}")
+    text = f"images: {', '.join(parts)}; --n-val, --n-test, --score-n all: a whole split"
+    return "\n".join(textwrap.wrap(text, 80, subsequent_indent="  ", break_on_hyphens=False))
+
+
 def training_positions(
     size: int, val_fraction: float, n: "int | None", seed: int, n_val: "int | None" = None
 ) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -472,10 +648,19 @@ def transfer(
     if cfg.autoattack and full_train.num_classes < 4:
         raise ConfigError(f"--autoattack (standard: its targeted DLR attacks) needs at least 4 classes; "
                           f"{full_train.spec} has {full_train.num_classes}; leave --autoattack out")
-    train_pos, val_pos = training_positions(len(full_train), cfg.val_fraction, cfg.n, cfg.seed,
-                                          cfg.n_val)
+    train_split, val_split = validation_split(len(full_train), cfg.val_fraction, cfg.seed)
+    full_test = load_data(data_spec, split="test", n=None, seed=cfg.seed, **common)
+    counts = image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n,
+                          (len(train_split), len(val_split), len(full_test)))
+    train_pos, val_pos = training_positions(len(full_train), cfg.val_fraction, counts["train"], cfg.seed,
+                                            counts["val"])
     train, val = full_train.subset(train_pos), full_train.subset(val_pos)
-    test = load_data(data_spec, split="test", n=cfg.n_test, seed=cfg.seed, **common)
+    test = full_test if counts["test"] == len(full_test) else load_data(
+        data_spec, split="test", n=counts["test"], seed=cfg.seed, **common)
+    # from here on the counts: what config.json records and the evaluation and the scores use
+    cfg = dataclasses.replace(cfg, n_val=len(val), n_test=len(test),
+                              score_n=score_request(cfg.n, cfg.n_test, cfg.score_n))
+    images = _images_line(counts, (len(train_split), len(val_split), len(full_test)), cfg.score)
     probe = full_train.batch(torch.arange(min(len(full_train), 8)))
     try:
         base = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
@@ -500,7 +685,7 @@ def transfer(
         **dataclasses.asdict(cfg), "kind": RUN_KIND, "eps_text": format_eps(float(cfg.eps)),
         "data": data_spec.canonical(), "data_root": _absolute_path(cfg.data_root),
         "num_classes": full_train.num_classes, "class_names": full_train.class_names,
-        "n_train": len(train), "n_val": len(val), "n_test": len(test), "augment": augment,
+        "n_train": len(train), "augment": augment,
         "amp": str(amp).replace("torch.", "") if amp else "off", "device": str(device),
         "base": {
             # absolute paths: run:DIR must load from any working directory
@@ -540,7 +725,9 @@ def transfer(
                 told = True
                 if final is None:
                     final = _train_and_evaluate(method, cfg, base, train, val, test, folder, folders, method_settings,
-                                                augment, printer, progress, needs_training, resolved["structure"])
+                                                augment, printer, progress, needs_training, resolved["structure"],
+                                                preface=images)
+                    images = ""  # said once, before the first method that trains or evaluates
         except AsboundError as exc:
             if not told:  # a refused or locked directory: every rank stops with the same one line
                 world.broadcast(str(exc), device)
@@ -553,17 +740,20 @@ def transfer(
 def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, train: DataSet, val: DataSet,
                         test: DataSet, folder: Path, folders: "list[Path]", settings: Settings, augment: str,
                         printer: "Callable[[str], None]", progress: bool, needs_training: bool,
-                        structure: Optional[dict]) -> dict:
-    """Train (or reuse the trained weights), evaluate on the test data, score before and after."""
+                        structure: Optional[dict], preface: str = "") -> dict:
+    """Train (or reuse the trained weights), evaluate on the test data, score before and after;
+    ``preface`` is said first (once the checkpoints have been read)."""
     started = time.perf_counter()
     if needs_training:
-        stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress)
+        stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress, preface)
     else:
-        stages = read_json(folder / "stages.json") or []
-    write_json(folder / "stages.json", stages)
+        stages = read_json(folder / "stages.json", kind=list) or []
     trained = _load_trained(base, train.num_classes, folder, settings.device, structure)
+    if preface and not needs_training:  # once the stored records have been read: a damaged one is the only line
+        printer(preface)
+    write_json(folder / "stages.json", stages)
     final = {"method": method.name, "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
-             "stages": stages, "test": evaluate(trained, test, cfg, settings.device),
+             "stages": stages, "test": evaluate(trained, test, cfg, settings.device, progress=progress),
              "seconds": time.perf_counter() - started}
     if cfg.score:
         before, after = _scores(cfg, folder, [f for f in folders if f != folder], progress)
@@ -572,7 +762,7 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
     return final
 
 
-PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction")
+PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction", "prompt_tokens", "prompt_depth")
 AUTOLORA_KEYS = ("autolora_lr", "autolora_rank", "autolora_alpha", "autolora_scale", "autolora_rho",
                  "autolora_divide", "autolora_condition2", "autolora_lambda_n")
 

@@ -1,0 +1,360 @@
+"""Damaged records, output paths that cannot be written, and files that are not what an option
+expects: each is one line ``asbound: error: ...`` (exit 2, no traceback) that names the file and
+says what to do; the remedies it gives work; nothing in the run is changed by the refusal.
+
+The runs are the smallest real ones (``tiny_runs``): builtin digits model, 8 datapoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import tiny_runs
+from asbound.cli import main
+
+NOT_JSON = b'{"n": 8, "as_score": 0.'  # a write cut short
+DAMAGES = {"not JSON": NOT_JSON, "a list": b"[1, 2]\n", "binary": b"\x8b\x00\xff\xfe"}
+
+
+def _snapshot(folder: Path) -> "dict[str, bytes]":
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _error(capsys, argv: "list[str]") -> str:
+    """Run ``argv``; it must fail with one line on stderr, exit code 2; return that line."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("asbound: error: "), (rc, err)
+    return lines[0]
+
+
+def _ok(capsys, argv: "list[str]") -> None:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One finished run of each kind, to copy (never changed)."""
+    root = tmp_path_factory.mktemp("runs")
+    for kind in ("score", "transfer", "sweep", "predict"):
+        assert main(getattr(tiny_runs, kind)(root / kind)) == 0
+    return root
+
+
+@pytest.fixture
+def copy(runs, tmp_path):
+    def make(kind: str) -> Path:
+        shutil.copytree(runs / kind, tmp_path / kind)
+        return tmp_path / kind
+
+    return make
+
+
+# --- damaged records: table, plot and the rerun say which file and what to do -------------------------
+
+# (run kind, damaged file, table style, words the remedy must hold)
+RECORDS = {
+    "score summary": ("score", "summary.json", "lemma1", ["delete it and rerun", "written again from points.csv"]),
+    "score config": ("score", "config.json", "lemma1", ["choose another --out"]),
+    "transfer final": ("transfer", "final.json", "transfer", ["delete it and rerun", "model.pt is kept"]),
+    "transfer config": ("transfer", "config.json", "transfer", ["choose another --out"]),
+    "sweep manifest": ("sweep", "sweep.json", "eps", ["another --out"]),
+    "sweep cell": ("sweep", "eps-x2/summary.json", "eps", ["delete it and rerun"]),
+    "predict": ("predict", "predict.json", "predict", ["delete it and rerun the predict command"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("case", list(RECORDS))
+def test_a_damaged_record_is_one_line_in_table_and_plot(case, damage, copy, capsys, tmp_path):
+    kind, name, style, remedy = RECORDS[case]
+    run = copy(kind)
+    (run / name).write_bytes(DAMAGES[damage])
+    before = _snapshot(run)
+    for argv in (["table", run, "--style", style], ["plot", run, "--kind", "lhs-rhs", "--out", tmp_path / "f.png"]):
+        if kind == "predict" and argv[0] == "plot":
+            argv[3] = "predict"
+        line = _error(capsys, argv)
+        assert f"{run / name} is damaged" in line, line
+        assert {"not JSON": "not JSON", "a list": "holds a list, not an object", "binary": "not text"}[damage] in line
+        for words in remedy:
+            assert words in line, (words, line)
+    assert _snapshot(run) == before
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_sweep_whose_cells_are_not_a_list_is_one_line(copy, capsys):
+    run = copy("sweep")
+    (run / "sweep.json").write_text(json.dumps({**json.loads((run / "sweep.json").read_text()), "cells": "x"}))
+    before = _snapshot(run)
+    line = _error(capsys, ["table", run, "--style", "eps"])
+    assert f"{run / 'sweep.json'} is damaged" in line and "cells" in line
+    line = _error(capsys, tiny_runs.sweep(run))
+    assert f"{run / 'sweep.json'} is not a readable asbound sweep" in line and "another --out" in line
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (b"\x8b\x00\xff\xfe\n", "not text"),
+    (b"a,b\n1,2\n", "no position column"),
+    (b"position,index\nx,1\n", "position 'x' in row 1 is not a whole number"),
+])
+def test_damaged_points_are_one_line_in_plot_and_rerun_and_deleting_them_rescores(damage, problem, copy, capsys,
+                                                                                    runs, tmp_path):
+    run = copy("score")
+    (run / "points.csv").write_bytes(damage)
+    before = _snapshot(run)
+    plot = _error(capsys, ["plot", run, "--kind", "margin-vs-sensitivity", "--out", tmp_path / "f.png"])
+    rerun = _error(capsys, tiny_runs.score(run))
+    for line in (plot, rerun):
+        assert f"{run / 'points.csv'} is damaged" in line and problem in line
+        assert "delete it to score every datapoint again" in line
+    assert _snapshot(run) == before
+    (run / "points.csv").unlink()  # the remedy
+    _ok(capsys, tiny_runs.score(run))
+    pd.testing.assert_frame_equal(pd.read_csv(run / "points.csv"), pd.read_csv(runs / "score" / "points.csv"))
+
+
+def test_a_damaged_summary_is_written_again_by_the_rerun(copy, runs, capsys):
+    run = copy("score")
+    (run / "summary.json").write_bytes(NOT_JSON)
+    _ok(capsys, tiny_runs.score(run))
+    assert json.loads((run / "summary.json").read_text()) == json.loads((runs / "score" / "summary.json").read_text())
+
+
+def test_a_damaged_score_config_refuses_the_rerun(copy, capsys):
+    run = copy("score")
+    (run / "config.json").write_bytes(NOT_JSON)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.score(run))
+    assert str(run / "config.json") in line and "choose another --out" in line
+    assert _snapshot(run) == before
+
+
+def test_a_damaged_sweep_manifest_refuses_the_rerun(copy, capsys):
+    run = copy("sweep")
+    (run / "sweep.json").write_bytes(NOT_JSON)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.sweep(run))
+    assert f"{run / 'sweep.json'} is damaged" in line and "another --out" in line
+    assert _snapshot(run) == before
+
+
+def test_a_damaged_prediction_refuses_the_rerun_and_deleting_it_reuses_the_runs(copy, runs, capsys):
+    run = copy("predict")
+    (run / "predict.json").write_bytes(NOT_JSON)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.predict(run))
+    assert f"{run / 'predict.json'} is damaged" in line and "delete it and rerun the predict command" in line
+    assert _snapshot(run) == before
+    (run / "predict.json").unlink()  # the remedy
+    _ok(capsys, tiny_runs.predict(run))
+    after = _snapshot(run)
+    assert {k: v for k, v in after.items() if k != "predict.json"} == {
+        k: v for k, v in before.items() if k != "predict.json"}  # every run reused, none rescored
+    old, new = (json.loads((p / "predict.json").read_text()) for p in (runs / "predict", run))
+    assert new["tasks"] == old["tasks"] and new["pretrain"] == old["pretrain"]
+
+
+def test_damaged_transfer_records_and_their_remedies(tmp_path, capsys):
+    """A transfer run cannot move (its score records name it): damaged in place, repaired in place."""
+    run = tmp_path / "lp"
+    _ok(capsys, tiny_runs.transfer(run))
+    weights, final = (run / "model.pt").read_bytes(), json.loads((run / "final.json").read_text())
+
+    (run / "final.json").write_bytes(NOT_JSON)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'final.json'} is damaged" in line and "model.pt is kept" in line
+    assert _snapshot(run) == before
+    (run / "final.json").unlink()  # the remedy: evaluated and scored again, not retrained
+    _ok(capsys, tiny_runs.transfer(run))
+    assert (run / "model.pt").read_bytes() == weights
+    again = json.loads((run / "final.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in final.items() if k != "seconds"}
+
+    (run / "model.pt").write_bytes(b"garbage\n")  # run:DIR, and the rerun that evaluates it, say what to delete
+    line = _error(capsys, ["score", "--model", f"run:{run}", "--data", "digits", "--classes", "5-9", "--n", "4",
+                           "--out", tmp_path / "s"])
+    assert f"run:{run}: {run / 'model.pt'} is not a torch.save file" in line and "weights_only" not in line
+    assert "delete model.pt and final.json" in line
+    (run / "final.json").unlink()
+    assert _error(capsys, tiny_runs.transfer(run)) == line
+    (run / "model.pt").unlink()  # the remedy: rebuilt from the checkpoints
+    _ok(capsys, tiny_runs.transfer(run))
+    assert (run / "model.pt").read_bytes() == weights
+
+    (run / "final.json").unlink()  # stages.json is read when model.pt is evaluated again
+    stages = (run / "stages.json").read_bytes()
+    (run / "stages.json").write_bytes(b"[{")
+    line = _error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'stages.json'} is damaged" in line and "delete it, model.pt and final.json" in line
+    for name in ("stages.json", "model.pt"):  # the remedy (final.json is gone already)
+        (run / name).unlink()
+    _ok(capsys, tiny_runs.transfer(run))
+    assert (run / "stages.json").read_bytes() == stages and (run / "model.pt").read_bytes() == weights
+
+
+# --- table --out and plot --out to a path that cannot be written ------------------------------------
+
+
+def _unwritable(tmp_path: Path) -> "dict[str, tuple[Path, str]]":
+    (tmp_path / "a_file").write_text("not a folder\n")
+    (tmp_path / "a_dir.png").mkdir()
+    cases = {"under a file": (tmp_path / "a_file" / "sub" / "t.png", "a_file is a file, not a folder"),
+             "a directory": (tmp_path / "a_dir.png", "is a directory")}
+    if Path("/proc/self").is_dir():  # a virtual file system: no folder can be made in /proc
+        cases["in /proc"] = (Path("/proc/x/t.png"), "/proc/x cannot be created")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["under a file", "a directory", "in /proc"])
+def test_table_and_plot_out_that_cannot_be_written(case, runs, tmp_path, capsys):
+    cases = _unwritable(tmp_path)
+    if case not in cases:
+        pytest.skip("no /proc here")
+    out, reason = cases[case]
+    before = _snapshot(tmp_path)
+    table = _error(capsys, ["table", runs / "score", "--style", "lemma1", "--out", out])
+    plot = _error(capsys, ["plot", runs / "score", "--kind", "lhs-rhs", "--out", out])
+    for line in (table, plot):
+        assert "--out" in line and reason in line, line
+    assert _snapshot(tmp_path) == before  # no stray temporary file
+
+
+def test_table_and_plot_out_create_their_folder(runs, tmp_path, capsys):
+    _ok(capsys, ["table", runs / "score", "--style", "lemma1", "--out", tmp_path / "new" / "t.md"])
+    _ok(capsys, ["plot", runs / "score", "--kind", "lhs-rhs", "--out", tmp_path / "new" / "deeper" / "f.png"])
+    assert "Lemma 1" in (tmp_path / "new" / "t.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["f.pdf", "f.png"]
+    assert (tmp_path / "new" / "deeper" / "f.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "new" / "deeper" / "f.pdf").read_bytes().startswith(b"%PDF")
+
+
+# --- files that are not what the option expects --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    (root / "text.pt").write_text("this is not a checkpoint\n")
+    (root / "garbage.pt").write_bytes(b"garbage")  # torch's own advice here: "weights_only=False"
+    torch.save(nn.Linear(64, 5), root / "module.pt")
+    torch.save(nn.Linear(64, 5).state_dict(), root / "state.pt")
+    (root / "truncated.pt").write_bytes((root / "state.pt").read_bytes()[:300])
+    return root
+
+
+SCORE = ["score", *tiny_runs.DIGITS, "--classes", "0-4", "--n", "4", "--steps", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("option, name, expected", [
+    ("file", "text.pt", "is not a torch.save file"),
+    ("file", "garbage.pt", "is not a torch.save file"),
+    ("file", "truncated.pt", "is not a torch.save file"),
+    ("file", "state.pt", "holds OrderedDict (a state dict?), not an nn.Module"),
+    ("file", "module.pt", "holds pickled Python objects (torch.nn.modules.linear.Linear)"),
+    ("--head", "text.pt", "is not a torch.save file"),
+    ("--head", "garbage.pt", "is not a torch.save file"),
+    ("--head", "truncated.pt", "is not a torch.save file"),
+    ("--head", "module.pt", "is not a state dict: it holds pickled Python objects (torch.nn.modules.linear.Linear)"),
+    ("--weights", "garbage.pt", "is not a torch.save file"),
+])
+def test_a_file_that_is_not_what_the_option_expects(option, name, expected, files, tmp_path, capsys):
+    path = files / name
+    if option == "file":
+        argv = ["score", "--model", f"file:{path}", "--data", "digits", "--n", "4"]
+    elif option == "--head":
+        argv = [*SCORE, "--head", path]
+    else:
+        argv = ["score", "--model", "torchvision:resnet18", "--weights", path, "--data", "digits", "--n", "4"]
+    line = _error(capsys, [*argv, "--out", tmp_path / "out"])
+    assert str(path) in line and expected in line, line
+    assert "weights_only" not in line  # never the advice to unpickle an unknown file
+    if expected.startswith("is not a torch.save file") or "not an nn.Module" in expected:
+        assert "--allow-pickle" not in line and "pickled nn.Module" not in line
+
+
+def test_a_text_file_is_no_pickled_module_with_allow_pickle_either(files, tmp_path, capsys):
+    line = _error(capsys, ["score", "--model", f"file:{files / 'text.pt'}", "--allow-pickle", "--data", "digits",
+                           "--out", tmp_path / "out"])
+    assert "is not a torch.save file" in line and "pickled" not in line
+
+
+def _edit_config(run: Path, edit) -> None:
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _score_run(run: Path, tmp_path: Path) -> "list":
+    return ["score", "--model", f"run:{run}", "--data", "digits", "--classes", "5-9", "--n", "4", "--steps", "1",
+            "--no-progress", "--out", tmp_path / "scored"]
+
+
+@pytest.mark.parametrize("case, edit, expected", [
+    ("base garbage", lambda c: c.update(base="garbage"), "(its base is str, not an object)"),
+    ("no base model", lambda c: c["base"].pop("model"), "(its base has no model spec)"),
+    ("bad input shape", lambda c: c["base"].update(input_shape="x"), "input_shape 'x' is not a list of sizes"),
+    ("bad classes", lambda c: c.update(num_classes="5"), "num_classes '5' is not a whole number"),
+])
+def test_a_run_whose_config_is_not_a_transfer_config(case, edit, expected, copy, tmp_path, capsys):
+    run = copy("transfer")
+    _edit_config(run, edit)
+    line = _error(capsys, _score_run(run, tmp_path))
+    assert f"run:{run}: {run / 'config.json'} is damaged or not asbound's" in line and expected in line, line
+    assert "rerun its `asbound transfer` command into another --out" in line
+
+
+def test_a_run_whose_config_is_not_json_says_so(copy, tmp_path, capsys):
+    run = copy("transfer")
+    (run / "config.json").write_bytes(NOT_JSON)
+    line = _error(capsys, _score_run(run, tmp_path))
+    assert f"{run / 'config.json'} is damaged (not JSON" in line and "no config.json" not in line
+
+
+def test_a_run_with_an_unknown_base_model_names_the_run(copy, tmp_path, capsys):
+    run = copy("transfer")
+    _edit_config(run, lambda c: c["base"].update(model="builtin:nope"))
+    line = _error(capsys, _score_run(run, tmp_path))
+    assert f"run:{run}: its base model builtin:nope (in {run / 'config.json'}) does not load" in line
+    assert "unknown builtin model 'nope'" in line
+
+
+@pytest.mark.parametrize("directory, expected", [
+    ("score", "(a score run)"), ("sweep", "(a sweep)"), ("predict", "(a prediction)"),
+])
+def test_run_of_another_kind_of_directory_says_which(directory, expected, runs, tmp_path, capsys):
+    line = _error(capsys, _score_run(runs / directory, tmp_path))
+    assert "holds no `asbound transfer` run " + expected in line
+
+
+def test_a_state_dict_mismatch_names_the_keys_and_shapes(copy, tmp_path, capsys):
+    run = copy("transfer")
+    state = torch.load(run / "model.pt", weights_only=True)
+    dropped = sorted(k for k in state if k.startswith("backbone."))[:5]
+    for key in dropped:
+        del state[key]
+    state["extra.weight"] = torch.zeros(2)
+    shape = list(state["head.weight"].shape)
+    state["head.weight"] = torch.zeros(3, 4)
+    torch.save(state, run / "model.pt")
+    line = _error(capsys, _score_run(run, tmp_path))
+    assert "Error(s) in loading" not in line
+    assert f"5 missing: {', '.join(dropped[:3])} and 2 more" in line
+    assert "1 unexpected: extra.weight" in line
+    assert f"1 of another shape: head.weight (3x4 in the file, {shape[0]}x{shape[1]} in the model)" in line
