@@ -1,4 +1,4 @@
-"""How strong the AS attack is, and what it costs, against a strong reference (issue 9 B).
+"""How strong the AS attack is, and what it costs, against a strong reference.
 
 The AS score is a maximum over the ball; a weak attack understates it and makes every bound look
 better than it is. Per model, on the same datapoints, this measures each configuration's mean
