@@ -103,7 +103,7 @@ def test_score_reproduces_spectral_norm_and_clean_loss(tmp_path, one_thread):
     path = tmp_path / "orientation.pth"
     state = fabricate(path)
     result = score(ScoreConfig(model="builtin:lenet-reference", weights=str(path), data="dsprites:orientation",
-                               protocol="dsprites-exp", n=12, steps=0, device="cpu"),
+                               protocol="dsprites-exp", n=12, steps=1, device="cpu"),
                    out=tmp_path / "run", progress=False)
     # in float64, as every head norm asbound reports
     assert result.summary["head_norm"] == torch.linalg.matrix_norm(state["fc.weight"].double(), 2).item()
@@ -243,7 +243,7 @@ def test_cli_protocol_is_recorded(capsys, tmp_path, one_thread):
     fabricate(path)
     out = tmp_path / "run"
     rc = main(["score", "--model", "builtin:lenet-reference", "--weights", str(path), "--data", "dsprites:orientation",
-               "--protocol", "paper", "--n", "4", "--steps", "0", "--out", str(out), "--json", "--no-progress"])
+               "--protocol", "paper", "--n", "4", "--steps", "1", "--out", str(out), "--json", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"] == "paper" and config["protocol_settings"]["targets"] == "minmax"
@@ -253,7 +253,7 @@ def test_cli_protocol_is_recorded(capsys, tmp_path, one_thread):
 def test_runs_recorded_before_protocols_resume(tmp_path, one_thread):
     """A run directory written before --protocol existed has neither key; it resumes as asbound's."""
     out = tmp_path / "run"
-    cfg = ScoreConfig(model="builtin:lenet-standard", data="dsprites:orientation", n=4, steps=0, device="cpu")
+    cfg = ScoreConfig(model="builtin:lenet-standard", data="dsprites:orientation", n=4, steps=1, device="cpu")
     score(cfg, out=out, progress=False)
     config = json.loads((out / "config.json").read_text())
     del config["protocol"], config["protocol_settings"]
