@@ -457,9 +457,11 @@ def score(
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
-        exact = float32_exact() if cfg.certify else contextlib.nullcontext()  # no TF32 under a float32 slack
+        # IEEE float32 on CUDA: cuDNN convolutions default to TF32 (10-bit mantissa), which would put
+        # rounding of about 1e-3 |g| into every recorded float32 value (g(x), the shifts, margins, losses)
+        # and into a certificate's float32 slack; bf16 / fp16 gradient passes (--amp) are not affected
         bar = _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg)
-        with frozen(split), exact, bar as advance:
+        with frozen(split), float32_exact(), bar as advance:
             for positions in todo:
                 sel = torch.tensor(list(positions))
                 x = to_format(data.batch(sel).to(device), fmt)

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from asbound.certify import float32_exact
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
 from asbound.devices import amp_dtype, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
@@ -448,11 +449,12 @@ ROBUST_RULE = "per point, robust against every attack run"
 
 def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device, *,
              progress: bool = False) -> dict:
-    """Test metrics in float32: clean accuracy, robust accuracy under PGD-k for each k and
-    AutoAttack if asked, counted per point (``ROBUST_RULE``): ``pgd[k]`` counts the points that
-    every PGD attack with at most k steps left correct, ``autoattack`` those that AutoAttack and
-    every PGD attack left correct, ``robust_accuracy`` those that every attack run left correct.
-    Each PGD-k draws its random starts from its own seeded generator, as if run alone."""
+    """Test metrics in IEEE float32 (no TF32 convolutions on CUDA): clean accuracy, robust
+    accuracy under PGD-k for each k and AutoAttack if asked, counted per point (``ROBUST_RULE``):
+    ``pgd[k]`` counts the points that every PGD attack with at most k steps left correct,
+    ``autoattack`` those that AutoAttack and every PGD attack left correct, ``robust_accuracy``
+    those that every attack run left correct. Each PGD-k draws its random starts from its own
+    seeded generator, as if run alone."""
     attack = AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step))
     steps = sorted(set(cfg.eval_steps))
     generators = {k: torch.Generator().manual_seed(derived_seed(cfg.seed, "test", k)) for k in steps}
@@ -460,7 +462,7 @@ def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torc
     clean = total = robust = after_autoattack = 0
     pgd = dict.fromkeys(steps, 0)
     attacks = ", ".join([*(f"PGD-{k}" for k in steps), *(["AutoAttack"] if adversary else [])])
-    with frozen(model), _Bar(progress) as bar:
+    with frozen(model), float32_exact(), _Bar(progress) as bar:
         bar.show("test", f"test: clean, {attacks}", len(test))
         for x, y in test.loader(cfg.batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
