@@ -820,6 +820,20 @@ def test_the_api_is_lazy_and_its_static_imports_match():
         api.no_such_name  # noqa: B018
 
 
+def test_the_top_level_names_are_what_the_docstring_promises():
+    """Every lazy name of ``asbound`` resolves to the API's object; ``transfer`` is not one of
+    them, since ``asbound.transfer`` is the subpackage (its module shadowed the function)."""
+    import asbound
+
+    assert "transfer" not in asbound._API
+    for name, module in asbound._API.items():
+        assert getattr(asbound, name) is getattr(importlib.import_module(module), name), name
+    assert callable(api.transfer) and api.transfer.__module__ == "asbound.transfer.run"
+    namespace: dict = {}
+    exec(textwrap.dedent(asbound.__doc__.split("::", 1)[1]).strip(), namespace)  # its imports, as written
+    assert namespace["transfer"] is api.transfer and namespace["score"] is api.score
+
+
 # --- 80 columns ---------------------------------------------------------------------------------
 
 
