@@ -55,6 +55,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from asbound.devices import float32_exact
 from asbound.errors import ModelError
 from asbound.models.split import LayerOutput
 
@@ -1033,18 +1034,6 @@ def float32_deviation(bound: "dict[str, Tensor]", g32: Tensor) -> Tensor:
                                f"(float32 rounding stays below {float(limit[row]):.3g}): it does not compute the "
                                f"function that is bounded (TF32? a low-precision cast in forward?)")
     return dev
-
-
-@contextlib.contextmanager
-def float32_exact() -> Iterator[None]:
-    """IEEE float32 matrix products and convolutions on CUDA for the block (TF32 rounds to 10
-    bits, far above :data:`FLOAT32_RTOL`); nothing changes on the CPU."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _first(bad: Tensor) -> Optional[int]:

@@ -28,12 +28,12 @@ from torch import Tensor
 
 from asbound.attacks import ATTACKS, PGD, FastObjective, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, CheckFailed, certified, check_attack_points
-from asbound.certify import check_records, float32_deviation, float32_exact, no_random_draws, record_slack
+from asbound.certify import check_records, float32_deviation, no_random_draws, record_slack
 from asbound.certify import sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
-from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, resolve_device, to_format
+from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, float32_exact, resolve_device, to_format
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model

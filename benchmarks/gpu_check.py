@@ -351,7 +351,7 @@ def check_score(device: torch.device, sizes: Sizes, work: Path) -> "list[Row]":
 def check_timing(device: torch.device, sizes: Sizes, work: Path) -> "list[Row]":
     from asbound._compat import import_robustbench
     from asbound.attacks import PGD, FastObjective, representation_shift
-    from asbound.certify import float32_exact
+    from asbound.devices import float32_exact
     from asbound.devices import cpu_has_bf16
     from asbound.models import frozen, split_model
 

@@ -959,7 +959,7 @@ def test_float32_shifts_exceed_an_exact_bound_by_rounding_never_by_more_than_the
 
 
 def test_float32_exact_turns_tf32_off_and_restores_it():
-    from asbound.certify import float32_exact
+    from asbound.devices import float32_exact
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:

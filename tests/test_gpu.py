@@ -99,6 +99,30 @@ def test_transfer_evaluates_the_test_data_in_ieee_float32(monkeypatch, tmp_path)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def test_validation_is_ieee_float32_too(monkeypatch, tmp_path):
+    """epochs.csv's validation accuracies are reported numbers as well: TF32 is off in every
+    attack a transfer run evaluates with (validation of an adversarial stage and the test)."""
+    from asbound.transfer import loop
+
+    seen, original = [], loop.robust_correct
+
+    def spy(*args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "robust_correct", spy)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        transfer(TransferConfig(model="builtin:digits-adversarial", data="digits", classes="5-9", method="adv-lp",
+                                epochs=1, n=16, n_val=4, n_test=4, batch_size=16, eval_steps=(1,), attack_steps=1,
+                                score=False, device="cpu"), tmp_path / "run", progress=False, printer=lambda s: None)
+        assert len(seen) >= 2 and set(seen) == {(False, False)}, seen  # validation and test
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # --- on a CUDA device ---------------------------------------------------------------------------------
 
 
@@ -168,3 +192,4 @@ def test_an_adversarial_transfer_epoch_on_cuda_with_bf16(tmp_path):
     after = score(ScoreConfig(model=f"run:{tmp_path / 'run'}", data="digits", classes="5-9", n=8, steps=1,
                               device="cpu"), progress=False)
     assert np.isfinite(after.summary["as_score"])
+

@@ -38,9 +38,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from asbound.certify import float32_exact
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
-from asbound.devices import amp_dtype, memory_format, resolve_device
+from asbound.devices import amp_dtype, float32_exact, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
 from asbound.data.corruptions import corruption_of
 from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
