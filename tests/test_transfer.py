@@ -704,12 +704,15 @@ class _Points:
         return [(self.x[i:i + batch_size], self.y[i:i + batch_size]) for i in range(0, len(self.y), batch_size)]
 
 
-def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch):
-    """PGD-10 fools points 0-2, PGD-20 (from other random starts) 3-4, AutoAttack 5: PGD-20 alone
-    would leave 80%, more than PGD-10's 70%; counted per point PGD-20 leaves 50%, AutoAttack 40%."""
+@pytest.mark.parametrize("few, many", [(10, 20), (5, 20), (9, 10)])
+def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch, few, many):
+    """The PGD with fewer steps fools points 0-2, the one with more (from other random starts)
+    3-4, AutoAttack 5: the longer PGD alone would leave 80%, more than the shorter one's 70%;
+    counted per point it leaves 50%, AutoAttack 40%. The step counts are ordered as numbers (5
+    before 20 and 9 before 10, which strings order the other way round)."""
     from asbound.models import SplitModel
 
-    fooled = {10: {0, 1, 2}, 20: {3, 4}, "autoattack": {5}}
+    fooled = {few: {0, 1, 2}, many: {3, 4}, "autoattack": {5}}
 
     def survivors(x, by):
         return torch.tensor([round(float(v) * 100) not in fooled[by] for v in x[:, 0, 0, 0]])
@@ -720,11 +723,11 @@ def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch):
     data = _Points(10)
     with torch.no_grad():
         data.y = model(data.x).argmax(1)  # every point correct when clean
-    cfg = TransferConfig(model="file:m.pt", data="digits", eval_steps=(20, 10), batch_size=4,
+    cfg = TransferConfig(model="file:m.pt", data="digits", eval_steps=(many, few), batch_size=4,
                          autoattack=True).validated()
     out = run_module.evaluate(model, data, cfg, torch.device("cpu"))
     assert out["clean_accuracy"] == 1.0
-    assert out["pgd"] == {"10": pytest.approx(0.7), "20": pytest.approx(0.5)}
+    assert out["pgd"] == {str(few): pytest.approx(0.7), str(many): pytest.approx(0.5)}
     assert out["autoattack"] == pytest.approx(0.4) and out["robust_accuracy"] == pytest.approx(0.4)
     assert out["robust_rule"] == run_module.ROBUST_RULE == "per point, robust against every attack run"
 
