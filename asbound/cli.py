@@ -287,7 +287,7 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
                    help="training images on which the LoRA branch's accuracy a is measured (at each epoch's "
                         "start and after each of its first three quarters)")
     g = p.add_argument_group("attack (training and evaluation; L-inf)")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")
     g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
     g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
@@ -442,7 +442,7 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
 def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGroup:
     """The scores' PGD options (sweeps, predict), with ``d``'s defaults."""
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
     g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
                    "protocol) or apgd (Auto-PGD)")

@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -830,6 +831,20 @@ def test_every_help_reads_at_80_columns(command, capsys, monkeypatch):
     assert main([*command, "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "asbound")
+def test_no_option_help_names_an_option_its_command_lacks(command):
+    """`transfer --eps` (and the sweeps' and predict's) said "in the box of --protocol", an option
+    only `score` has: every option an option's help names is one of its own command."""
+    import argparse
+
+    parser = build_parser()
+    for word in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    own = {o for a in parser._actions for o in a.option_strings}
+    named = {(a.dest, m) for a in parser._actions for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", a.help or "")}
+    assert {(dest, m) for dest, m in named if m not in own} == set()
 
 
 def test_the_progress_bar_keeps_its_count_at_80_columns(assets, tmp_path, capsys, monkeypatch):
