@@ -675,9 +675,10 @@ def test_every_pass_over_many_images_shows_progress(pretrained, tmp_path, monkey
 
     for name, method in (("__enter__", enter), ("show", show), ("advance", advance)):
         monkeypatch.setattr(run_module._Bar, name, method)
-    r = transfer(_cfg(pretrained, "lp", score=False, augment="none", epochs=2, eval_steps=(1, 2)), tmp_path / "run",
-                 progress=True, printer=lambda s: None)[0]
+    r = transfer(_cfg(pretrained, "lp", score=False, augment="none", epochs=2, eval_steps=(1, 2), n_val=20),
+                 tmp_path / "run", progress=True, printer=lambda s: None)[0]
     config = json.loads((r.out / "config.json").read_text())
+    assert (config["n_train"], config["n_val"], config["n_test"]) == (200, 20, 100)  # --n-val below --n and the split
     passes = {d: (total, done) for d, total, done in shown if not d.startswith("lp epoch") or ":" in d}
     assert passes["lp: features"] == (config["n_train"],) * 2
     assert passes["lp epoch 1/2: validation"] == passes["lp epoch 2/2: validation"] == (config["n_val"],) * 2
