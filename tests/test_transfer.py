@@ -657,6 +657,19 @@ def test_n_bounds_every_phase_of_a_run_and_the_config_records_the_counts(pretrai
     assert (config["n_train"], config["n_val"], config["n_test"]) == (60, 35, 190) and whole.final["test"]["n"] == 190
 
 
+def test_the_scores_stop_at_their_cap_whatever_the_test_count(pretrained, tmp_path, monkeypatch):
+    """--score-n auto follows the test count up to SCORE_N_CAP (here lowered to 30): the scores
+    before and after transfer attack 30 of the 60 test images, and config.json says so."""
+    import asbound.transfer.config as config_module
+
+    monkeypatch.setattr(config_module, "SCORE_N_CAP", 30)
+    r = transfer(_cfg(pretrained, "lp", n=60, n_test="auto", score_n="auto", epochs=1, eval_steps=(1,),
+                      score_steps=1), tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    config = json.loads((r.out / "config.json").read_text())
+    assert (config["n_test"], config["score_n"]) == (60, 30) and r.final["test"]["n"] == 60
+    assert r.final["score_before"]["n"] == r.final["score_after"]["n"] == 30
+
+
 def test_every_pass_over_many_images_shows_progress(pretrained, tmp_path, monkeypatch):
     """Cached features, validation and the test evaluation each drive a bar over their images."""
     shown = []
