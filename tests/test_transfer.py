@@ -787,6 +787,49 @@ def test_a_moved_run_resumes_and_loads(pretrained, tmp_path, capsys, monkeypatch
     assert json.loads(captured.out)["model"] == f"run:{tmp_path / 'newer'}"
 
 
+def test_a_run_moved_while_it_trains_stops_in_one_line_and_resumes_in_its_new_place(pretrained, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Moving the directory of a run that is training stopped it with a FileNotFoundError
+    traceback at its next checkpoint: now one line names the new place, and the run resumes there
+    to the weights of an uninterrupted run."""
+    import shutil
+
+    cfg = _cfg(pretrained, "ft", score=False, epochs=3)
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+    original = run_module.train_stage
+    calls = {"n": 0}
+
+    def moving(model, plan, settings, train_batches, *args, **kwargs):
+        def batches(seed, training):
+            for batch in train_batches(seed, training):
+                calls["n"] += training
+                if calls["n"] == 6:  # inside epoch 2 (4 steps each)
+                    shutil.move(tmp_path / "old", tmp_path / "new")
+                yield batch
+
+        return original(model, plan, settings, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", moving)
+    args = ["transfer", "--method", "ft", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
+            "--classes", "5-9", "--epochs", "3", "--batch-size", "64", "--n", "200", "--n-test", "100",
+            "--eval-steps", "3", "--attack-steps", "3", "--lr", "0.05", "--lr-ft", "0.01", "--no-score",
+            "--no-progress"]
+    capsys.readouterr()
+    rc = main([*args, "--out", str(tmp_path / "old")])
+    err = capsys.readouterr().err
+    *said, last = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err and not any("error" in line for line in said), err
+    assert last.startswith(f"asbound: error: {tmp_path / 'old'} was moved to {tmp_path / 'new'} while this "
+                           f"process wrote to it"), err
+    assert not (tmp_path / "old").exists()
+    monkeypatch.setattr(run_module, "train_stage", original)
+    assert main([*args, "--out", str(tmp_path / "new")]) == 0
+    assert "resuming ft: stage ft, after epoch 1" in capsys.readouterr().err
+    a, b = _state(whole.out / "model.pt"), _state(tmp_path / "new" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(pd.read_csv(tmp_path / "new" / "epochs.csv")) == 3
+
+
 def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(pretrained, tmp_path, monkeypatch, capsys):
     cfg = _cfg(pretrained, "ft", score=False, epochs=4)
     whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
