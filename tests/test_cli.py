@@ -273,6 +273,22 @@ def test_embedded_default(tmp_path, capsys, monkeypatch):
     assert f"{reg['as_score']:.4g}" in text and f"{cls['lhs']:.4g}" in text
 
 
+def test_the_readme_shows_what_the_embedded_default_prints(tmp_path, capsys, monkeypatch):
+    """The README's first run is `asbound score` with its output: the recorded default run
+    (reports/default, made by analyses/default_score.sh) reread at 80 columns prints exactly the
+    README's lines (they lacked the title line and named reports/default for runs/default)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("$ asbound score\n", 1)[1].split("```", 1)[0].splitlines()
+    shutil.copytree(Path(__file__).parents[1] / "reports" / "default", tmp_path / "runs" / "default")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(scoring._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
+    capsys.readouterr()
+    assert main(["score", "--no-progress"]) == 0
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert printed == block
+
+
 # --- bad input: one line, exit code 2, nothing lost -------------------------------------------
 
 
