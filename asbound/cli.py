@@ -425,7 +425,9 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="score cells: which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help="datapoints scored per cell (transfer cells: scored before and after), or 'all' "
-                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default)")
+                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default; "
+                        f"transfer cells: as many as their test images, at most "
+                        f"{constant('asbound.transfer.config', 'SCORE_N_CAP')})")
     g = _pgd_options(p, d)
     g.add_argument("--as-only", action="store_true", help="score cells: the AS score alone (no labels, no loss attack)")
     g = p.add_argument_group("transfer cells (with --method)")
@@ -555,8 +557,10 @@ def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
                           f"use a grid file with method as an axis for several")
     if args.norm not in ("inf", "Linf", "linf"):
         raise ConfigError("transfer cells attack in L-inf; leave --norm out with --method")
+    # without --n, a transfer cell scores as transfer does: as many test images as it evaluates, at most 1000
     return "transfer", dict(shared, method=args.method, epochs=args.epochs, lr=args.lr, n=args.n_train,
-                            n_test=args.n_test, score_n=n, score_steps=args.steps)
+                            n_test=args.n_test, score_n=getattr(args, "n", TransferConfig.score_n),
+                            score_steps=args.steps)
 
 
 def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:

@@ -1002,6 +1002,24 @@ def test_a_sweep_without_model_and_data_scores_the_embedded_default(tmp_path, ca
     assert cli._sweep_base(args)[1]["n"] == ScoreConfig.n
 
 
+def test_a_sweeps_transfer_cells_score_as_many_test_images_as_they_evaluate():
+    """`sweep eps --method lp --n-train 60` validated and tested on 60 images per cell but scored
+    1000 (ScoreConfig's n) before and after transfer: without --n the cells' scores follow their
+    test images, as transfer's do; --n still sets them."""
+    from asbound.transfer import TransferConfig
+    from asbound.transfer.config import image_counts
+
+    sizes = (671, 35, 190)  # digits 5-9: training, validation and test splits
+    argv = ["sweep", "eps", "--method", "lp", "--model", "builtin:digits-adversarial", "--data", "digits",
+            "--classes", "5-9", "--n-train", "60", "--out", "o"]
+    for extra, score_n in (([], 60), (["--n", "30"], 30), (["--n", "all"], 190)):
+        run, base = cli._sweep_base(cli.build_parser().parse_args([*argv, *extra]))
+        cfg = TransferConfig(**base).validated()
+        assert run == "transfer"
+        assert image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n, sizes) == {
+            "train": 60, "val": 35, "test": 60, "score": score_n}, extra
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--method", "lp"], ["--method", "--model and --data"]),
     (["--model", "builtin:lenet-adversarial"], ["both --model and --data"]),
