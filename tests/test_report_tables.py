@@ -412,6 +412,21 @@ def test_the_transfer_table_reads_robust_accuracy_and_says_its_rule(runs):
     assert rule in block.notes[0] and "PGD-20 accuracy (each attack counted alone" in block.notes[0]
 
 
+def test_with_autoattack_racc_is_the_pgd_attacks_and_the_aa_column_every_attacks(runs):
+    """A record of the per-point rule with AutoAttack: robust_accuracy is AutoAttack's column (a
+    point robust against every attack run), so RAcc showed the same number twice; RAcc is the PGD
+    attacks' per-point accuracy (PGD-20, the most steps), RAcc (AA) AutoAttack's."""
+    final = json.loads((runs / "transfer" / "ft" / "final.json").read_text())
+    final["test"].update(autoattack=0.375, robust_accuracy=0.375,
+                         robust_rule="per point, robust against every attack run")
+    (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
+    block = table(["transfer"], "transfer").blocks[0]
+    assert block.frame.loc["ft", "RAcc"] == "55.0%" and block.frame.loc["ft", "RAcc (AA)"] == "37.5%"
+    assert block.frame.loc["lp", "RAcc"] == "40.0%" and block.frame.loc["lp", "RAcc (AA)"] == "-"
+    assert "robust against every PGD attack run (PGD-20 and fewer steps)" in block.notes[0]
+    assert "AutoAttack standard on the points every PGD attack left correct" in block.notes[0]
+
+
 def test_lemma1_of_transfer_runs_labels_the_scored_points_not_the_training_images(runs):
     for name, n_train, n_scored in (("lp", 3000, 3), ("ft", None, 4)):
         config = json.loads((runs / "transfer" / name / "config.json").read_text())
