@@ -427,6 +427,13 @@ def test_with_autoattack_racc_is_the_pgd_attacks_and_the_aa_column_every_attacks
     assert "AutoAttack standard on the points every PGD attack left correct" in block.notes[0]
 
 
+def test_the_transfer_tables_note_names_each_runs_test_images(runs):
+    final = json.loads((runs / "transfer" / "lp" / "final.json").read_text())
+    final["test"]["n"] = 10
+    (runs / "transfer" / "lp" / "final.json").write_text(json.dumps(final))
+    assert table(["transfer"], "transfer").blocks[0].notes[0].startswith("RAcc: on 4 / 10 test images at eps 0.1")
+
+
 def test_lemma1_of_transfer_runs_labels_the_scored_points_not_the_training_images(runs):
     for name, n_train, n_scored in (("lp", 3000, 3), ("ft", None, 4)):
         config = json.loads((runs / "transfer" / name / "config.json").read_text())
