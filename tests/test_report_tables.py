@@ -230,6 +230,18 @@ def test_the_cli_writes_the_table_with_its_command(runs, capsys):
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.xfail(strict=True, reason="`asbound table` prints Markdown on the console: its notes run to 250 "
+                   "columns and the pipe rows of wide tables (eps, predict, certify, resize) cannot wrap; wrapping "
+                   "the notes alone leaves the rows, and a console rendering of the tables is a design choice")
+@pytest.mark.parametrize("style", ["lemma1", "transfer", "eps"])
+def test_the_table_printed_on_the_console_reads_at_80_columns(runs, capsys, monkeypatch, style):
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["table", *SOURCES[style], "--style", style]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_plot_kind_writes_png_and_pdf(runs, kind):
     source = {"lhs-rhs": ["score", "transfer"], "margin-vs-sensitivity": ["score", "transfer/lp"], "shift": ["shift"],
