@@ -865,6 +865,30 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(pretrained, 
     assert f"{checkpoints / 'last.pt'} is unreadable (truncated?)" in err and f"delete {checkpoints}" in err
 
 
+def test_after_a_fallback_the_damaged_checkpoint_never_becomes_the_fallback(pretrained, tmp_path, monkeypatch):
+    """A run resumed from last.prev.pt (last.pt cut short) kept the damaged last.pt, and its next
+    checkpoint moved it to last.prev.pt: one more damaged last.pt then had no fallback. The
+    fallback stays a readable checkpoint, and the run ends at the uninterrupted weights."""
+    cfg = _cfg(pretrained, "ft", score=False, epochs=4)
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+    Stop, original = interrupt_training(monkeypatch, run_module, 13)  # inside epoch 4 (4 steps each)
+    with pytest.raises(Stop):
+        transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = (checkpoints / "last.pt").read_bytes()
+    (checkpoints / "last.pt").write_bytes(last[: len(last) // 2])
+    monkeypatch.setattr(run_module, "train_stage", original)
+    Stop, original = interrupt_training(monkeypatch, run_module, 6)  # resumed after epoch 2: inside epoch 4
+    with pytest.raises(Stop):
+        transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    assert _state(checkpoints / "last.pt")["progress"]["epoch"] == 3
+    assert _state(checkpoints / "last.prev.pt")["progress"]["epoch"] == 2  # readable, an epoch earlier
+    monkeypatch.setattr(run_module, "train_stage", original)
+    resumed = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    a, b = _state(whole.out / "model.pt"), _state(resumed.out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_lines_transfer_prints_fit_80_columns(pretrained, tmp_path, capsys, monkeypatch):
     from asbound.transfer.config import image_counts
     from asbound.transfer.loop import EpochRecord

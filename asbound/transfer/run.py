@@ -164,6 +164,8 @@ class RunCheckpoints(Checkpointer):
             raise ResumeError(
                 f"{last} {what} and no earlier checkpoint is readable; delete {self.folder} to train this "
                 f"method from its first epoch, or choose another --out")
+        # the damaged file goes: the next checkpoint would make it last.prev.pt, the fallback
+        last.unlink(missing_ok=True)
         return state, f"{self._name(last)} {what}: resumed from {previous.name}"
 
     def _name(self, path: Path) -> str:
