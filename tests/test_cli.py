@@ -289,6 +289,16 @@ def test_the_readme_shows_what_the_embedded_default_prints(tmp_path, capsys, mon
     assert printed == block
 
 
+def test_the_developers_layout_names_every_module_of_the_package():
+    """docs/DEVELOPING.md's layout lacked errors.py, defaults.py, _compat.py and protocol.py."""
+    root = Path(__file__).parents[1]
+    layout = (root / "docs" / "DEVELOPING.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"^asbound/(\w+)", layout, flags=re.M))
+    modules = {p.stem for p in (root / "asbound").glob("*.py") if p.stem not in ("__init__", "__main__")}
+    packages = {p.parent.name for p in (root / "asbound").glob("*/__init__.py")}
+    assert modules | packages <= named, sorted((modules | packages) - named)
+
+
 # --- bad input: one line, exit code 2, nothing lost -------------------------------------------
 
 
