@@ -417,8 +417,8 @@ def test_autoattack_accuracy_is_at_most_pgd_accuracy_and_at_most_clean(tmp_path)
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--classes", "3"], ["at least 2 classes", "has 1"]),
-    (["--classes", "5-7", "--autoattack"], ["--autoattack", "at least 4 classes", "has 3"]),
+    (["--classes", "3"], ["at least 2 classes", "digits --classes 3 has 1"]),
+    (["--classes", "5-7", "--autoattack"], ["--autoattack", "at least 4 classes", "digits --classes 5-7 has 3"]),
 ])
 def test_too_few_classes_are_refused_before_training(pretrained, tmp_path, capsys, args, expected):
     rc = main(["transfer", "--method", "lp", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",

@@ -644,12 +644,12 @@ def transfer(
     full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
     if full_train.task != "classification":
         raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")
+    selection = f"{full_train.spec}{' --classes ' + str(cfg.classes) if cfg.classes else ''}"
     if full_train.num_classes < 2:
-        raise ConfigError(f"transfer needs at least 2 classes; {full_train.spec}"
-                          f"{' --classes ' + str(cfg.classes) if cfg.classes else ''} has {full_train.num_classes}")
+        raise ConfigError(f"transfer needs at least 2 classes; {selection} has {full_train.num_classes}")
     if cfg.autoattack and full_train.num_classes < 4:
         raise ConfigError(f"--autoattack (standard: its targeted DLR attacks) needs at least 4 classes; "
-                          f"{full_train.spec} has {full_train.num_classes}; leave --autoattack out")
+                          f"{selection} has {full_train.num_classes}; leave --autoattack out")
     train_split, val_split = validation_split(len(full_train), cfg.val_fraction, cfg.seed)
     full_test = load_data(data_spec, split="test", n=None, seed=cfg.seed, **common)
     counts = image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n,
