@@ -154,12 +154,15 @@ class RunDir:
         self.claim(config, defaults=defaults)
         return self._repair_points()
 
-    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:
+    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None,
+              meant: "dict[str, dict] | None" = None) -> None:
         """Create the directory and write ``config``, or check it against the recorded one.
 
         Keys in ``volatile`` may differ (the new values are recorded); a key the recorded config
-        lacks compares as its value in ``defaults``. Raises :class:`ResumeError` if the directory
-        holds a run with another configuration; nothing in it is changed then.
+        lacks compares as its value in ``defaults``; ``meant[key]`` maps a value that older
+        records hold for ``key`` to what it meant (``{None: 35}``: ``null``, a whole split of 35
+        images). Raises :class:`ResumeError` if the directory holds a run with another
+        configuration; nothing in it is changed then.
         """
         self.create()
         config = _normalised(config)
@@ -175,6 +178,7 @@ class RunDir:
                     f"{config_path} is not a readable asbound config, so the run in {self.path} "
                     f"cannot be resumed; choose another --out, or delete that directory to start over"
                 )
+            old = {**old, **{k: m[old[k]] for k, m in (meant or {}).items() if k in old and old[k] in m}}
             before, after = _identity(old, volatile, defaults), _identity(config, volatile, defaults)
             if before != after:
                 diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -21,6 +21,7 @@ import asbound.transfer.loop as loop
 import asbound.transfer.run as run_module
 from asbound import ScoreConfig, score
 from asbound.cli import main
+from asbound.errors import ResumeError
 from asbound.transfer import TransferConfig, transfer
 from fabricate import digits_cnn, interrupt_training, run_held_by_another_process
 
@@ -466,6 +467,22 @@ def test_a_run_recorded_before_an_option_existed_is_reread(pretrained, tmp_path,
     assert again.final == first.final
     with pytest.raises(Exception, match="score_steps: 20 -> 5"):
         transfer(dataclasses.replace(cfg, score_steps=5), tmp_path / "run", progress=False, printer=lambda s: None)
+
+
+def test_a_run_recorded_before_the_image_counts_were_resolved_is_reread(pretrained, tmp_path, monkeypatch):
+    """Runs made before --n-val and --n-test took 'auto' recorded null for a whole split; the same
+    command then resolves them to counts (35 validation, 190 test images) and refused the run
+    ("other settings (n_test: None -> 190, n_val: None -> 35)"): null reads as the whole split."""
+    cfg = _cfg(pretrained, "lp", score=False, n=None, n_val="auto", n_test="auto", epochs=1)
+    first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    config = json.loads((first.out / "config.json").read_text())
+    assert (config["n_val"], config["n_test"]) == (35, 190)
+    (first.out / "config.json").write_text(json.dumps({**config, "n_val": None, "n_test": None}))
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0].final == first.final
+    (first.out / "config.json").write_text(json.dumps({**config, "n_val": None, "n_test": None}))
+    with pytest.raises(ResumeError, match=r"n_test: 190 -> 50"):  # null is the whole split, not any count
+        transfer(dataclasses.replace(cfg, n_test=50), tmp_path / "run", progress=False, printer=lambda s: None)
 
 
 def test_run_dir_keeps_its_classes_and_loads_from_any_directory(pretrained, tmp_path, capsys, monkeypatch):

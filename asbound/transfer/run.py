@@ -663,6 +663,8 @@ def transfer(
     cfg = dataclasses.replace(cfg, n_val=len(val), n_test=len(test),
                               score_n=score_request(cfg.n, cfg.n_test, cfg.score_n))
     images = _images_line(counts, (len(train_split), len(val_split), len(full_test)), cfg.score)
+    # runs recorded before the counts were resolved hold null for a whole split
+    whole_splits = {"n_val": {None: len(val_split)}, "n_test": {None: len(full_test)}}
     probe = full_train.batch(torch.arange(min(len(full_train), 8)))
     try:
         base = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
@@ -720,7 +722,7 @@ def transfer(
                 # the evaluation's settings may change until the evaluation has finished (final.json)
                 finished = (folder / FINAL).exists()
                 run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
-                          defaults=_option_defaults())
+                          defaults=_option_defaults(), meant=whole_splits)
                 final = read_json(folder / FINAL)
                 needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
                 world.broadcast(needs_training, device)
