@@ -287,7 +287,7 @@ def _transfer_parser(sub: "argparse._SubParsersAction") -> None:
                    help="training images on which the LoRA branch's accuracy a is measured (at each epoch's "
                         "start and after each of its first three quarters)")
     g = p.add_argument_group("attack (training and evaluation; L-inf)")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--attack-steps", type=_whole, default=d.attack_steps, help="PGD steps of the training and validation attack")
     g.add_argument("--attack-step", default=d.attack_step, help="PGD step size in pixel units")
     g.add_argument("--trades-beta", type=_number, default=d.trades_beta, help="TRADES weight of the KL term")
@@ -425,7 +425,9 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="score cells: which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help="datapoints scored per cell (transfer cells: scored before and after), or 'all' "
-                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default)")
+                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default; "
+                        f"transfer cells: as many as their test images, at most "
+                        f"{constant('asbound.transfer.config', 'SCORE_N_CAP')})")
     g = _pgd_options(p, d)
     g.add_argument("--as-only", action="store_true", help="score cells: the AS score alone (no labels, no loss attack)")
     g = p.add_argument_group("transfer cells (with --method)")
@@ -442,7 +444,7 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
 def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGroup:
     """The scores' PGD options (sweeps, predict), with ``d``'s defaults."""
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
     g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
                    "protocol) or apgd (Auto-PGD)")
@@ -555,8 +557,10 @@ def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
                           f"use a grid file with method as an axis for several")
     if args.norm not in ("inf", "Linf", "linf"):
         raise ConfigError("transfer cells attack in L-inf; leave --norm out with --method")
+    # without --n, a transfer cell scores as transfer does: as many test images as it evaluates, at most 1000
     return "transfer", dict(shared, method=args.method, epochs=args.epochs, lr=args.lr, n=args.n_train,
-                            n_test=args.n_test, score_n=n, score_steps=args.steps)
+                            n_test=args.n_test, score_n=getattr(args, "n", TransferConfig.score_n),
+                            score_steps=args.steps)
 
 
 def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:

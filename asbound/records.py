@@ -116,9 +116,34 @@ class RunDir:
             stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             handle.write(f"asbound pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
             handle.flush()
-            yield self
+            try:
+                yield self
+            except Exception as exc:  # a directory moved or deleted under the run: say so, in one line
+                moved = self._moved(handle)
+                if moved is not None:
+                    raise ResumeError(moved) from exc
+                raise
         finally:
             handle.close()  # releases the lock
+
+    def _moved(self, handle: "io.TextIOBase") -> Optional[str]:
+        """Why the directory this process locked is no longer at ``self.path`` (moved or deleted
+        while the run wrote to it), or None while it is still there."""
+        try:
+            if os.path.samestat(os.stat(self.path / LOCK), os.fstat(handle.fileno())):
+                return None
+        except OSError:
+            pass
+        try:  # where the locked file is now (Linux)
+            now = os.readlink(f"/proc/self/fd/{handle.fileno()}")
+        except OSError:
+            now = ""
+        if now.endswith(f"/{LOCK}") and Path(now).parent.is_dir():
+            return (f"{self.path} was moved to {Path(now).parent} while this process wrote to it: the run "
+                    f"stopped, and what it had finished is there; rerun the command with --out at the new "
+                    f"place to resume")
+        return (f"{self.path} was moved or deleted while this process wrote to it: the run stopped; rerun "
+                f"the command with --out at its new place to resume, or to start over")
 
     def start(self, config: dict, *, defaults: "dict | None" = None) -> "set[int]":
         """Create or resume the directory; return the positions already recorded.
@@ -129,12 +154,15 @@ class RunDir:
         self.claim(config, defaults=defaults)
         return self._repair_points()
 
-    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:
+    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None,
+              meant: "dict[str, dict] | None" = None) -> None:
         """Create the directory and write ``config``, or check it against the recorded one.
 
         Keys in ``volatile`` may differ (the new values are recorded); a key the recorded config
-        lacks compares as its value in ``defaults``. Raises :class:`ResumeError` if the directory
-        holds a run with another configuration; nothing in it is changed then.
+        lacks compares as its value in ``defaults``; ``meant[key]`` maps a value that older
+        records hold for ``key`` to what it meant (``{None: 35}``: ``null``, a whole split of 35
+        images). Raises :class:`ResumeError` if the directory holds a run with another
+        configuration; nothing in it is changed then.
         """
         self.create()
         config = _normalised(config)
@@ -150,6 +178,7 @@ class RunDir:
                     f"{config_path} is not a readable asbound config, so the run in {self.path} "
                     f"cannot be resumed; choose another --out, or delete that directory to start over"
                 )
+            old = {**old, **{k: m[old[k]] for k, m in (meant or {}).items() if k in old and old[k] in m}}
             before, after = _identity(old, volatile, defaults), _identity(config, volatile, defaults)
             if before != after:
                 diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,32 @@ def test_embedded_default(tmp_path, capsys, monkeypatch):
                   "dsprites:orientation", "dsprites:shape", "euclidean_error", "cross_entropy"):
         assert label in text, label
     assert f"{reg['as_score']:.4g}" in text and f"{cls['lhs']:.4g}" in text
+
+
+def test_the_readme_shows_what_the_embedded_default_prints(tmp_path, capsys, monkeypatch):
+    """The README's first run is `asbound score` with its output: the recorded default run
+    (reports/default, made by analyses/default_score.sh) reread at 80 columns prints exactly the
+    README's lines (they lacked the title line and named reports/default for runs/default)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("$ asbound score\n", 1)[1].split("```", 1)[0].splitlines()
+    shutil.copytree(Path(__file__).parents[1] / "reports" / "default", tmp_path / "runs" / "default")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(scoring._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
+    capsys.readouterr()
+    assert main(["score", "--no-progress"]) == 0
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert printed == block
+
+
+def test_the_developers_layout_names_every_module_of_the_package():
+    """docs/DEVELOPING.md's layout lacked errors.py, defaults.py, _compat.py and protocol.py."""
+    root = Path(__file__).parents[1]
+    layout = (root / "docs" / "DEVELOPING.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"^asbound/(\w+)", layout, flags=re.M))
+    modules = {p.stem for p in (root / "asbound").glob("*.py") if p.stem not in ("__init__", "__main__")}
+    packages = {p.parent.name for p in (root / "asbound").glob("*/__init__.py")}
+    assert modules | packages <= named, sorted((modules | packages) - named)
 
 
 # --- bad input: one line, exit code 2, nothing lost -------------------------------------------
@@ -846,6 +873,20 @@ def test_every_help_reads_at_80_columns(command, capsys, monkeypatch):
     assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "asbound")
+def test_no_option_help_names_an_option_its_command_lacks(command):
+    """`transfer --eps` (and the sweeps' and predict's) said "in the box of --protocol", an option
+    only `score` has: every option an option's help names is one of its own command."""
+    import argparse
+
+    parser = build_parser()
+    for word in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    own = {o for a in parser._actions for o in a.option_strings}
+    named = {(a.dest, m) for a in parser._actions for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", a.help or "")}
+    assert {(dest, m) for dest, m in named if m not in own} == set()
+
+
 def test_the_progress_bar_keeps_its_count_at_80_columns(assets, tmp_path, capsys, monkeypatch):
     """A description longer than the line (here two long paths) hid the bar, the count and the
     time: it wraps now, and the count stays in view."""
@@ -983,6 +1024,24 @@ def test_a_sweep_without_model_and_data_scores_the_embedded_default(tmp_path, ca
     assert cli._sweep_base(args)[1]["n"] == scoring.DEFAULT_N
     args = cli.build_parser().parse_args(["sweep", "eps", "--model", "m", "--data", "d", "--out", "o"])
     assert cli._sweep_base(args)[1]["n"] == ScoreConfig.n
+
+
+def test_a_sweeps_transfer_cells_score_as_many_test_images_as_they_evaluate():
+    """`sweep eps --method lp --n-train 60` validated and tested on 60 images per cell but scored
+    1000 (ScoreConfig's n) before and after transfer: without --n the cells' scores follow their
+    test images, as transfer's do; --n still sets them."""
+    from asbound.transfer import TransferConfig
+    from asbound.transfer.config import image_counts
+
+    sizes = (671, 35, 190)  # digits 5-9: training, validation and test splits
+    argv = ["sweep", "eps", "--method", "lp", "--model", "builtin:digits-adversarial", "--data", "digits",
+            "--classes", "5-9", "--n-train", "60", "--out", "o"]
+    for extra, score_n in (([], 60), (["--n", "30"], 30), (["--n", "all"], 190)):
+        run, base = cli._sweep_base(cli.build_parser().parse_args([*argv, *extra]))
+        cfg = TransferConfig(**base).validated()
+        assert run == "transfer"
+        assert image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n, sizes) == {
+            "train": 60, "val": 35, "test": 60, "score": score_n}, extra
 
 
 @pytest.mark.parametrize("args, expected", [
