@@ -220,11 +220,22 @@ def _random(node: "torch.fx.Node") -> bool:
     return False
 
 
+def _on(flag: Any) -> bool:
+    """Whether an ``inplace`` value makes torch work in place: any true value (``1``, ``np.True_``
+    too, as torch's ``if inplace:`` reads it); a value that cannot be read here counts as true."""
+    if isinstance(flag, torch.fx.Node):
+        return True
+    try:
+        return bool(flag)
+    except Exception:  # noqa: BLE001 - unreadable: assume the worst
+        return True
+
+
 def _mutates(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
     """Whether ``node`` changes its first argument's storage (its output is then that storage)."""
     if node.op == "call_module":
         m = modules[node.target]
-        return getattr(m, "inplace", False) is True and not (isinstance(m, _IDENTITY_MODULES) and not m.training)
+        return _on(getattr(m, "inplace", False)) and not (isinstance(m, _IDENTITY_MODULES) and not m.training)
     name = _target_name(node)
     if node.op == "call_method":
         return (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
@@ -233,10 +244,10 @@ def _mutates(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
         return False
     if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__")):
         return True
-    if node.kwargs.get("inplace") is True:
+    if _on(node.kwargs.get("inplace", False)):
         return True
     named = _arguments(node.target, node.args, node.kwargs)
-    return named is not None and named.get("inplace") is True
+    return named is not None and _on(named.get("inplace", False))
 
 
 def _aliases(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> "list[torch.fx.Node]":
@@ -258,7 +269,9 @@ def _aliases(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> "list[to
 
 def _describe_op(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> str:
     if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__}(inplace=True))"
+        m = modules[node.target]
+        flag = f"(inplace={m.inplace!r})" if hasattr(m, "inplace") else ""
+        return f"{node.target} ({type(m).__name__}{flag})"
     if node.target in _AUGMENTED_TEXT:
         return f"'{_AUGMENTED_TEXT[node.target]}' ({node.name})"
     return f".{node.target}()" if node.op == "call_method" else _target_name(node)

@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -612,6 +613,50 @@ def test_an_in_place_op_through_an_alias_is_refused(alias, monkeypatch):
     if alias not in UNBOUNDED:  # why: the graph (out(h)) is not the network (out(relu(h)))
         x = torch.rand(2, 4, dtype=torch.float64)
         assert not torch.allclose(_graph_value(net, x, monkeypatch), net(x))
+
+
+class TruthyInPlace(nn.Module):
+    """``h = lin(x) = (x0 - .47, .53 - x0)``, positive at ``x0 = .5``; an in-place ReLU whose flag is
+    true but not ``True`` (torch reads it with ``if inplace:``) reaches ``h`` through an eval
+    dropout; ``out(h) = h0 + h1`` reads ``h`` after it. The graph (ReLU modelled out of place) is the
+    constant ``0.06``; the network computes ``relu(h0) + relu(h1)``, which equals it at ``x0 = .5``
+    and grows to ``0.13`` at ``x0 = .6``: the head (class 0 iff ``g0 < 0.1``) changes class there."""
+
+    def __init__(self, flag, functional: bool = False) -> None:
+        super().__init__()
+        self.flat, self.lin, self.dropout = nn.Flatten(), nn.Linear(16, 2), nn.Dropout(0.5)
+        self.act, self.out, self.head = nn.ReLU(inplace=flag), nn.Linear(2, 2), nn.Linear(2, 2)
+        self.flag, self.functional = flag, functional
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.weight[:, 0] = torch.tensor([1.0, -1.0])
+            self.lin.bias.copy_(torch.tensor([-0.47, 0.53]))
+            self.out.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+            self.out.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+            self.head.bias.copy_(torch.tensor([0.1, -0.1]))
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        d = self.dropout(h)
+        r = torch.nn.functional.relu(d, self.flag) if self.functional else self.act(d)
+        return self.head(self.out(h) + 0 * r)
+
+
+@pytest.mark.parametrize("flag, functional", [(1, False), (np.True_, False), (torch.tensor(True), False),
+                                              (1, True), (torch.tensor(True), True)],
+                         ids=["module-int", "module-numpy", "module-tensor", "function-int", "function-tensor"])
+def test_an_in_place_flag_that_is_true_but_not_True_is_refused(flag, functional, monkeypatch):
+    """Before: ``inplace=1`` passed the in-place check (``is True``) and a score run recorded s_upper
+    1e-12 against the attacks' shifts 0.05-0.09 (exit 0)."""
+    net = TruthyInPlace(flag, functional).eval()
+    with pytest.raises(ModelError, match="works in place on a tensor that is used again"):
+        Bounder(net)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[:, 0, 0, 0] = torch.tensor([0.5, 0.6], dtype=torch.float64)
+    with torch.no_grad():  # why: the graph (out(h), constant) is not the network at x0 = .6
+        graph, network = _graph_value(net.double(), x, monkeypatch), net.double()(x)
+    assert torch.allclose(graph[0], network[0]) and not torch.allclose(graph[1], network[1])
 
 
 class Augmented(nn.Module):
