@@ -32,9 +32,11 @@ against rounding.
 
 Every bound is checked against the network (:func:`sensitivity_upper`: the graph's ``g(x)`` and the
 network's own forward pass, both in float64), and every scored batch checks its records
-(:func:`check_attack_points`, :func:`check_records`): the float64 shift at each attack's kept
-point stays below ``s_upper``, no recorded (float32) shift exceeds ``s_upper`` by more than
-float32 rounding (:func:`record_slack`: modelled and measured), and no certified point is fooled.
+(:func:`check_attack_points`, :func:`check_records`): at each attack's kept point the network
+is its graph (float64), the scored network is no further from it than float32 rounding allows,
+and the float64 shift stays below ``s_upper``; no recorded (float32) shift exceeds ``s_upper`` by
+more than float32 rounding (:func:`record_slack`: modelled and measured), and no certified point
+is fooled.
 """
 
 from __future__ import annotations
@@ -999,8 +1001,9 @@ FLOAT32_RTOL = 2.0**-16
 FLOAT32_LIMIT = 2.0**-8
 
 
-def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor) -> None:
-    """The graph's float64 ``g(x)`` against the network's own forward pass in float64."""
+def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor, at: str = "") -> None:
+    """The graph's float64 ``g(x)`` against the network's own forward pass in float64 (``at``: where
+    ``x`` is, for the message)."""
     with torch.no_grad():
         try:
             g_net = bounder.network(x).flatten(1)
@@ -1015,8 +1018,8 @@ def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor) -> Non
     tol = FLOAT64_RTOL * (g.norm(dim=1) + s_upper) + 1e-12 * float(g.norm(dim=1).max())
     row = _first(~(err <= tol))
     if row is not None:
-        raise CheckFailed(row, f"the network's g(x) differs from its traced graph's by {float(err[row]):.3g} in "
-                               f"float64 (rounding allows {float(tol[row]):.3g}): the graph certify bounds is "
+        raise CheckFailed(row, f"the network's g(x) differs from its traced graph's{at} by {float(err[row]):.3g} "
+                               f"in float64 (rounding allows {float(tol[row]):.3g}): the graph certify bounds is "
                                f"not the network")
 
 
@@ -1069,8 +1072,12 @@ def check_attack_points(bounder: Bounder, bound: "dict[str, Tensor]", x: Tensor,
                         g32: Tensor, eps: float, norm: str) -> Tensor:
     """The certificate itself, in float64, at the points an attack kept: each projected onto the
     float64 set (the float32 point may lie an ulp outside), its shift must not exceed ``s_upper``
-    (else :class:`CheckFailed`). Returns the measured float32 rounding there, ``[N]``: the float32
-    shift ``||g32(x_adv) - g32(x)||`` against that float64 shift."""
+    (else :class:`CheckFailed`). The graph is the network there too: the network's float64 ``g``
+    equals the graph's (as :func:`sensitivity_upper` checks at ``x``: a network that equals its
+    graph at ``x`` only is not the function that is bounded), and the scored float32 ``g`` is no
+    further from it than :data:`FLOAT32_LIMIT` allows (as :func:`float32_deviation` at ``x``), so
+    that what is measured below is rounding. Returns the measured float32 rounding there, ``[N]``:
+    the float32 shift ``||g32(x_adv) - g32(x)||`` against that float64 shift."""
     x64, lo, hi = _input_box(x, eps)
     z = torch.minimum(torch.maximum(x_adv.detach().double().to(x64.device).contiguous(), lo), hi)
     if norm == "2":
@@ -1079,7 +1086,16 @@ def check_attack_points(bounder: Bounder, bound: "dict[str, Tensor]", x: Tensor,
         scale = torch.where(length > eps, eps / length.clamp(min=1e-300), torch.ones_like(length))
         z = x64 + delta * scale.view((-1,) + (1,) * (x64.dim() - 1))
     with torch.no_grad():
-        shift = (bounder(z, z).mid.flatten(1) - bound["g"]).norm(dim=1)
+        g_z = bounder(z, z).mid.flatten(1)
+        shift = (g_z - bound["g"]).norm(dim=1)
+    _check_graph(bounder, z, g_z, bound["s_upper"], at=" at an attack's point")
+    dev = (g32_adv.detach().flatten(1).double().to(g_z.device) - g_z).norm(dim=1)
+    limit = FLOAT32_LIMIT * (bound["g"].norm(dim=1) + bound["s_upper"]) + bound.get("slack", 0)
+    row = _first(~(dev <= limit))
+    if row is not None:
+        raise CheckFailed(row, f"the scored network's g at an attack's point is {float(dev[row]):.3g} from its "
+                               f"float64 value (float32 rounding stays below {float(limit[row]):.3g}): it does not "
+                               f"compute the function that is bounded")
     row = _first(shift > bound["s_upper"])
     if row is not None:
         raise CheckFailed(row, f"an attack's point shifts the float64 g(x) by {float(shift[row]):.6g}, above "

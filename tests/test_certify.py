@@ -659,6 +659,55 @@ def test_an_in_place_flag_that_is_true_but_not_True_is_refused(flag, functional,
     assert torch.allclose(graph[0], network[0]) and not torch.allclose(graph[1], network[1])
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_a_graph_that_is_the_network_at_x_only_stops_the_run_at_the_attacks_point(tmp_path, method, monkeypatch,
+                                                                                   capsys):
+    """Without the static in-place refusal, TruthyInPlace's graph equals the network at every clean
+    point (``x0`` in ``[.48, .52]``, both ``h`` positive), so the check at ``x`` passes; the network is
+    checked against its graph at the attacks' points too, and the run stops there. Before: exit 0,
+    every row recorded with s_upper 1e-12 (crown) below the attacks' shifts 0.05-0.09, the measured
+    difference taken for float32 rounding."""
+    import asbound.certify as certify
+
+    monkeypatch.setattr(certify, "_stale_read", lambda *args: None)
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 0] = torch.tensor([0.50, 0.49, 0.51, 0.52, 0.48, 0.50])
+    torch.save(TruthyInPlace(True).eval(), tmp_path / "net.pt")
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long), "num_classes": 2}, tmp_path / "data.pt")
+    run = tmp_path / "run"
+    argv = ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.1", "--batch-size", "3", "--device", "cpu",
+            "--no-progress", "--out", str(run), "--certify", method]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.search(r"certify: point \d+ \(position \d+\): the network's g\(x\) differs from its traced "
+                     r"graph's at an attack's point by 0\.0\d+ in float64", err), err
+    assert not (run / "points.csv").exists()
+
+
+def test_a_scored_network_far_from_the_graph_at_an_attacks_point_is_refused():
+    """The float32 network at an attack's kept point against the graph there: beyond FLOAT32_LIMIT
+    it is not rounding (before, the difference was measured into the slack, which then let the
+    recorded shift exceed s_upper by as much)."""
+    from asbound.certify import CheckFailed, check_attack_points
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    bounder = Bounder(net)
+    x = torch.rand(3, 1, 2, 2)
+    bound = sensitivity_upper(bounder, x, 0.05, "inf")
+    x_adv = (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        g32, g32_adv = net(x), net(x_adv)
+    rounding = check_attack_points(bounder, bound, x, x_adv, g32_adv, g32, 0.05, "inf")
+    assert torch.all(rounding < 1e-5)
+    far = g32_adv.clone()
+    far[1] += 0.05 * (bound["g"][1].norm() + bound["s_upper"][1]).float()
+    with pytest.raises(CheckFailed, match="the scored network's g at an attack's point is") as caught:
+        check_attack_points(bounder, bound, x, x_adv, far, g32, 0.05, "inf")
+    assert caught.value.row == 1
+
+
 class Augmented(nn.Module):
     """``o = h; o op= c``: the network changes ``h`` in place, torch.fx's plain trace records
     ``o = o op c`` and keeps ``h`` as it was."""
