@@ -506,6 +506,14 @@ class Bounder:
     def __call__(self, lo: Tensor, hi: Tensor) -> Box:
         return self.output_box(self.boxes(lo, hi))
 
+    def check_supported(self, x: Tensor) -> None:
+        """Refuse an operation the bounds do not support (a ``torch.cat``, ``alpha=``, a change of
+        the batch dimension) on example inputs ``x``, before anything is run or written: the
+        module checks of construction see the modules only."""
+        x = x.double()
+        with torch.no_grad():
+            self.output_box(self.boxes(x, x))
+
     def output_box(self, env: "dict[str, Any]") -> Box:
         """The output's box among the node bounds ``env`` of :meth:`boxes`."""
         out = env[self.output.name]

@@ -451,6 +451,8 @@ def score(
     }
     run = RunDir(out) if out is not None else None
     bounder = Bounder(split.backbone) if cfg.certify else None  # refuses before the run directory exists
+    if bounder is not None:  # so does an unsupported operation
+        bounder.check_supported(to_format(probe.to(device), fmt))
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, cfg.certify)

@@ -460,6 +460,33 @@ def test_a_refused_certificate_leaves_no_run_directory(tmp_path, capsys):
     assert main(base) == 0  # the same directory, now without --certify
 
 
+class CatHead(nn.Module):
+    """Supported modules, an unsupported operation (``torch.cat``) between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.lin, self.head = nn.Flatten(), nn.Linear(64, 4), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        return self.head(torch.cat([h, 2 * h], 1))
+
+
+def test_an_unsupported_operation_is_refused_before_the_run_directory_exists(tmp_path, capsys):
+    """Before: the refusal came at the first batch, after config.json was written (with certify
+    'ibp'), and the same command without --certify was then refused ('holds a run with other
+    settings (certify: 'ibp' -> None)')."""
+    torch.save(CatHead(), tmp_path / "cat.pt")
+    out = tmp_path / "run"
+    base = ["score", "--model", f"file:{tmp_path / 'cat.pt'}", "--allow-pickle", "--data", "digits", "--n", "4",
+            "--steps", "1", "--out", str(out), "--no-progress"]
+    assert main(base + ["--certify", "ibp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "function cat is not supported on the representation" in err
+    assert not (out / "config.json").exists()
+    assert main(base) == 0
+
+
 def test_a_negative_batch_norm_scale_counts_by_its_size():
     bn = nn.BatchNorm1d(4).double().eval()
     bn.weight.data = torch.tensor([-1.5, 1.2, 0.3, -0.2], dtype=torch.float64)
