@@ -96,6 +96,81 @@ def test_a_damaged_record_is_one_line_in_table_and_plot(case, damage, copy, caps
     assert not (tmp_path / "f.png").exists()
 
 
+def _set(path: str, value):
+    """An edit of a JSON record: the field at the dotted ``path`` (list items by number) set to ``value``."""
+    def edit(record: dict) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for key in parents:
+            record = record[key]
+        if value is KeyError:
+            del record[last]
+        else:
+            record[last] = value
+    return edit
+
+
+# (run kind, record, field, value, the problem named, commands that read the field); each command
+# ended in a traceback (TypeError, ValueError, KeyError, AttributeError) before
+FIELDS = {
+    "summary as_score": ("score", "summary.json", "as_score", "x", "as_score is a string, not a number",
+                         ["table lemma1", "plot lhs-rhs"]),
+    "summary prop_fulfilled": ("score", "summary.json", "prop_fulfilled", "x",
+                               "prop_fulfilled is a string, not a number",
+                               ["table theorem2", "plot margin-vs-sensitivity"]),
+    "final test": ("transfer", "final.json", "test", "x", "test is a string, not an object",
+                   ["table transfer", "rerun"]),
+    "final no test": ("transfer", "final.json", "test", KeyError, "test is missing", ["rerun"]),
+    "final pgd key": ("transfer", "final.json", "test.pgd", {"x": 0.5},
+                      "test.pgd has the key 'x'; its keys are step counts", ["rerun"]),
+    "final clean accuracy": ("transfer", "final.json", "test.clean_accuracy", "x",
+                             "test.clean_accuracy is a string, not a number", ["table transfer", "rerun"]),
+    "final score_after": ("transfer", "final.json", "score_after", "x", "score_after is a string, not an object",
+                          ["table lemma1", "plot lhs-rhs", "rerun"]),
+    "final stage": ("transfer", "final.json", "stages.0", "x", "stages[0] is a string, not an object", ["rerun"]),
+    "final method": ("transfer", "final.json", "method", 3, "method is a number, not a string", ["rerun"]),
+    "sweep params": ("sweep", "sweep.json", "cells.0.params", "x", "cells[0].params is a string, not an object",
+                     ["table eps", "plot eps"]),
+    "sweep base": ("sweep", "sweep.json", "base", "x", "base is a string, not an object", ["rerun"]),
+    "predict config": ("predict", "predict.json", "config", [1], "config is a list, not an object", ["rerun"]),
+    "predict tasks": ("predict", "predict.json", "tasks", "x", "tasks is a string, not a list",
+                      ["table predict", "plot predict"]),
+    "predict ratio": ("predict", "predict.json", "tasks.0.ratio", "x", "tasks[0].ratio is a string, not a number",
+                      ["table predict"]),
+    "predict pretrain": ("predict", "predict.json", "pretrain", "x", "pretrain is a string, not an object",
+                         ["table predict"]),
+    "predict threshold": ("predict", "predict.json", "threshold", "x", "threshold is a string, not a number",
+                          ["table predict"]),
+    "predict spearman": ("predict", "predict.json", "spearman", "x", "spearman is a string, not an object",
+                         ["table predict"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELDS))
+def test_a_record_with_a_field_of_another_type_is_one_line(case, copy, capsys, tmp_path):
+    """Valid JSON whose fields are not what asbound writes: one line naming the file, the field
+    and what to do, from every command that reads it; nothing in the run changes."""
+    kind, name, field, value, problem, commands = FIELDS[case]
+    run = copy(kind)
+    record = json.loads((run / name).read_text())
+    _set(field, value)(record)
+    (run / name).write_text(json.dumps(record))
+    before = _snapshot(run)
+    for command in commands:
+        verb, what = command.split()[0], command.split()[-1]
+        argv = {"table": ["table", run, "--style", what], "plot": ["plot", run, "--kind", what, "--out",
+                                                                    tmp_path / "f.png"],
+                "rerun": getattr(tiny_runs, kind)(run)}[verb]
+        line = _error(capsys, argv)
+        assert f"{run / name} is damaged or not asbound's ({problem})" in line, (command, line)
+        assert REMEDY_WORDS[name] in line, (command, line)
+    assert _snapshot(run) == before
+    assert not (tmp_path / "f.png").exists()
+
+
+REMEDY_WORDS = {"summary.json": "written again from points.csv", "final.json": "model.pt is kept",
+                "sweep.json": "another --out", "predict.json": "delete it and rerun the predict command"}
+
+
 def test_a_sweep_whose_cells_are_not_a_list_is_one_line(copy, capsys):
     run = copy("sweep")
     (run / "sweep.json").write_text(json.dumps({**json.loads((run / "sweep.json").read_text()), "cells": "x"}))
@@ -103,7 +178,8 @@ def test_a_sweep_whose_cells_are_not_a_list_is_one_line(copy, capsys):
     line = _error(capsys, ["table", run, "--style", "eps"])
     assert f"{run / 'sweep.json'} is damaged" in line and "cells" in line
     line = _error(capsys, tiny_runs.sweep(run))
-    assert f"{run / 'sweep.json'} is not a readable asbound sweep" in line and "another --out" in line
+    assert f"{run / 'sweep.json'} is damaged or not asbound's (cells is a string, not a list)" in line
+    assert "another --out" in line
     assert _snapshot(run) == before
 
 

@@ -522,3 +522,18 @@ def test_records_md_lists_what_a_prediction_writes(variant, real_runs):
     record = json.loads((out / "predict.json").read_text())
     _check_json("Prediction", "predict.json", record, holds)
     assert set(record["config"]) == _fields(PredictConfig)
+
+
+def test_every_record_of_a_real_run_fits_the_fields_its_readers_check(real_runs):
+    """records.RECORD_FIELDS (the types a damaged record is refused for) accepts what every kind and
+    variant of run writes, and every record committed under reports/."""
+    from asbound.records import RECORD_FIELDS, read_json
+
+    roots = [out for out, _ in real_runs.values()] + [Path(__file__).resolve().parents[1] / "reports"]
+    read = 0
+    for root in roots:
+        for name in RECORD_FIELDS:
+            for path in root.rglob(name):
+                read_json(path, kind=None)
+                read += 1
+    assert read > 100
