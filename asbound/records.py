@@ -129,7 +129,13 @@ class RunDir:
         (or records that cannot be attributed to one); nothing in it is changed then.
         """
         self.claim(config, defaults=defaults)
-        return self._repair_points()
+        done = self._repair_points()
+        n = config.get("n")
+        if isinstance(n, int) and not isinstance(n, bool):  # the datapoints of the run: positions 0 .. n-1
+            outside = sorted(p for p in done if not 0 <= p < n)
+            if outside:
+                raise _damaged(self.points_path, f"position {outside[0]} is outside this run's {n} datapoints")
+        return done
 
     def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:
         """Create the directory and write ``config``, or check it against the recorded one.
@@ -197,9 +203,17 @@ class RunDir:
         return set(int(p) for p in frame["position"])
 
     def append(self, rows: pd.DataFrame) -> None:
-        """Append one batch of per-datapoint rows and flush them to disk."""
+        """Append one batch of per-datapoint rows and flush them to disk; rows with other columns
+        than the file's (a damaged header) are refused, never appended under it."""
         path = self.points_path
         header = not path.exists()
+        if not header:
+            with open(path, newline="") as handle:
+                columns = next(csv.reader([handle.readline()]), [])
+            if columns != [str(c) for c in rows.columns]:
+                lacks = [str(c) for c in rows.columns if str(c) not in columns]
+                what = f"no {lacks[0]} column" if lacks else "its columns are not this run's"
+                raise _damaged(path, what)
         with open(path, "a", newline="") as handle:
             rows.to_csv(handle, header=header, index=False)
             handle.flush()
@@ -207,6 +221,10 @@ class RunDir:
 
     def points(self) -> pd.DataFrame:
         return read_points(self.points_path).sort_values("position").reset_index(drop=True)
+
+    def damaged_points(self, problem: str) -> RecordError:
+        """The error for a ``points.csv`` found damaged while it is summarised (``problem``: what)."""
+        return _damaged(self.points_path, problem)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)
@@ -483,8 +501,14 @@ def read_summary(path: "str | os.PathLike") -> Optional[dict]:
     return read_json(Path(path) / SUMMARY)  # type: ignore[return-value]
 
 
+#: the columns of points.csv that hold numbers, and those that hold True or False
+NUMBER_COLUMNS = ("s_rep", "s_loss", "sensitivity", "loss_clean", "loss_adv", "lemma1_ratio", "margin", "s_upper")
+BOOLEAN_COLUMNS = ("correct", "robust", "fulfilled", "fulfilled_rep", "certified", "vacuous")
+
+
 def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
-    """The table in ``text`` (read from ``path``), checked to hold whole-number positions."""
+    """The table in ``text`` (read from ``path``), checked to hold whole-number positions, each
+    once, and numbers and True / False where asbound writes them."""
     try:
         frame = pd.read_csv(text)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -496,10 +520,32 @@ def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
     if bad.any():
         row = int(bad.argmax())
         raise _damaged(path, f"position {str(frame['position'].iloc[row])!r} in row {row + 1} is not a whole number")
+    twice = positions.duplicated(keep=False).to_numpy()
+    if twice.any():
+        rows = np.flatnonzero(positions.to_numpy() == positions.to_numpy()[twice.argmax()])
+        raise _damaged(path, f"position {int(positions.iloc[rows[0]])} is in rows {rows[0] + 1} and {rows[1] + 1}")
+    for column in NUMBER_COLUMNS:
+        if column in frame.columns:
+            values = frame[column]
+            bad = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
+            if bad.any():
+                row = int(bad.argmax())
+                raise _damaged(path, f"{column} {str(values.iloc[row])!r} in row {row + 1} is not a number")
+    for column in BOOLEAN_COLUMNS:
+        if column in frame.columns and frame[column].dtype != bool:
+            bad = (~frame[column].isin([True, False, "True", "False"])).to_numpy()
+            if bad.any():
+                row = int(bad.argmax())
+                raise _damaged(path, f"{column} {str(frame[column].iloc[row])!r} in row {row + 1} is not True "
+                                     f"or False")
     return frame
 
 
 def read_points(path: "str | os.PathLike") -> pd.DataFrame:
-    """The per-datapoint records in ``path`` (a ``points.csv``); a damaged file is a RecordError."""
+    """The per-datapoint records in ``path`` (a ``points.csv``); a damaged file (or one without
+    a row) is a RecordError."""
     p = Path(path)
-    return _points_frame(p, io.StringIO(_read_text(p)))
+    frame = _points_frame(p, io.StringIO(_read_text(p)))
+    if frame.empty:
+        raise _damaged(p, "no rows")
+    return frame

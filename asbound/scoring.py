@@ -482,7 +482,13 @@ def score(
                     frames.append(frame)
                 advance(len(positions))
         points = run.points() if run else pd.concat(frames, ignore_index=True)
-        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
+        try:
+            summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs,
+                                cfg=cfg)
+        except KeyError as exc:  # a resumed points.csv without a column this run writes
+            if run is None or not exc.args or exc.args[0] in points.columns:
+                raise
+            raise run.damaged_points(f"no {exc.args[0]} column") from None
         summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
         summary = clean_json(summary)
         if run:

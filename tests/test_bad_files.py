@@ -204,6 +204,66 @@ def test_damaged_points_are_one_line_in_plot_and_rerun_and_deleting_them_rescore
     pd.testing.assert_frame_equal(pd.read_csv(run / "points.csv"), pd.read_csv(runs / "score" / "points.csv"))
 
 
+def _robust_maybe(points: pd.DataFrame) -> pd.DataFrame:
+    robust = points["robust"].astype(object)
+    robust[:] = ["maybe"] + ["False"] * 3 + ["True"] * (len(points) - 4)
+    return points.assign(robust=robust)
+
+
+# (edit of a real points.csv, the problem named); before, the rerun summarised them silently
+# (a summary with n 15 or 16 for an 8-point run; 'maybe' and 'False' counted robust: robust
+# accuracy 100% for 4 of 8 recorded robust) or ended in a traceback (plot: ValueError)
+POINT_DAMAGES = {
+    "a position twice": (lambda p: p.assign(position=[0] + list(p["position"][1:-1]) + [0]),
+                         "position 0 is in rows 1 and 8"),
+    "positions outside the run": (lambda p: p.assign(position=p["position"] + 90),
+                                  "position 90 is outside this run's 8 datapoints"),
+    "a margin that is no number": (lambda p: p.assign(margin=["abc"] + list(p["margin"][1:])),
+                                   "margin 'abc' in row 1 is not a number"),
+    "robust neither True nor False": (_robust_maybe, "robust 'maybe' in row 1 is not True or False"),
+}
+
+
+@pytest.mark.parametrize("case", list(POINT_DAMAGES))
+def test_points_with_damaged_rows_are_one_line_in_plot_and_rerun(case, copy, capsys, runs, tmp_path):
+    edit, problem = POINT_DAMAGES[case]
+    run = copy("score")
+    edit(pd.read_csv(run / "points.csv")).to_csv(run / "points.csv", index=False)
+    before = _snapshot(run)
+    lines = [_error(capsys, tiny_runs.score(run))]
+    if case != "positions outside the run":  # (the plot does not know the run's size)
+        lines.append(_error(capsys, ["plot", run, "--kind", "margin-vs-sensitivity", "--out", tmp_path / "f.png"]))
+    for line in lines:
+        assert f"{run / 'points.csv'} is damaged or not asbound's ({problem})" in line, line
+        assert "delete it to score every datapoint again" in line
+    assert _snapshot(run) == before
+    (run / "points.csv").unlink()  # the remedy
+    _ok(capsys, tiny_runs.score(run))
+    pd.testing.assert_frame_equal(pd.read_csv(run / "points.csv"), pd.read_csv(runs / "score" / "points.csv"))
+
+
+@pytest.mark.parametrize("rows", ["all", "some"])
+def test_points_without_a_column_the_run_writes_are_refused_not_appended_to(rows, copy, capsys):
+    """Before: KeyError 'sensitivity' (every row there), or the rerun appended rows one column wider
+    than the header (some rows there), which the next read refused as not a CSV table."""
+    run = copy("score")
+    points = pd.read_csv(run / "points.csv").drop(columns=["sensitivity"])
+    (points if rows == "all" else points.iloc[:5]).to_csv(run / "points.csv", index=False)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.score(run))
+    assert f"{run / 'points.csv'} is damaged or not asbound's (no sensitivity column)" in line, line
+    assert "delete it to score every datapoint again" in line
+    assert _snapshot(run) == before
+
+
+def test_points_without_rows_are_one_line_in_plot(copy, capsys, tmp_path):
+    run = copy("score")
+    pd.read_csv(run / "points.csv").iloc[:0].to_csv(run / "points.csv", index=False)
+    line = _error(capsys, ["plot", run, "--kind", "margin-vs-sensitivity", "--out", tmp_path / "f.png"])
+    assert f"{run / 'points.csv'} is damaged or not asbound's (no rows)" in line, line
+    _ok(capsys, tiny_runs.score(run))  # the rerun scores every datapoint again
+
+
 def test_a_damaged_summary_is_written_again_by_the_rerun(copy, runs, capsys):
     run = copy("score")
     (run / "summary.json").write_bytes(NOT_JSON)
