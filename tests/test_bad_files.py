@@ -447,6 +447,13 @@ def _score_run(run: Path, tmp_path: Path) -> "list":
     ("no base model", lambda c: c["base"].pop("model"), "(its base has no model spec)"),
     ("bad input shape", lambda c: c["base"].update(input_shape="x"), "input_shape 'x' is not a list of sizes"),
     ("bad classes", lambda c: c.update(num_classes="5"), "num_classes '5' is not a whole number"),
+    # before: RuntimeError (a 1-channel model on 3x32x32) and TypeError (PeftSpec(x=1)) tracebacks
+    ("input shape of another model", lambda c: c["base"].update(input_shape=[3, 32, 32]),
+     "its base model builtin:digits-adversarial/digits0-4 cannot run on its input_shape [3, 32, 32]: "),
+    ("structure of other keys", lambda c: c.update(structure={"x": 1}),
+     "its structure has the key 'x'; a saved structure has variant, rank"),
+    ("structure of other types", lambda c: c.update(structure={"variant": "adapter", "reduction": "8"}),
+     "its structure's reduction '8' is not a whole number"),
 ])
 def test_a_run_whose_config_is_not_a_transfer_config(case, edit, expected, copy, tmp_path, capsys):
     run = copy("transfer")
