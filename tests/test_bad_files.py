@@ -392,6 +392,15 @@ def files(tmp_path_factory) -> Path:
     torch.save(nn.Linear(64, 5), root / "module.pt")
     torch.save(nn.Linear(64, 5).state_dict(), root / "state.pt")
     (root / "truncated.pt").write_bytes((root / "state.pt").read_bytes()[:300])
+    nan_head = nn.Linear(64, 5)
+    nan_head.weight.data[0, 0] = float("nan")
+    torch.save(nan_head.state_dict(), root / "nan_head.pt")
+    torch.save({"weight": torch.zeros(0, 64), "bias": torch.zeros(0)}, root / "no_rows.pt")
+    for name, layer, value in (("nan_model.pt", 3, float("nan")), ("inf_model.pt", 1, float("inf"))):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+        model[layer].weight.data[0, 0] = value
+        torch.save(model, root / name)
+    (root / "a_folder.pt").mkdir()
     return root
 
 
@@ -409,6 +418,11 @@ SCORE = ["score", *tiny_runs.DIGITS, "--classes", "0-4", "--n", "4", "--steps", 
     ("--head", "truncated.pt", "is not a torch.save file"),
     ("--head", "module.pt", "is not a state dict: it holds pickled Python objects (torch.nn.modules.linear.Linear)"),
     ("--weights", "garbage.pt", "is not a torch.save file"),
+    # before: a LinAlgError and a RuntimeError traceback; 'does not exist' for a folder
+    ("--head", "nan_head.pt", "holds non-finite values (nan or inf) in its weight"),
+    ("--head", "no_rows.pt", "must hold {'weight': [K, 64], 'bias': [K]} with K >= 1"),
+    ("--head", "a_folder.pt", "is a directory, not a file"),
+    ("file", "a_folder.pt", "is a directory, not a file"),
 ])
 def test_a_file_that_is_not_what_the_option_expects(option, name, expected, files, tmp_path, capsys):
     path = files / name
@@ -423,6 +437,19 @@ def test_a_file_that_is_not_what_the_option_expects(option, name, expected, file
     assert "weights_only" not in line  # never the advice to unpickle an unknown file
     if expected.startswith("is not a torch.save file") or "not an nn.Module" in expected:
         assert "--allow-pickle" not in line and "pickled nn.Module" not in line
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nan_model.pt", "the model's parameter 3.weight holds nan"),
+    ("inf_model.pt", "the model's parameter 1.weight holds inf"),
+])
+def test_a_model_whose_weights_are_not_finite_says_so(name, expected, files, tmp_path, capsys):
+    """Before: 'cannot run on digits inputs of shape 1x8x8: RuntimeError: atol must be greater than
+    or equal to zero, but got -nan; give data in the model's input format, or --resize SIDE'."""
+    line = _error(capsys, ["score", "--model", f"file:{files / name}", "--allow-pickle", "--data", "digits",
+                           "--n", "4", "--out", tmp_path / "out"])
+    assert expected in line and "--resize" not in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_text_file_is_no_pickled_module_with_allow_pickle_either(files, tmp_path, capsys):
