@@ -474,6 +474,12 @@ def _score_run(run: Path, tmp_path: Path) -> "list":
     ("no base model", lambda c: c["base"].pop("model"), "(its base has no model spec)"),
     ("bad input shape", lambda c: c["base"].update(input_shape="x"), "input_shape 'x' is not a list of sizes"),
     ("bad classes", lambda c: c.update(num_classes="5"), "num_classes '5' is not a whole number"),
+    ("classes true", lambda c: c.update(num_classes=True), "num_classes True is not a whole number >= 1"),
+    ("no classes", lambda c: c.update(num_classes=0), "num_classes 0 is not a whole number >= 1"),
+    ("negative input shape", lambda c: c["base"].update(input_shape=[1, -8, 8]),
+     "input_shape [1, -8, 8] is not a list of sizes"),
+    ("fractional input shape", lambda c: c["base"].update(input_shape=[1, 8.0, 8]),
+     "input_shape [1, 8.0, 8] is not a list of sizes"),
     # before: RuntimeError (a 1-channel model on 3x32x32) and TypeError (PeftSpec(x=1)) tracebacks
     ("input shape of another model", lambda c: c["base"].update(input_shape=[3, 32, 32]),
      "its base model builtin:digits-adversarial/digits0-4 cannot run on its input_shape [3, 32, 32]: "),
