@@ -490,6 +490,10 @@ class Bounder:
             if node.op == "call_module":
                 m = modules[node.target]
                 _refuse_module(m)
+                if "forward" in vars(m):  # m(x) runs the instance's forward; the bounds follow the class's
+                    raise ModelError(f"certify: module {node.target} ({type(m).__name__}) has its forward "
+                                     f"replaced on the instance; the bounds follow {type(m).__name__}'s own "
+                                     f"computation: put the computation in a module's forward")
                 if any(sub.training for sub in m.modules()):
                     raise ModelError(f"certify: module {node.target} ({type(m).__name__}) stays in training mode "
                                      f"after eval(); bounds need the function eval mode computes")

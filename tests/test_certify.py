@@ -735,6 +735,29 @@ def test_a_scored_network_far_from_the_graph_at_an_attacks_point_is_refused():
     assert caught.value.row == 1
 
 
+def test_a_leaf_module_whose_forward_is_replaced_on_the_instance_is_refused(monkeypatch):
+    """``act.forward = relu(z) + 100 relu(z - 0.5)`` on an nn.ReLU: tracing records the ReLU (a leaf),
+    the bounds follow nn.ReLU, the network runs the replacement. Equal wherever ``z < 0.5`` (the
+    graph check at x passes there), 100 times steeper above: before, Bounder accepted it."""
+    import types
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    net[2].forward = types.MethodType(lambda self, z: torch.relu(z) + 100 * torch.relu(z - 0.5), net[2])
+    with pytest.raises(ModelError, match=r"module 2 \(ReLU\) has its forward replaced on the instance"):
+        Bounder(net)
+    import copy
+
+    net[1].bias.data = 0.49 - net[1].weight.data.clamp(min=0).sum(1) - 0.2  # z < 0.5 at x = 0, not at x = 1
+    net[1].weight.data[:, 0] = 1.0
+    plain = copy.deepcopy(net)  # what the graph computes: the class's forward
+    del plain[2].forward
+    with torch.no_grad():
+        x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+        assert torch.all(net[1](net[0](x)) < 0.5)
+        assert torch.equal(plain(x), net(x)) and not torch.allclose(plain(x + 1), net(x + 1))
+
+
 class Augmented(nn.Module):
     """``o = h; o op= c``: the network changes ``h`` in place, torch.fx's plain trace records
     ``o = o op c`` and keeps ``h`` as it was."""
