@@ -451,6 +451,8 @@ def score(
     }
     run = RunDir(out) if out is not None else None
     bounder = Bounder(split.backbone) if cfg.certify else None  # refuses before the run directory exists
+    if bounder is not None:  # so does an unsupported operation
+        bounder.check_supported(to_format(probe.to(device), fmt))
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, cfg.certify)
@@ -482,7 +484,13 @@ def score(
                     frames.append(frame)
                 advance(len(positions))
         points = run.points() if run else pd.concat(frames, ignore_index=True)
-        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
+        try:
+            summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs,
+                                cfg=cfg)
+        except KeyError as exc:  # a resumed points.csv without a column this run writes
+            if run is None or not exc.args or exc.args[0] in points.columns:
+                raise
+            raise run.damaged_points(f"no {exc.args[0]} column") from None
         summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
         summary = clean_json(summary)
         if run:
