@@ -283,7 +283,7 @@ class _Scorer:
                 check_records(bound, record_slack(bound, measured), rep.shift)
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
-            return rows
+            return _raise_to_recorded(rows)
         targets = y if task == "classification" else y.to(x.dtype)
         adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
         adv.observe(g0)
@@ -329,7 +329,17 @@ class _Scorer:
             if certify:
                 check_records(bound, slack, best)
             rows["pred"] = _format_values(out_clean)
-        return rows
+        return _raise_to_recorded(rows)
+
+
+def _raise_to_recorded(rows: "dict[str, object]") -> "dict[str, object]":
+    """``s_upper`` as recorded: the float64 bound, raised to the recorded float32 sensitivity where
+    float32 rounding put that above it (by at most the slack ``check_records`` allows), so that
+    ``sensitivity <= s_upper`` holds on every row; still an upper bound on ``s_i``."""
+    if "s_upper" in rows:
+        rows["s_upper"] = np.maximum(np.asarray(rows["s_upper"], dtype=np.float64),
+                                     np.asarray(rows["sensitivity"], dtype=np.float64))
+    return rows
 
 
 def _batch_seed(seed: int, position: int) -> int:
