@@ -335,7 +335,8 @@ class Nystrom(PGD):
     The first point is a random vertex: a coordinate with room on one side only (a pixel at 0
     or 1) moves there with probability ``one_sided``, every other coordinate goes to its upper
     bound with probability ``upper`` and to its lower bound otherwise (chosen on the six models of
-    ``benchmarks/attack_strength.py``; the uniform vertex, 0.5 and 0.5, is within 0.1% there).
+    ``benchmarks/attack_strength.py``; the uniform vertex, 0.5 and 0.5, is 0.07% weaker there on
+    average and 0.5% on the worst of them).
 
     Cost: ``steps`` forward+backward passes per restart and one forward pass at the last point,
     as PGD. Every evaluated point lies in the threat set and the best one is kept
