@@ -55,8 +55,9 @@ BACKENDS = ("asbound", "foolbox")
 OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
                    "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32",
                    "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings()}
-#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
-REL_STEP = {"pgd": 0.7, "apgd": 2.0}
+#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2,
+#: Nystrom's first local step 0.7
+REL_STEP = {"pgd": 0.7, "apgd": 2.0, "nystrom": 0.7}
 
 
 def resolve_rel_step(attack: str, rel_step: Optional[float]) -> float:
@@ -73,7 +74,7 @@ class ScoreConfig:
     eps: "float | str" = "8/255"
     norm: str = "inf"
     steps: int = 20
-    rel_step: Optional[float] = None  # None: 0.7 for pgd, 2 for apgd (REL_STEP)
+    rel_step: Optional[float] = None  # None: 0.7 for pgd and nystrom, 2 for apgd (REL_STEP)
     restarts: int = 1
     random_start: bool = True
     batch_size: int = 128
@@ -98,7 +99,7 @@ class ScoreConfig:
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
     certify: Optional[str] = None  # ibp | crown: an upper bound on every s_i (asbound.certify), Theorem 2 certified
-    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
+    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD) | nystrom (asbound.attacks.Nystrom)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
     protocol: str = DEFAULT_PROTOCOL  # asbound | paper | dsprites-exp: whose choices (asbound.protocol)
@@ -165,8 +166,8 @@ class ScoreConfig:
 
     @property
     def pgd(self) -> PGD:
-        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`),
-        on the unit box: ``eps`` over the width of the protocol's box."""
+        """The attack this config runs (:class:`~asbound.attacks.PGD`, :class:`~asbound.attacks.APGD` or
+        :class:`~asbound.attacks.Nystrom`), on the unit box: ``eps`` over the width of the protocol's box."""
         width = get_protocol(self.protocol).width
         return ATTACKS[self.attack](
             eps=float(parse_eps(self.eps, parse_norm(self.norm))) / width, norm=parse_norm(self.norm), steps=self.steps,
