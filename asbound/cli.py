@@ -71,6 +71,11 @@ def _defaults(module: str, name: str) -> SimpleNamespace:
     """The defaults of the config dataclass ``module.name`` as attributes (``d.seed``), read from its
     declaration: building the parser imports no torch (:mod:`asbound.defaults`)."""
     return SimpleNamespace(**config_defaults(module, name))
+ATTACK_CHOICES = ("pgd", "apgd", "nystrom")
+ATTACK_HELP = ("pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum); "
+               "nystrom: for the representation objective, each step to the best point of a model of J^T J "
+               "built from every gradient (the loss attack runs apgd)")
+REL_STEP_DEFAULT = "(default: 0.7 for pgd and nystrom, 2 for apgd)"
 
 
 def _escape(path: object) -> str:
@@ -172,11 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"),
-                   help="pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum)")
+    g.add_argument("--attack", default=d.attack, choices=ATTACK_CHOICES, help=ATTACK_HELP)
     g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps per restart")
     g.add_argument("--rel-step", type=_number, default=d.rel_step,
-                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
+                   help=f"(initial) step size relative to eps {REL_STEP_DEFAULT}")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack (every point they evaluate counts); more than 1 needs the random start")
     g.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"),
                    help="gradient passes under autocast; each kept point is re-evaluated in float32, so every "
@@ -446,11 +450,10 @@ def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGro
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
-                   "protocol) or apgd (Auto-PGD)")
+    g.add_argument("--attack", default=d.attack, choices=ATTACK_CHOICES, help=f"the scores' attack; {ATTACK_HELP}")
     g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps of the scores")
     g.add_argument("--rel-step", type=_number, default=d.rel_step,
-                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
+                   help=f"(initial) step size relative to eps {REL_STEP_DEFAULT}")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack")
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")

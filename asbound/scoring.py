@@ -55,8 +55,9 @@ BACKENDS = ("asbound", "foolbox")
 OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
                    "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32",
                    "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings()}
-#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
-REL_STEP = {"pgd": 0.7, "apgd": 2.0}
+#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2,
+#: Nystrom's first local step 0.7
+REL_STEP = {"pgd": 0.7, "apgd": 2.0, "nystrom": 0.7}
 
 
 def resolve_rel_step(attack: str, rel_step: Optional[float]) -> float:
@@ -73,7 +74,7 @@ class ScoreConfig:
     eps: "float | str" = "8/255"
     norm: str = "inf"
     steps: int = 20
-    rel_step: Optional[float] = None  # None: 0.7 for pgd, 2 for apgd (REL_STEP)
+    rel_step: Optional[float] = None  # None: 0.7 for pgd and nystrom, 2 for apgd (REL_STEP)
     restarts: int = 1
     random_start: bool = True
     batch_size: int = 128
@@ -98,7 +99,7 @@ class ScoreConfig:
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
     certify: Optional[str] = None  # ibp | crown: an upper bound on every s_i (asbound.certify), Theorem 2 certified
-    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
+    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD) | nystrom (asbound.attacks.Nystrom)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
     protocol: str = DEFAULT_PROTOCOL  # asbound | paper | dsprites-exp: whose choices (asbound.protocol)
@@ -165,8 +166,8 @@ class ScoreConfig:
 
     @property
     def pgd(self) -> PGD:
-        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`),
-        on the unit box: ``eps`` over the width of the protocol's box."""
+        """The attack this config runs (:class:`~asbound.attacks.PGD`, :class:`~asbound.attacks.APGD` or
+        :class:`~asbound.attacks.Nystrom`), on the unit box: ``eps`` over the width of the protocol's box."""
         width = get_protocol(self.protocol).width
         return ATTACKS[self.attack](
             eps=float(parse_eps(self.eps, parse_norm(self.norm))) / width, norm=parse_norm(self.norm), steps=self.steps,
@@ -283,7 +284,7 @@ class _Scorer:
                 check_records(bound, record_slack(bound, measured), rep.shift)
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
-            return rows
+            return _raise_to_recorded(rows)
         targets = y if task == "classification" else y.to(x.dtype)
         adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
         adv.observe(g0)
@@ -329,7 +330,17 @@ class _Scorer:
             if certify:
                 check_records(bound, slack, best)
             rows["pred"] = _format_values(out_clean)
-        return rows
+        return _raise_to_recorded(rows)
+
+
+def _raise_to_recorded(rows: "dict[str, object]") -> "dict[str, object]":
+    """``s_upper`` as recorded: the float64 bound, raised to the recorded float32 sensitivity where
+    float32 rounding put that above it (by at most the slack ``check_records`` allows), so that
+    ``sensitivity <= s_upper`` holds on every row; still an upper bound on ``s_i``."""
+    if "s_upper" in rows:
+        rows["s_upper"] = np.maximum(np.asarray(rows["s_upper"], dtype=np.float64),
+                                     np.asarray(rows["sensitivity"], dtype=np.float64))
+    return rows
 
 
 def _batch_seed(seed: int, position: int) -> int:
@@ -451,6 +462,8 @@ def score(
     }
     run = RunDir(out) if out is not None else None
     bounder = Bounder(split.backbone) if cfg.certify else None  # refuses before the run directory exists
+    if bounder is not None:  # so does an unsupported operation
+        bounder.check_supported(to_format(probe.to(device), fmt))
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
         scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, cfg.certify)
@@ -482,7 +495,13 @@ def score(
                     frames.append(frame)
                 advance(len(positions))
         points = run.points() if run else pd.concat(frames, ignore_index=True)
-        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
+        try:
+            summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs,
+                                cfg=cfg)
+        except KeyError as exc:  # a resumed points.csv without a column this run writes
+            if run is None or not exc.args or exc.args[0] in points.columns:
+                raise
+            raise run.damaged_points(f"no {exc.args[0]} column") from None
         summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
         summary = clean_json(summary)
         if run:

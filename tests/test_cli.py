@@ -463,8 +463,9 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
                           ("--device", d.device), ("--delta", d.delta), ("--loss-cap", d.loss_cap)):
         assert help_of[option].endswith(f"(default: {value})"), help_of[option]
     # the step's default depends on the attack: both named, from the table the config resolves with
-    assert help_of["--rel-step"].endswith(
-        f"(default: {scoring.REL_STEP['pgd']:g} for pgd, {scoring.REL_STEP['apgd']:g} for apgd)")
+    rel = scoring.REL_STEP
+    assert rel["pgd"] == rel["nystrom"]
+    assert help_of["--rel-step"].endswith(f"(default: {rel['pgd']:g} for pgd and nystrom, {rel['apgd']:g} for apgd)")
     assert help_of["--n"].endswith(f"(default: {d.n}; {scoring.DEFAULT_N} for the embedded default)")
     assert help_of["--out"].endswith(
         "(default: runs/<model>__<data>, runs/default/{orientation,shape} for the embedded default)")
@@ -1073,3 +1074,31 @@ def test_tests_and_the_processes_they_start_run_one_compute_thread():
     proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == threads, proc.stderr
+
+
+def test_attack_nystrom_reaches_the_run_and_the_sweep_and_predict_take_it(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _run_json(capsys, *_tiny(assets), "--attack", "nystrom", "--steps", "4", "--out", out)
+    config = _strict_json((out / "config.json").read_text())
+    assert (config["attack"], config["steps"], config["rel_step"]) == ("nystrom", 4, 0.7)
+    assert summary["attack"] == "nystrom" and summary["as_score_rep"] > 0
+    # the sweep's score cells and predict take the same option
+    from asbound.cli import _sweep_base, build_parser
+
+    args = build_parser().parse_args(["sweep", "eps", "--model", "builtin:digits-standard", "--data", "digits",
+                                      "--attack", "nystrom", "--out", str(tmp_path / "s")])
+    assert _sweep_base(args)[1]["attack"] == "nystrom"
+    args = build_parser().parse_args(["predict", "--model", "builtin:digits-standard", "--pretrain-data", "digits",
+                                      "--data", "digits", "--attack", "nystrom", "--out", str(tmp_path / "p")])
+    assert args.attack == "nystrom"
+    rc, _, err = _cli(capsys, *_tiny(assets), "--attack", "cw", "--out", str(tmp_path / "bad"))
+    assert rc == 2 and "nystrom" in err
+
+
+def test_the_attack_choices_are_the_attacks():
+    """The parser's literal list (it imports no torch) names exactly the attacks scoring runs."""
+    from asbound.attacks import ATTACKS
+    from asbound.cli import ATTACK_CHOICES
+    from asbound.scoring import REL_STEP
+
+    assert set(ATTACK_CHOICES) == set(ATTACKS) == set(REL_STEP)
