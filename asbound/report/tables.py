@@ -590,8 +590,9 @@ def _console(blocks: "list[Block]", notes: "list[str]", provenance: "list[str]",
     console = Console(file=out, width=width, force_terminal=styled, color_system="auto" if styled else None,
                       highlight=False, emoji=False, markup=False)
     console.print(ConsoleTables(blocks, notes, provenance))
-    # rich pads every line to the width: no trailing spaces (before a line's closing style codes)
-    return "".join(re.sub(r" +((?:\x1b\[[0-9;]*m)*)$", r"\1", line) + "\n" for line in out.getvalue().splitlines())
+    # rich pads every line to the width: no trailing spaces (the style codes among them are kept)
+    tail = re.compile(r"(?:[ ]|\x1b\[[0-9;]*m)+$")
+    return "".join(tail.sub(lambda m: m.group(0).replace(" ", ""), line) + "\n" for line in out.getvalue().splitlines())
 
 
 def _markdown(frame: pd.DataFrame) -> str:
