@@ -294,12 +294,15 @@ def _longest_word(text: str) -> int:
 @dataclass
 class _Rows:
     """A frame as rows for the console: a row label column (a row MultiIndex as group headings,
-    each level indented under the one above, instead of a column per level) and value columns."""
+    each level indented under the one above, instead of a column per level) and value columns.
+    Where the labels do not tell the rows apart (the certify table: a row per run and eps), the
+    fewest leading value columns that do are ``keys``, repeated beside the labels in every table."""
 
     labels: "list[tuple[str, int, bool]]"  # (label, depth, is a group heading)
     label_header: str
     headers: "list[str]"
     columns: "list[list[str]]"  # per value column, a cell per row ("" on the headings)
+    keys: int = 0
 
     @classmethod
     def of(cls, frame: Any) -> "_Rows":
@@ -320,7 +323,11 @@ class _Rows:
         header = "\n".join("  " * d + str(n) for d, n in enumerate(names) if n is not None)
         headers = [" → ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
         columns = [["" if k is None else _text(frame.iat[k, j]) for k in positions] for j in range(frame.shape[1])]
-        return cls(labels, header, headers, columns)
+        rows = [tuple(_text(x) for x in (key if levels > 1 else (key,))) for key in frame.index]
+        keys = next((k for k in range(frame.shape[1] + 1)
+                     if len({(*r, *(_text(frame.iat[i, j]) for j in range(k))) for i, r in enumerate(rows)})
+                     == len(rows)), 0)
+        return cls(labels, header, headers, columns, keys if keys < frame.shape[1] else 0)
 
     def label_width(self) -> int:
         """The widest row label on one line (its indent included), or the header's widest line."""
@@ -332,29 +339,31 @@ class _Rows:
         word (the header wraps at its spaces above the values)."""
         return [max([cell_len(c) for c in cells] + [_longest_word(h)]) for h, cells in zip(headers, self.columns)]
 
+    def fits(self, headers: "list[str]", chunk: "list[int]", width: int) -> bool:
+        """Whether the labels, the key columns and ``chunk`` stand in ``width`` with every cell on one line."""
+        wants, shown = self.comfortable(headers), [*range(self.keys), *chunk]
+        return self.label_width() + sum(wants[j] for j in shown) + _overhead(len(shown) + 1) <= width
+
     def chunks(self, headers: "list[str]", width: int) -> "list[list[int]]":
-        """The value columns in order, in as few tables as fit ``width`` with every label and value on
-        one line, the row labels repeated in each; a column too wide for that stands alone (its
-        cells then wrap at their spaces)."""
-        wants, label = self.comfortable(headers), self.label_width()
+        """The value columns after the keys, in order, in as few tables as fit ``width`` with every
+        label and value on one line, the row labels (and keys) repeated in each; a column too wide
+        for that stands alone (its cells then wrap at their spaces)."""
         chunks: "list[list[int]]" = [[]]
-        for i in range(len(headers)):
-            trial = chunks[-1] + [i]
-            if chunks[-1] and label + sum(wants[j] for j in trial) + _overhead(len(trial) + 1) > width:
+        for i in range(self.keys, len(headers)):
+            if chunks[-1] and not self.fits(headers, chunks[-1] + [i], width):
                 chunks.append([i])
             else:
-                chunks[-1] = trial
+                chunks[-1].append(i)
         return chunks
 
     def table(self, headers: "list[str]", chunk: "list[int]", width: int) -> FrameTable:
-        """The table of the value columns ``chunk``; each keeps its cells on one line where the
-        chunk fits ``width`` so (else the cells of its widest column wrap at their spaces)."""
-        wants = self.comfortable(headers)
-        if self.label_width() + sum(wants[j] for j in chunk) + _overhead(len(chunk) + 1) > width:
-            wants = [0] * len(wants)
+        """The table of the key columns and the value columns ``chunk``; each keeps its cells on one
+        line where they fit ``width`` so (else the cells of its widest column wrap at their spaces)."""
+        shown = [*range(self.keys), *chunk]
+        wants = self.comfortable(headers) if self.fits(headers, chunk, width) else [0] * len(headers)
         table = FrameTable()
         table.add_column(Text(self.label_header), style=None)
-        for j in chunk:
+        for j in shown:
             numeric = all(_NUMBER.match(c) for c in self.columns[j] if c)
             table.add_column(Text(headers[j]), justify="right" if numeric else "left", min_width=wants[j])
         for k, (label, depth, heading) in enumerate(self.labels):
@@ -362,7 +371,7 @@ class _Rows:
                 table.add_section()
             cell = Text(label, style="bold" if heading else "")
             table.add_row(Padding(cell, (0, 0, 0, 2 * depth), expand=False) if depth else cell,
-                          *(self.columns[j][k] for j in chunk))
+                          *(self.columns[j][k] for j in shown))
         return table
 
 
