@@ -531,7 +531,7 @@ def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str]
     ``console``: the same blocks as text laid out at ``width`` columns (rich,
     :class:`asbound.report.console.ConsoleTables`: every line at most ``width`` wide, long headers
     keyed or the columns split into several tables with the row labels repeated); ``styled``: with
-    the terminal's bold and italics (ANSI codes; none where ``NO_COLOR`` is set)."""
+    the terminal's bold, italics and dim (ANSI codes)."""
     if fmt not in (*FORMATS, CONSOLE):
         raise ConfigError(f"table format {fmt!r} is not valid; valid: {', '.join((*FORMATS, CONSOLE))}")
     if isinstance(rendered, pd.DataFrame):
