@@ -291,6 +291,17 @@ def test_a_wide_table_is_split_with_its_row_labels_repeated(runs, capsys, monkey
     assert parts > 1 and out.count("dsprites:posx (norm 2) #2") == parts
 
 
+def test_split_tables_repeat_the_columns_that_tell_their_rows_apart(runs, capsys, monkeypatch):
+    """The certify table has a row per run and eps: each part of a split table repeats the eps."""
+    _on_a_terminal(monkeypatch, 50)
+    assert main(["table", "cert", "--style", "certify"]) == 0
+    out = ANSI.sub("", capsys.readouterr().out)
+    _reads_at(out, table(["cert"], "certify"), 50)
+    rows = [line.split("  ") for line in out.splitlines() if line.startswith("m → digits [0-4]")]
+    assert len(rows) > 2 and len(rows) % 2 == 0  # two rows (eps 1/255, 8/255) per part, more than one part
+    assert [r[1].strip() for r in rows] == ["1/255", "8/255"] * (len(rows) // 2)
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_piped_or_written_the_table_keeps_its_format_byte_for_byte(runs, capsys, monkeypatch, style):
     """Piped or redirected, the Markdown (the golden file); with --out, the file is the golden file
