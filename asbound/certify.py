@@ -6,11 +6,19 @@ The representation is traced with ``torch.fx`` and bounded in float64, the tight
 
 * interval bound propagation (IBP) of the input box ``[x - eps, x + eps] ∩ [0, 1]`` (which holds
   the L-inf ball and the L2 ball) to a box on ``g``; then ``s <= || max(u - g(x), g(x) - l) ||_2``;
-* with ``method="crown"``, linear relaxation (CROWN with IBP bounds for the intermediate layers,
-  Zhang et al. 2018, 2020): one backward pass per output coordinate and sign gives a linear
-  function of ``x'`` above ``±g_j(x')``, maximised over the box (and, for L2, over the ball:
-  ``<a, x> + eps ||a||_2``, the smaller kept); its box on ``g``, intersected with IBP's, gives the
-  bound as above. ReLU relaxations: the chord above, ``alpha z`` below (``alpha = 1`` iff ``u > -l``);
+* with ``method="crown-ibp"``, linear relaxation over IBP's intermediate bounds (CROWN-IBP, Zhang
+  et al. 2018, 2020): one backward pass per output coordinate and sign gives a linear function of
+  ``x'`` above ``±g_j(x')``, maximised over the box (and, for L2, over the ball:
+  ``<a, x> + eps ||a||_2``, the dual norm; the smaller kept: the set lies in both); its box on
+  ``g``, intersected with IBP's, gives the bound as above. ReLU relaxations: the chord above,
+  ``alpha z`` below (``alpha = 1`` iff ``u > -l``);
+* with ``method="crown"``, full CROWN: the same, over bounds on every ReLU's input that are
+  CROWN's own, layer by layer in graph order (:func:`crown_bounds`): a backward pass for each
+  coordinate that interval arithmetic leaves unstable, over the bounds refined before it,
+  intersected with the interval (auto_LiRPA's CROWN with sparse intermediate bounds does the
+  same; its bounds on the digits CNNs are matched to 1e-9 or beaten: ``benchmarks/
+  certify_reference.py``). A network over :data:`CROWN_BUDGET` (a CIFAR ResNet-18) gets crown-ibp
+  from ``score``, which says so;
 * for chains of Linear / ReLU / batch norm / flatten / normalisation layers, the product of their
   L2 operator norms (exact spectral norms) times the ball's L2 radius (``eps``, or ``eps sqrt(d)``
   for L-inf): on a linear representation and an L2 ball this is the exact ``eps sigma_max(A)``.
