@@ -4,11 +4,13 @@ Nern et al. (NeurIPS 2023): the adversarial sensitivity (AS) of a representation
 robustness of any linear head on top of it (Lemma 1, Theorem 1), and a margin criterion
 (Theorem 2) decides per datapoint whether its prediction can change. asbound estimates the AS
 score with PGD, from below, so its Lemma 1 RHS and Theorem 1 bound are estimates and its
-Theorem 2 criterion is empirical, not a certificate. See ``docs/SPEC.md`` sections 1-4.
+Theorem 2 criterion is empirical; ``--certify`` bounds the AS from above and makes them sound.
+See ``docs/SPEC.md`` sections 1-4.
 
 The public API is imported lazily, so that ``import asbound`` stays cheap::
 
-    from asbound import ScoreConfig, score, score_default, TransferConfig, transfer
+    from asbound import ScoreConfig, score, score_default, TransferConfig
+    from asbound.api import transfer   # ``asbound.transfer`` is the subpackage of that name
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ _API = {
     "score": "asbound.api",
     "score_default": "asbound.api",
     "TransferConfig": "asbound.api",
-    "transfer": "asbound.api",
     "load_model": "asbound.models",
     "split_model": "asbound.models",
     "SplitModel": "asbound.models",

@@ -40,9 +40,11 @@ against rounding.
 
 Every bound is checked against the network (:func:`sensitivity_upper`: the graph's ``g(x)`` and the
 network's own forward pass, both in float64), and every scored batch checks its records
-(:func:`check_attack_points`, :func:`check_records`): the float64 shift at each attack's kept
-point stays below ``s_upper``, no recorded (float32) shift exceeds ``s_upper`` by more than
-float32 rounding (:func:`record_slack`: modelled and measured), and no certified point is fooled.
+(:func:`check_attack_points`, :func:`check_records`): at each attack's kept point the network
+is its graph (float64), the scored network is no further from it than float32 rounding allows,
+and the float64 shift stays below ``s_upper``; no recorded (float32) shift exceeds ``s_upper`` by
+more than float32 rounding (:func:`record_slack`: modelled and measured), and no certified point
+is fooled.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from asbound.devices import float32_exact
 from asbound.errors import ModelError
 from asbound.models.split import LayerOutput
 
@@ -228,11 +231,22 @@ def _random(node: "torch.fx.Node") -> bool:
     return False
 
 
+def _on(flag: Any) -> bool:
+    """Whether an ``inplace`` value makes torch work in place: any true value (``1``, ``np.True_``
+    too, as torch's ``if inplace:`` reads it); a value that cannot be read here counts as true."""
+    if isinstance(flag, torch.fx.Node):
+        return True
+    try:
+        return bool(flag)
+    except Exception:  # noqa: BLE001 - unreadable: assume the worst
+        return True
+
+
 def _mutates(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
     """Whether ``node`` changes its first argument's storage (its output is then that storage)."""
     if node.op == "call_module":
         m = modules[node.target]
-        return getattr(m, "inplace", False) is True and not (isinstance(m, _IDENTITY_MODULES) and not m.training)
+        return _on(getattr(m, "inplace", False)) and not (isinstance(m, _IDENTITY_MODULES) and not m.training)
     name = _target_name(node)
     if node.op == "call_method":
         return (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" or (
@@ -241,10 +255,10 @@ def _mutates(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
         return False
     if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__")):
         return True
-    if node.kwargs.get("inplace") is True:
+    if _on(node.kwargs.get("inplace", False)):
         return True
     named = _arguments(node.target, node.args, node.kwargs)
-    return named is not None and named.get("inplace") is True
+    return named is not None and _on(named.get("inplace", False))
 
 
 def _aliases(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> "list[torch.fx.Node]":
@@ -266,7 +280,9 @@ def _aliases(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> "list[to
 
 def _describe_op(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> str:
     if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__}(inplace=True))"
+        m = modules[node.target]
+        flag = f"(inplace={m.inplace!r})" if hasattr(m, "inplace") else ""
+        return f"{node.target} ({type(m).__name__}{flag})"
     if node.target in _AUGMENTED_TEXT:
         return f"'{_AUGMENTED_TEXT[node.target]}' ({node.name})"
     return f".{node.target}()" if node.op == "call_method" else _target_name(node)
@@ -486,6 +502,10 @@ class Bounder:
             if node.op == "call_module":
                 m = modules[node.target]
                 _refuse_module(m)
+                if "forward" in vars(m):  # m(x) runs the instance's forward; the bounds follow the class's
+                    raise ModelError(f"certify: module {node.target} ({type(m).__name__}) has its forward "
+                                     f"replaced on the instance; the bounds follow {type(m).__name__}'s own "
+                                     f"computation: put the computation in a module's forward")
                 if any(sub.training for sub in m.modules()):
                     raise ModelError(f"certify: module {node.target} ({type(m).__name__}) stays in training mode "
                                      f"after eval(); bounds need the function eval mode computes")
@@ -501,6 +521,14 @@ class Bounder:
 
     def __call__(self, lo: Tensor, hi: Tensor) -> Box:
         return self.output_box(self.boxes(lo, hi))
+
+    def check_supported(self, x: Tensor) -> None:
+        """Refuse an operation the bounds do not support (a ``torch.cat``, ``alpha=``, a change of
+        the batch dimension) on example inputs ``x``, before anything is run or written: the
+        module checks of construction see the modules only."""
+        x = x.double()
+        with torch.no_grad():
+            self.output_box(self.boxes(x, x))
 
     def output_box(self, env: "dict[str, Any]") -> Box:
         """The output's box among the node bounds ``env`` of :meth:`boxes`."""
@@ -1259,8 +1287,9 @@ FLOAT32_RTOL = 2.0**-16
 FLOAT32_LIMIT = 2.0**-8
 
 
-def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor) -> None:
-    """The graph's float64 ``g(x)`` against the network's own forward pass in float64."""
+def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor, at: str = "") -> None:
+    """The graph's float64 ``g(x)`` against the network's own forward pass in float64 (``at``: where
+    ``x`` is, for the message)."""
     with torch.no_grad():
         try:
             g_net = bounder.network(x).flatten(1)
@@ -1275,8 +1304,8 @@ def _check_graph(bounder: Bounder, x: Tensor, g: Tensor, s_upper: Tensor) -> Non
     tol = FLOAT64_RTOL * (g.norm(dim=1) + s_upper) + 1e-12 * float(g.norm(dim=1).max())
     row = _first(~(err <= tol))
     if row is not None:
-        raise CheckFailed(row, f"the network's g(x) differs from its traced graph's by {float(err[row]):.3g} in "
-                               f"float64 (rounding allows {float(tol[row]):.3g}): the graph certify bounds is "
+        raise CheckFailed(row, f"the network's g(x) differs from its traced graph's{at} by {float(err[row]):.3g} "
+                               f"in float64 (rounding allows {float(tol[row]):.3g}): the graph certify bounds is "
                                f"not the network")
 
 
@@ -1308,18 +1337,6 @@ def float32_deviation(bound: "dict[str, Tensor]", g32: Tensor) -> Tensor:
     return dev
 
 
-@contextlib.contextmanager
-def float32_exact() -> Iterator[None]:
-    """IEEE float32 matrix products and convolutions on CUDA for the block (TF32 rounds to 10
-    bits, far above :data:`FLOAT32_RTOL`); nothing changes on the CPU."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _first(bad: Tensor) -> Optional[int]:
     rows = torch.nonzero(bad.reshape(-1)).flatten()
     return int(rows[0]) if len(rows) else None
@@ -1329,8 +1346,12 @@ def check_attack_points(bounder: Bounder, bound: "dict[str, Tensor]", x: Tensor,
                         g32: Tensor, eps: float, norm: str) -> Tensor:
     """The certificate itself, in float64, at the points an attack kept: each projected onto the
     float64 set (the float32 point may lie an ulp outside), its shift must not exceed ``s_upper``
-    (else :class:`CheckFailed`). Returns the measured float32 rounding there, ``[N]``: the float32
-    shift ``||g32(x_adv) - g32(x)||`` against that float64 shift."""
+    (else :class:`CheckFailed`). The graph is the network there too: the network's float64 ``g``
+    equals the graph's (as :func:`sensitivity_upper` checks at ``x``: a network that equals its
+    graph at ``x`` only is not the function that is bounded), and the scored float32 ``g`` is no
+    further from it than :data:`FLOAT32_LIMIT` allows (as :func:`float32_deviation` at ``x``), so
+    that what is measured below is rounding. Returns the measured float32 rounding there, ``[N]``:
+    the float32 shift ``||g32(x_adv) - g32(x)||`` against that float64 shift."""
     x64, lo, hi = _input_box(x, eps)
     z = torch.minimum(torch.maximum(x_adv.detach().double().to(x64.device).contiguous(), lo), hi)
     if norm == "2":
@@ -1339,7 +1360,16 @@ def check_attack_points(bounder: Bounder, bound: "dict[str, Tensor]", x: Tensor,
         scale = torch.where(length > eps, eps / length.clamp(min=1e-300), torch.ones_like(length))
         z = x64 + delta * scale.view((-1,) + (1,) * (x64.dim() - 1))
     with torch.no_grad():
-        shift = (bounder(z, z).mid.flatten(1) - bound["g"]).norm(dim=1)
+        g_z = bounder(z, z).mid.flatten(1)
+        shift = (g_z - bound["g"]).norm(dim=1)
+    _check_graph(bounder, z, g_z, bound["s_upper"], at=" at an attack's point")
+    dev = (g32_adv.detach().flatten(1).double().to(g_z.device) - g_z).norm(dim=1)
+    limit = FLOAT32_LIMIT * (bound["g"].norm(dim=1) + bound["s_upper"]) + bound.get("slack", 0)
+    row = _first(~(dev <= limit))
+    if row is not None:
+        raise CheckFailed(row, f"the scored network's g at an attack's point is {float(dev[row]):.3g} from its "
+                               f"float64 value (float32 rounding stays below {float(limit[row]):.3g}): it does not "
+                               f"compute the function that is bounded")
     row = _first(shift > bound["s_upper"])
     if row is not None:
         raise CheckFailed(row, f"an attack's point shifts the float64 g(x) by {float(shift[row]):.6g}, above "

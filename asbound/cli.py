@@ -71,6 +71,11 @@ def _defaults(module: str, name: str) -> SimpleNamespace:
     """The defaults of the config dataclass ``module.name`` as attributes (``d.seed``), read from its
     declaration: building the parser imports no torch (:mod:`asbound.defaults`)."""
     return SimpleNamespace(**config_defaults(module, name))
+ATTACK_CHOICES = ("pgd", "apgd", "nystrom")
+ATTACK_HELP = ("pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum); "
+               "nystrom: for the representation objective, each step to the best point of a model of J^T J "
+               "built from every gradient (the loss attack runs apgd)")
+REL_STEP_DEFAULT = "(default: 0.7 for pgd and nystrom, 2 for apgd)"
 
 
 def _escape(path: object) -> str:
@@ -111,7 +116,8 @@ def _model_options(p: argparse.ArgumentParser, *, with_head: bool, default: str 
                    "run:DIR (a finished transfer run)" + (f"; without --model and --data: {default}" if default else ""))
     g.add_argument("--model-dir", help="RobustBench model dir (MODEL_DIR/<dataset>/<threat>/<name>.pt) "
                    f"(default: $ASBOUND_MODEL_DIR or the user cache, here {_escape(default_model_dir())})")
-    g.add_argument("--weights", help="state dict for torchvision:ARCH (loaded with weights_only=True); without it: random weights")
+    g.add_argument("--weights", help="state dict for torchvision:ARCH (without it: random weights) or for the "
+                   "layout builtin:lenet-reference; loaded with weights_only=True")
     if with_head:
         g.add_argument("--head", help="a linear head for the task: torch.save(nn.Linear.state_dict()); without it: the model's last layer")
     g.add_argument("--feature-layer", help="module whose output is the representation g(x); without it: found automatically")
@@ -164,14 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help=f"datapoints, or 'all' (default: {d.n}; {DEFAULT_N} for the embedded default)")
+    g.add_argument("--protocol", default=d.protocol, choices=("asbound", "paper", "dsprites-exp"),
+                   help="whose choices: asbound (pixels in [0, 1], eps in pixels, latent values, seeded "
+                        "split); paper, dsprites-exp: the seed paper's dSprites code (target units, split "
+                        "and attack box, recorded in config.json)")
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
+    g.add_argument("--eps", default=d.eps, help="radius in pixel units (in the box of --protocol), a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"),
-                   help="pgd: PGD with foolbox semantics (the seed protocol); apgd: Auto-PGD (step halving, momentum)")
+    g.add_argument("--attack", default=d.attack, choices=ATTACK_CHOICES, help=ATTACK_HELP)
     g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps per restart")
     g.add_argument("--rel-step", type=_number, default=d.rel_step,
-                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
+                   help=f"(initial) step size relative to eps {REL_STEP_DEFAULT}")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack (every point they evaluate counts); more than 1 needs the random start")
     g.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"),
                    help="gradient passes under autocast; each kept point is re-evaluated in float32, so every "
@@ -336,7 +345,7 @@ def _score(args: argparse.Namespace) -> int:
         feature_layer=args.feature_layer, resize=args.resize, allow_pickle=args.allow_pickle,
         download=args.download, classes=args.classes, as_only=args.as_only, corruption=args.corruption,
         severity=args.severity, corruption_params=args.corruption_params, certify=args.certify,
-        attack=args.attack, amp=args.amp, compile=args.compile,
+        attack=args.attack, amp=args.amp, compile=args.compile, protocol=args.protocol,
     )
     progress = not args.no_progress
     if args.model is None and args.data is None:
@@ -422,7 +431,9 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
     g.add_argument("--split", default=d.split, choices=("train", "test"), help="score cells: which split to draw from")
     g.add_argument("--n", type=_n, default=argparse.SUPPRESS,
                    help="datapoints scored per cell (transfer cells: scored before and after), or 'all' "
-                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default)")
+                        f"(default: {d.n}; {constant('asbound.scoring', 'DEFAULT_N')} for the embedded default; "
+                        f"transfer cells: as many as their test images, at most "
+                        f"{constant('asbound.transfer.config', 'SCORE_N_CAP')})")
     g = _pgd_options(p, d)
     g.add_argument("--as-only", action="store_true", help="score cells: the AS score alone (no labels, no loss attack)")
     g = p.add_argument_group("transfer cells (with --method)")
@@ -431,7 +442,8 @@ def _common_run_options(p: argparse.ArgumentParser, *, resize: bool = True) -> N
     g.add_argument("--epochs", type=_whole, default=t.epochs, help="epochs of each transfer cell")
     g.add_argument("--lr", type=_number, default=t.lr, help="learning rate of head-only stages")
     g.add_argument("--n-train", type=_n, default=t.n, help="training images per transfer cell, or 'all' (default: all)")
-    g.add_argument("--n-test", type=_n, default=t.n_test, help="test images of the evaluation, or 'all' (default: all)")
+    g.add_argument("--n-test", type=_n_auto, default=t.n_test,
+                   help="test images of the evaluation, 'all', or 'auto': as many as --n-train (all without it)")
     _executor_options(p)
 
 
@@ -440,11 +452,10 @@ def _pgd_options(p: argparse.ArgumentParser, d: object) -> argparse._ArgumentGro
     g = p.add_argument_group("attack")
     g.add_argument("--eps", default=d.eps, help="radius in pixel units, a number or a fraction")
     g.add_argument("--norm", default=d.norm, help="inf or 2")
-    g.add_argument("--attack", default=d.attack, choices=("pgd", "apgd"), help="the scores' attack: pgd (the seed "
-                   "protocol) or apgd (Auto-PGD)")
+    g.add_argument("--attack", default=d.attack, choices=ATTACK_CHOICES, help=f"the scores' attack; {ATTACK_HELP}")
     g.add_argument("--steps", type=_whole, default=d.steps, help="gradient steps of the scores")
     g.add_argument("--rel-step", type=_number, default=d.rel_step,
-                   help="(initial) step size relative to eps (default: 0.7 for pgd, 2 for apgd)")
+                   help=f"(initial) step size relative to eps {REL_STEP_DEFAULT}")
     g.add_argument("--restarts", type=_whole, default=d.restarts, help="random restarts of each attack")
     g.add_argument("--batch-size", type=_whole, default=d.batch_size, help="datapoints per batch")
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
@@ -551,8 +562,10 @@ def _sweep_base(args: argparse.Namespace) -> "tuple[str, dict]":
                           f"use a grid file with method as an axis for several")
     if args.norm not in ("inf", "Linf", "linf"):
         raise ConfigError("transfer cells attack in L-inf; leave --norm out with --method")
+    # without --n, a transfer cell scores as transfer does: as many test images as it evaluates, at most 1000
     return "transfer", dict(shared, method=args.method, epochs=args.epochs, lr=args.lr, n=args.n_train,
-                            n_test=args.n_test, score_n=n, score_steps=args.steps)
+                            n_test=args.n_test, score_n=getattr(args, "n", TransferConfig.score_n),
+                            score_steps=args.steps)
 
 
 def _sweep(args: argparse.Namespace, argv: "Sequence[str]") -> int:

@@ -6,7 +6,8 @@ precision (``--amp``) speeds up the training passes on a GPU and nothing else.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -72,3 +73,16 @@ def memory_format(amp: Optional[torch.dtype]) -> torch.memory_format:
 def to_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """``x`` in memory format ``fmt`` when it is an image batch ([N, C, H, W]), else unchanged."""
     return x.contiguous(memory_format=fmt) if x.dim() == 4 and fmt != torch.contiguous_format else x
+
+
+@contextlib.contextmanager
+def float32_exact() -> Iterator[None]:
+    """IEEE float32 matrix products and convolutions on CUDA for the block: cuDNN and cuBLAS run
+    float32 in TF32 by default, which rounds to 10 bits (about 3e-4), far above what a recorded
+    float32 number may carry; nothing changes on the CPU."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -19,9 +19,11 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -116,9 +118,34 @@ class RunDir:
             stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             handle.write(f"asbound pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
             handle.flush()
-            yield self
+            try:
+                yield self
+            except Exception as exc:  # a directory moved or deleted under the run: say so, in one line
+                moved = self._moved(handle)
+                if moved is not None:
+                    raise ResumeError(moved) from exc
+                raise
         finally:
             handle.close()  # releases the lock
+
+    def _moved(self, handle: "io.TextIOBase") -> Optional[str]:
+        """Why the directory this process locked is no longer at ``self.path`` (moved or deleted
+        while the run wrote to it), or None while it is still there."""
+        try:
+            if os.path.samestat(os.stat(self.path / LOCK), os.fstat(handle.fileno())):
+                return None
+        except OSError:
+            pass
+        try:  # where the locked file is now (Linux)
+            now = os.readlink(f"/proc/self/fd/{handle.fileno()}")
+        except OSError:
+            now = ""
+        if now.endswith(f"/{LOCK}") and Path(now).parent.is_dir():
+            return (f"{self.path} was moved to {Path(now).parent} while this process wrote to it: the run "
+                    f"stopped, and what it had finished is there; rerun the command with --out at the new "
+                    f"place to resume")
+        return (f"{self.path} was moved or deleted while this process wrote to it: the run stopped; rerun "
+                f"the command with --out at its new place to resume, or to start over")
 
     def start(self, config: dict, *, defaults: "dict | None" = None) -> "set[int]":
         """Create or resume the directory; return the positions already recorded.
@@ -127,14 +154,23 @@ class RunDir:
         (or records that cannot be attributed to one); nothing in it is changed then.
         """
         self.claim(config, defaults=defaults)
-        return self._repair_points()
+        done = self._repair_points()
+        n = config.get("n")
+        if isinstance(n, int) and not isinstance(n, bool):  # the datapoints of the run: positions 0 .. n-1
+            outside = sorted(p for p in done if not 0 <= p < n)
+            if outside:
+                raise _damaged(self.points_path, f"position {outside[0]} is outside this run's {n} datapoints")
+        return done
 
-    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None) -> None:
+    def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None,
+              meant: "dict[str, dict] | None" = None) -> None:
         """Create the directory and write ``config``, or check it against the recorded one.
 
         Keys in ``volatile`` may differ (the new values are recorded); a key the recorded config
-        lacks compares as its value in ``defaults``. Raises :class:`ResumeError` if the directory
-        holds a run with another configuration; nothing in it is changed then.
+        lacks compares as its value in ``defaults``; ``meant[key]`` maps a value that older
+        records hold for ``key`` to what it meant (``{None: 35}``: ``null``, a whole split of 35
+        images). Raises :class:`ResumeError` if the directory holds a run with another
+        configuration; nothing in it is changed then.
         """
         self.create()
         config = _normalised(config)
@@ -150,6 +186,7 @@ class RunDir:
                     f"{config_path} is not a readable asbound config, so the run in {self.path} "
                     f"cannot be resumed; choose another --out, or delete that directory to start over"
                 )
+            old = {**old, **{k: m[old[k]] for k, m in (meant or {}).items() if k in old and old[k] in m}}
             before, after = _identity(old, volatile, defaults), _identity(config, volatile, defaults)
             if before != after:
                 diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
@@ -195,9 +232,17 @@ class RunDir:
         return set(int(p) for p in frame["position"])
 
     def append(self, rows: pd.DataFrame) -> None:
-        """Append one batch of per-datapoint rows and flush them to disk."""
+        """Append one batch of per-datapoint rows and flush them to disk; rows with other columns
+        than the file's (a damaged header) are refused, never appended under it."""
         path = self.points_path
         header = not path.exists()
+        if not header:
+            with open(path, newline="") as handle:
+                columns = next(csv.reader([handle.readline()]), [])
+            if columns != [str(c) for c in rows.columns]:
+                lacks = [str(c) for c in rows.columns if str(c) not in columns]
+                what = f"no {lacks[0]} column" if lacks else "its columns are not this run's"
+                raise _damaged(path, what)
         with open(path, "a", newline="") as handle:
             rows.to_csv(handle, header=header, index=False)
             handle.flush()
@@ -205,6 +250,10 @@ class RunDir:
 
     def points(self) -> pd.DataFrame:
         return read_points(self.points_path).sort_values("position").reset_index(drop=True)
+
+    def damaged_points(self, problem: str) -> RecordError:
+        """The error for a ``points.csv`` found damaged while it is summarised (``problem``: what)."""
+        return _damaged(self.points_path, problem)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)
@@ -330,10 +379,135 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a numbe
                bool: "true or false", type(None): "null"}
 
 
+# --- what each record holds: the readers (tables, plots, reruns) index and format these fields -------
+
+_NUM, _INT, _STR, _BOOL = "a number", "a whole number", "a string", "true or false"
+
+
+@dataclass(frozen=True)
+class _Each:
+    """A list, each item as ``item``."""
+
+    item: object
+
+
+@dataclass(frozen=True)
+class _Map:
+    """An object whose every value is ``value`` (and every key matches ``key``, a regular expression
+    for ``keys``, what the keys are)."""
+
+    value: object
+    key: Optional[str] = None
+    keys: str = ""
+
+
+_SUMMARY_FIELDS: dict = {
+    "n": _INT, "as_score": _NUM, "as_score_rep": _NUM, "loss": _STR, "loss_clean": _NUM, "loss_adv": _NUM,
+    "loss_diff": _NUM, "q": _STR, "lipschitz": _NUM, "head_norm": _NUM, "head_norm_name": _STR, "lhs": _NUM,
+    "rhs": _NUM, "lemma1_holds": _BOOL, "lemma1_holds_rep": _BOOL,
+    "lemma1_all": _Each({"q": _STR, "lipschitz": _NUM, "head_norm_name": _STR, "head_norm": _NUM, "lhs": _NUM}),
+    "head_norms": _Map(_NUM),
+    "theorem1": {"cap": _NUM, "delta": _NUM, "n": _INT, "lhs_capped": _NUM, "lipschitz_term": _NUM,
+                 "confidence": _NUM, "bound": _NUM},
+    "clean_accuracy": _NUM, "robust_accuracy": _NUM, "prop_fulfilled": _NUM, "rob_fulfilled": _NUM,
+    "prop_fulfilled_rep": _NUM, "rob_fulfilled_rep": _NUM, "eps": _NUM, "eps_text": _STR, "norm": _STR,
+    "attack": _STR, "steps": _INT, "rel_step": _NUM, "restarts": _INT, "seed": _INT,
+    "sensitivity_from_loss_attack": _INT, "model": _STR, "data": _STR, "task": _STR, "task_note": _STR,
+    "certify": _STR, "rhs_certified": _NUM, "tightness": _NUM, "prop_vacuous": _NUM, "prop_certified": _NUM,
+    "lemma1_certified": _BOOL,
+}
+#: a stage as ``stages.json`` and ``final.json`` record it ("!": a key every record has)
+_STAGE_FIELDS: dict = {
+    "!stage": _STR, "scope": _STR, "objective": _STR, "peft": {}, "!epochs": _INT, "lr": _NUM, "select": _STR,
+    "augment": _STR, "cached_features": _BOOL, "!selected_epoch": _INT, "val_accuracy": _NUM,
+    "val_robust_accuracy": _NUM,
+}
+#: the fields of each record, by file name: a field that is present (and not null: JSON's
+#: non-finite number) has its type; a key marked "!" is present in every record
+RECORD_FIELDS: "dict[str, object]" = {
+    SUMMARY: _SUMMARY_FIELDS,
+    FINAL: {
+        "!method": _STR, "peft": _STR, "!stages": _Each(_STAGE_FIELDS),
+        "!test": {"!n": _INT, "eps": _NUM, "eps_text": _STR, "attack_step": _NUM, "clean_accuracy": _NUM,
+                  "!pgd": _Map(_NUM, r"\d+", "step counts"), "autoattack": _NUM, "robust_accuracy": _NUM, "robust_rule": _STR},
+        "seconds": _NUM, "score_before": _SUMMARY_FIELDS, "score_after": _SUMMARY_FIELDS,
+    },
+    STAGES: _Each(_STAGE_FIELDS),
+    SWEEP: {
+        "kind": _STR, "command": _STR, "run": _STR, "axes": _Each(_STR), "base": {}, "executor": _STR,
+        "!cells": _Each({"!name": _STR, "!dir": _STR, "params": {}, "!status": _STR, "error": _STR}),
+        "versions": _Map(_STR),
+    },
+    PREDICT: {
+        "!model": _STR, "eps": _NUM, "!eps_text": _STR, "!norm": _STR, "!threshold": _NUM, "command": _STR,
+        "config": {}, "versions": _Map(_STR),
+        "!pretrain": {"data": _STR, "!label": _STR, "dir": _STR, "!as_score": _NUM, "as_score_both": _NUM,
+                      "loss_clean": _NUM, "loss_adv": _NUM, "clean_accuracy": _NUM, "robust_accuracy": _NUM,
+                      "n": _INT},
+        "!tasks": _Each({"data": _STR, "classes": _STR, "corruption": _STR, "severity": _INT, "!label": _STR,
+                         "dir": _STR, "!as_score": _NUM, "n": _INT, "!ratio": _NUM, "!verdict": _STR,
+                         "!bound": {"head_norm": _NUM, "head_norm_name": _STR, "q": _STR, "lipschitz": _NUM,
+                                    "!loss_increase": _NUM, "source": _STR},
+                         "!measured": {}}),
+        "spearman": _Map({"n": _INT, "rho": _NUM, "p": _NUM, "p_method": _STR, "p_permutation": _NUM,
+                          "permutations": _INT}),
+    },
+}
+
+
+def _a(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _fits(value: object, expected: str) -> bool:
+    if expected == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {_STR: str, _BOOL: bool}[expected])
+
+
+def field_problem(value: object, fields: object, where: str = "") -> Optional[str]:
+    """What in ``value`` does not fit ``fields`` (a :data:`RECORD_FIELDS` entry), or None."""
+    if value is None:
+        return None
+    name = where or "it"
+    if isinstance(fields, str):
+        return None if _fits(value, fields) else f"{name} is {_a(value)}, not {fields}"
+    if isinstance(fields, _Each):
+        if not isinstance(value, list):
+            return f"{name} is {_a(value)}, not a list"
+        return next((p for i, item in enumerate(value) if (p := field_problem(item, fields.item, f"{where}[{i}]"))),
+                    None)
+    if not isinstance(value, dict):
+        return f"{name} is {_a(value)}, not an object"
+    if isinstance(fields, _Map):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else key
+            if fields.key is not None and not re.fullmatch(fields.key, key):
+                return f"{name} has the key {key!r}; its keys are {fields.keys}"
+            problem = field_problem(item, fields.value, here)
+            if problem:
+                return problem
+        return None
+    for key, expected in fields.items():  # type: ignore[union-attr]
+        bare = key.lstrip("!")
+        here = f"{where}.{bare}" if where else bare
+        if bare not in value:
+            if key.startswith("!"):
+                return f"{here} is missing"
+            continue
+        problem = field_problem(value[bare], expected, here)
+        if problem:
+            return problem
+    return None
+
+
 def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Optional[str] = None) -> Optional[object]:
     """The JSON value in ``path`` (of type ``kind`` unless None), or None when the file does not exist.
 
-    A file that is not JSON or holds another type is a :class:`RecordError` naming it and what to do
+    A file that is not JSON, holds another type, or (for asbound's records, :data:`RECORD_FIELDS`)
+    a field of another type than the record's is a :class:`RecordError` naming it and what to do
     (``remedy``, else the file's entry in :data:`REMEDIES`).
     """
     p = Path(path)
@@ -344,8 +518,10 @@ def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Opt
     except json.JSONDecodeError as exc:
         raise _damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
     if kind is not None and not isinstance(value, kind):
-        raise _damaged(p, f"it holds {_JSON_TYPES.get(type(value), type(value).__name__)}, "
-                          f"not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
+        raise _damaged(p, f"it holds {_a(value)}, not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
+    problem = field_problem(value, RECORD_FIELDS[p.name]) if p.name in RECORD_FIELDS else None
+    if problem:
+        raise _damaged(p, problem, remedy)
     return value
 
 
@@ -354,8 +530,14 @@ def read_summary(path: "str | os.PathLike") -> Optional[dict]:
     return read_json(Path(path) / SUMMARY)  # type: ignore[return-value]
 
 
+#: the columns of points.csv that hold numbers, and those that hold True or False
+NUMBER_COLUMNS = ("s_rep", "s_loss", "sensitivity", "loss_clean", "loss_adv", "lemma1_ratio", "margin", "s_upper")
+BOOLEAN_COLUMNS = ("correct", "robust", "fulfilled", "fulfilled_rep", "certified", "vacuous")
+
+
 def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
-    """The table in ``text`` (read from ``path``), checked to hold whole-number positions."""
+    """The table in ``text`` (read from ``path``), checked to hold whole-number positions, each
+    once, and numbers and True / False where asbound writes them."""
     try:
         frame = pd.read_csv(text)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -367,10 +549,32 @@ def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
     if bad.any():
         row = int(bad.argmax())
         raise _damaged(path, f"position {str(frame['position'].iloc[row])!r} in row {row + 1} is not a whole number")
+    twice = positions.duplicated(keep=False).to_numpy()
+    if twice.any():
+        rows = np.flatnonzero(positions.to_numpy() == positions.to_numpy()[twice.argmax()])
+        raise _damaged(path, f"position {int(positions.iloc[rows[0]])} is in rows {rows[0] + 1} and {rows[1] + 1}")
+    for column in NUMBER_COLUMNS:
+        if column in frame.columns:
+            values = frame[column]
+            bad = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
+            if bad.any():
+                row = int(bad.argmax())
+                raise _damaged(path, f"{column} {str(values.iloc[row])!r} in row {row + 1} is not a number")
+    for column in BOOLEAN_COLUMNS:
+        if column in frame.columns and frame[column].dtype != bool:
+            bad = (~frame[column].isin([True, False, "True", "False"])).to_numpy()
+            if bad.any():
+                row = int(bad.argmax())
+                raise _damaged(path, f"{column} {str(frame[column].iloc[row])!r} in row {row + 1} is not True "
+                                     f"or False")
     return frame
 
 
 def read_points(path: "str | os.PathLike") -> pd.DataFrame:
-    """The per-datapoint records in ``path`` (a ``points.csv``); a damaged file is a RecordError."""
+    """The per-datapoint records in ``path`` (a ``points.csv``); a damaged file (or one without
+    a row) is a RecordError."""
     p = Path(path)
-    return _points_frame(p, io.StringIO(_read_text(p)))
+    frame = _points_frame(p, io.StringIO(_read_text(p)))
+    if frame.empty:
+        raise _damaged(p, "no rows")
+    return frame

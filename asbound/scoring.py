@@ -28,15 +28,16 @@ from torch import Tensor
 
 from asbound.attacks import ATTACKS, PGD, FastObjective, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, CheckFailed, certified, check_attack_points
-from asbound.certify import check_records, float32_deviation, float32_exact, method_for, no_random_draws
-from asbound.certify import record_slack, sensitivity_upper
+from asbound.certify import check_records, float32_deviation, method_for, no_random_draws, record_slack
+from asbound.certify import sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
 from asbound.data.corruptions import corruption_of
-from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, resolve_device, to_format
+from asbound.devices import AMP_DTYPES, attack_amp_dtype, cpu_has_bf16, float32_exact, resolve_device, to_format
 from asbound.errors import ConfigError, ModelError, SpecError, describe
 from asbound.losses import Loss, loss_for_task
 from asbound.models import LoadedModel, SplitModel, frozen, load_head, load_model, split_model
+from asbound.protocol import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol, load_protocol_data, wrap_data, wrap_model
 from asbound.records import RunDir, clean_json, environment
 from asbound.specs import DataSpec, format_eps, parse_classes, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
@@ -53,11 +54,13 @@ BACKENDS = ("asbound", "foolbox")
 #: options added after runs were recorded without them: such a run compares as if it had these
 OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
                    "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32",
+                   "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings(),
                    # recorded with --certify crown only: a crown run from before full CROWN (its bound
                    # was today's crown-ibp) is not resumed as one
                    "certify_used": None, "certify_note": None}
-#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2
-REL_STEP = {"pgd": 0.7, "apgd": 2.0}
+#: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2,
+#: Nystrom's first local step 0.7
+REL_STEP = {"pgd": 0.7, "apgd": 2.0, "nystrom": 0.7}
 
 
 def resolve_rel_step(attack: str, rel_step: Optional[float]) -> float:
@@ -74,7 +77,7 @@ class ScoreConfig:
     eps: "float | str" = "8/255"
     norm: str = "inf"
     steps: int = 20
-    rel_step: Optional[float] = None  # None: 0.7 for pgd, 2 for apgd (REL_STEP)
+    rel_step: Optional[float] = None  # None: 0.7 for pgd and nystrom, 2 for apgd (REL_STEP)
     restarts: int = 1
     random_start: bool = True
     batch_size: int = 128
@@ -99,9 +102,10 @@ class ScoreConfig:
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
     certify: Optional[str] = None  # ibp | crown-ibp | crown: an upper bound on every s_i (asbound.certify)
-    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD)
+    attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD) | nystrom (asbound.attacks.Nystrom)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
+    protocol: str = DEFAULT_PROTOCOL  # asbound | paper | dsprites-exp: whose choices (asbound.protocol)
 
     def validated(self) -> "ScoreConfig":
         """Check every option's range; return the config with eps as a float and norm normalised."""
@@ -158,15 +162,18 @@ class ScoreConfig:
         parse_model_spec(self.model)
         parse_data_spec(self.data)
         corruption_of(self.corruption, self.severity, self.corruption_params)
+        get_protocol(self.protocol)
         if self.certify is not None and self.certify not in CERTIFY_METHODS:
             raise ConfigError(f"certify {self.certify!r} is not valid; valid: {', '.join(CERTIFY_METHODS)}")
         return dataclasses.replace(self, eps=eps, norm=norm, rel_step=float(rel_step))
 
     @property
     def pgd(self) -> PGD:
-        """The attack this config runs (:class:`~asbound.attacks.PGD` or :class:`~asbound.attacks.APGD`)."""
+        """The attack this config runs (:class:`~asbound.attacks.PGD`, :class:`~asbound.attacks.APGD` or
+        :class:`~asbound.attacks.Nystrom`), on the unit box: ``eps`` over the width of the protocol's box."""
+        width = get_protocol(self.protocol).width
         return ATTACKS[self.attack](
-            eps=float(parse_eps(self.eps, parse_norm(self.norm))), norm=parse_norm(self.norm), steps=self.steps,
+            eps=float(parse_eps(self.eps, parse_norm(self.norm))) / width, norm=parse_norm(self.norm), steps=self.steps,
             rel_step=resolve_rel_step(self.attack, self.rel_step), random_start=self.random_start, restarts=self.restarts,
         )
 
@@ -280,7 +287,7 @@ class _Scorer:
                 check_records(bound, record_slack(bound, measured), rep.shift)
             rows["sensitivity"] = rows["s_rep"]
             rows["sensitivity_source"] = np.full(len(x), "rep")
-            return rows
+            return _raise_to_recorded(rows)
         targets = y if task == "classification" else y.to(x.dtype)
         adv = Watch(head, g0, labels=labels, loss=self.loss, targets=targets)
         adv.observe(g0)
@@ -326,7 +333,17 @@ class _Scorer:
             if certify:
                 check_records(bound, slack, best)
             rows["pred"] = _format_values(out_clean)
-        return rows
+        return _raise_to_recorded(rows)
+
+
+def _raise_to_recorded(rows: "dict[str, object]") -> "dict[str, object]":
+    """``s_upper`` as recorded: the float64 bound, raised to the recorded float32 sensitivity where
+    float32 rounding put that above it (by at most the slack ``check_records`` allows), so that
+    ``sensitivity <= s_upper`` holds on every row; still an upper bound on ``s_i``."""
+    if "s_upper" in rows:
+        rows["s_upper"] = np.maximum(np.asarray(rows["s_upper"], dtype=np.float64),
+                                     np.asarray(rows["sensitivity"], dtype=np.float64))
+    return rows
 
 
 def _batch_seed(seed: int, position: int) -> int:
@@ -386,11 +403,19 @@ def score(
         download=cfg.download, builtin_head=data_spec.factor,
     )
     cfg = dataclasses.replace(cfg, classes=classes_for(loaded, data_spec, cfg.classes, cfg.as_only))
-    data = load_data(
-        data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
-        download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,
-        corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params),
-    )
+    protocol = get_protocol(cfg.protocol)
+    if protocol.is_default:
+        data = load_data(
+            data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n, seed=cfg.seed,
+            download=cfg.download, input_format=loaded.input_format, resize=cfg.resize, classes=cfg.classes,
+            corruption=corruption_of(cfg.corruption, cfg.severity, cfg.corruption_params),
+        )
+    else:
+        if cfg.resize is not None or cfg.classes is not None or cfg.corruption is not None:
+            raise ConfigError(f"--protocol {protocol.name} takes neither --resize, --classes nor --corruption")
+        data = load_protocol_data(protocol, data_spec, root=cfg.data_root, split=cfg.split, n=cfg.n,
+                                  seed=cfg.seed, input_format=loaded.input_format)
+    data, loaded.module = wrap_data(protocol, data), wrap_model(protocol, loaded.module)
     probe = data.batch(torch.arange(min(len(data), 8)))
     try:
         split = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
@@ -435,13 +460,16 @@ def score(
         "task_note": mismatch,
         "device": str(device),
         "grad_dtype": str(amp or torch.float32).replace("torch.", ""),
+        "protocol_settings": protocol.settings(),
         **environment(),
     }
     run = RunDir(out) if out is not None else None
     bounder = Bounder(split.backbone) if cfg.certify else None  # refuses before the run directory exists
     certify_used = cfg.certify
+    if bounder is not None:  # so does an unsupported operation
+        bounder.check_supported(to_format(probe.to(device), fmt))
     if cfg.certify == "crown":  # full CROWN, or crown-ibp where it is over its budget: said, never silent
-        certify_used, certify_note = method_for(bounder, cfg.certify, probe[:1].to(device))
+        certify_used, certify_note = method_for(bounder, cfg.certify, to_format(probe[:1].to(device), fmt))
         resolved.update(certify_used=certify_used, certify_note=certify_note)
         notes += [certify_note] if certify_note else []
     with run.locked() if run else contextlib.nullcontext():
@@ -450,9 +478,11 @@ def score(
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
-        exact = float32_exact() if cfg.certify else contextlib.nullcontext()  # no TF32 under a float32 slack
+        # IEEE float32 on CUDA: cuDNN convolutions default to TF32 (10-bit mantissa), which would put
+        # rounding of about 1e-3 |g| into every recorded float32 value (g(x), the shifts, margins, losses)
+        # and into a certificate's float32 slack; bf16 / fp16 gradient passes (--amp) are not affected
         bar = _progress(progress, len(data), len(data) - sum(len(b) for b in todo), cfg)
-        with frozen(split), exact, bar as advance:
+        with frozen(split), float32_exact(), bar as advance:
             for positions in todo:
                 sel = torch.tensor(list(positions))
                 x = to_format(data.batch(sel).to(device), fmt)
@@ -473,7 +503,13 @@ def score(
                     frames.append(frame)
                 advance(len(positions))
         points = run.points() if run else pd.concat(frames, ignore_index=True)
-        summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs, cfg=cfg)
+        try:
+            summary = summarize(points, loss=loss, norms=norms if loss else None, num_outputs=split.num_outputs,
+                                cfg=cfg)
+        except KeyError as exc:  # a resumed points.csv without a column this run writes
+            if run is None or not exc.args or exc.args[0] in points.columns:
+                raise
+            raise run.damaged_points(f"no {exc.args[0]} column") from None
         summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
         if cfg.certify:
             summary["certify_used"] = certify_used

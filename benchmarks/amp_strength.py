@@ -1,4 +1,4 @@
-"""Does a low-precision gradient path change the AS it reports? Per seed, against float32 (issue 9 C).
+"""Does a low-precision gradient path change the AS it reports? Per seed, against float32.
 
 On the WideResNet-16-4 (random weights) and batch of ``attack_cost.py``, PGD (eps 8/255, 20 steps,
 rel_step 0.7) runs with the float32 objective and with gradient passes under bf16 autocast

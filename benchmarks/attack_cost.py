@@ -1,5 +1,5 @@
 """What asbound's AS attack costs, measured against its floor and against foolbox, in float32 and
-on the fast gradient paths (issue 9 C).
+on the fast gradient paths.
 
 On a RobustBench WideResNet-16-4 with random weights and a batch of random 32x32 inputs, split
 with :func:`asbound.models.split_model` and frozen with :func:`asbound.models.frozen`, the

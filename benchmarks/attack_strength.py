@@ -1,4 +1,4 @@
-"""How strong the AS attack is, and what it costs, against a strong reference (issue 9 B).
+"""How strong the AS attack is, and what it costs, against a strong reference.
 
 The AS score is a maximum over the ball; a weak attack understates it and makes every bound look
 better than it is. Per model, on the same datapoints, this measures each configuration's mean
@@ -10,12 +10,17 @@ and in seconds.
 
 Configurations: PGD (``asbound.attacks.PGD``, foolbox semantics), Auto-PGD
 (``asbound.attacks.APGD``: step halving at checkpoints, momentum 0.75; Croce and Hein 2020), their
-restarts, and output-diversified starts (ODI, Tashiro et al. 2020: ``k`` sign steps of size eps
-on ``w . g(x')`` for a random ``w``, then the attack from there).
+restarts, output-diversified starts (ODI, Tashiro et al. 2020: ``k`` sign steps of size eps on
+``w . g(x')`` for a random ``w``, then the attack from there), and ``asbound.attacks.Nystrom``: each
+step goes to the best box vertex of a Nystrom model of ``J^T J`` built from every gradient so far,
+the last two climb locally; ablations without the local tail and with a uniform random start.
 
 Models: the builtin representations on their own data (digits CNNs on digits 0-4, the dSprites
 LeNets) and two RobustBench architectures with random weights (WideResNet-16-4, PreActResNet-18)
-on the digits upsized to 32x32 RGB (no weights offline). The reference attack (minutes per
+on the digits upsized to 32x32 RGB (no weights offline): the six on which the attacks' settings
+were chosen. Held out (never used to choose a setting; ``--no-held-out`` leaves them out): a small
+timm vision transformer (patch 4, width 192, 6 blocks: attention, GELU, LayerNorm) and a ReLU
+MLP 3072-512-512-256, random weights, on the same 32x32 inputs. The reference attack (minutes per
 RobustBench model on 2 CPU cores) is cached under ``benchmarks/.cache/``; ``--no-cache`` reruns it.
 
     python benchmarks/attack_strength.py [--n 64] [--rb-n 16] [--ref-steps 200] [--ref-restarts 10]
@@ -33,12 +38,14 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from asbound.attacks import APGD, PGD, _keep_best, representation_shift
+from asbound.attacks import APGD, PGD, Nystrom, _keep_best, representation_shift
 from asbound.data import load_data
 from asbound.models import frozen, load_model, split_model
 from asbound.specs import parse_model_spec
 
 CACHE = Path(__file__).parent / ".cache"
+#: the first N_TUNED models of _models() are those the attacks' settings were chosen on; the rest are held out
+N_TUNED = 6
 
 
 class ODI:
@@ -74,10 +81,18 @@ CONFIGS: "dict[str, Callable[[float], object]]" = {
     "apgd-5 x4 restarts": lambda e: APGD(eps=e, steps=5, restarts=4),
     "odi-2 + apgd-8": lambda e: ODI(APGD(eps=e, steps=8), 2, 1),
     "odi-2 + apgd-8 x2 restarts": lambda e: ODI(APGD(eps=e, steps=8), 2, 2),
+    "nystrom-6": lambda e: Nystrom(eps=e, steps=6),
+    "nystrom-8": lambda e: Nystrom(eps=e, steps=8),
+    "nystrom-10": lambda e: Nystrom(eps=e, steps=10),
+    "nystrom-10, no tail": lambda e: Nystrom(eps=e, steps=10, tail=0),
+    "nystrom-10, uniform vertex": lambda e: Nystrom(eps=e, steps=10, one_sided=0.5, upper=0.5),
+    "nystrom-5 x2 restarts": lambda e: Nystrom(eps=e, steps=5, restarts=2),
+    "nystrom-14": lambda e: Nystrom(eps=e, steps=14),
+    "nystrom-20": lambda e: Nystrom(eps=e, steps=20),
 }
 
 
-def _models(n: int, rb_n: int) -> "list[tuple[str, torch.nn.Module, torch.Tensor, float]]":
+def _models(n: int, rb_n: int, held_out: bool = True) -> "list[tuple[str, torch.nn.Module, torch.Tensor, float]]":
     out = []
     for spec, data, classes, eps in (("builtin:digits-adversarial", "digits", "0-4", 8 / 255),
                                      ("builtin:digits-standard", "digits", "0-4", 8 / 255),
@@ -92,12 +107,31 @@ def _models(n: int, rb_n: int) -> "list[tuple[str, torch.nn.Module, torch.Tensor
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet
 
     x = load_data("digits", n=rb_n, resize=32).batch(torch.arange(rb_n)).expand(-1, 3, -1, -1).contiguous()
-    for name, make in (("WideResNet-16-4 (random)", lambda: WideResNet(depth=16, widen_factor=4)),
-                       ("PreActResNet-18 (random)", PreActResNet18)):
+    models = [("WideResNet-16-4 (random)", lambda: WideResNet(depth=16, widen_factor=4)),
+              ("PreActResNet-18 (random)", PreActResNet18)]
+    if held_out:
+        models += [("ViT-6x192 (timm, random)", _vit), ("MLP-3072-512-512-256 (random)", _mlp)]
+    for name, make in models:
         torch.manual_seed(0)
         net = make().eval()
         out.append((name, split_model(net, x[:8]), x, 8 / 255))
     return out
+
+
+def _vit() -> torch.nn.Module:
+    """A small timm vision transformer (patch 4, width 192, 6 blocks, 3 heads: GELU, LayerNorm,
+    attention), random weights."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+
+
+def _mlp() -> torch.nn.Module:
+    """A ReLU multilayer perceptron on the flattened 32x32 RGB image, random weights."""
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
 def _reference(name: str, objective: Callable, x: torch.Tensor, eps: float, steps: int, restarts: int,
@@ -122,6 +156,7 @@ def main() -> None:
     p.add_argument("--ref-restarts", type=int, default=10)
     p.add_argument("--no-cache", action="store_true", help="rerun the reference attack")
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-held-out", action="store_true", help="only the six models the attacks were tuned on")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,7 +166,9 @@ def main() -> None:
           f"the seed protocol (20 steps, 1 restart), and in seconds")
     summary: "dict[str, list[float]]" = {}
     costs: "dict[str, float]" = {}
-    for name, split, x, eps in _models(args.n, args.rb_n):
+    models = _models(args.n, args.rb_n, held_out=not args.no_held_out)
+    names, n_seen = [m[0] for m in models], N_TUNED
+    for name, split, x, eps in models:
         start = time.perf_counter()
         values, seconds = {}, {}
         with frozen(split):
@@ -158,10 +195,17 @@ def main() -> None:
             wall = f"{seconds[cname] / seed_s:5.2f}x" if cname in seconds else "  -   "
             print(f"  {cname:28s} AS {float(value.mean()):9.4f}  relative to the reference {ratio:6.4f}  "
                   f"cost {costs[cname]:6.2f}x seed (passes), {wall} (seconds)")
-    print("\nmean over the models of AS relative to the reference, and cost in passes relative to the seed protocol:")
-    for cname, ratios in summary.items():
-        hit = " <- meets 99% at <= 0.5x" if sum(ratios) / len(ratios) >= 0.99 and costs[cname] <= 0.5 else ""
-        print(f"  {cname:28s} {sum(ratios) / len(ratios):.4f}  (min {min(ratios):.4f})  cost {costs[cname]:6.2f}x{hit}")
+    groups = [(f"the {n_seen} models the attacks were tuned on", slice(0, n_seen))]
+    if len(names) > n_seen:
+        groups.append((f"all {len(names)} models (held out: {', '.join(names[n_seen:])})", slice(None)))
+    for title, sel in groups:
+        print(f"\nmean over {title} of AS relative to the reference (min over the models), and cost in passes "
+              f"relative to the seed protocol:")
+        for cname, ratios in summary.items():
+            r = ratios[sel]
+            hit = (" <- meets 99% (min 97.5%) at <= 0.5x"
+                   if sum(r) / len(r) >= 0.99 and min(r) >= 0.975 and costs[cname] <= 0.5 else "")
+            print(f"  {cname:28s} {sum(r) / len(r):.4f}  (min {min(r):.4f})  cost {costs[cname]:6.2f}x{hit}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_l2_as_score_is_eps_times_largest_singular_value():
     torch.testing.assert_close(result.value, exact.expand(4), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("attack_name", ["pgd", "apgd"])
+@pytest.mark.parametrize("attack_name", ["pgd", "apgd", "nystrom"])
 def test_linf_as_score_is_the_best_vertex_of_the_cube(attack_name):
     from asbound.attacks import ATTACKS
 
@@ -120,6 +120,7 @@ def _recording(objective):
         seen.append((x_adv.detach().clone(), value.detach().clone()))
         return value
 
+    wrapped.vanishes_at_x = getattr(objective, "vanishes_at_x", False)  # a shift stays a shift
     return wrapped, seen
 
 
@@ -362,7 +363,7 @@ def test_apgd_settings_are_checked():
         APGD(eps=0.1, momentum=1.5)
 
 
-@pytest.mark.parametrize("attack_name", ["pgd", "apgd"])
+@pytest.mark.parametrize("attack_name", ["pgd", "apgd", "nystrom"])
 def test_fast_gradients_keep_every_reported_value_float32(attack_name):
     from asbound.attacks import ATTACKS, FastObjective
 
@@ -399,3 +400,169 @@ def test_fast_objective_runs_under_autocast_and_returns_float32():
     assert seen == [torch.bfloat16] and value.dtype == torch.float32
     assert FastObjective(objective, None, "cpu")(torch.rand(4, 3)).dtype == torch.float32 and seen[-1] == torch.float32
 
+
+
+# --- the Nystrom attack: a model of J^T J from every step's gradient ----------------------------
+
+from asbound.attacks import APGD as _APGD, Nystrom as _Nystrom  # noqa: E402 - the originals, for the wrappers
+
+APGD_RUN, MODEL_STEP = _APGD._run_once, _Nystrom._model_step
+
+
+def test_nystrom_finds_the_top_singular_vector_of_a_linear_map_exactly():
+    """g(x) = A x, L2, the box not binding: the optimum is eps * sigma_max at x + eps v_1 (v_1 the
+    top right singular vector). Each step's gradient gives A^T A d, so after rank(A) = 5 steps
+    the model is A^T A itself and its top eigenvector is the next point."""
+    from asbound.attacks import Nystrom
+
+    torch.manual_seed(7)
+    A = torch.randn(5, 12, dtype=torch.float64)
+    x = torch.full((3, 12), 0.5, dtype=torch.float64)
+    eps = 0.1
+    objective, seen = _recording(representation_shift(linear_features(A), x))
+    result = Nystrom(eps=eps, norm="2", steps=7, tail=1)(objective, x, generator=torch.Generator().manual_seed(1))
+    _, S, Vh = torch.linalg.svd(A)
+    torch.testing.assert_close(result.value, (eps * S[0]).expand(3), rtol=1e-9, atol=0)
+    cosine = ((result.x_adv - x) @ Vh[0]) / eps
+    torch.testing.assert_close(cosine.abs(), torch.ones(3, dtype=torch.float64), rtol=1e-9, atol=0)
+    # reached by the 6th pass at the latest: the model's step after 5 points, where the model is exact
+    torch.testing.assert_close(seen[6][1], (eps * S[0]).expand(3), rtol=1e-9, atol=0)
+    # the start is far from it: the steps found it
+    assert float(seen[1][1].max()) < float(eps * S[0]) * 0.99
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_nystrom_evaluates_only_points_of_the_threat_set_and_keeps_the_best(norm):
+    from asbound.attacks import Nystrom
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 6))
+    x = torch.rand(9, 3, 6, 6)
+    x[:, 0] = 0.0  # coordinates with room on one side only
+    x[:, 1, :2] = 1.0
+    eps = 0.15 if norm == "inf" else 1.0
+    with frozen(net):
+        objective, seen = _recording(representation_shift(net, x))
+        result = Nystrom(eps=eps, norm=norm, steps=8, restarts=2)(objective, x)
+    assert len(seen) == 1 + 2 * (8 + 1)  # the clean point, and per restart every step and the last point
+    for x_adv, _ in seen:
+        assert torch.all(_radius(x_adv, x, norm) <= eps * (1 + 1e-6))
+        assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    values = torch.stack([v for _, v in seen])
+    torch.testing.assert_close(result.value, values.max(0).values, rtol=0, atol=0)
+    for i, k in enumerate(values.argmax(0).tolist()):
+        torch.testing.assert_close(result.x_adv[i], seen[k][0][i], rtol=0, atol=0)
+    with torch.no_grad():  # the value is the float32 objective at the kept point
+        assert result.value.dtype == torch.float32
+        torch.testing.assert_close(result.value, (net(result.x_adv) - net(x)).norm(dim=1), rtol=0, atol=0)
+
+
+def test_nystrom_is_at_least_as_strong_as_its_start_and_the_model_steps_add():
+    """The first point is the random vertex (``random_vertex``); a later point is kept only where it
+    is better, so the result is never below the start or any other point, even where the steps go
+    downhill (an oscillating g); on a ReLU net the model's steps beat the start everywhere."""
+    from asbound.attacks import Nystrom
+
+    torch.manual_seed(9)
+    W = torch.randn(48, 8)
+    wavy = lambda z: torch.sin(60 * z) @ W  # noqa: E731
+    x = torch.rand(64, 48)
+    attack = Nystrom(eps=0.1, steps=4)
+    objective, seen = _recording(representation_shift(wavy, x))
+    result = attack(objective, x, generator=torch.Generator().manual_seed(3))
+    start = x + attack.random_vertex(x, torch.Generator().manual_seed(3)).view_as(x)
+    torch.testing.assert_close(seen[1][0], start, rtol=0, atol=0)  # the first point after the clean one
+    values = torch.stack([v for _, v in seen])
+    assert bool((seen[-1][1] < values[:-1].max(0).values).any())  # the last point is not the best somewhere ...
+    assert torch.all(result.value >= seen[1][1])  # ... the result is never below the start
+    torch.testing.assert_close(result.value, values.max(0).values, rtol=0, atol=0)  # nor below any point
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 8))
+    with frozen(net):
+        objective, seen = _recording(representation_shift(net, x))
+        result = Nystrom(eps=0.1, steps=6)(objective, x, generator=torch.Generator().manual_seed(3))
+    assert torch.all(result.value > seen[1][1] * 1.05)
+
+
+def test_nystrom_start_moves_one_sided_coordinates_sparsely_and_the_others_up():
+    from asbound.attacks import Nystrom
+
+    x = torch.cat([torch.zeros(1, 4000), torch.ones(1, 4000), torch.full((1, 4000), 0.5)], 1).double()
+    eps = 0.125
+    d = Nystrom(eps=eps, one_sided=0.25, upper=0.75).random_vertex(x, torch.Generator().manual_seed(0))
+    at0, at1, mid = d[0, :4000], d[0, 4000:8000], d[0, 8000:]
+    assert set(at0.tolist()) == {0.0, eps} and abs(float((at0 > 0).float().mean()) - 0.25) < 0.03
+    assert set(at1.tolist()) == {0.0, -eps} and abs(float((at1 < 0).float().mean()) - 0.25) < 0.03
+    assert set(mid.tolist()) == {-eps, eps} and abs(float((mid > 0).float().mean()) - 0.75) < 0.03
+
+
+def test_nystrom_is_deterministic_under_a_seed():
+    from asbound.attacks import Nystrom
+
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.rand(6, 20)
+    with frozen(net):
+        objective = representation_shift(net, x)
+        runs = [Nystrom(eps=0.2, steps=6, restarts=2)(objective, x, generator=torch.Generator().manual_seed(s))
+                for s in (4, 4, 5)]
+    assert torch.equal(runs[0].x_adv, runs[1].x_adv) and torch.equal(runs[0].value, runs[1].value)
+    assert not torch.equal(runs[0].x_adv, runs[2].x_adv)
+
+
+def test_nystrom_without_a_random_start_stays_at_x():
+    from asbound.attacks import Nystrom
+
+    A = torch.randn(3, 4)
+    x = torch.full((2, 4), 0.5)
+    for norm in ("inf", "2"):
+        still = Nystrom(eps=0.1, norm=norm, steps=5, random_start=False)(representation_shift(linear_features(A), x), x)
+        torch.testing.assert_close(still.x_adv, x, rtol=0, atol=0)
+        torch.testing.assert_close(still.value, torch.zeros(2), rtol=0, atol=0)
+
+
+def test_nystrom_runs_apgd_on_any_other_objective(monkeypatch):
+    """The model needs an objective that vanishes with its gradient at x; a loss does not."""
+    from asbound.attacks import APGD, Nystrom
+
+    runs, steps = [], []
+    monkeypatch.setattr(APGD, "_run_once", lambda self, *a, **k: runs.append(type(self)) or APGD_RUN(self, *a, **k))
+    monkeypatch.setattr(Nystrom, "_model_step", lambda self, *a: steps.append(1) or MODEL_STEP(self, *a))
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.rand(5, 10), torch.tensor([0, 1, 2, 0, 1])
+    objective = loss_objective(net, cross_entropy, y)
+    with frozen(net):
+        ours = Nystrom(eps=0.1, steps=5, restarts=2)(objective, x, generator=torch.Generator().manual_seed(1))
+        apgd = APGD(eps=0.1, steps=5, restarts=2)(objective, x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours.x_adv, apgd.x_adv) and torch.equal(ours.value, apgd.value)
+    assert runs == [APGD] * 4 and steps == []  # two restarts each, none of them Nystrom's
+    assert representation_shift(net, x).vanishes_at_x and not getattr(objective, "vanishes_at_x", False)
+    with frozen(net):
+        Nystrom(eps=0.1, steps=5)(representation_shift(net, x), x)
+    assert steps and runs == [APGD] * 4  # and on the shift its own model
+
+
+def test_nystrom_settings_are_checked():
+    from asbound.attacks import Nystrom
+
+    with pytest.raises(ConfigError, match="select"):
+        Nystrom(eps=0.1, select="last")
+    with pytest.raises(ConfigError, match="tail"):
+        Nystrom(eps=0.1, tail=-1)
+    with pytest.raises(ConfigError, match="one_sided"):
+        Nystrom(eps=0.1, one_sided=1.5)
+
+
+def test_nystrom_model_steps_never_revisit_a_point():
+    """Once the sign iteration of the model settles on a visited vertex, the step goes to the best
+    unvisited one: on a linear map in L-inf no vertex is evaluated twice."""
+    from asbound.attacks import Nystrom
+
+    torch.manual_seed(12)
+    A = torch.randn(3, 6, dtype=torch.float64)
+    x = torch.full((4, 6), 0.5, dtype=torch.float64)
+    objective, seen = _recording(representation_shift(linear_features(A), x))
+    Nystrom(eps=0.05, steps=12, tail=0)(objective, x, generator=torch.Generator().manual_seed(2))
+    points = torch.stack([p for p, _ in seen[1:-1]], 1)  # [N, 12 passes, 6]
+    for i in range(len(x)):
+        assert len({tuple(row) for row in points[i].tolist()}) == 12

@@ -96,6 +96,81 @@ def test_a_damaged_record_is_one_line_in_table_and_plot(case, damage, copy, caps
     assert not (tmp_path / "f.png").exists()
 
 
+def _set(path: str, value):
+    """An edit of a JSON record: the field at the dotted ``path`` (list items by number) set to ``value``."""
+    def edit(record: dict) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for key in parents:
+            record = record[key]
+        if value is KeyError:
+            del record[last]
+        else:
+            record[last] = value
+    return edit
+
+
+# (run kind, record, field, value, the problem named, commands that read the field); each command
+# ended in a traceback (TypeError, ValueError, KeyError, AttributeError) before
+FIELDS = {
+    "summary as_score": ("score", "summary.json", "as_score", "x", "as_score is a string, not a number",
+                         ["table lemma1", "plot lhs-rhs"]),
+    "summary prop_fulfilled": ("score", "summary.json", "prop_fulfilled", "x",
+                               "prop_fulfilled is a string, not a number",
+                               ["table theorem2", "plot margin-vs-sensitivity"]),
+    "final test": ("transfer", "final.json", "test", "x", "test is a string, not an object",
+                   ["table transfer", "rerun"]),
+    "final no test": ("transfer", "final.json", "test", KeyError, "test is missing", ["rerun"]),
+    "final pgd key": ("transfer", "final.json", "test.pgd", {"x": 0.5},
+                      "test.pgd has the key 'x'; its keys are step counts", ["rerun"]),
+    "final clean accuracy": ("transfer", "final.json", "test.clean_accuracy", "x",
+                             "test.clean_accuracy is a string, not a number", ["table transfer", "rerun"]),
+    "final score_after": ("transfer", "final.json", "score_after", "x", "score_after is a string, not an object",
+                          ["table lemma1", "plot lhs-rhs", "rerun"]),
+    "final stage": ("transfer", "final.json", "stages.0", "x", "stages[0] is a string, not an object", ["rerun"]),
+    "final method": ("transfer", "final.json", "method", 3, "method is a number, not a string", ["rerun"]),
+    "sweep params": ("sweep", "sweep.json", "cells.0.params", "x", "cells[0].params is a string, not an object",
+                     ["table eps", "plot eps"]),
+    "sweep base": ("sweep", "sweep.json", "base", "x", "base is a string, not an object", ["rerun"]),
+    "predict config": ("predict", "predict.json", "config", [1], "config is a list, not an object", ["rerun"]),
+    "predict tasks": ("predict", "predict.json", "tasks", "x", "tasks is a string, not a list",
+                      ["table predict", "plot predict"]),
+    "predict ratio": ("predict", "predict.json", "tasks.0.ratio", "x", "tasks[0].ratio is a string, not a number",
+                      ["table predict"]),
+    "predict pretrain": ("predict", "predict.json", "pretrain", "x", "pretrain is a string, not an object",
+                         ["table predict"]),
+    "predict threshold": ("predict", "predict.json", "threshold", "x", "threshold is a string, not a number",
+                          ["table predict"]),
+    "predict spearman": ("predict", "predict.json", "spearman", "x", "spearman is a string, not an object",
+                         ["table predict"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELDS))
+def test_a_record_with_a_field_of_another_type_is_one_line(case, copy, capsys, tmp_path):
+    """Valid JSON whose fields are not what asbound writes: one line naming the file, the field
+    and what to do, from every command that reads it; nothing in the run changes."""
+    kind, name, field, value, problem, commands = FIELDS[case]
+    run = copy(kind)
+    record = json.loads((run / name).read_text())
+    _set(field, value)(record)
+    (run / name).write_text(json.dumps(record))
+    before = _snapshot(run)
+    for command in commands:
+        verb, what = command.split()[0], command.split()[-1]
+        argv = {"table": ["table", run, "--style", what], "plot": ["plot", run, "--kind", what, "--out",
+                                                                    tmp_path / "f.png"],
+                "rerun": getattr(tiny_runs, kind)(run)}[verb]
+        line = _error(capsys, argv)
+        assert f"{run / name} is damaged or not asbound's ({problem})" in line, (command, line)
+        assert REMEDY_WORDS[name] in line, (command, line)
+    assert _snapshot(run) == before
+    assert not (tmp_path / "f.png").exists()
+
+
+REMEDY_WORDS = {"summary.json": "written again from points.csv", "final.json": "model.pt is kept",
+                "sweep.json": "another --out", "predict.json": "delete it and rerun the predict command"}
+
+
 def test_a_sweep_whose_cells_are_not_a_list_is_one_line(copy, capsys):
     run = copy("sweep")
     (run / "sweep.json").write_text(json.dumps({**json.loads((run / "sweep.json").read_text()), "cells": "x"}))
@@ -103,7 +178,8 @@ def test_a_sweep_whose_cells_are_not_a_list_is_one_line(copy, capsys):
     line = _error(capsys, ["table", run, "--style", "eps"])
     assert f"{run / 'sweep.json'} is damaged" in line and "cells" in line
     line = _error(capsys, tiny_runs.sweep(run))
-    assert f"{run / 'sweep.json'} is not a readable asbound sweep" in line and "another --out" in line
+    assert f"{run / 'sweep.json'} is damaged or not asbound's (cells is a string, not a list)" in line
+    assert "another --out" in line
     assert _snapshot(run) == before
 
 
@@ -126,6 +202,66 @@ def test_damaged_points_are_one_line_in_plot_and_rerun_and_deleting_them_rescore
     (run / "points.csv").unlink()  # the remedy
     _ok(capsys, tiny_runs.score(run))
     pd.testing.assert_frame_equal(pd.read_csv(run / "points.csv"), pd.read_csv(runs / "score" / "points.csv"))
+
+
+def _robust_maybe(points: pd.DataFrame) -> pd.DataFrame:
+    robust = points["robust"].astype(object)
+    robust[:] = ["maybe"] + ["False"] * 3 + ["True"] * (len(points) - 4)
+    return points.assign(robust=robust)
+
+
+# (edit of a real points.csv, the problem named); before, the rerun summarised them silently
+# (a summary with n 15 or 16 for an 8-point run; 'maybe' and 'False' counted robust: robust
+# accuracy 100% for 4 of 8 recorded robust) or ended in a traceback (plot: ValueError)
+POINT_DAMAGES = {
+    "a position twice": (lambda p: p.assign(position=[0] + list(p["position"][1:-1]) + [0]),
+                         "position 0 is in rows 1 and 8"),
+    "positions outside the run": (lambda p: p.assign(position=p["position"] + 90),
+                                  "position 90 is outside this run's 8 datapoints"),
+    "a margin that is no number": (lambda p: p.assign(margin=["abc"] + list(p["margin"][1:])),
+                                   "margin 'abc' in row 1 is not a number"),
+    "robust neither True nor False": (_robust_maybe, "robust 'maybe' in row 1 is not True or False"),
+}
+
+
+@pytest.mark.parametrize("case", list(POINT_DAMAGES))
+def test_points_with_damaged_rows_are_one_line_in_plot_and_rerun(case, copy, capsys, runs, tmp_path):
+    edit, problem = POINT_DAMAGES[case]
+    run = copy("score")
+    edit(pd.read_csv(run / "points.csv")).to_csv(run / "points.csv", index=False)
+    before = _snapshot(run)
+    lines = [_error(capsys, tiny_runs.score(run))]
+    if case != "positions outside the run":  # (the plot does not know the run's size)
+        lines.append(_error(capsys, ["plot", run, "--kind", "margin-vs-sensitivity", "--out", tmp_path / "f.png"]))
+    for line in lines:
+        assert f"{run / 'points.csv'} is damaged or not asbound's ({problem})" in line, line
+        assert "delete it to score every datapoint again" in line
+    assert _snapshot(run) == before
+    (run / "points.csv").unlink()  # the remedy
+    _ok(capsys, tiny_runs.score(run))
+    pd.testing.assert_frame_equal(pd.read_csv(run / "points.csv"), pd.read_csv(runs / "score" / "points.csv"))
+
+
+@pytest.mark.parametrize("rows", ["all", "some"])
+def test_points_without_a_column_the_run_writes_are_refused_not_appended_to(rows, copy, capsys):
+    """Before: KeyError 'sensitivity' (every row there), or the rerun appended rows one column wider
+    than the header (some rows there), which the next read refused as not a CSV table."""
+    run = copy("score")
+    points = pd.read_csv(run / "points.csv").drop(columns=["sensitivity"])
+    (points if rows == "all" else points.iloc[:5]).to_csv(run / "points.csv", index=False)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.score(run))
+    assert f"{run / 'points.csv'} is damaged or not asbound's (no sensitivity column)" in line, line
+    assert "delete it to score every datapoint again" in line
+    assert _snapshot(run) == before
+
+
+def test_points_without_rows_are_one_line_in_plot(copy, capsys, tmp_path):
+    run = copy("score")
+    pd.read_csv(run / "points.csv").iloc[:0].to_csv(run / "points.csv", index=False)
+    line = _error(capsys, ["plot", run, "--kind", "margin-vs-sensitivity", "--out", tmp_path / "f.png"])
+    assert f"{run / 'points.csv'} is damaged or not asbound's (no rows)" in line, line
+    _ok(capsys, tiny_runs.score(run))  # the rerun scores every datapoint again
 
 
 def test_a_damaged_summary_is_written_again_by_the_rerun(copy, runs, capsys):
@@ -256,6 +392,15 @@ def files(tmp_path_factory) -> Path:
     torch.save(nn.Linear(64, 5), root / "module.pt")
     torch.save(nn.Linear(64, 5).state_dict(), root / "state.pt")
     (root / "truncated.pt").write_bytes((root / "state.pt").read_bytes()[:300])
+    nan_head = nn.Linear(64, 5)
+    nan_head.weight.data[0, 0] = float("nan")
+    torch.save(nan_head.state_dict(), root / "nan_head.pt")
+    torch.save({"weight": torch.zeros(0, 64), "bias": torch.zeros(0)}, root / "no_rows.pt")
+    for name, layer, value in (("nan_model.pt", 3, float("nan")), ("inf_model.pt", 1, float("inf"))):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+        model[layer].weight.data[0, 0] = value
+        torch.save(model, root / name)
+    (root / "a_folder.pt").mkdir()
     return root
 
 
@@ -273,6 +418,11 @@ SCORE = ["score", *tiny_runs.DIGITS, "--classes", "0-4", "--n", "4", "--steps", 
     ("--head", "truncated.pt", "is not a torch.save file"),
     ("--head", "module.pt", "is not a state dict: it holds pickled Python objects (torch.nn.modules.linear.Linear)"),
     ("--weights", "garbage.pt", "is not a torch.save file"),
+    # before: a LinAlgError and a RuntimeError traceback; 'does not exist' for a folder
+    ("--head", "nan_head.pt", "holds non-finite values (nan or inf) in its weight"),
+    ("--head", "no_rows.pt", "must hold {'weight': [K, 64], 'bias': [K]} with K >= 1"),
+    ("--head", "a_folder.pt", "is a directory, not a file"),
+    ("file", "a_folder.pt", "is a directory, not a file"),
 ])
 def test_a_file_that_is_not_what_the_option_expects(option, name, expected, files, tmp_path, capsys):
     path = files / name
@@ -287,6 +437,19 @@ def test_a_file_that_is_not_what_the_option_expects(option, name, expected, file
     assert "weights_only" not in line  # never the advice to unpickle an unknown file
     if expected.startswith("is not a torch.save file") or "not an nn.Module" in expected:
         assert "--allow-pickle" not in line and "pickled nn.Module" not in line
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nan_model.pt", "the model's parameter 3.weight holds nan"),
+    ("inf_model.pt", "the model's parameter 1.weight holds inf"),
+])
+def test_a_model_whose_weights_are_not_finite_says_so(name, expected, files, tmp_path, capsys):
+    """Before: 'cannot run on digits inputs of shape 1x8x8: RuntimeError: atol must be greater than
+    or equal to zero, but got -nan; give data in the model's input format, or --resize SIDE'."""
+    line = _error(capsys, ["score", "--model", f"file:{files / name}", "--allow-pickle", "--data", "digits",
+                           "--n", "4", "--out", tmp_path / "out"])
+    assert expected in line and "--resize" not in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_text_file_is_no_pickled_module_with_allow_pickle_either(files, tmp_path, capsys):
@@ -311,6 +474,19 @@ def _score_run(run: Path, tmp_path: Path) -> "list":
     ("no base model", lambda c: c["base"].pop("model"), "(its base has no model spec)"),
     ("bad input shape", lambda c: c["base"].update(input_shape="x"), "input_shape 'x' is not a list of sizes"),
     ("bad classes", lambda c: c.update(num_classes="5"), "num_classes '5' is not a whole number"),
+    ("classes true", lambda c: c.update(num_classes=True), "num_classes True is not a whole number >= 1"),
+    ("no classes", lambda c: c.update(num_classes=0), "num_classes 0 is not a whole number >= 1"),
+    ("negative input shape", lambda c: c["base"].update(input_shape=[1, -8, 8]),
+     "input_shape [1, -8, 8] is not a list of sizes"),
+    ("fractional input shape", lambda c: c["base"].update(input_shape=[1, 8.0, 8]),
+     "input_shape [1, 8.0, 8] is not a list of sizes"),
+    # before: RuntimeError (a 1-channel model on 3x32x32) and TypeError (PeftSpec(x=1)) tracebacks
+    ("input shape of another model", lambda c: c["base"].update(input_shape=[3, 32, 32]),
+     "its base model builtin:digits-adversarial/digits0-4 cannot run on its input_shape [3, 32, 32]: "),
+    ("structure of other keys", lambda c: c.update(structure={"x": 1}),
+     "its structure has the key 'x'; a saved structure has variant, rank"),
+    ("structure of other types", lambda c: c.update(structure={"variant": "adapter", "reduction": "8"}),
+     "its structure's reduction '8' is not a whole number"),
 ])
 def test_a_run_whose_config_is_not_a_transfer_config(case, edit, expected, copy, tmp_path, capsys):
     run = copy("transfer")

@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -460,6 +461,33 @@ def test_a_refused_certificate_leaves_no_run_directory(tmp_path, capsys):
     assert main(base) == 0  # the same directory, now without --certify
 
 
+class CatHead(nn.Module):
+    """Supported modules, an unsupported operation (``torch.cat``) between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.lin, self.head = nn.Flatten(), nn.Linear(64, 4), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        return self.head(torch.cat([h, 2 * h], 1))
+
+
+def test_an_unsupported_operation_is_refused_before_the_run_directory_exists(tmp_path, capsys):
+    """Before: the refusal came at the first batch, after config.json was written (with certify
+    'ibp'), and the same command without --certify was then refused ('holds a run with other
+    settings (certify: 'ibp' -> None)')."""
+    torch.save(CatHead(), tmp_path / "cat.pt")
+    out = tmp_path / "run"
+    base = ["score", "--model", f"file:{tmp_path / 'cat.pt'}", "--allow-pickle", "--data", "digits", "--n", "4",
+            "--steps", "1", "--out", str(out), "--no-progress"]
+    assert main(base + ["--certify", "ibp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "function cat is not supported on the representation" in err
+    assert not (out / "config.json").exists()
+    assert main(base) == 0
+
+
 def test_a_negative_batch_norm_scale_counts_by_its_size():
     bn = nn.BatchNorm1d(4).double().eval()
     bn.weight.data = torch.tensor([-1.5, 1.2, 0.3, -0.2], dtype=torch.float64)
@@ -613,6 +641,122 @@ def test_an_in_place_op_through_an_alias_is_refused(alias, monkeypatch):
     if alias not in UNBOUNDED:  # why: the graph (out(h)) is not the network (out(relu(h)))
         x = torch.rand(2, 4, dtype=torch.float64)
         assert not torch.allclose(_graph_value(net, x, monkeypatch), net(x))
+
+
+class TruthyInPlace(nn.Module):
+    """``h = lin(x) = (x0 - .47, .53 - x0)``, positive at ``x0 = .5``; an in-place ReLU whose flag is
+    true but not ``True`` (torch reads it with ``if inplace:``) reaches ``h`` through an eval
+    dropout; ``out(h) = h0 + h1`` reads ``h`` after it. The graph (ReLU modelled out of place) is the
+    constant ``0.06``; the network computes ``relu(h0) + relu(h1)``, which equals it at ``x0 = .5``
+    and grows to ``0.13`` at ``x0 = .6``: the head (class 0 iff ``g0 < 0.1``) changes class there."""
+
+    def __init__(self, flag, functional: bool = False) -> None:
+        super().__init__()
+        self.flat, self.lin, self.dropout = nn.Flatten(), nn.Linear(16, 2), nn.Dropout(0.5)
+        self.act, self.out, self.head = nn.ReLU(inplace=flag), nn.Linear(2, 2), nn.Linear(2, 2)
+        self.flag, self.functional = flag, functional
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.weight[:, 0] = torch.tensor([1.0, -1.0])
+            self.lin.bias.copy_(torch.tensor([-0.47, 0.53]))
+            self.out.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+            self.out.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+            self.head.bias.copy_(torch.tensor([0.1, -0.1]))
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        d = self.dropout(h)
+        r = torch.nn.functional.relu(d, self.flag) if self.functional else self.act(d)
+        return self.head(self.out(h) + 0 * r)
+
+
+@pytest.mark.parametrize("flag, functional", [(1, False), (np.True_, False), (torch.tensor(True), False),
+                                              (1, True), (torch.tensor(True), True)],
+                         ids=["module-int", "module-numpy", "module-tensor", "function-int", "function-tensor"])
+def test_an_in_place_flag_that_is_true_but_not_True_is_refused(flag, functional, monkeypatch):
+    """Before: ``inplace=1`` passed the in-place check (``is True``) and a score run recorded s_upper
+    1e-12 against the attacks' shifts 0.05-0.09 (exit 0)."""
+    net = TruthyInPlace(flag, functional).eval()
+    with pytest.raises(ModelError, match="works in place on a tensor that is used again"):
+        Bounder(net)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[:, 0, 0, 0] = torch.tensor([0.5, 0.6], dtype=torch.float64)
+    with torch.no_grad():  # why: the graph (out(h), constant) is not the network at x0 = .6
+        graph, network = _graph_value(net.double(), x, monkeypatch), net.double()(x)
+    assert torch.allclose(graph[0], network[0]) and not torch.allclose(graph[1], network[1])
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_a_graph_that_is_the_network_at_x_only_stops_the_run_at_the_attacks_point(tmp_path, method, monkeypatch,
+                                                                                   capsys):
+    """Without the static in-place refusal, TruthyInPlace's graph equals the network at every clean
+    point (``x0`` in ``[.48, .52]``, both ``h`` positive), so the check at ``x`` passes; the network is
+    checked against its graph at the attacks' points too, and the run stops there. Before: exit 0,
+    every row recorded with s_upper 1e-12 (crown) below the attacks' shifts 0.05-0.09, the measured
+    difference taken for float32 rounding."""
+    import asbound.certify as certify
+
+    monkeypatch.setattr(certify, "_stale_read", lambda *args: None)
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 0] = torch.tensor([0.50, 0.49, 0.51, 0.52, 0.48, 0.50])
+    torch.save(TruthyInPlace(True).eval(), tmp_path / "net.pt")
+    torch.save({"x": x, "y": torch.zeros(6, dtype=torch.long), "num_classes": 2}, tmp_path / "data.pt")
+    run = tmp_path / "run"
+    argv = ["score", "--model", f"file:{tmp_path / 'net.pt'}", "--allow-pickle", "--data",
+            f"tensors:{tmp_path / 'data.pt'}", "--n", "all", "--eps", "0.1", "--batch-size", "3", "--device", "cpu",
+            "--no-progress", "--out", str(run), "--certify", method]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.search(r"certify: point \d+ \(position \d+\): the network's g\(x\) differs from its traced "
+                     r"graph's at an attack's point by 0\.0\d+ in float64", err), err
+    assert not (run / "points.csv").exists()
+
+
+def test_a_scored_network_far_from_the_graph_at_an_attacks_point_is_refused():
+    """The float32 network at an attack's kept point against the graph there: beyond FLOAT32_LIMIT
+    it is not rounding (before, the difference was measured into the slack, which then let the
+    recorded shift exceed s_upper by as much)."""
+    from asbound.certify import CheckFailed, check_attack_points
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    bounder = Bounder(net)
+    x = torch.rand(3, 1, 2, 2)
+    bound = sensitivity_upper(bounder, x, 0.05, "inf")
+    x_adv = (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        g32, g32_adv = net(x), net(x_adv)
+    rounding = check_attack_points(bounder, bound, x, x_adv, g32_adv, g32, 0.05, "inf")
+    assert torch.all(rounding < 1e-5)
+    far = g32_adv.clone()
+    far[1] += 0.05 * (bound["g"][1].norm() + bound["s_upper"][1]).float()
+    with pytest.raises(CheckFailed, match="the scored network's g at an attack's point is") as caught:
+        check_attack_points(bounder, bound, x, x_adv, far, g32, 0.05, "inf")
+    assert caught.value.row == 1
+
+
+def test_a_leaf_module_whose_forward_is_replaced_on_the_instance_is_refused(monkeypatch):
+    """``act.forward = relu(z) + 100 relu(z - 0.5)`` on an nn.ReLU: tracing records the ReLU (a leaf),
+    the bounds follow nn.ReLU, the network runs the replacement. Equal wherever ``z < 0.5`` (the
+    graph check at x passes there), 100 times steeper above: before, Bounder accepted it."""
+    import types
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    net[2].forward = types.MethodType(lambda self, z: torch.relu(z) + 100 * torch.relu(z - 0.5), net[2])
+    with pytest.raises(ModelError, match=r"module 2 \(ReLU\) has its forward replaced on the instance"):
+        Bounder(net)
+    import copy
+
+    net[1].bias.data = 0.49 - net[1].weight.data.clamp(min=0).sum(1) - 0.2  # z < 0.5 at x = 0, not at x = 1
+    net[1].weight.data[:, 0] = 1.0
+    plain = copy.deepcopy(net)  # what the graph computes: the class's forward
+    del plain[2].forward
+    with torch.no_grad():
+        x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+        assert torch.all(net[1](net[0](x)) < 0.5)
+        assert torch.equal(plain(x), net(x)) and not torch.allclose(plain(x + 1), net(x + 1))
 
 
 class Augmented(nn.Module):
@@ -960,7 +1104,7 @@ def test_float32_shifts_exceed_an_exact_bound_by_rounding_never_by_more_than_the
 
 
 def test_float32_exact_turns_tf32_off_and_restores_it():
-    from asbound.certify import float32_exact
+    from asbound.devices import float32_exact
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
@@ -1105,13 +1249,15 @@ def test_rounding_that_follows_the_intermediate_values_is_measured_into_the_slac
     torch.save({"x": x, "y": torch.zeros(48, dtype=torch.long), "num_classes": 2}, tmp_path / "data.pt")
     pts = score(ScoreConfig(model=f"file:{tmp_path / 'net.pt'}", data=f"tensors:{tmp_path / 'data.pt'}"),
                 allow_pickle=True, eps=eps, n=None, steps=10, certify="ibp", batch_size=48, progress=False).points
-    upper = pts["s_upper"].to_numpy()
-    assert abs(upper / (eps * float(w.double().sum())) - 1).max() < 1e-6  # IBP is exact here
+    exact = eps * float(w.double().sum())  # IBP is exact here
+    upper, recorded = pts["s_upper"].to_numpy(), pts["sensitivity"].to_numpy()
+    # the recorded s_upper is the float64 bound, raised to the recorded float32 shift where that is above it
+    assert (upper >= exact * (1 - 1e-12)).all() and (upper >= recorded).all()
+    assert abs(upper - np.maximum(exact, recorded)).max() < 1e-9 * exact
     with torch.no_grad():
         g = torch.relu((torch.tensor(x.view(48, d).numpy(), dtype=torch.float64) + 10) @ w.double() - c).view(48, 1)
-    modelled = certify.float32_slack(g, torch.tensor(upper), eps, "inf", d).numpy()
-    excess = pts["sensitivity"].to_numpy() - upper
-    assert (excess > modelled).sum() > 5
+    modelled = certify.float32_slack(g, torch.full((48,), exact, dtype=torch.float64), eps, "inf", d).numpy()
+    assert (recorded - exact > modelled).sum() > 5
 
 
 class LowPrecision(nn.Module):
@@ -1406,3 +1552,26 @@ def test_crown_is_exact_through_padded_and_adaptive_average_pooling(method):
             centre = net(mid[i:i + 1]).flatten()
         torch.testing.assert_close(box.hi[i], centre + J.abs() @ rad[i].flatten(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(box.lo[i], centre - J.abs() @ rad[i].flatten(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_sound_run_records_no_shift_above_s_upper(tmp_path):
+    """A linear representation on an L2 ball: the bound is the exact eps sigma_max and the attack
+    reaches it; float32 rounding put 15 of 64 recorded sensitivities above the float64 bound (by up
+    to 8.4e-8, 1.9e-6 of it). The recorded s_upper is raised to them: never below a recorded shift,
+    and above the exact bound by no more than that rounding."""
+    from asbound import ScoreConfig, score
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.Linear(4, 3))
+    x = torch.rand(64, 1, 4, 4).clamp(0.2, 0.8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    torch.save(net, tmp_path / "net.pt")
+    torch.save({"x": x, "y": y, "num_classes": 3}, tmp_path / "data.pt")
+    pts = score(ScoreConfig(model=f"file:{tmp_path / 'net.pt'}", data=f"tensors:{tmp_path / 'data.pt'}"),
+                allow_pickle=True, eps=0.05, norm="2", n=None, steps=20, certify="ibp", batch_size=64,
+                progress=False).points
+    assert (pts["sensitivity"] <= pts["s_upper"]).all()
+    exact = 0.05 * torch.linalg.matrix_norm(net[1].weight.double(), 2).item()  # g = W1 x; the last Linear is the head
+    assert (pts["s_upper"] >= exact * (1 - 1e-9)).all() and (pts["s_upper"] <= exact * (1 + 1e-5)).all()
+    assert (pts["s_upper"] > exact * (1 + 1e-12)).any()  # some rows were raised (else the case shows nothing)

@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,32 @@ def test_embedded_default(tmp_path, capsys, monkeypatch):
     assert f"{reg['as_score']:.4g}" in text and f"{cls['lhs']:.4g}" in text
 
 
+def test_the_readme_shows_what_the_embedded_default_prints(tmp_path, capsys, monkeypatch):
+    """The README's first run is `asbound score` with its output: the recorded default run
+    (reports/default, made by analyses/default_score.sh) reread at 80 columns prints exactly the
+    README's lines (they lacked the title line and named reports/default for runs/default)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("$ asbound score\n", 1)[1].split("```", 1)[0].splitlines()
+    shutil.copytree(Path(__file__).parents[1] / "reports" / "default", tmp_path / "runs" / "default")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(scoring._Scorer, "__call__", lambda *a, **k: pytest.fail("nothing to score"))
+    capsys.readouterr()
+    assert main(["score", "--no-progress"]) == 0
+    printed = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert printed == block
+
+
+def test_the_developers_layout_names_every_module_of_the_package():
+    """docs/DEVELOPING.md's layout lacked errors.py, defaults.py, _compat.py and protocol.py."""
+    root = Path(__file__).parents[1]
+    layout = (root / "docs" / "DEVELOPING.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"^asbound/(\w+)", layout, flags=re.M))
+    modules = {p.stem for p in (root / "asbound").glob("*.py") if p.stem not in ("__init__", "__main__")}
+    packages = {p.parent.name for p in (root / "asbound").glob("*/__init__.py")}
+    assert modules | packages <= named, sorted((modules | packages) - named)
+
+
 # --- bad input: one line, exit code 2, nothing lost -------------------------------------------
 
 
@@ -436,8 +463,9 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
                           ("--device", d.device), ("--delta", d.delta), ("--loss-cap", d.loss_cap)):
         assert help_of[option].endswith(f"(default: {value})"), help_of[option]
     # the step's default depends on the attack: both named, from the table the config resolves with
-    assert help_of["--rel-step"].endswith(
-        f"(default: {scoring.REL_STEP['pgd']:g} for pgd, {scoring.REL_STEP['apgd']:g} for apgd)")
+    rel = scoring.REL_STEP
+    assert rel["pgd"] == rel["nystrom"]
+    assert help_of["--rel-step"].endswith(f"(default: {rel['pgd']:g} for pgd and nystrom, {rel['apgd']:g} for apgd)")
     assert help_of["--n"].endswith(f"(default: {d.n}; {scoring.DEFAULT_N} for the embedded default)")
     assert help_of["--out"].endswith(
         "(default: runs/<model>__<data>, runs/default/{orientation,shape} for the embedded default)")
@@ -820,6 +848,20 @@ def test_the_api_is_lazy_and_its_static_imports_match():
         api.no_such_name  # noqa: B018
 
 
+def test_the_top_level_names_are_what_the_docstring_promises():
+    """Every lazy name of ``asbound`` resolves to the API's object; ``transfer`` is not one of
+    them, since ``asbound.transfer`` is the subpackage (its module shadowed the function)."""
+    import asbound
+
+    assert "transfer" not in asbound._API
+    for name, module in asbound._API.items():
+        assert getattr(asbound, name) is getattr(importlib.import_module(module), name), name
+    assert callable(api.transfer) and api.transfer.__module__ == "asbound.transfer.run"
+    namespace: dict = {}
+    exec(textwrap.dedent(asbound.__doc__.split("::", 1)[1]).strip(), namespace)  # its imports, as written
+    assert namespace["transfer"] is api.transfer and namespace["score"] is api.score
+
+
 # --- 80 columns ---------------------------------------------------------------------------------
 
 
@@ -830,6 +872,20 @@ def test_every_help_reads_at_80_columns(command, capsys, monkeypatch):
     assert main([*command, "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "asbound")
+def test_no_option_help_names_an_option_its_command_lacks(command):
+    """`transfer --eps` (and the sweeps' and predict's) said "in the box of --protocol", an option
+    only `score` has: every option an option's help names is one of its own command."""
+    import argparse
+
+    parser = build_parser()
+    for word in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    own = {o for a in parser._actions for o in a.option_strings}
+    named = {(a.dest, m) for a in parser._actions for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", a.help or "")}
+    assert {(dest, m) for dest, m in named if m not in own} == set()
 
 
 def test_the_progress_bar_keeps_its_count_at_80_columns(assets, tmp_path, capsys, monkeypatch):
@@ -971,6 +1027,24 @@ def test_a_sweep_without_model_and_data_scores_the_embedded_default(tmp_path, ca
     assert cli._sweep_base(args)[1]["n"] == ScoreConfig.n
 
 
+def test_a_sweeps_transfer_cells_score_as_many_test_images_as_they_evaluate():
+    """`sweep eps --method lp --n-train 60` validated and tested on 60 images per cell but scored
+    1000 (ScoreConfig's n) before and after transfer: without --n the cells' scores follow their
+    test images, as transfer's do; --n still sets them."""
+    from asbound.transfer import TransferConfig
+    from asbound.transfer.config import image_counts
+
+    sizes = (671, 35, 190)  # digits 5-9: training, validation and test splits
+    argv = ["sweep", "eps", "--method", "lp", "--model", "builtin:digits-adversarial", "--data", "digits",
+            "--classes", "5-9", "--n-train", "60", "--out", "o"]
+    for extra, score_n in (([], 60), (["--n", "30"], 30), (["--n", "all"], 190)):
+        run, base = cli._sweep_base(cli.build_parser().parse_args([*argv, *extra]))
+        cfg = TransferConfig(**base).validated()
+        assert run == "transfer"
+        assert image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n, sizes) == {
+            "train": 60, "val": 35, "test": 60, "score": score_n}, extra
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--method", "lp"], ["--method", "--model and --data"]),
     (["--model", "builtin:lenet-adversarial"], ["both --model and --data"]),
@@ -1000,3 +1074,31 @@ def test_tests_and_the_processes_they_start_run_one_compute_thread():
     proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == threads, proc.stderr
+
+
+def test_attack_nystrom_reaches_the_run_and_the_sweep_and_predict_take_it(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _run_json(capsys, *_tiny(assets), "--attack", "nystrom", "--steps", "4", "--out", out)
+    config = _strict_json((out / "config.json").read_text())
+    assert (config["attack"], config["steps"], config["rel_step"]) == ("nystrom", 4, 0.7)
+    assert summary["attack"] == "nystrom" and summary["as_score_rep"] > 0
+    # the sweep's score cells and predict take the same option
+    from asbound.cli import _sweep_base, build_parser
+
+    args = build_parser().parse_args(["sweep", "eps", "--model", "builtin:digits-standard", "--data", "digits",
+                                      "--attack", "nystrom", "--out", str(tmp_path / "s")])
+    assert _sweep_base(args)[1]["attack"] == "nystrom"
+    args = build_parser().parse_args(["predict", "--model", "builtin:digits-standard", "--pretrain-data", "digits",
+                                      "--data", "digits", "--attack", "nystrom", "--out", str(tmp_path / "p")])
+    assert args.attack == "nystrom"
+    rc, _, err = _cli(capsys, *_tiny(assets), "--attack", "cw", "--out", str(tmp_path / "bad"))
+    assert rc == 2 and "nystrom" in err
+
+
+def test_the_attack_choices_are_the_attacks():
+    """The parser's literal list (it imports no torch) names exactly the attacks scoring runs."""
+    from asbound.attacks import ATTACKS
+    from asbound.cli import ATTACK_CHOICES
+    from asbound.scoring import REL_STEP
+
+    assert set(ATTACK_CHOICES) == set(ATTACKS) == set(REL_STEP)

@@ -639,7 +639,7 @@ def test_file_models(tmp_path):
     with pytest.raises(ModelError, match="not a torch.save file"):
         load_model(f"file:{corrupt}", allow_pickle=True)
 
-    with pytest.raises(ModelError, match="torchvision:ARCH models only"):
+    with pytest.raises(ModelError, match="torchvision:ARCH and builtin:lenet-reference only"):
         load_model(f"file:{path}", weights=state, allow_pickle=True)
 
     # a module saved in training mode is loaded in eval mode (BatchNorm running stats, no dropout)

@@ -223,3 +223,18 @@ def test_the_measured_robust_accuracy_is_the_strongest_evaluation_recorded():
     assert _strongest(test) == 0.5
     del test["autoattack"]
     assert _strongest(test) == 0.6  # PGD-20, the most steps (not the string-largest key "5")
+
+
+def test_spearman_is_exact_up_to_exact_n_tasks_and_the_permutation_p_counts_the_observed_ordering():
+    """8 tasks (EXACT_N): the exact test over 8! orderings, whose p at rho = 1 is 2 / 8!; 9 tasks:
+    the t approximation with the Monte Carlo p beside it, which counts the observed ordering:
+    at rho = 1 over 12 tasks no random ordering reaches it, and p is 1 / (B + 1), never 0."""
+    import math
+
+    from asbound.predict import EXACT_N, PERMUTATIONS
+
+    exact = spearman(list(range(EXACT_N)), list(range(EXACT_N)))
+    assert exact["p_method"] == "exact permutation" and exact["p"] == pytest.approx(2 / math.factorial(EXACT_N))
+    assert spearman(list(range(EXACT_N + 1)), list(range(EXACT_N + 1)))["p_method"] == "t approximation"
+    perfect = spearman(list(range(12)), [x ** 2 for x in range(12)])
+    assert perfect["rho"] == pytest.approx(1.0) and perfect["p_permutation"] == 1 / (PERMUTATIONS + 1)

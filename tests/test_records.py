@@ -445,7 +445,7 @@ def real_runs(tmp_path_factory) -> "dict[str, tuple[Path, set[str]]]":
         "as-only": (tiny_runs.score, ("--as-only",), set()),
         "head misfit": (tiny_runs.score, ("--classes", "0-9"), set()),
         "certify": (tiny_runs.score, ("--certify", "ibp"), {"loss", "classification", "--certify"}),
-        "certify as-only": (tiny_runs.score, ("--certify", "crown", "--as-only"), {"--certify"}),
+        "certify as-only": (tiny_runs.score, ("--certify", "crown", "--as-only"), {"--certify", "--certify crown"}),
         "regression": (lambda out, *extra: [*regression, "--out", str(out), *extra], (), {"loss"}),
         "regression certify": (lambda out, *extra: [*regression, "--out", str(out), *extra], ("--certify", "ibp"),
                                {"loss", "--certify"}),
@@ -522,3 +522,100 @@ def test_records_md_lists_what_a_prediction_writes(variant, real_runs):
     record = json.loads((out / "predict.json").read_text())
     _check_json("Prediction", "predict.json", record, holds)
     assert set(record["config"]) == _fields(PredictConfig)
+
+
+def test_every_record_of_a_real_run_fits_the_fields_its_readers_check(real_runs):
+    """records.RECORD_FIELDS (the types a damaged record is refused for) accepts what every kind and
+    variant of run writes, and every record committed under reports/."""
+    from asbound.records import RECORD_FIELDS, read_json
+
+    roots = [out for out, _ in real_runs.values()] + [Path(__file__).resolve().parents[1] / "reports"]
+    read = 0
+    for root in roots:
+        for name in RECORD_FIELDS:
+            for path in root.rglob(name):
+                read_json(path, kind=None)
+                read += 1
+    assert read > 100
+
+
+# --- what the damaged-record checks must not let through (each a one-line change they missed) ------
+
+
+def test_a_position_equal_to_the_run_size_is_outside_it(tmp_path):
+    from asbound.errors import RecordError
+
+    rd = RunDir(tmp_path / "run")
+    rd.start(_config())
+    rd.append(_batch([0, 1, 6]))  # n 6: positions 0..5
+    with pytest.raises(RecordError, match="position 6 is outside this run's 6 datapoints"):
+        RunDir(tmp_path / "run").start(_config())
+    with pytest.raises(RecordError, match="position -1 is outside"):
+        rd.points_path.write_text(HEADER + "-1,0,0,0.5,True\n")
+        RunDir(tmp_path / "run").start(_config())
+
+
+def test_rows_in_another_column_order_are_not_appended(run):
+    """points.csv is positional: the same columns in another order would shift every value."""
+    from asbound.errors import RecordError
+
+    before = run.points_path.read_bytes()
+    with pytest.raises(RecordError, match="its columns are not this run's"):
+        run.append(_batch([6])[["position", "label", "index", "sensitivity", "fulfilled"]])
+    assert run.points_path.read_bytes() == before
+
+
+def test_an_atomic_write_syncs_before_it_replaces_and_a_failed_one_leaves_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from asbound.records import atomic_write, write_json
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    path = tmp_path / SUMMARY
+    write_json(path, {"n": 3})
+    assert events == [("fsync", len(path.read_bytes())), ("replace", SUMMARY)]
+
+    def half(handle) -> None:
+        handle.write(b'{"n": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half)
+    assert json.loads(path.read_text()) == {"n": 3}  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SUMMARY]  # no stray temporary file
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("n", 8.5, "n is a number, not a whole number"),
+    ("n", True, "n is true or false, not a whole number"),
+    ("as_score", "", "as_score is a string, not a number"),
+    ("lemma1_holds", 0, "lemma1_holds is a number, not true or false"),
+    ("theorem1", [], "theorem1 is a list, not an object"),
+    ("lemma1_all", {}, "lemma1_all is an object, not a list"),
+])
+def test_summary_fields_of_another_type_even_empty_or_false_are_damage(field, value, problem, tmp_path):
+    """Values that are falsy or numbers of another kind are not let through as 'missing'."""
+    from asbound.errors import RecordError
+    from asbound.records import read_json
+
+    good = {"n": 8, "as_score": 0.5, "lemma1_holds": True, "theorem1": {"n": 8}, "lemma1_all": []}
+    (tmp_path / SUMMARY).write_text(json.dumps(good))
+    assert read_json(tmp_path / SUMMARY) == good
+    (tmp_path / SUMMARY).write_text(json.dumps({**good, field: value}))
+    with pytest.raises(RecordError, match=re.escape(f"is damaged or not asbound's ({problem})")):
+        read_json(tmp_path / SUMMARY)
+
+
+def test_a_default_stands_only_for_a_key_the_record_lacks(tmp_path):
+    """``defaults`` fill keys a run recorded before its option existed; they never replace a value
+    either config holds (else a changed option that has a default would resume the old run)."""
+    rd = RunDir(tmp_path / "run")
+    rd.start(_config(certify=None), defaults={"certify": None, "attack": "pgd"})
+    with pytest.raises(ResumeError, match="certify: None -> 'ibp'"):
+        RunDir(tmp_path / "run").start(_config(certify="ibp"), defaults={"certify": None, "attack": "pgd"})
+    RunDir(tmp_path / "run").start(_config(certify=None, attack="pgd"), defaults={"certify": None, "attack": "pgd"})
+    with pytest.raises(ResumeError, match="attack: 'pgd' -> 'apgd'"):
+        RunDir(tmp_path / "run").start(_config(certify=None, attack="apgd"), defaults={"certify": None, "attack": "pgd"})

@@ -67,3 +67,14 @@ def test_a_shared_model_goes_to_the_title():
     console.print(summary_table([_summary()]))
     text = console.export_text()
     assert "builtin:m" in text and "-> dsprites:shape" in text
+
+
+def test_the_transfer_rows_order_the_pgd_steps_as_numbers():
+    """PGD-5 comes before PGD-20 (as strings "20" sorts first) and each row reads its own key."""
+    from asbound.report.console import transfer_rows
+
+    final = {"method": "lp", "test": {"n": 10, "clean_accuracy": 0.9, "eps_text": "8/255",
+                                      "pgd": {"20": 0.25, "5": 0.5, "100": 0.125}}}
+    rows = [(label, cell(final)) for label, cell in transfer_rows([final]) if label.startswith("PGD-")]
+    assert rows == [("PGD-5 accuracy (8/255)", "50.0%"), ("PGD-20 accuracy (8/255)", "25.0%"),
+                    ("PGD-100 accuracy (8/255)", "12.5%")]

@@ -230,6 +230,18 @@ def test_the_cli_writes_the_table_with_its_command(runs, capsys):
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.xfail(strict=True, reason="`asbound table` prints Markdown on the console: its notes run to 250 "
+                   "columns and the pipe rows of wide tables (eps, predict, certify, resize) cannot wrap; wrapping "
+                   "the notes alone leaves the rows, and a console rendering of the tables is a design choice")
+@pytest.mark.parametrize("style", ["lemma1", "transfer", "eps"])
+def test_the_table_printed_on_the_console_reads_at_80_columns(runs, capsys, monkeypatch, style):
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["table", *SOURCES[style], "--style", style]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_plot_kind_writes_png_and_pdf(runs, kind):
     source = {"lhs-rhs": ["score", "transfer"], "margin-vs-sensitivity": ["score", "transfer/lp"], "shift": ["shift"],
@@ -295,7 +307,7 @@ def test_the_transfer_table_takes_pgd_for_racc_and_adds_autoattack(runs):
     assert list(block.frame.columns) == ["Acc", "RAcc", "RAcc (AA)", "AS", "CE", "robust CE", "‖W‖"]
     assert block.frame.loc["ft", "RAcc"] == "55.0%" and block.frame.loc["ft", "RAcc (AA)"] == "50.0%"
     assert block.frame.loc["lp", "RAcc (AA)"] == "-"
-    del final["test"]
+    del final["test"]["clean_accuracy"]  # (without test at all, final.json is damaged: test_bad_files)
     (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
     with pytest.raises(ConfigError, match="ft lacks test.clean_accuracy"):
         table(["transfer"], "transfer")
@@ -304,6 +316,11 @@ def test_the_transfer_table_takes_pgd_for_racc_and_adds_autoattack(runs):
 def test_a_predict_record_without_its_fields_is_named(runs, capsys):
     rec = json.loads((runs / "predict" / "predict.json").read_text())
     del rec["tasks"][1]["ratio"]
+    (runs / "predict" / "predict.json").write_text(json.dumps(rec))
+    assert main(["table", "predict", "--style", "predict"]) == 2
+    err = capsys.readouterr().err
+    assert "predict.json is damaged or not asbound's (tasks[1].ratio is missing)" in err and err.count("\n") == 1
+    rec["tasks"][1]["ratio"] = None  # (present, null: an infinite ratio as JSON writes it)
     (runs / "predict" / "predict.json").write_text(json.dumps(rec))
     assert main(["table", "predict", "--style", "predict"]) == 2
     err = capsys.readouterr().err
@@ -410,6 +427,28 @@ def test_the_transfer_table_reads_robust_accuracy_and_says_its_rule(runs):
     assert block.frame.loc["ft", "RAcc"] == "12.5%"  # not a PGD entry
     assert block.frame.loc["lp", "RAcc"] == "40.0%"  # a record without it: PGD-20, the most steps
     assert rule in block.notes[0] and "PGD-20 accuracy (each attack counted alone" in block.notes[0]
+
+
+def test_with_autoattack_racc_is_the_pgd_attacks_and_the_aa_column_every_attacks(runs):
+    """A record of the per-point rule with AutoAttack: robust_accuracy is AutoAttack's column (a
+    point robust against every attack run), so RAcc showed the same number twice; RAcc is the PGD
+    attacks' per-point accuracy (PGD-20, the most steps), RAcc (AA) AutoAttack's."""
+    final = json.loads((runs / "transfer" / "ft" / "final.json").read_text())
+    final["test"].update(autoattack=0.375, robust_accuracy=0.375,
+                         robust_rule="per point, robust against every attack run")
+    (runs / "transfer" / "ft" / "final.json").write_text(json.dumps(final))
+    block = table(["transfer"], "transfer").blocks[0]
+    assert block.frame.loc["ft", "RAcc"] == "55.0%" and block.frame.loc["ft", "RAcc (AA)"] == "37.5%"
+    assert block.frame.loc["lp", "RAcc"] == "40.0%" and block.frame.loc["lp", "RAcc (AA)"] == "-"
+    assert "robust against every PGD attack run (PGD-20 and fewer steps)" in block.notes[0]
+    assert "AutoAttack standard on the points every PGD attack left correct" in block.notes[0]
+
+
+def test_the_transfer_tables_note_names_each_runs_test_images(runs):
+    final = json.loads((runs / "transfer" / "lp" / "final.json").read_text())
+    final["test"]["n"] = 10
+    (runs / "transfer" / "lp" / "final.json").write_text(json.dumps(final))
+    assert table(["transfer"], "transfer").blocks[0].notes[0].startswith("RAcc: on 4 / 10 test images at eps 0.1")
 
 
 def test_lemma1_of_transfer_runs_labels_the_scored_points_not_the_training_images(runs):

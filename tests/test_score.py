@@ -9,6 +9,7 @@ model whose loss attack passes through a misclassified point on its way to a hig
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -53,8 +54,8 @@ def path_files(tmp_path_factory):
 
 
 def _path_score(root, **overrides):
-    options = dict(allow_pickle=True, eps=0.2, rel_step=0.5, steps=2, random_start=False, n=None,
-                   progress=False)
+    options = dict(allow_pickle=True, eps=0.2, attack="pgd", rel_step=0.5, steps=2, random_start=False, n=None,
+                   progress=False)  # the path PGD takes (the docstring of _path_model)
     options.update(overrides)
     return score(ScoreConfig(model=f"file:{root / 'path.pt'}", data=f"tensors:{root / 'data.pt'}"), **options)
 
@@ -134,6 +135,7 @@ def _recorded(monkeypatch):
                 seen[key].append(x_adv.detach().clone())
                 return objective(x_adv)
 
+            recording.vanishes_at_x = getattr(objective, "vanishes_at_x", False)  # the shift stays a shift
             return recording
 
         return factory
@@ -144,7 +146,7 @@ def _recorded(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,restarts,attack", [("asbound", 1, "pgd"), ("asbound", 3, "pgd"), ("foolbox", 2, "pgd"),
-                                                     ("asbound", 2, "apgd")])
+                                                     ("asbound", 2, "apgd"), ("asbound", 2, "nystrom")])
 def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkeypatch, backend, restarts, attack):
     root, net, x, y = tiny_files
     seen = _recorded(monkeypatch)
@@ -153,7 +155,7 @@ def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkey
         eps=0.3, steps=4, restarts=restarts, n=None, batch_size=64, backend=backend, progress=False, attack=attack,
     )
     assert result.config["attack"] == attack and result.config["grad_dtype"] == "float32"
-    assert result.config["rel_step"] == {"pgd": 0.7, "apgd": 2.0}[attack]
+    assert result.config["rel_step"] == {"pgd": 0.7, "apgd": 2.0, "nystrom": 0.7}[attack]
     pts = result.points
     features = nn.Sequential(*list(net)[:-1])
     with torch.no_grad():
@@ -186,11 +188,12 @@ def test_records_agree_with_a_replay_of_every_evaluated_point(tiny_files, monkey
     assert (pts["fulfilled_rep"].to_numpy() == (pts["s_rep"].to_numpy() < pts["margin"].to_numpy())).all()
 
 
-def test_low_precision_gradients_report_float32_values_at_evaluated_points(tiny_files, monkeypatch):
+@pytest.mark.parametrize("attack", ["apgd", "nystrom"])
+def test_low_precision_gradients_report_float32_values_at_evaluated_points(tiny_files, monkeypatch, attack):
     root, net, x, y = tiny_files
     seen = _recorded(monkeypatch)
     result = score(ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
-                   eps=0.3, steps=4, restarts=2, n=None, batch_size=64, amp="bf16", attack="apgd", progress=False)
+                   eps=0.3, steps=4, restarts=2, n=None, batch_size=64, amp="bf16", attack=attack, progress=False)
     assert result.config["amp"] == "bf16" and result.config["grad_dtype"] == "bfloat16"
     features = nn.Sequential(*list(net)[:-1])
     with torch.no_grad():
@@ -201,6 +204,32 @@ def test_low_precision_gradients_report_float32_values_at_evaluated_points(tiny_
     gap = (shifts.double() - torch.tensor(pts["s_rep"].to_numpy())).abs().amin(0)
     assert float(gap.max()) < 1e-5
     assert (pts["s_rep"] > 0).all()
+
+
+def test_the_nystrom_attack_runs_its_model_on_the_shift_and_apgd_on_the_loss(tiny_files, monkeypatch):
+    """--attack nystrom: the AS attack takes its model's steps; the loss attack, whose objective
+    does not vanish at x, runs APGD with the same steps; the run records the attack."""
+    from asbound import attacks
+
+    root, _, _, _ = tiny_files
+    calls = []
+    original = attacks.Nystrom._model_step
+    monkeypatch.setattr(attacks.Nystrom, "_model_step", lambda self, *a: calls.append(1) or original(self, *a))
+    apgd_calls = []
+    original_apgd = attacks.APGD._run_once
+    monkeypatch.setattr(attacks.APGD, "_run_once", lambda self, *a, **k: apgd_calls.append(1) or original_apgd(self, *a, **k))
+    seen = _recorded(monkeypatch)
+    run = root / "nystrom-run"
+    result = score(ScoreConfig(model=f"file:{root / 'net.pt'}", data=f"tensors:{root / 'data.pt'}"), allow_pickle=True,
+                   eps=0.3, n=None, batch_size=64, progress=False, attack="nystrom", steps=10, out=run)
+    assert (result.config["attack"], result.config["steps"], result.config["rel_step"]) == ("nystrom", 10, 0.7)
+    assert (result.summary["attack"], result.summary["steps"]) == ("nystrom", 10)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["attack"], config["steps"], config["rel_step"]) == ("nystrom", 10, 0.7)
+    assert len(calls) == 10 - 2  # the model's steps of the one batch (the last two climb locally)
+    assert len(apgd_calls) == 1  # the loss attack
+    assert len(seen["rep"]) == len(seen["loss"]) == 10 + 1  # every pass, then the last point
+    assert (result.points["s_rep"] > 0).all()
 
 
 @pytest.mark.parametrize("options,message", [(dict(backend="foolbox", attack="apgd"), "foolbox"),

@@ -21,6 +21,7 @@ import asbound.transfer.loop as loop
 import asbound.transfer.run as run_module
 from asbound import ScoreConfig, score
 from asbound.cli import main
+from asbound.errors import ResumeError
 from asbound.transfer import TransferConfig, transfer
 from fabricate import digits_cnn, interrupt_training, run_held_by_another_process
 
@@ -417,8 +418,8 @@ def test_autoattack_accuracy_is_at_most_pgd_accuracy_and_at_most_clean(tmp_path)
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--classes", "3"], ["at least 2 classes", "has 1"]),
-    (["--classes", "5-7", "--autoattack"], ["--autoattack", "at least 4 classes", "has 3"]),
+    (["--classes", "3"], ["at least 2 classes", "digits --classes 3 has 1"]),
+    (["--classes", "5-7", "--autoattack"], ["--autoattack", "at least 4 classes", "digits --classes 5-7 has 3"]),
 ])
 def test_too_few_classes_are_refused_before_training(pretrained, tmp_path, capsys, args, expected):
     rc = main(["transfer", "--method", "lp", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
@@ -466,6 +467,22 @@ def test_a_run_recorded_before_an_option_existed_is_reread(pretrained, tmp_path,
     assert again.final == first.final
     with pytest.raises(Exception, match="score_steps: 20 -> 5"):
         transfer(dataclasses.replace(cfg, score_steps=5), tmp_path / "run", progress=False, printer=lambda s: None)
+
+
+def test_a_run_recorded_before_the_image_counts_were_resolved_is_reread(pretrained, tmp_path, monkeypatch):
+    """Runs made before --n-val and --n-test took 'auto' recorded null for a whole split; the same
+    command then resolves them to counts (35 validation, 190 test images) and refused the run
+    ("other settings (n_test: None -> 190, n_val: None -> 35)"): null reads as the whole split."""
+    cfg = _cfg(pretrained, "lp", score=False, n=None, n_val="auto", n_test="auto", epochs=1)
+    first = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    config = json.loads((first.out / "config.json").read_text())
+    assert (config["n_val"], config["n_test"]) == (35, 190)
+    (first.out / "config.json").write_text(json.dumps({**config, "n_val": None, "n_test": None}))
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0].final == first.final
+    (first.out / "config.json").write_text(json.dumps({**config, "n_val": None, "n_test": None}))
+    with pytest.raises(ResumeError, match=r"n_test: 190 -> 50"):  # null is the whole split, not any count
+        transfer(dataclasses.replace(cfg, n_test=50), tmp_path / "run", progress=False, printer=lambda s: None)
 
 
 def test_run_dir_keeps_its_classes_and_loads_from_any_directory(pretrained, tmp_path, capsys, monkeypatch):
@@ -657,6 +674,19 @@ def test_n_bounds_every_phase_of_a_run_and_the_config_records_the_counts(pretrai
     assert (config["n_train"], config["n_val"], config["n_test"]) == (60, 35, 190) and whole.final["test"]["n"] == 190
 
 
+def test_the_scores_stop_at_their_cap_whatever_the_test_count(pretrained, tmp_path, monkeypatch):
+    """--score-n auto follows the test count up to SCORE_N_CAP (here lowered to 30): the scores
+    before and after transfer attack 30 of the 60 test images, and config.json says so."""
+    import asbound.transfer.config as config_module
+
+    monkeypatch.setattr(config_module, "SCORE_N_CAP", 30)
+    r = transfer(_cfg(pretrained, "lp", n=60, n_test="auto", score_n="auto", epochs=1, eval_steps=(1,),
+                      score_steps=1), tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    config = json.loads((r.out / "config.json").read_text())
+    assert (config["n_test"], config["score_n"]) == (60, 30) and r.final["test"]["n"] == 60
+    assert r.final["score_before"]["n"] == r.final["score_after"]["n"] == 30
+
+
 def test_every_pass_over_many_images_shows_progress(pretrained, tmp_path, monkeypatch):
     """Cached features, validation and the test evaluation each drive a bar over their images."""
     shown = []
@@ -675,9 +705,10 @@ def test_every_pass_over_many_images_shows_progress(pretrained, tmp_path, monkey
 
     for name, method in (("__enter__", enter), ("show", show), ("advance", advance)):
         monkeypatch.setattr(run_module._Bar, name, method)
-    r = transfer(_cfg(pretrained, "lp", score=False, augment="none", epochs=2, eval_steps=(1, 2)), tmp_path / "run",
-                 progress=True, printer=lambda s: None)[0]
+    r = transfer(_cfg(pretrained, "lp", score=False, augment="none", epochs=2, eval_steps=(1, 2), n_val=20),
+                 tmp_path / "run", progress=True, printer=lambda s: None)[0]
     config = json.loads((r.out / "config.json").read_text())
+    assert (config["n_train"], config["n_val"], config["n_test"]) == (200, 20, 100)  # --n-val below --n and the split
     passes = {d: (total, done) for d, total, done in shown if not d.startswith("lp epoch") or ":" in d}
     assert passes["lp: features"] == (config["n_train"],) * 2
     assert passes["lp epoch 1/2: validation"] == passes["lp epoch 2/2: validation"] == (config["n_val"],) * 2
@@ -704,12 +735,15 @@ class _Points:
         return [(self.x[i:i + batch_size], self.y[i:i + batch_size]) for i in range(0, len(self.y), batch_size)]
 
 
-def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch):
-    """PGD-10 fools points 0-2, PGD-20 (from other random starts) 3-4, AutoAttack 5: PGD-20 alone
-    would leave 80%, more than PGD-10's 70%; counted per point PGD-20 leaves 50%, AutoAttack 40%."""
+@pytest.mark.parametrize("few, many", [(10, 20), (5, 20), (9, 10)])
+def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch, few, many):
+    """The PGD with fewer steps fools points 0-2, the one with more (from other random starts)
+    3-4, AutoAttack 5: the longer PGD alone would leave 80%, more than the shorter one's 70%;
+    counted per point it leaves 50%, AutoAttack 40%. The step counts are ordered as numbers (5
+    before 20 and 9 before 10, which strings order the other way round)."""
     from asbound.models import SplitModel
 
-    fooled = {10: {0, 1, 2}, 20: {3, 4}, "autoattack": {5}}
+    fooled = {few: {0, 1, 2}, many: {3, 4}, "autoattack": {5}}
 
     def survivors(x, by):
         return torch.tensor([round(float(v) * 100) not in fooled[by] for v in x[:, 0, 0, 0]])
@@ -720,11 +754,11 @@ def test_robust_accuracy_counts_a_point_only_if_every_attack_fails(monkeypatch):
     data = _Points(10)
     with torch.no_grad():
         data.y = model(data.x).argmax(1)  # every point correct when clean
-    cfg = TransferConfig(model="file:m.pt", data="digits", eval_steps=(20, 10), batch_size=4,
+    cfg = TransferConfig(model="file:m.pt", data="digits", eval_steps=(many, few), batch_size=4,
                          autoattack=True).validated()
     out = run_module.evaluate(model, data, cfg, torch.device("cpu"))
     assert out["clean_accuracy"] == 1.0
-    assert out["pgd"] == {"10": pytest.approx(0.7), "20": pytest.approx(0.5)}
+    assert out["pgd"] == {str(few): pytest.approx(0.7), str(many): pytest.approx(0.5)}
     assert out["autoattack"] == pytest.approx(0.4) and out["robust_accuracy"] == pytest.approx(0.4)
     assert out["robust_rule"] == run_module.ROBUST_RULE == "per point, robust against every attack run"
 
@@ -770,6 +804,49 @@ def test_a_moved_run_resumes_and_loads(pretrained, tmp_path, capsys, monkeypatch
     assert json.loads(captured.out)["model"] == f"run:{tmp_path / 'newer'}"
 
 
+def test_a_run_moved_while_it_trains_stops_in_one_line_and_resumes_in_its_new_place(pretrained, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Moving the directory of a run that is training stopped it with a FileNotFoundError
+    traceback at its next checkpoint: now one line names the new place, and the run resumes there
+    to the weights of an uninterrupted run."""
+    import shutil
+
+    cfg = _cfg(pretrained, "ft", score=False, epochs=3)
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+    original = run_module.train_stage
+    calls = {"n": 0}
+
+    def moving(model, plan, settings, train_batches, *args, **kwargs):
+        def batches(seed, training):
+            for batch in train_batches(seed, training):
+                calls["n"] += training
+                if calls["n"] == 6:  # inside epoch 2 (4 steps each)
+                    shutil.move(tmp_path / "old", tmp_path / "new")
+                yield batch
+
+        return original(model, plan, settings, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", moving)
+    args = ["transfer", "--method", "ft", "--model", f"file:{pretrained}", "--allow-pickle", "--data", "digits",
+            "--classes", "5-9", "--epochs", "3", "--batch-size", "64", "--n", "200", "--n-test", "100",
+            "--eval-steps", "3", "--attack-steps", "3", "--lr", "0.05", "--lr-ft", "0.01", "--no-score",
+            "--no-progress"]
+    capsys.readouterr()
+    rc = main([*args, "--out", str(tmp_path / "old")])
+    err = capsys.readouterr().err
+    *said, last = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err and not any("error" in line for line in said), err
+    assert last.startswith(f"asbound: error: {tmp_path / 'old'} was moved to {tmp_path / 'new'} while this "
+                           f"process wrote to it"), err
+    assert not (tmp_path / "old").exists()
+    monkeypatch.setattr(run_module, "train_stage", original)
+    assert main([*args, "--out", str(tmp_path / "new")]) == 0
+    assert "resuming ft: stage ft, after epoch 1" in capsys.readouterr().err
+    a, b = _state(whole.out / "model.pt"), _state(tmp_path / "new" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(pd.read_csv(tmp_path / "new" / "epochs.csv")) == 3
+
+
 def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(pretrained, tmp_path, monkeypatch, capsys):
     cfg = _cfg(pretrained, "ft", score=False, epochs=4)
     whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
@@ -803,6 +880,30 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(pretrained, 
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"{checkpoints / 'last.pt'} is unreadable (truncated?)" in err and f"delete {checkpoints}" in err
+
+
+def test_after_a_fallback_the_damaged_checkpoint_never_becomes_the_fallback(pretrained, tmp_path, monkeypatch):
+    """A run resumed from last.prev.pt (last.pt cut short) kept the damaged last.pt, and its next
+    checkpoint moved it to last.prev.pt: one more damaged last.pt then had no fallback. The
+    fallback stays a readable checkpoint, and the run ends at the uninterrupted weights."""
+    cfg = _cfg(pretrained, "ft", score=False, epochs=4)
+    whole = transfer(cfg, tmp_path / "whole", progress=False, printer=lambda s: None)[0]
+    Stop, original = interrupt_training(monkeypatch, run_module, 13)  # inside epoch 4 (4 steps each)
+    with pytest.raises(Stop):
+        transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = (checkpoints / "last.pt").read_bytes()
+    (checkpoints / "last.pt").write_bytes(last[: len(last) // 2])
+    monkeypatch.setattr(run_module, "train_stage", original)
+    Stop, original = interrupt_training(monkeypatch, run_module, 6)  # resumed after epoch 2: inside epoch 4
+    with pytest.raises(Stop):
+        transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)
+    assert _state(checkpoints / "last.pt")["progress"]["epoch"] == 3
+    assert _state(checkpoints / "last.prev.pt")["progress"]["epoch"] == 2  # readable, an epoch earlier
+    monkeypatch.setattr(run_module, "train_stage", original)
+    resumed = transfer(cfg, tmp_path / "run", progress=False, printer=lambda s: None)[0]
+    a, b = _state(whole.out / "model.pt"), _state(resumed.out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_lines_transfer_prints_fit_80_columns(pretrained, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,10 @@ the records of the runs that made them come from ``analyses/train_builtin.py``:
   (standard, and adversarially), with the same linear-probe heads;
 * ``digits-{random,standard,adversarial}``: a small CNN (:mod:`asbound.builtin.digits`) on
   scikit-learn's 8x8 digits 0-4, random, trained, and adversarially trained; head ``digits0-4``
-  (the pretraining classifier, 5 classes), for transfer to digits 5-9.
+  (the pretraining classifier, 5 classes), for transfer to digits 5-9;
+* ``lenet-reference``: a layout without shipped weights, the LeNet as the seed paper's code
+  built it (:mod:`asbound.builtin.reference`: affine-free batch norms, head ``fc``); its
+  weights are a state dict of that code, given with ``--weights PATH``.
 
 Without ``/HEAD`` the head is the dSprites factor of ``--data`` when the model has it, else the
 model's default head.
@@ -44,6 +47,12 @@ def _lenet(k: int) -> nn.Module:
     return LeNet(num_outputs=k)
 
 
+def _reference(k: int) -> nn.Module:
+    from asbound.builtin.reference import ReferenceLeNet
+
+    return ReferenceLeNet(num_outputs=k)
+
+
 def _digits(k: int) -> nn.Module:
     from asbound.builtin.digits import DigitsNet
 
@@ -53,6 +62,7 @@ def _digits(k: int) -> nn.Module:
 ARCHITECTURES = {
     "lenet": Architecture(_lenet, InputFormat(1, 64, 64)),
     "digits-cnn": Architecture(_digits, InputFormat(1, 8, 8)),
+    "lenet-reference": Architecture(_reference, InputFormat(1, 64, 64)),
 }
 
 BUILTINS = {
@@ -64,7 +74,11 @@ BUILTINS = {
     "digits-random": "digits CNN, random initialisation, head digits0-4 fitted by linear probing",
     "digits-standard": "digits CNN trained on digits 0-4",
     "digits-adversarial": "digits CNN adversarially trained (L-inf PGD) on digits 0-4",
+    "lenet-reference": "LeNet in the layout of the seed paper's code (affine-free batch norms, head fc); "
+                       "weights: a state dict of that layout given with --weights PATH",
 }
+#: builtins that are layouts only: their weights come with ``--weights PATH``
+LAYOUTS = ("lenet-reference",)
 #: the heads of the dSprites LeNets (kept for the training script)
 HEADS = ("orientation", "scale", "posx", "posy", "shape")
 DEFAULT_HEAD = "orientation"
@@ -92,21 +106,50 @@ def load_checkpoint(name: str) -> dict:
 
 
 def load_builtin(
-    name: str, head: Optional[str], data_factor: Optional[str] = None
+    name: str, head: Optional[str], data_factor: Optional[str] = None, weights: "str | Path | None" = None,
 ) -> "tuple[nn.Module, InputFormat, list[str], ModelSpec]":
     """Build ``builtin:NAME/HEAD``. Without ``head``: the data's dSprites factor when the model has
-    a head for it, else the model's default head."""
+    a head for it, else the model's default head. A layout (:data:`LAYOUTS`) takes its whole
+    state dict from ``weights`` and has the one head that state dict holds."""
     if name not in BUILTINS:
         raise ModelError(f"unknown builtin model {name!r}; valid: {', '.join(list_builtins())}")
+    if name in LAYOUTS:
+        return _load_layout(name, head, weights)
+    if weights is not None:
+        raise ModelError(f"builtin:{name} ships its weights; --weights applies to the layouts "
+                         f"{', '.join('builtin:' + n for n in LAYOUTS)} and to torchvision:ARCH")
     state = load_checkpoint(name)
     heads = state["heads"]
     if head is None:
         head = data_factor if data_factor in heads else state.get("default_head", DEFAULT_HEAD)
     if head not in heads:
         raise ModelError(f"builtin:{name} has no head {head!r}; valid heads: {', '.join(heads)}")
-    arch = ARCHITECTURES[state.get("arch", "lenet")]
+    arch_name = state.get("arch", "lenet")
+    arch = ARCHITECTURES[arch_name]
     model = arch.build(heads[head]["weight"].shape[0])
-    model.features.load_state_dict(state["features"], strict=True)
-    model.head.load_state_dict(heads[head], strict=True)
+    if arch_name == "lenet-reference":  # one state dict, the head named fc
+        model.load_state_dict({**state["features"], **{f"fc.{k}": v for k, v in heads[head].items()}},
+                              strict=True)
+    else:
+        model.features.load_state_dict(state["features"], strict=True)
+        model.head.load_state_dict(heads[head], strict=True)
     notes = [f"builtin weights {weights_path(name).name}, head {head}"]
+    meta = state.get("meta", {})
+    if meta.get("bn_statistics"):
+        notes.append(f"batch-norm statistics: {meta['bn_statistics']}")
     return model.eval(), arch.input_format, notes, ModelSpec("builtin", name, head=head)
+
+
+def _load_layout(name: str, head: Optional[str], weights: "str | Path | None"
+                 ) -> "tuple[nn.Module, InputFormat, list[str], ModelSpec]":
+    from asbound.builtin.reference import read_reference_state
+
+    if weights is None:
+        raise ModelError(f"builtin:{name} is a layout without shipped weights; give its state dict "
+                         f"with --weights PATH (a Model_dsprites state dict of the seed paper's code)")
+    if head is not None:
+        raise ModelError(f"builtin:{name} has the one head its --weights hold; drop /{head}")
+    model, _ = read_reference_state(weights)
+    path = Path(weights).expanduser().resolve()
+    notes = [f"weights {path} (layout {name}, weights_only=True)"]
+    return model, ARCHITECTURES[name].input_format, notes, ModelSpec("builtin", name)

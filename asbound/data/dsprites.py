@@ -11,7 +11,12 @@ Rendering: the shape's centre is ``16 + 32·pos`` pixels from the left (posX) an
 counter-clockwise by the orientation; the largest rotated shape stays inside the image.
 
 The split of the seed paper is 80/20: ``torch.randperm(N, generator=manual_seed(0))``, the first
-80% train, the rest test; each split is reported in ascending index order. When the official
+80% train, the rest test; each split is reported in ascending index order. Two other splits
+(``order``) reproduce the seed paper's code: ``ordered``, the first 80% of the official order
+train and the rest test (so the test split holds only hearts of the larger scales), and
+``whole``, every image in either split. The regression targets (``targets``) are the latent
+values (``values``, radians for the orientation), the latent class index (``classes``, 0..39
+for the orientation) or the latent value scaled to [0, 1] (``minmax``). When the official
 ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz`` lies in the data root (or ``root/dsprites/``),
 its images and latents are used instead. A file with fewer than 737,280 rows (a test fixture)
 is taken as the full set: its rows are split the same way.
@@ -35,6 +40,10 @@ LATENT_SIZES = (1, 3, 6, 40, 32, 32)
 DSPRITES_SIZE = math.prod(LATENT_SIZES)  # 737,280
 DSPRITES_NPZ = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 SHAPE_NAMES = ["square", "ellipse", "heart"]
+#: how the 80/20 split is drawn: seeded permutation (asbound), official order, no split
+SPLIT_ORDERS = ("seeded", "ordered", "whole")
+#: units of the regression targets: latent value, latent class index, value scaled to [0, 1]
+TARGET_UNITS = ("values", "classes", "minmax")
 #: Column of each ``dsprites:FACTOR`` in the latents.
 FACTOR_COLUMN = {"shape": 1, "scale": 2, "orientation": 3, "posx": 4, "posy": 5}
 IMAGE_SIZE = 64
@@ -165,7 +174,20 @@ class _Preloaded:
         return _unit(self.imgs[pos].float()).unsqueeze(1)
 
 
-def _npz_source(path: Path, factor: str, split: str) -> RawSource:
+def members_of(total: int, split: str, order: str = "seeded") -> torch.Tensor:
+    """Ascending indices of ``split`` among ``total`` rows for a split ``order``
+    (:data:`SPLIT_ORDERS`)."""
+    if order == "seeded":
+        return split_members(total, split)
+    if order == "whole":
+        return torch.arange(total)
+    if order != "ordered":
+        raise ConfigError(f"dSprites split order {order!r} is not valid; valid: {', '.join(SPLIT_ORDERS)}")
+    cut = int(total * 0.8)
+    return torch.arange(cut) if split == "train" else torch.arange(cut, total)
+
+
+def _npz_source(path: Path, factor: str, split: str, order: str = "seeded", units: str = "values") -> RawSource:
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = {"imgs", "latents_values", "latents_classes"} - set(z.files)
@@ -180,8 +202,8 @@ def _npz_source(path: Path, factor: str, split: str) -> RawSource:
     if values.shape != classes.shape or values.dim() != 2 or values.shape[1] != 6:
         raise DataError(f"dSprites file {path}: latents have shapes {tuple(values.shape)} and "
                         f"{tuple(classes.shape)}; expected N×6")
-    members = split_members(len(values), split)
-    targets = _targets(factor, classes[members], values[members])
+    members = members_of(len(values), split, order)
+    targets = factor_targets(factor, classes[members], values[members], units)
     hw = _npz_image_size(path)
     source = _make_source(factor, len(members), _NpzImages(path, members), Tensors(targets),
                           str(path), members, hw)
@@ -210,9 +232,18 @@ def _npz_image_size(path: Path) -> "tuple[int, int]":
     return int(shape[1]), int(shape[2])
 
 
-def _targets(factor: str, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def factor_targets(factor: str, classes: torch.Tensor, values: torch.Tensor, units: str = "values") -> torch.Tensor:
+    """The targets of ``factor`` for latent classes and values [n, 6]: class labels for the shape,
+    else the latent in ``units`` (:data:`TARGET_UNITS`), float32."""
     col = FACTOR_COLUMN[factor]
-    return classes[:, col].long() if factor == "shape" else values[:, col].float()
+    if factor == "shape":
+        return classes[:, col].long()
+    if units == "classes":
+        return classes[:, col].float()
+    if units == "minmax":  # (v - min) / (max - min) over the latent's values, in float64
+        lo, hi = float(_VALUES[col].min()), float(_VALUES[col].max())
+        return ((values[:, col].double() - lo) / (hi - lo)).float()
+    return values[:, col].float()
 
 
 def _make_source(factor: str, size: int, read, targets, source: str, members: torch.Tensor,
@@ -236,21 +267,24 @@ class _Rendered:
 class _LatentTargets:
     """The ``factor`` targets of rows of a split, from their latents."""
 
-    def __init__(self, factor: str, members: torch.Tensor) -> None:
-        self.factor, self.members = factor, members
+    def __init__(self, factor: str, members: torch.Tensor, units: str = "values") -> None:
+        self.factor, self.members, self.units = factor, members, units
 
     def __call__(self, pos: torch.Tensor) -> torch.Tensor:
-        return _targets(self.factor, *dsprites_latents(self.members[pos]))
+        return factor_targets(self.factor, *dsprites_latents(self.members[pos]), self.units)
 
 
-def dsprites_source(factor: str, root: Path, split: str) -> RawSource:
+def dsprites_source(factor: str, root: Path, split: str, *, order: str = "seeded",
+                    units: str = "values") -> RawSource:
     """One split of dSprites with the target ``factor`` (shape: classification, else the latent
-    value as a regression target)."""
+    in ``units`` as a regression target), the split drawn as ``order`` says."""
     if factor not in FACTOR_COLUMN:
         raise ConfigError(f"unknown dSprites factor {factor!r}; valid: {', '.join(FACTOR_COLUMN)}")
+    if units not in TARGET_UNITS:
+        raise ConfigError(f"dSprites target units {units!r} are not valid; valid: {', '.join(TARGET_UNITS)}")
     npz = find_dsprites_npz(root)
     if npz is not None:
-        return _npz_source(npz, factor, split)
-    members = split_members(DSPRITES_SIZE, split)
-    return _make_source(factor, len(members), _Rendered(members), _LatentTargets(factor, members),
+        return _npz_source(npz, factor, split, order, units)
+    members = members_of(DSPRITES_SIZE, split, order)
+    return _make_source(factor, len(members), _Rendered(members), _LatentTargets(factor, members, units),
                         "procedural", members, checked=True)

@@ -54,8 +54,8 @@ def load_model(
     """Load the model named by ``spec`` (see :mod:`asbound.specs` for the grammar)."""
     if isinstance(spec, str):
         spec = parse_model_spec(spec)
-    if weights is not None and spec.source != "torchvision":
-        raise ModelError(f"--weights applies to torchvision:ARCH models only, not {spec}")
+    if weights is not None and spec.source not in ("torchvision", "builtin"):
+        raise ModelError(f"--weights applies to torchvision:ARCH and builtin:lenet-reference only, not {spec}")
     if spec.source == "robustbench":
         return _load_robustbench(spec, Path(model_dir) if model_dir else default_model_dir(), download)
     if spec.source == "file":
@@ -69,7 +69,7 @@ def load_model(
         return LoadedModel(module, spec, input_format, notes, trained_on)
     from asbound.builtin import load_builtin
 
-    module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head)
+    module, input_format, notes, resolved = load_builtin(spec.name, spec.head, builtin_head, weights)
     return LoadedModel(module, resolved, input_format, notes)
 
 
@@ -146,7 +146,8 @@ def _load_robustbench(spec: ModelSpec, model_dir: Path, download: bool) -> Loade
 def _load_file(spec: ModelSpec, allow_pickle: bool) -> LoadedModel:
     path = Path(spec.name).expanduser()
     if not path.is_file():
-        raise ModelError(f"model file {str(path)!r} does not exist (file:PATH expects a torch.save(model, PATH) file)")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ModelError(f"model file {str(path)!r} {what} (file:PATH expects a torch.save(model, PATH) file)")
     found = pickled_globals(path)
     if found is None:
         raise ModelError(f"{spec} {NOT_TORCH}; file:PATH expects torch.save(model, PATH)")
@@ -261,7 +262,8 @@ def load_tensor_file(path: Path, flag: str, hint: str) -> object:
     """``torch.load(path, weights_only=True)``; a missing or unloadable file is a ModelError that
     says what the file holds instead (it never suggests unpickling it)."""
     if not path.is_file():
-        raise ModelError(f"{flag} {str(path)!r} does not exist")
+        raise ModelError(f"{flag} {str(path)!r} " + ("is a directory, not a file" if path.is_dir() else "does not exist")
+                         + (f"; {hint}" if hint and path.is_dir() else ""))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -308,8 +310,12 @@ def load_head(path: "str | os.PathLike", feature_dim: int) -> nn.Linear:
     hint = f"save it with torch.save(nn.Linear({feature_dim}, K).state_dict(), PATH)"
     state = load_tensor_file(p, "--head", hint)
     weight = state.get("weight") if isinstance(state, dict) else None
-    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
-        raise ModelError(f"--head {p} must hold {{'weight': [K, {feature_dim}], 'bias': [K]}}; {hint}")
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] >= 1):
+        raise ModelError(f"--head {p} must hold {{'weight': [K, {feature_dim}], 'bias': [K]}} with K >= 1; {hint}")
+    for key in ("weight", "bias"):
+        value = state.get(key)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ModelError(f"--head {p} holds non-finite values (nan or inf) in its {key}; {hint}")
     head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
     load_weights(head, {k: v for k, v in state.items() if k in ("weight", "bias")},
                  f"--head {p} does not form a linear layer", hint)

@@ -88,8 +88,35 @@ def _config_problem(config: dict) -> Optional[str]:
     classes = config.get("num_classes")
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
         return f"num_classes {classes!r} is not a whole number >= 1"
-    if config.get("structure") is not None and not isinstance(config["structure"], dict):
+    structure = config.get("structure")
+    if structure is not None:
+        return _structure_problem(structure)
+    return None
+
+
+def _structure_problem(structure: object) -> Optional[str]:
+    """What in a saved PEFT structure (``config.json``'s ``structure``) is not as
+    :meth:`~asbound.models.peft.PeftSpec.from_record` reads it, or None."""
+    import dataclasses
+
+    from asbound.models.peft import PeftSpec
+
+    if not isinstance(structure, dict):
         return "its structure is not an object"
+    if not structure:
+        return None
+    types = {f.name: f.type for f in dataclasses.fields(PeftSpec)}
+    unknown = sorted(set(structure) - set(types))
+    if unknown:
+        return f"its structure has the key {unknown[0]!r}; a saved structure has {', '.join(types)}"
+    kinds = {"str": (str, "a string"), "int": (int, "a whole number"), "float": ((int, float), "a number"),
+             "bool": (bool, "true or false")}
+    for key, value in structure.items():
+        expected, text = kinds[str(types[key])]
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+            return f"its structure's {key} {value!r} is not {text}"
+    if "variant" not in structure:
+        return "its structure has no variant"
     return None
 
 
@@ -132,7 +159,13 @@ def load_run(
                          f"does not load: {exc}") from None
     shape = tuple(int(s) for s in base["input_shape"])
     probe = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
-    split = split_model(loaded.module, probe, feature_layer=base.get("feature_layer"))
+    try:
+        split = split_model(loaded.module, probe, feature_layer=base.get("feature_layer"))
+    except RuntimeError as exc:  # the base model cannot run on the recorded input shape
+        raise ModelError(f"run:{spec.name}: {folder / RUN_CONFIG} is damaged or not asbound's (its base model "
+                         f"{base['model']} cannot run on its input_shape {list(shape)}: {describe(exc)}); the run "
+                         f"cannot be rebuilt without it; rerun its `asbound transfer` command into another "
+                         f"--out") from None
     split = with_run_weights(split, int(config["num_classes"]), folder, config.get("structure"))
     # the run trained on inputs of this shape (after its --resize, if any)
     input_format = InputFormat(*shape) if len(shape) == 3 else loaded.input_format

@@ -173,10 +173,12 @@ def split_model(
     ``feature_layer`` picks the representation layer explicitly).
     """
     work = _copy_frozen_eval(model)
+    _refuse_non_finite(work)
     if feature_layer is not None:
         return _split_at_layer(work, probe, feature_layer)
     with torch.no_grad(), _record_linear_calls(work) as calls:
         output = work(probe)
+    _refuse_non_finite(work, output)
     if not isinstance(output, Tensor) or output.dim() != 2:
         raise ModelError(
             f"the model's output is {_describe(output)}, not a [N, K] tensor of logits or targets; "
@@ -205,6 +207,23 @@ def split_model(
     return split
 
 
+def _refuse_non_finite(model: nn.Module, output: object = None) -> None:
+    """A model whose weights (or, given, whose ``output`` on the probe) are not finite cannot be
+    split or scored: say which, rather than fail later on a NaN. (A buffer may hold -inf, as an
+    attention mask does; never nan.)"""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, value in named:
+            if not value.is_floating_point():
+                continue
+            nan = bool(torch.isnan(value).any())
+            if nan or (kind == "parameter" and not bool(torch.isfinite(value).all())):
+                raise ModelError(f"the model's {kind} {name} holds {'nan' if nan else 'inf'}: asbound scores "
+                                 f"models whose weights are finite numbers")
+    if isinstance(output, Tensor) and output.is_floating_point() and not bool(torch.isfinite(output).all()):
+        raise ModelError("the model's output on the first inputs is not finite (nan or inf) although its weights "
+                         "are: it overflows on these inputs; asbound scores models that compute finite values")
+
+
 def _split_at_layer(work: nn.Module, probe: Tensor, layer: str) -> SplitModel:
     names = dict(work.named_modules())
     if layer not in names or layer == "":
@@ -218,6 +237,7 @@ def _split_at_layer(work: nn.Module, probe: Tensor, layer: str) -> SplitModel:
             output = work(probe)
     finally:
         handle.remove()
+    _refuse_non_finite(work, output)
     if not captured:
         raise ModelError(f"--feature-layer {layer!r} is never called in the model's forward pass")
     rep = captured[0].flatten(1)

@@ -10,8 +10,9 @@ lemma1      Tables 1, 2, 7: Diff. loss, ||W||, Lemma 1 LHS, AS score (= RHS), on
 theorem2    Table 3: clean accuracy, robust accuracy, prop. fulfilled, rob. fulfilled (as lemma1)
 transfer    Tables 5, 9: per downstream task and eps, a row per method (two runs of one method
             labelled with what differs): Acc, RAcc (robust against every attack run where the
-            record says so, else PGD with the most steps; the note names the rule), AutoAttack
-            where recorded, AS after transfer, CE, robust CE, ||W||
+            record says so, against every PGD attack where AutoAttack ran too, else PGD with the
+            most steps; the note names the rule), AutoAttack (it and every PGD, per point) where
+            recorded, AS after transfer, CE, robust CE, ||W||
 shift       Tables 12, 13: per corruption, one column per severity (the clean data first)
 eps         Table 8: robust accuracy at each eps multiple, of all points and of the points that
             fulfil the Theorem 2 criterion at the first multiple (joined on ``index``)
@@ -233,9 +234,15 @@ def transfer(runs: "list[Run]") -> "list[Block]":
     for (setting, eps_text), members in groups.items():
         rows, rules = [], []
         autoattack = any(r.record["test"].get("autoattack") is not None for r in members)
+        per_point_aa = False  # a record whose AutoAttack accuracy counts every PGD attack too
         for r in members:
             test, s = r.record["test"], r.summary or {}
             racc, rule = robust_accuracy(test)
+            if test.get("autoattack") is not None and test.get("robust_rule") and test.get("pgd"):
+                # its robust accuracy is the AutoAttack column's: RAcc shows the PGD attacks' (per point)
+                steps = max(test["pgd"], key=int)
+                racc, per_point_aa = test["pgd"][steps], True
+                rule = f"per point, robust against every PGD attack run (PGD-{steps} and fewer steps)"
             rules.append(rule)
             row = [pct(test.get("clean_accuracy")), pct(racc)]
             row += [pct(test.get("autoattack"))] if autoattack else []
@@ -247,7 +254,9 @@ def transfer(runs: "list[Run]") -> "list[Block]":
         scored = [r for r in members if r.summary]
         tested = sorted({str(r.record["test"].get("n", "?")) for r in members}, key=lambda t: (len(t), t))
         notes = [f"RAcc: on {' / '.join(tested)} test images at eps {eps_text}: "
-                 + "; ".join(dict.fromkeys(rules)) + ("; RAcc (AA): AutoAttack standard" if autoattack else "")]
+                 + "; ".join(dict.fromkeys(rules)) + ("; RAcc (AA): AutoAttack standard" if autoattack else "")
+                 + (" on the points every PGD attack left correct: robust against every attack run"
+                    if per_point_aa else "")]
         if scored:
             per_run, attack = _attacks(scored, fulfilled=False)
             if per_run:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asbound.attacks import Watch, loss_objective
-from asbound.devices import memory_format, to_format
+from asbound.devices import float32_exact, memory_format, to_format
 from asbound.distributed import SINGLE, World
 from asbound.errors import AsboundError
 from asbound.models import LayerOutput, SplitModel, frozen
@@ -195,11 +195,11 @@ def accuracy(
     seed: int = 0,
     world: World = SINGLE,
 ) -> "tuple[float, Optional[float]]":
-    """Clean accuracy and, with an ``attack``, robust accuracy over ``batches`` (float32, eval);
+    """Clean accuracy and, with an ``attack``, robust accuracy over ``batches`` (IEEE float32, eval);
     in a distributed ``world`` the batches are this rank's share and the counts are summed."""
     clean = robust = total = 0
     generator = torch.Generator().manual_seed(seed + world.rank)
-    with frozen(model):
+    with frozen(model), float32_exact():
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with torch.no_grad():

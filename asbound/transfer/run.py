@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from asbound.data import DataSet, load_data, resolve_augment, select_indices, validation_split
-from asbound.devices import amp_dtype, memory_format, resolve_device
+from asbound.devices import amp_dtype, float32_exact, memory_format, resolve_device
 from asbound.distributed import SINGLE, World, local_device, world_from_env
 from asbound.data.corruptions import corruption_of
 from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, describe
@@ -164,6 +164,8 @@ class RunCheckpoints(Checkpointer):
             raise ResumeError(
                 f"{last} {what} and no earlier checkpoint is readable; delete {self.folder} to train this "
                 f"method from its first epoch, or choose another --out")
+        # the damaged file goes: the next checkpoint would make it last.prev.pt, the fallback
+        last.unlink(missing_ok=True)
         return state, f"{self._name(last)} {what}: resumed from {previous.name}"
 
     def _name(self, path: Path) -> str:
@@ -448,11 +450,12 @@ ROBUST_RULE = "per point, robust against every attack run"
 
 def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torch.device, *,
              progress: bool = False) -> dict:
-    """Test metrics in float32: clean accuracy, robust accuracy under PGD-k for each k and
-    AutoAttack if asked, counted per point (``ROBUST_RULE``): ``pgd[k]`` counts the points that
-    every PGD attack with at most k steps left correct, ``autoattack`` those that AutoAttack and
-    every PGD attack left correct, ``robust_accuracy`` those that every attack run left correct.
-    Each PGD-k draws its random starts from its own seeded generator, as if run alone."""
+    """Test metrics in IEEE float32 (no TF32 convolutions on CUDA): clean accuracy, robust
+    accuracy under PGD-k for each k and AutoAttack if asked, counted per point (``ROBUST_RULE``):
+    ``pgd[k]`` counts the points that every PGD attack with at most k steps left correct,
+    ``autoattack`` those that AutoAttack and every PGD attack left correct, ``robust_accuracy``
+    those that every attack run left correct. Each PGD-k draws its random starts from its own
+    seeded generator, as if run alone."""
     attack = AttackSettings(eps=float(cfg.eps), steps=cfg.attack_steps, step=float(cfg.attack_step))
     steps = sorted(set(cfg.eval_steps))
     generators = {k: torch.Generator().manual_seed(derived_seed(cfg.seed, "test", k)) for k in steps}
@@ -460,7 +463,7 @@ def evaluate(model: SplitModel, test: DataSet, cfg: TransferConfig, device: torc
     clean = total = robust = after_autoattack = 0
     pgd = dict.fromkeys(steps, 0)
     attacks = ", ".join([*(f"PGD-{k}" for k in steps), *(["AutoAttack"] if adversary else [])])
-    with frozen(model), _Bar(progress) as bar:
+    with frozen(model), float32_exact(), _Bar(progress) as bar:
         bar.show("test", f"test: clean, {attacks}", len(test))
         for x, y in test.loader(cfg.batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
@@ -642,12 +645,12 @@ def transfer(
     full_train = load_data(data_spec, split="train", n=None, seed=cfg.seed, **common)
     if full_train.task != "classification":
         raise ConfigError(f"transfer trains classifiers; {full_train.spec} has {full_train.task} targets")
+    selection = f"{full_train.spec}{' --classes ' + str(cfg.classes) if cfg.classes else ''}"
     if full_train.num_classes < 2:
-        raise ConfigError(f"transfer needs at least 2 classes; {full_train.spec}"
-                          f"{' --classes ' + str(cfg.classes) if cfg.classes else ''} has {full_train.num_classes}")
+        raise ConfigError(f"transfer needs at least 2 classes; {selection} has {full_train.num_classes}")
     if cfg.autoattack and full_train.num_classes < 4:
         raise ConfigError(f"--autoattack (standard: its targeted DLR attacks) needs at least 4 classes; "
-                          f"{full_train.spec} has {full_train.num_classes}; leave --autoattack out")
+                          f"{selection} has {full_train.num_classes}; leave --autoattack out")
     train_split, val_split = validation_split(len(full_train), cfg.val_fraction, cfg.seed)
     full_test = load_data(data_spec, split="test", n=None, seed=cfg.seed, **common)
     counts = image_counts(cfg.n, cfg.n_val, cfg.n_test, cfg.score_n,
@@ -661,6 +664,8 @@ def transfer(
     cfg = dataclasses.replace(cfg, n_val=len(val), n_test=len(test),
                               score_n=score_request(cfg.n, cfg.n_test, cfg.score_n))
     images = _images_line(counts, (len(train_split), len(val_split), len(full_test)), cfg.score)
+    # runs recorded before the counts were resolved hold null for a whole split
+    whole_splits = {"n_val": {None: len(val_split)}, "n_test": {None: len(full_test)}}
     probe = full_train.batch(torch.arange(min(len(full_train), 8)))
     try:
         base = split_model(loaded.module, probe, feature_layer=cfg.feature_layer)
@@ -718,7 +723,7 @@ def transfer(
                 # the evaluation's settings may change until the evaluation has finished (final.json)
                 finished = (folder / FINAL).exists()
                 run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
-                          defaults=_option_defaults())
+                          defaults=_option_defaults(), meant=whole_splits)
                 final = read_json(folder / FINAL)
                 needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
                 world.broadcast(needs_training, device)
