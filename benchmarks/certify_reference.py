@@ -22,6 +22,8 @@ returns CROWN's bounds).
 
     python benchmarks/certify_reference.py [--n 200] [--models digits-adversarial,digits-standard]
         [--linf 1/255,2/255,4/255] [--l2 4/255,8/255,16/255] [--out reports/certify_reference.md]
+
+With ``--out`` the table replaces its section of that file (the rest is kept).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import time
 import types
 from fractions import Fraction
+from pathlib import Path
 
 try:
     import auto_LiRPA  # noqa: F401
@@ -48,8 +51,10 @@ from asbound.bounds import margins
 from asbound.certify import OUTPUT_BOXES, Bounder, sensitivity_upper
 from asbound.data import load_data
 from asbound.models import load_model, split_model
+from timing import write_section  # benchmarks/timing.py
 
 OURS = ("ibp", "crown-ibp", "crown")
+HEADING = "## Certified sensitivity against auto_LiRPA v0.7.1"
 
 
 class _InclusiveClamp(torch.autograd.Function):
@@ -191,11 +196,10 @@ def main(argv: "list[str] | None" = None) -> int:
     text = table.to_markdown(index=False, floatfmt=".4g")
     print(text)
     print(f"largest per-point excess of crown over auto_LiRPA's CROWN: {max(worst):.3g} (relative)")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("**Certified sensitivity against auto_LiRPA v0.7.1** (mean s_upper / mean strong-attack "
-                    "shift; s: seconds per point, batched, one thread)\n\n" + text + "\n\n"
-                    f"`command: python benchmarks/certify_reference.py {' '.join(argv or sys.argv[1:])}`\n")
+    if args.out:  # its section of the file (benchmarks/certify_timing.py writes another)
+        write_section(Path(args.out), HEADING, "Mean s_upper / mean strong-attack shift; s: seconds per point, "
+                      "batched, one thread.\n\n" + text + "\n\n"
+                      f"`command: python benchmarks/certify_reference.py {' '.join(argv or sys.argv[1:])}`")
     return 0
 
 

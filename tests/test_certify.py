@@ -140,19 +140,22 @@ def test_the_bounds_forward_is_the_network():
         torch.testing.assert_close(box.hi, net(x), rtol=1e-12, atol=1e-12)
 
 
-def test_a_linear_representation_and_an_l2_ball_give_eps_sigma_max_exactly():
+@pytest.mark.parametrize("method", METHODS)
+def test_a_linear_representation_and_an_l2_ball_give_eps_sigma_max_exactly(method):
+    """Every method keeps the exact ``eps sigma_max(A)`` on a linear map and an interior L2 ball
+    (the operator norm; a method's own bound is above it, never below)."""
     torch.manual_seed(4)
     A = torch.randn(5, 12, dtype=torch.float64)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5, bias=False)).double()
     net[1].weight.data = A.clone()
     x = torch.full((3, 1, 3, 4), 0.5, dtype=torch.float64)
     eps = 0.1
-    out = sensitivity_upper(Bounder(net), x, eps, "2")
+    out = sensitivity_upper(Bounder(net), x, eps, "2", method=method)
     exact = eps * float(torch.linalg.matrix_norm(A, ord=2))
     torch.testing.assert_close(out["s_upper"], torch.full((3,), exact, dtype=torch.float64), rtol=1e-8, atol=0)
     assert torch.all(out["s_upper"] >= exact)
     # L-inf: the IBP box bound is eps ||(|A| 1)||_2, at least the best vertex of the cube
-    inf = sensitivity_upper(Bounder(net), x, eps, "inf")
+    inf = sensitivity_upper(Bounder(net), x, eps, "inf", method=method)
     ibp = eps * float((A.abs() @ torch.ones(12, dtype=torch.float64)).norm())
     torch.testing.assert_close(inf["s_ibp"], torch.full((3,), ibp, dtype=torch.float64), rtol=1e-8, atol=0)
     assert float(inf["s_upper"][0]) == pytest.approx(min(ibp, exact / eps * eps * math.sqrt(12)), rel=1e-8)
@@ -687,7 +690,7 @@ def test_an_in_place_flag_that_is_true_but_not_True_is_refused(flag, functional,
     assert torch.allclose(graph[0], network[0]) and not torch.allclose(graph[1], network[1])
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_graph_that_is_the_network_at_x_only_stops_the_run_at_the_attacks_point(tmp_path, method, monkeypatch,
                                                                                    capsys):
     """Without the static in-place refusal, TruthyInPlace's graph equals the network at every clean
