@@ -193,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument("--as-only", action="store_true", help="the AS score alone: no labels, no loss attack")
     g.add_argument("--certify", choices=constant("asbound.certify", "METHODS"), help="also bound every s_i from above (ibp: interval bound "
-                   "propagation; crown: linear relaxation with IBP for intermediate layers, slower and tighter; both "
-                   "with operator norms for linear chains): a sound Lemma 1 RHS and a certified Theorem 2 criterion")
+                   "propagation; crown-ibp: linear relaxation over IBP's intermediate bounds; crown: full CROWN, every "
+                   "layer's bounds by linear relaxation, the tightest and slowest, crown-ibp where over its budget; "
+                   "all with operator norms for linear chains): a sound Lemma 1 RHS and a certified Theorem 2 "
+                   "criterion")
     g = p.add_argument_group("bounds")
     g.add_argument("--delta", type=_number, default=d.delta, help="Theorem 1 confidence 1 - delta")
     g.add_argument("--loss-cap", type=_number, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")

@@ -648,3 +648,14 @@ def test_the_margin_plot_draws_each_points_margin_and_sensitivity(runs):
     drawn = sorted(tuple(map(float, xy)) for c in ax.collections if c.get_label() in (
         "robust", "correct, not robust", "misclassified") for xy in c.get_offsets())
     assert drawn == sorted(zip(points["margin"], points["sensitivity"]))
+
+
+def test_the_certify_table_shows_the_bound_a_run_computed(runs):
+    """--certify crown over its budget computes crown-ibp (summary certify_used): the bound column
+    says crown-ibp, not the method asked for."""
+    for name, used in (("full", "crown"), ("fallback", "crown-ibp")):
+        _score_run(runs / "cu" / name, {"model": "builtin:m", "data": "digits", "n": 4},
+                   _summary(n=4, eps_text="1/255", rhs_certified=6.0, tightness=5.0, prop_certified=0.25,
+                            certify="crown", certify_used=used), _points([True], [True]))
+    frame = table([str(runs / "cu" / "full"), str(runs / "cu" / "fallback")], "certify").blocks[0].frame
+    assert list(frame["bound"]) == ["crown", "crown-ibp"]
