@@ -6,11 +6,19 @@ The representation is traced with ``torch.fx`` and bounded in float64, the tight
 
 * interval bound propagation (IBP) of the input box ``[x - eps, x + eps] ∩ [0, 1]`` (which holds
   the L-inf ball and the L2 ball) to a box on ``g``; then ``s <= || max(u - g(x), g(x) - l) ||_2``;
-* with ``method="crown"``, linear relaxation (CROWN with IBP bounds for the intermediate layers,
-  Zhang et al. 2018, 2020): one backward pass per output coordinate and sign gives a linear
-  function of ``x'`` above ``±g_j(x')``, maximised over the box (and, for L2, over the ball:
-  ``<a, x> + eps ||a||_2``, the smaller kept); its box on ``g``, intersected with IBP's, gives the
-  bound as above. ReLU relaxations: the chord above, ``alpha z`` below (``alpha = 1`` iff ``u > -l``);
+* with ``method="crown-ibp"``, linear relaxation over IBP's intermediate bounds (CROWN-IBP, Zhang
+  et al. 2018, 2020): one backward pass per output coordinate and sign gives a linear function of
+  ``x'`` above ``±g_j(x')``, maximised over the box (and, for L2, over the ball:
+  ``<a, x> + eps ||a||_2``, the dual norm; the smaller kept: the set lies in both); its box on
+  ``g``, intersected with IBP's, gives the bound as above. ReLU relaxations: the chord above,
+  ``alpha z`` below (``alpha = 1`` iff ``u > -l``);
+* with ``method="crown"``, full CROWN: the same, over bounds on every ReLU's input that are
+  CROWN's own, layer by layer in graph order (:func:`crown_bounds`): a backward pass for each
+  coordinate that interval arithmetic leaves unstable, over the bounds refined before it,
+  intersected with the interval (auto_LiRPA's CROWN with sparse intermediate bounds does the
+  same; its bounds on the digits CNNs are matched to 1e-9 or beaten: ``benchmarks/
+  certify_reference.py``). A network over :data:`CROWN_BUDGET` (a CIFAR ResNet-18) gets crown-ibp
+  from ``score``, which says so;
 * for chains of Linear / ReLU / batch norm / flatten / normalisation layers, the product of their
   L2 operator norms (exact spectral norms) times the ball's L2 radius (``eps``, or ``eps sqrt(d)``
   for L-inf): on a linear representation and an L2 ball this is the exact ``eps sigma_max(A)``.
@@ -483,6 +491,9 @@ class Bounder:
         # the network itself, in float64 at the same moment: every bound is checked against it
         self.network = copy.deepcopy(module).double().eval().requires_grad_(False)
         self.output  # noqa: B018 - refuses a representation that does not return one tensor
+        #: the nodes whose bounds a ReLU's relaxation uses (full CROWN bounds them by backward passes)
+        self.relu_inputs = {n.args[0].name for n in self.graph.graph.nodes
+                            if _is_relu(n, self.modules) and n.args and isinstance(n.args[0], torch.fx.Node)}
 
     @staticmethod
     def _check(graph: "torch.fx.Graph", modules: "dict[str, nn.Module]") -> None:
@@ -533,8 +544,11 @@ class Bounder:
             raise ModelError(f"certify: the representation returns a {type(out).__name__}; it must return one tensor")
         return out
 
-    def boxes(self, lo: Tensor, hi: Tensor) -> "dict[str, Any]":
-        """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``."""
+    def boxes(self, lo: Tensor, hi: Tensor,
+              refine: "Optional[Callable[[torch.fx.Node, dict[str, Any]], Box]]" = None) -> "dict[str, Any]":
+        """Interval bounds of every node (boxes; constants as they are) over the box ``[lo, hi]``.
+        ``refine(node, env)``: a box of its own (full CROWN) for each node that feeds a ReLU, which
+        replaces the interval before any later node is bounded (``env`` holds every node before)."""
         env: "dict[str, Any]" = {}
         for node in self.graph.graph.nodes:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
@@ -554,6 +568,8 @@ class Bounder:
             if _is_box(value) and (value.lo.dim() == 0 or value.lo.shape[0] != lo.shape[0]):
                 raise ModelError(f"certify: {node.name} changes the batch dimension ({lo.shape[0]} inputs, shape "
                                  f"{list(value.lo.shape)}); every operation must keep one row per input")
+            if refine is not None and _is_box(value) and node.name in self.relu_inputs:
+                env[node.name] = refine(node, env)
         return env
 
     @staticmethod
@@ -715,7 +731,15 @@ def _const(c: Any) -> Any:
     return c.double() if isinstance(c, Tensor) else c
 
 
-# --- CROWN: linear relaxation, backward from the output (IBP bounds for the intermediate layers) ---
+# --- CROWN: linear relaxation, backward passes ----------------------------------------------------
+
+
+def _is_relu(node: "torch.fx.Node", modules: "dict[str, nn.Module]") -> bool:
+    if node.op == "call_module":
+        return _module_type(modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return _OUT_OF_PLACE.get(node.target, node.target) in (F.relu, torch.relu)
+    return node.op == "call_method" and _OUT_OF_PLACE_METHODS.get(node.target, node.target) == "relu"
 
 
 def _sum_k(t: Tensor) -> Tensor:
@@ -735,6 +759,44 @@ def _affine_back(fn: Any, lam: Tensor, in_shape: "tuple[int, ...]") -> "tuple[Te
     return back.view((n, k) + in_shape), (out.detach() * flat).flatten(1).sum(1).view(n, k)
 
 
+def _module_back(m: nn.Module, lam: Tensor, in_shape: "tuple[int, ...]") -> "tuple[Tensor, Tensor]":
+    """:func:`_affine_back` of a float64 Linear, Conv2d or batch norm by its transposed map (no
+    forward pass); average pooling by autograd."""
+    n, k = lam.shape[:2]
+    if isinstance(m, nn.Linear):
+        const = _sum_k(lam * m.bias) if m.bias is not None else lam.new_zeros(n, k)
+        return lam @ m.weight, const
+    if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str):
+        back = torch.nn.grad.conv2d_input((n * k,) + in_shape, m.weight, lam.flatten(0, 1), m.stride, m.padding,
+                                          m.dilation, m.groups)
+        const = lam.sum((-1, -2)).flatten(2) @ m.bias if m.bias is not None else lam.new_zeros(n, k)
+        return back.view((n, k) + in_shape), const.view(n, k)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        scale, shift = _bn_affine(m)
+        shape = (-1,) + (1,) * (lam.dim() - 3)
+        return lam * scale.view(shape), _sum_k(lam * shift.view(shape))
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) and lam.dim() == 5:  # (no bias: a positive linear map)
+        size = (n * k,) + in_shape
+        grad, shape = lam.flatten(0, 1), lam.new_zeros(()).expand(size)  # (only the input's size is read)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            back = torch.ops.aten._adaptive_avg_pool2d_backward(grad, shape)
+        else:
+            pair = torch.nn.modules.utils._pair
+            back = torch.ops.aten.avg_pool2d_backward(grad, shape, pair(m.kernel_size), pair(m.stride), pair(m.padding),
+                                                      m.ceil_mode, m.count_include_pad, m.divisor_override)
+        return back.view((n, k) + in_shape), lam.new_zeros(n, k)
+    return _affine_back(m, lam, in_shape)
+
+
+def _bn_affine(m: nn.Module) -> "tuple[Tensor, Tensor]":
+    """An eval batch norm as ``scale * z + shift`` per channel (float64)."""
+    scale = (m.running_var.double() + m.eps).rsqrt()
+    if m.weight is not None:
+        scale = scale * m.weight.detach().double()
+    shift = -m.running_mean.double() * scale + (m.bias.detach().double() if m.bias is not None else 0)
+    return scale, shift
+
+
 def _unbroadcast(lam: Tensor, shape: "tuple[int, ...]") -> Tensor:
     """Coefficients ``[N, k, *out]`` of a node that broadcast its input of shape ``shape`` to
     ``out``: every input coordinate feeds each of its copies, so its coefficient is their sum."""
@@ -750,40 +812,49 @@ def _unbroadcast(lam: Tensor, shape: "tuple[int, ...]") -> Tensor:
 
 def _relu_back(lam: Tensor, box: Box) -> "tuple[Tensor, Tensor]":
     """``lam`` through a ReLU whose input lies in ``box``, for an upper bound of ``<lam, relu(z)>``:
-    positive coefficients take the chord above, negative ones the line ``alpha z`` below."""
-    l, u = box.lo.unsqueeze(1), box.hi.unsqueeze(1)
-    active, dead = l >= 0, u <= 0
-    unstable = ~(active | dead)
+    positive coefficients take the chord above, negative ones the line ``alpha z`` below
+    (``alpha = 1`` iff ``u > -l``, the adaptive choice of Zhang et al. 2018); a stable ReLU is
+    linear (slope 1 or 0). The relaxation is computed on the coordinates unstable at some
+    datapoint only (gathered)."""
+    n, k = lam.shape[:2]
+    l, u = box.lo.flatten(1), box.hi.flatten(1)
+    active = l >= 0
+    out = lam * active.view((n, 1) + tuple(lam.shape[2:])).to(lam.dtype)
+    cols = torch.nonzero(((l < 0) & (u > 0)).any(0)).flatten()
+    if len(cols) == 0:
+        return out, lam.new_zeros(n, k)
+    l, u, active = l[:, cols].unsqueeze(1), u[:, cols].unsqueeze(1), active[:, cols].unsqueeze(1)
+    unstable = (l < 0) & (u > 0)
     width = torch.where(unstable, u - l, torch.ones_like(u))
     up_slope = torch.where(active, 1.0, torch.where(unstable, u / width, 0.0))
     up_offset = torch.where(unstable, -u * l / width, 0.0)
     low_slope = torch.where(active | (unstable & (u > -l)), 1.0, 0.0)
-    pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-    return pos * up_slope + neg * low_slope, _sum_k(pos * up_offset)
+    part = lam.reshape(n, k, -1)[:, :, cols]
+    out.view(n, k, -1)[:, :, cols] = torch.where(part >= 0, part * up_slope, part * low_slope)
+    return out, (part.clamp(min=0) * up_offset).sum(2)
 
 
 class _Backward:
-    """One CROWN backward pass: an upper bound ``[N, k]`` of ``<lam_j, g(x')>`` over the set."""
+    """One CROWN backward pass: an upper bound ``[N, k]`` of ``<lam_j, v(x')>`` over the set, for
+    ``v`` the output (or the node ``start``), from the node bounds ``env`` (the ReLUs' relaxations)."""
 
     def __init__(self, bounder: Bounder, env: "dict[str, Any]") -> None:
         self.bounder, self.env = bounder, env
+        self.nodes = list(bounder.graph.graph.nodes)
 
-    def __call__(self, lam_out: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-        env, nodes = self.env, list(self.bounder.graph.graph.nodes)
-        self.lams: "dict[str, Tensor]" = {self.bounder.output.name: lam_out}
+    def __call__(self, lam_out: Tensor, x: Tensor, eps: float, norm: str,
+                 start: "Optional[torch.fx.Node]" = None) -> Tensor:
+        env, nodes = self.env, self.nodes
+        start = self.bounder.output if start is None else start
+        self.lams: "dict[str, Tensor]" = {start.name: lam_out}
         self.const = torch.zeros(lam_out.shape[:2], dtype=torch.float64, device=lam_out.device)
         bound: Optional[Tensor] = None
-        for node in reversed(nodes):
+        for node in reversed(nodes[: nodes.index(start) + 1]):
             if node.name not in self.lams:
                 continue
             lam = self.lams.pop(node.name)
             if node.op == "placeholder":
-                box = env[node.name]
-                bound = _sum_k(lam * box.mid.unsqueeze(1)) + _sum_k(lam.abs() * box.rad.unsqueeze(1))
-                if norm == "2":  # the set also lies in the L2 ball
-                    ball = _sum_k(lam * x.unsqueeze(1)) + eps * lam.flatten(2).norm(dim=2)
-                    bound = torch.minimum(bound, ball)
-                bound = bound + self.const
+                bound = _concretize(lam, env[node.name], x, eps, norm) + self.const
             elif node.op == "call_module":
                 self._module(node, self.bounder.modules[node.target], lam)
             elif node.op == "call_function":
@@ -816,7 +887,7 @@ class _Backward:
 
     def _affine(self, node: "torch.fx.Node", fn: Any, lam: Tensor) -> None:
         src, _, shape = self._in(node)
-        lam, offset = _affine_back(fn, lam, shape)
+        lam, offset = _module_back(fn, lam, shape) if isinstance(fn, nn.Module) else _affine_back(fn, lam, shape)
         self.const += offset
         self._push(src, lam)
 
@@ -828,7 +899,7 @@ class _Backward:
         elif isinstance(m, nn.Flatten):
             self._reshape(node, lam)
         else:  # Linear, Conv2d, batch norm, average pooling: affine, in float64
-            self._affine(node, self.bounder.modules[node.target], lam)  # of the float64 snapshot
+            self._affine(node, m, lam)  # of the float64 snapshot
 
     def _function(self, node: "torch.fx.Node", lam: Tensor) -> None:
         fn = _OUT_OF_PLACE.get(node.target, node.target)
@@ -886,6 +957,213 @@ _ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub:
           torch.mul: "mul", operator.truediv: "div", torch.div: "div"}  # (in-place operators: _OUT_OF_PLACE first)
 
 
+def _concretize(lam: Tensor, box: Box, x: Tensor, eps: float, norm: str) -> Tensor:
+    """``max <lam_j, x'>`` over ``x'`` in the input box, ``[N, k]``; for L2 also over the ball
+    ``||x' - x||_2 <= eps`` (``<lam_j, x> + eps ||lam_j||_2``, the dual norm): the set lies in
+    both, so the smaller of the two bounds it."""
+    bound = _sum_k(lam * box.mid.unsqueeze(1)) + _sum_k(lam.abs() * box.rad.unsqueeze(1))
+    if norm == "2":
+        ball = _sum_k(lam * x.unsqueeze(1)) + eps * lam.flatten(2).norm(dim=2)
+        bound = torch.minimum(bound, ball)
+    return bound
+
+
+def _output_pass(bounder: Bounder, env: "dict[str, Any]", x: Tensor, eps: float, norm: str) -> Box:
+    """CROWN's box on the output (``[N, m]`` each, intersected with the interval in ``env``): one
+    backward pass per output coordinate and sign, the ReLUs relaxed over their bounds in ``env``."""
+    out = bounder.output_box(env)
+    shape = tuple(out.lo.shape[1:])
+    n, m = x.shape[0], out.lo[0].numel()
+    widest = max(v.lo[0].numel() for v in env.values() if _is_box(v))
+    k = max(1, min(m, _CHUNK_BYTES // (8 * 4 * n * widest)))
+    backward = _Backward(bounder, env)
+    uppers, lowers = [], []
+    for start in range(0, m, k):
+        rows = torch.arange(start, min(m, start + k), device=x.device)
+        basis = torch.zeros(len(rows), m, dtype=torch.float64, device=x.device)
+        basis[torch.arange(len(rows)), rows] = 1.0
+        lam = basis.view((1, len(rows)) + shape).expand((n, len(rows)) + shape)
+        both = backward(torch.cat([lam, -lam], 1), x, eps, norm)
+        uppers.append(both[:, :len(rows)])
+        lowers.append(-both[:, len(rows):])
+    return Box(torch.maximum(torch.cat(lowers, 1), out.lo.flatten(1)),
+               torch.minimum(torch.cat(uppers, 1), out.hi.flatten(1)))
+
+
+def _exact_interval(bounder: Bounder, env: "dict[str, Any]") -> "set[str]":
+    """The nodes whose interval over an input box is already CROWN's (exact): an affine function
+    of the input through at most one map that mixes coordinates (Linear, Conv2d, pooling, a
+    broadcasting constant), the rest coordinate-wise (batch norm, constant arithmetic, reshapes):
+    ``|D W D'| = |D| |W| |D'|``. No ReLU, no branch."""
+    mixes: "dict[str, int]" = {}
+    for node in bounder.graph.graph.nodes:
+        if not _is_box(env.get(node.name)):
+            continue
+        if node.op == "placeholder":
+            mixes[node.name] = 0
+            continue
+        src = [a for a in node.all_input_nodes if _is_box(env.get(a.name))]
+        if len(src) != 1 or src[0].name not in mixes or _is_relu(node, bounder.modules):
+            continue
+        mixing = env[node.name].lo[0].numel() != env[src[0].name].lo[0].numel()
+        if node.op == "call_module":
+            m = bounder.modules[node.target]
+            mixing = mixing or isinstance(m, (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+        elif node.op == "call_function":
+            mixing = mixing or _OUT_OF_PLACE.get(node.target, node.target) in (F.avg_pool2d, F.adaptive_avg_pool2d)
+        mixes[node.name] = mixes[src[0].name] + int(mixing)
+    return {name for name, count in mixes.items() if count <= 1}
+
+
+def _refine(bounder: Bounder, node: "torch.fx.Node", env: "dict[str, Any]", x: Tensor, eps: float,
+            norm: str) -> Box:
+    """Full CROWN's bounds on ``node`` (a ReLU's input), intersected with its interval: a backward
+    pass for each coordinate that the interval leaves unstable (``l < 0 < u``; a stable ReLU is
+    linear, tighter bounds do not change it), one sign each, batched per datapoint."""
+    box = env[node.name]
+    n, shape = box.lo.shape[0], tuple(box.lo.shape[1:])
+    lo, hi = box.lo.flatten(1).clone(), box.hi.flatten(1).clone()
+    unstable = (lo < 0) & (hi > 0)
+    counts = unstable.sum(1)
+    most = int(counts.max()) if n else 0
+    if most == 0:
+        return box
+    order = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :most]  # the unstable ones first
+    widest = max(v.lo[0].numel() for v in env.values() if _is_box(v))
+    k = max(1, min(most, _CHUNK_BYTES // (8 * 4 * n * widest)))
+    backward = _Backward(bounder, env)
+    for start in range(0, most, k):
+        idx = order[:, start:start + k]
+        rows = idx.shape[1]
+        valid = torch.arange(start, start + rows, device=lo.device) < counts.unsqueeze(1)
+        lam = torch.zeros(n, rows, lo.shape[1], dtype=torch.float64, device=lo.device)
+        lam.scatter_(2, idx.unsqueeze(2), valid.unsqueeze(2).double())
+        lam = lam.view((n, rows) + shape)
+        both = backward(torch.cat([lam, -lam], 1), x, eps, norm, start=node)
+        upper, lower = both[:, :rows], -both[:, rows:]
+        hi.scatter_(1, idx, torch.where(valid, torch.minimum(hi.gather(1, idx), upper), hi.gather(1, idx)))
+        lo.scatter_(1, idx, torch.where(valid, torch.maximum(lo.gather(1, idx), lower), lo.gather(1, idx)))
+    return Box(lo.view((n,) + shape), hi.view((n,) + shape))
+
+
+def _squared_rows(bounder: Bounder, point: "dict[str, Any]", exact: "set[str]") -> "dict[str, Tensor]":
+    """For the nodes of ``exact`` (:func:`_exact_interval`) whose maps are all Linear, Conv2d, batch
+    norm, constant arithmetic or reshapes: the squared L2 norm of each row of the node's Jacobian
+    in the input, ``(J ∘ J) 1``, by the same maps with squared weights (``J = D W D'`` gives
+    ``J ∘ J = D² (W ∘ W) D'²``). ``point``: the node values at ``x`` (:meth:`Bounder.boxes`
+    ``(x, x)``), for the constants and shapes."""
+    rows: "dict[str, Tensor]" = {}
+    value = lambda v: point[v.name] if isinstance(v, torch.fx.Node) else v  # noqa: E731
+    for node in bounder.graph.graph.nodes:
+        if node.name not in exact:
+            continue
+        if node.op == "placeholder":
+            rows[node.name] = torch.ones_like(point[node.name].lo)
+            continue
+        src = next(a for a in node.all_input_nodes if _is_box(point.get(a.name)))
+        if src.name not in rows:
+            continue
+        v, out = rows[src.name], None
+        rest = [value(a) for a in node.args[1:]]
+        if node.op == "call_module":
+            m = bounder.modules[node.target]
+            if isinstance(m, nn.Linear):
+                out = F.linear(v, m.weight ** 2)
+            elif isinstance(m, nn.Conv2d):
+                out = F.conv2d(v, m.weight ** 2, None, m.stride, m.padding, m.dilation, m.groups)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                scale, _ = _bn_affine(m)
+                out = v * scale.view((-1,) + (1,) * (v.dim() - 2)) ** 2
+            elif isinstance(m, _IDENTITY_MODULES):
+                out = v
+            elif isinstance(m, nn.Flatten):
+                out = m(v)
+        else:
+            fn = _OUT_OF_PLACE.get(node.target, node.target) if node.op == "call_function" else None
+            name = _OUT_OF_PLACE_METHODS.get(node.target, node.target) if node.op == "call_method" else None
+            op = _ARITH.get(fn) if fn is not None else (name if name in ("add", "sub", "mul", "div") else None)
+            if fn is not None and getattr(fn, "__name__", "") in _DROPOUTS:
+                out = v
+            elif fn in (torch.flatten, torch.Tensor.flatten) or name in _SHAPE_METHODS:
+                out = getattr(v, "flatten" if fn is not None else name)(*rest, **node.kwargs)
+            elif op in ("add", "sub"):
+                out = v * torch.ones_like(point[node.name].lo)  # (a broadcast copies)
+            elif op in ("mul", "div"):
+                c = value(node.args[1] if node.args[0] is src else node.args[0])
+                c = torch.as_tensor(_const(c), dtype=torch.float64, device=v.device)
+                out = v * c ** 2 if op == "mul" else v / c ** 2
+        if out is not None and out.shape == point[node.name].lo.shape:
+            rows[node.name] = out
+    return rows
+
+
+def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[str, Any]":
+    """Every node's bounds over ``B_norm(x, eps) ∩ [0, 1]^d`` by full CROWN: in graph order, each
+    ReLU's input by backward passes of its own (:func:`_refine`), over the bounds already refined
+    before it, and every other node by interval arithmetic over those. Where a ReLU's input is an
+    affine map of the input that interval arithmetic bounds exactly over the box
+    (:func:`_exact_interval`), no backward pass is needed: in L-inf its interval is CROWN's, in L2
+    CROWN's is that interval intersected with ``v(x) ± eps ||J_j||_2`` (:func:`_squared_rows`)."""
+    x, lo, hi = _input_box(x, eps)
+    with torch.no_grad():
+        point = bounder.boxes(x, x)
+    exact = _exact_interval(bounder, point)
+    rows = _squared_rows(bounder, point, exact) if norm == "2" else {}
+
+    def refine(node: "torch.fx.Node", env: "dict[str, Any]") -> Box:
+        box = env[node.name]
+        if norm == "inf" and node.name in exact:
+            return box
+        if node.name in rows:
+            centre, radius = point[node.name].lo, eps * rows[node.name].sqrt()
+            return Box(torch.maximum(box.lo, centre - radius), torch.minimum(box.hi, centre + radius))
+        return _refine(bounder, node, env, x, eps, norm)
+
+    with torch.no_grad():
+        return bounder.boxes(lo, hi, refine=refine)
+
+
+#: full CROWN's budget: coefficients a datapoint's backward passes may move (:func:`crown_cost`);
+#: above it ``score --certify crown`` computes crown-ibp and says so. The dSprites LeNets (64x64)
+#: need 7.8e8 (0.5 s per point at L-inf 2/255 on one CPU thread), a CIFAR ResNet-18 2.3e9 at 8x8
+#: inputs (250 s), 3.7e10 at 16x16 (1,900 s) and 5.8e11 at 32x32 (benchmarks/certify_timing.py).
+CROWN_BUDGET = 2e9
+
+
+def crown_cost(bounder: Bounder, x: Tensor) -> float:
+    """An upper bound on the coefficients that full CROWN's backward passes move per datapoint of
+    ``x``'s shape: for every ReLU input it refines (:func:`crown_bounds`; all of its coordinates
+    unstable) and for the output, its size times the sizes of the nodes a pass goes through."""
+    x = x[:1].double()
+    with torch.no_grad():
+        env = bounder.boxes(x, x)
+    exact = _exact_interval(bounder, env)
+    size = {name: v.lo[0].numel() for name, v in env.items() if _is_box(v)}
+    through: "dict[str, int]" = {}  # the sizes of a node and of every bounded node before it
+    total = 0.0
+    for node in bounder.graph.graph.nodes:
+        if node.name not in size:
+            continue
+        ancestors = {node.name}
+        for a in node.all_input_nodes:
+            ancestors |= through.get(a.name, set())
+        through[node.name] = ancestors
+        if (node.name in bounder.relu_inputs and node.name not in exact) or node is bounder.output:
+            total += size[node.name] * sum(size[a] for a in ancestors)
+    return total
+
+
+def method_for(bounder: Bounder, method: str, x: Tensor) -> "tuple[str, Optional[str]]":
+    """The method a run computes for ``method`` on inputs of ``x``'s shape, and a one-line note
+    where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) falls back to
+    crown-ibp."""
+    if method != "crown":
+        return method, None
+    cost = crown_cost(bounder, x)
+    if cost <= CROWN_BUDGET:
+        return method, None
+    return "crown-ibp", (f"--certify crown: full CROWN would move about {cost:.0e} coefficients per point "
+                         f"(budget {CROWN_BUDGET:.0e}); crown-ibp is computed instead")
 
 
 # --- the methods: node bounds -> a box on g -------------------------------------------------------
@@ -908,38 +1186,33 @@ def ibp_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[d
     return Box(out.lo.flatten(1), out.hi.flatten(1))
 
 
-def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[dict[str, Any]]" = None) -> Box:
-    """CROWN (IBP intermediate bounds) bounds on every output coordinate of the representation
-    over ``B_norm(x, eps) ∩ [0, 1]^d``, intersected with IBP's; ``[N, m]`` each. ``env``: the IBP
-    node bounds over that set (:meth:`Bounder.boxes`) when the caller has them."""
+def crown_ibp_box(bounder: Bounder, x: Tensor, eps: float, norm: str,
+                  env: "Optional[dict[str, Any]]" = None) -> Box:
+    """CROWN-IBP: CROWN's backward pass from the output over IBP's bounds on the intermediate
+    layers, over ``B_norm(x, eps) ∩ [0, 1]^d``, intersected with IBP's box; ``[N, m]`` each.
+    ``env``: the IBP node bounds over the input box (:meth:`Bounder.boxes`) when the caller has them."""
     x, lo, hi = _input_box(x, eps)
     if env is None:
         with torch.no_grad():
             env = bounder.boxes(lo, hi)
-    out = bounder.output_box(env)
-    shape = tuple(out.lo.shape[1:])
-    n, m = x.shape[0], out.lo[0].numel()
-    widest = max(v.lo[0].numel() for v in env.values() if _is_box(v))
-    k = max(1, min(m, _CHUNK_BYTES // (8 * 4 * n * widest)))
-    backward = _Backward(bounder, env)
-    uppers, lowers = [], []
-    for start in range(0, m, k):
-        rows = torch.arange(start, min(m, start + k), device=x.device)
-        basis = torch.zeros(len(rows), m, dtype=torch.float64, device=x.device)
-        basis[torch.arange(len(rows)), rows] = 1.0
-        lam = basis.view((1, len(rows)) + shape).expand((n, len(rows)) + shape)
-        uppers.append(backward(lam, x, eps, norm))
-        lowers.append(-backward(-lam, x, eps, norm))
-    return Box(torch.maximum(torch.cat(lowers, 1), out.lo.flatten(1)),
-               torch.minimum(torch.cat(uppers, 1), out.hi.flatten(1)))
+    with torch.no_grad():
+        return _output_pass(bounder, env, x, eps, norm)
+
+
+def crown_box(bounder: Bounder, x: Tensor, eps: float, norm: str, env: "Optional[dict[str, Any]]" = None) -> Box:
+    """Full CROWN: the backward pass from the output over CROWN's own bounds on every ReLU's
+    input (:func:`crown_bounds`), intersected with the intervals over those; ``[N, m]`` each.
+    (``env`` is not used: the intermediate bounds are computed here.)"""
+    with torch.no_grad():
+        return _output_pass(bounder, crown_bounds(bounder, x, eps, norm), x.double(), eps, norm)
 
 
 #: each method's box on ``g`` over ``B_norm(x, eps) ∩ [0, 1]^d``, from the IBP node bounds over the
 #: input box: ``fn(bounder, x, eps, norm, env) -> Box`` (``[N, m]`` each); sound, and at least as
 #: tight as IBP's (a method intersects with it, or is IBP)
 #: the bound methods, a literal so that the command line reads it without importing torch
-METHODS = ("ibp", "crown")
-OUTPUT_BOXES: "dict[str, Callable[..., Box]]" = {"ibp": ibp_box, "crown": crown_box}
+METHODS = ("ibp", "crown-ibp", "crown")
+OUTPUT_BOXES: "dict[str, Callable[..., Box]]" = {"ibp": ibp_box, "crown-ibp": crown_ibp_box, "crown": crown_box}
 assert tuple(OUTPUT_BOXES) == METHODS
 
 
@@ -976,7 +1249,7 @@ def sensitivity_upper(bounder: Bounder, x: Tensor, eps: float, norm: str,
     if method != "ibp":
         s_method = _box_shift(g, OUTPUT_BOXES[method](bounder, x, eps, norm, env)) * (1 + _WIDEN) + 1e-12
         s_upper = torch.minimum(s_upper, s_method)
-        out[f"s_{method}"] = s_method
+        out[f"s_{method.replace('-', '_')}"] = s_method
     _check_graph(bounder, x, g, s_upper)
     out.update(s_upper=s_upper, s_domain=s_domain * (1 + _WIDEN), g=g,
                slack=float32_slack(g, s_upper, eps, norm, d))

@@ -193,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument("--as-only", action="store_true", help="the AS score alone: no labels, no loss attack")
     g.add_argument("--certify", choices=constant("asbound.certify", "METHODS"), help="also bound every s_i from above (ibp: interval bound "
-                   "propagation; crown: linear relaxation with IBP for intermediate layers, slower and tighter; both "
-                   "with operator norms for linear chains): a sound Lemma 1 RHS and a certified Theorem 2 criterion")
+                   "propagation; crown-ibp: linear relaxation over IBP's intermediate bounds; crown: full CROWN, every "
+                   "layer's bounds by linear relaxation, the tightest and slowest, crown-ibp where over its budget; "
+                   "all with operator norms for linear chains): a sound Lemma 1 RHS and a certified Theorem 2 "
+                   "criterion")
     g = p.add_argument_group("bounds")
     g.add_argument("--delta", type=_number, default=d.delta, help="Theorem 1 confidence 1 - delta")
     g.add_argument("--loss-cap", type=_number, default=d.loss_cap, help="Theorem 1 cap C on the loss, fixed in advance")
@@ -682,16 +684,22 @@ def _table_parser(sub: "argparse._SubParsersAction") -> None:
     FORMATS, STYLES = constant("asbound.report.tables", "FORMATS"), constant("asbound.report.tables", "STYLES")
 
     p = sub.add_parser(
-        "table", help="seed 001's tables from stored run records (Markdown, LaTeX, CSV)",
+        "table", help="seed 001's tables from stored run records (console, Markdown, LaTeX, CSV)",
         description="Render a paper-style table from run directories (score, transfer, sweep, predict, or folders "
                     "of them), from their records only: nothing is recomputed. lemma1: Tables 1, 2, 7; theorem2: "
                     "Table 3; transfer: Tables 5, 9; shift: Tables 12, 13; eps: Table 8; resize: Table 10; "
-                    "predict: Table 4; certify: runs of score --certify.",
+                    "predict: Table 4; certify: runs of score --certify. On a terminal (no --out) the table is laid "
+                    "out for its width; piped, redirected or with --out, it is Markdown unless --format says "
+                    "otherwise: 'asbound table RUN --style S > t.md' writes Markdown.",
         formatter_class=_DefaultsFormatter,
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--style", required=True, choices=STYLES, help="which table")
-    p.add_argument("--format", default="md", choices=FORMATS, help="Markdown, LaTeX (booktabs) or CSV")
+    p.add_argument("--format", choices=(*FORMATS, "console"),
+                   help="md: Markdown, tex: LaTeX (booktabs), csv; console: laid out for the terminal's width "
+                        "(COLUMNS; 80 with --out), wide tables split into several with their row labels repeated. "
+                        "Default: console on a terminal, md when piped, redirected or with --out; a format given "
+                        "is always the one used")
     p.add_argument("--out", help="write the table to this file (default: print it)")
 
 
@@ -710,9 +718,14 @@ def _plot_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def _table(args: argparse.Namespace, argv: "Optional[Sequence[str]]" = None) -> int:
+    import shutil
+
     from asbound.api import render, table
 
-    text = render(table(args.runs, args.style), args.format, command=_command(argv))
+    terminal = args.out is None and sys.stdout.isatty()
+    fmt = args.format or ("console" if terminal else "md")
+    width = shutil.get_terminal_size().columns if args.out is None else 80  # COLUMNS, the terminal's, or 80
+    text = render(table(args.runs, args.style), fmt, command=_command(argv), width=width, styled=terminal)
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from asbound.attacks import ATTACKS, PGD, FastObjective, Watch, foolbox_pgd, loss_objective, representation_shift
 from asbound.certify import METHODS as CERTIFY_METHODS, Bounder, CheckFailed, certified, check_attack_points
-from asbound.certify import check_records, float32_deviation, no_random_draws, record_slack
+from asbound.certify import check_records, float32_deviation, method_for, no_random_draws, record_slack
 from asbound.certify import sensitivity_upper
 from asbound.bounds import head_norms, headline_term, lemma1_terms, margins, summarize_points
 from asbound.data import DataSet, load_data
@@ -54,7 +54,10 @@ BACKENDS = ("asbound", "foolbox")
 #: options added after runs were recorded without them: such a run compares as if it had these
 OPTION_DEFAULTS = {"corruption": None, "severity": None, "corruption_params": "auto", "certify": None,
                    "attack": "pgd", "amp": "auto", "compile": False, "grad_dtype": "float32",
-                   "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings()}
+                   "protocol": DEFAULT_PROTOCOL, "protocol_settings": PROTOCOLS[DEFAULT_PROTOCOL].settings(),
+                   # recorded with --certify crown only: a crown run from before full CROWN (its bound
+                   # was today's crown-ibp) is not resumed as one
+                   "certify_used": None, "certify_note": None}
 #: the initial step relative to eps when --rel-step is not given: PGD the seed's 0.7, APGD Croce and Hein's 2,
 #: Nystrom's first local step 0.7
 REL_STEP = {"pgd": 0.7, "apgd": 2.0, "nystrom": 0.7}
@@ -98,7 +101,7 @@ class ScoreConfig:
     corruption: Optional[str] = None  # distribution shift: a corruption of every image (asbound.data.corruptions)
     severity: Optional[int] = None
     corruption_params: str = "auto"  # auto | cifar (CIFAR-10-C) | imagenet (ImageNet-C, imagecorruptions)
-    certify: Optional[str] = None  # ibp | crown: an upper bound on every s_i (asbound.certify), Theorem 2 certified
+    certify: Optional[str] = None  # ibp | crown-ibp | crown: an upper bound on every s_i (asbound.certify)
     attack: str = "pgd"  # pgd (foolbox semantics, the seed protocol) | apgd (Auto-PGD) | nystrom (asbound.attacks.Nystrom)
     amp: str = "auto"  # gradient passes in low precision: auto | off | bf16 | fp16 (values stay float32)
     compile: bool = False  # torch.compile the gradient passes
@@ -462,11 +465,16 @@ def score(
     }
     run = RunDir(out) if out is not None else None
     bounder = Bounder(split.backbone) if cfg.certify else None  # refuses before the run directory exists
+    certify_used = cfg.certify
     if bounder is not None:  # so does an unsupported operation
         bounder.check_supported(to_format(probe.to(device), fmt))
+    if cfg.certify == "crown":  # full CROWN, or crown-ibp where it is over its budget: said, never silent
+        certify_used, certify_note = method_for(bounder, cfg.certify, to_format(probe[:1].to(device), fmt))
+        resolved.update(certify_used=certify_used, certify_note=certify_note)
+        notes += [certify_note] if certify_note else []
     with run.locked() if run else contextlib.nullcontext():
         done = run.start(resolved, defaults=OPTION_DEFAULTS) if run else set()
-        scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, cfg.certify)
+        scorer = _Scorer(split, loss, cfg.pgd, cfg.backend, scale, bounder, amp, cfg.compile, certify_used)
         frames: "list[pd.DataFrame]" = []
         batches = [range(i, min(i + cfg.batch_size, len(data))) for i in range(0, len(data), cfg.batch_size)]
         todo = [b for b in batches if not set(b) <= done]
@@ -503,6 +511,8 @@ def score(
                 raise
             raise run.damaged_points(f"no {exc.args[0]} column") from None
         summary.update(model=str(loaded.spec), data=str(data.spec), task=data.task, task_note=mismatch)
+        if cfg.certify:
+            summary["certify_used"] = certify_used
         summary = clean_json(summary)
         if run:
             run.write_summary(summary)

@@ -445,7 +445,7 @@ def real_runs(tmp_path_factory) -> "dict[str, tuple[Path, set[str]]]":
         "as-only": (tiny_runs.score, ("--as-only",), set()),
         "head misfit": (tiny_runs.score, ("--classes", "0-9"), set()),
         "certify": (tiny_runs.score, ("--certify", "ibp"), {"loss", "classification", "--certify"}),
-        "certify as-only": (tiny_runs.score, ("--certify", "crown", "--as-only"), {"--certify"}),
+        "certify as-only": (tiny_runs.score, ("--certify", "crown", "--as-only"), {"--certify", "--certify crown"}),
         "regression": (lambda out, *extra: [*regression, "--out", str(out), *extra], (), {"loss"}),
         "regression certify": (lambda out, *extra: [*regression, "--out", str(out), *extra], ("--certify", "ibp"),
                                {"loss", "--certify"}),

@@ -10,10 +10,12 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from rich.cells import cell_len
 
 from asbound.cli import main
 from asbound.errors import ConfigError
@@ -230,16 +232,90 @@ def test_the_cli_writes_the_table_with_its_command(runs, capsys):
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="`asbound table` prints Markdown on the console: its notes run to 250 "
-                   "columns and the pipe rows of wide tables (eps, predict, certify, resize) cannot wrap; wrapping "
-                   "the notes alone leaves the rows, and a console rendering of the tables is a design choice")
-@pytest.mark.parametrize("style", ["lemma1", "transfer", "eps"])
-def test_the_table_printed_on_the_console_reads_at_80_columns(runs, capsys, monkeypatch, style):
-    monkeypatch.setenv("COLUMNS", "80")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _on_a_terminal(monkeypatch, columns: int = 80) -> None:
+    """stdout as a terminal COLUMNS wide (what ``asbound table`` asks of it)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+
+
+def _reads_at(text: str, rendered, width: int) -> None:
+    """Every line at most ``width`` columns with no trailing spaces, and the console shows what the
+    Markdown does: every title, every cell (those without spaces as words of the output), every note."""
+    lines = ANSI.sub("", text).splitlines()
+    assert max(cell_len(line) for line in lines) <= width, max(lines, key=cell_len)
+    assert all(line == line.rstrip() for line in lines)
+    words = set(" ".join(lines).split())
+    flat = " ".join(" ".join(lines).split())
+    for block in rendered.blocks:
+        assert " ".join(block.title.split()) in flat
+        cells = [str(v) for v in block.frame.to_numpy().ravel() if isinstance(v, str) and v.split() == [v]]
+        assert cells and set(cells) <= words, set(cells) - words
+        for note in block.notes:
+            assert " ".join(note.split()) in flat
+    for note in rendered.notes:
+        assert " ".join(note.split()) in flat
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("how", ["terminal", "--format console"])
+def test_the_table_printed_on_the_console_reads_at_80_columns(runs, capsys, monkeypatch, style, how):
+    """On a terminal (or with --format console) the tables are laid out at its width by rich."""
+    if how == "terminal":
+        _on_a_terminal(monkeypatch)
+    else:
+        monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["table", *SOURCES[style], "--style", style, *([] if how == "terminal" else how.split())]) == 0
+    out = capsys.readouterr().out
+    assert "| ---" not in out and "|---" not in out  # not the Markdown
+    assert (ANSI.search(out) is not None) == (how == "terminal")  # bold and italics on a terminal only
+    _reads_at(out, table(SOURCES[style], style), 80)
+
+
+@pytest.mark.parametrize("columns", [60, 40])
+def test_a_wide_table_is_split_with_its_row_labels_repeated(runs, capsys, monkeypatch, columns):
+    _wide_runs(runs)  # and a duplicate: one row per run, every quantity a column
+    _score_run(runs / "t7" / "dup", {"model": "builtin:lenet-a/posx", "data": "dsprites:posx", "norm": "2"},
+               _summary(model="builtin:lenet-a/posx", data="dsprites:posx", norm="2"), _points([True], [True]))
+    rendered = table(["t7"], "lemma1")
+    assert len(render(rendered, "md").splitlines()[3]) > 100  # the Markdown's rows are wider than a terminal
+    _on_a_terminal(monkeypatch, columns)
+    assert main(["table", "t7", "--style", "lemma1"]) == 0
+    out = ANSI.sub("", capsys.readouterr().out)
+    _reads_at(out, rendered, columns)
+    # each part repeats the row labels: every run's label once per part
+    parts = out.count("Downstream")
+    assert parts > 1 and out.count("dsprites:posx (norm 2) #2") == parts
+
+
+def test_split_tables_repeat_the_columns_that_tell_their_rows_apart(runs, capsys, monkeypatch):
+    """The certify table has a row per run and eps: each part of a split table repeats the eps."""
+    _on_a_terminal(monkeypatch, 50)
+    assert main(["table", "cert", "--style", "certify"]) == 0
+    out = ANSI.sub("", capsys.readouterr().out)
+    _reads_at(out, table(["cert"], "certify"), 50)
+    rows = [line.split("  ") for line in out.splitlines() if line.startswith("m → digits [0-4]")]
+    assert len(rows) > 2 and len(rows) % 2 == 0  # two rows (eps 1/255, 8/255) per part, more than one part
+    assert [r[1].strip() for r in rows] == ["1/255", "8/255"] * (len(rows) // 2)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_piped_or_written_the_table_keeps_its_format_byte_for_byte(runs, capsys, monkeypatch, style):
+    """Piped or redirected, the Markdown (the golden file); with --out, the file is the golden file
+    even from a terminal."""
     capsys.readouterr()
     assert main(["table", *SOURCES[style], "--style", style]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert capsys.readouterr().out == (GOLDEN / f"{style}.md").read_text()
+    _on_a_terminal(monkeypatch)
+    for fmt in FORMATS:
+        assert main(["table", *SOURCES[style], "--style", style, "--format", fmt, "--out", f"t.{fmt}"]) == 0
+        golden = (GOLDEN / f"{style}.{fmt}").read_text()
+        # the golden files name no --format/--out in their command line
+        assert (runs / f"t.{fmt}").read_text() == golden.replace(
+            f"--style {style}", f"--style {style} --format {fmt} --out t.{fmt}", 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -572,3 +648,14 @@ def test_the_margin_plot_draws_each_points_margin_and_sensitivity(runs):
     drawn = sorted(tuple(map(float, xy)) for c in ax.collections if c.get_label() in (
         "robust", "correct, not robust", "misclassified") for xy in c.get_offsets())
     assert drawn == sorted(zip(points["margin"], points["sensitivity"]))
+
+
+def test_the_certify_table_shows_the_bound_a_run_computed(runs):
+    """--certify crown over its budget computes crown-ibp (summary certify_used): the bound column
+    says crown-ibp, not the method asked for."""
+    for name, used in (("full", "crown"), ("fallback", "crown-ibp")):
+        _score_run(runs / "cu" / name, {"model": "builtin:m", "data": "digits", "n": 4},
+                   _summary(n=4, eps_text="1/255", rhs_certified=6.0, tightness=5.0, prop_certified=0.25,
+                            certify="crown", certify_used=used), _points([True], [True]))
+    frame = table([str(runs / "cu" / "full"), str(runs / "cu" / "fallback")], "certify").blocks[0].frame
+    assert list(frame["bound"]) == ["crown", "crown-ibp"]

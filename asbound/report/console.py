@@ -11,11 +11,18 @@ beside them otherwise.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 
 class LabelledTable(Table):
@@ -46,7 +53,8 @@ class LabelledTable(Table):
         measured = [[Measurement.get(console, options, cell)
                      for cell in ([c.header] if self.show_header else []) + list(c.cells)] for c in self.columns]
         natural = [max((m.maximum for m in ms), default=0) for ms in measured]
-        least = [max((m.minimum for m in ms), default=0) for ms in measured]
+        least = [max([m.minimum for m in ms] + [c.min_width or 0]) for ms, c in zip(measured, self.columns)]
+        natural = [max(n, m) for n, m in zip(natural, least)]
         self._natural = natural[0]
         room = options.max_width - self._extra_width - sum(self._get_padding_width(i) for i in range(len(natural)))
         if sum(natural) <= room:
@@ -56,10 +64,15 @@ class LabelledTable(Table):
         elif sum(least) > room:
             return None
         spare, wants = room - sum(least), [n - m for n, m in zip(natural, least)]
+        return [m + s for m, s in zip(least, self._shares(spare, wants))]
+
+    @staticmethod
+    def _shares(spare: int, wants: "list[int]") -> "list[int]":
+        """``spare`` columns of room, to each column in proportion to what it lacks for one line per cell."""
         shares = [spare * w // sum(wants) for w in wants]
         for i in sorted(range(len(wants)), key=lambda i: -wants[i])[: spare - sum(shares)]:
             shares[i] += 1
-        return [m + s for m, s in zip(least, shares)]
+        return shares
 
 
 def _num(value: Optional[float], fmt: str = "{:.4g}") -> str:
@@ -250,3 +263,194 @@ def predict_table(rec: dict) -> Table:
 #: the note beside a prediction whose ratios are undefined
 UNDEFINED_RATIO = ("ratio undefined: the AS on {} is 0 (no attack moved the representation there), so "
                    "no ratio and no verdict")
+
+
+# --- asbound table on a terminal: seed 001's tables laid out for the console's width ----------------
+
+#: a value column is right-aligned when every cell is a number, a percentage or "-"
+_NUMBER = re.compile(r"^(-|[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?%?)$", re.IGNORECASE)
+
+
+class FrameTable(LabelledTable):
+    """A :class:`LabelledTable` in the look of ``asbound table``'s console tables: a rule under the
+    header, no vertical lines, two spaces between columns, none at the edges. A column's
+    ``min_width`` is kept (its cells on one line); the room left goes first to the columns that
+    need the least of it to stand on one line (a header whole rather than two headers half)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, **options)
+
+    @staticmethod
+    def _shares(spare: int, wants: "list[int]") -> "list[int]":
+        shares = [0] * len(wants)
+        for i in sorted(range(len(wants)), key=lambda i: wants[i]):
+            shares[i] = min(wants[i], spare)
+            spare -= shares[i]
+        return shares
+
+
+def _text(value: Any) -> str:
+    """A frame's cell as the Markdown shows it; a missing one as the tables' own ``-``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(value)
+
+
+def _longest_word(text: str) -> int:
+    return max((cell_len(word) for word in text.split()), default=0)
+
+
+@dataclass
+class _Rows:
+    """A frame as rows for the console: a row label column (a row MultiIndex as group headings,
+    each level indented under the one above, instead of a column per level) and value columns.
+    Where the labels do not tell the rows apart (the certify table: a row per run and eps), the
+    fewest leading value columns that do are ``keys``, repeated beside the labels in every table."""
+
+    labels: "list[tuple[str, int, bool]]"  # (label, depth, is a group heading)
+    label_header: str
+    headers: "list[str]"
+    columns: "list[list[str]]"  # per value column, a cell per row ("" on the headings)
+    keys: int = 0
+
+    @classmethod
+    def of(cls, frame: Any) -> "_Rows":
+        levels = frame.index.nlevels
+        labels: "list[tuple[str, int, bool]]" = []
+        positions: "list[Optional[int]]" = []
+        previous: "Optional[tuple[str, ...]]" = None
+        for k, key in enumerate(frame.index):
+            key = tuple(_text(x) for x in (key if levels > 1 else (key,)))
+            for depth in range(levels - 1):
+                if previous is None or key[: depth + 1] != previous[: depth + 1]:
+                    labels.append((key[depth], depth, True))
+                    positions.append(None)
+            labels.append((key[-1], levels - 1, False))
+            positions.append(k)
+            previous = key
+        names = list(frame.index.names)
+        header = "\n".join("  " * d + str(n) for d, n in enumerate(names) if n is not None)
+        headers = [" → ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
+        columns = [["" if k is None else _text(frame.iat[k, j]) for k in positions] for j in range(frame.shape[1])]
+        rows = [tuple(_text(x) for x in (key if levels > 1 else (key,))) for key in frame.index]
+        keys = next((k for k in range(frame.shape[1] + 1)
+                     if len({(*r, *(_text(frame.iat[i, j]) for j in range(k))) for i, r in enumerate(rows)})
+                     == len(rows)), 0)
+        return cls(labels, header, headers, columns, keys if keys < frame.shape[1] else 0)
+
+    def label_width(self) -> int:
+        """The widest row label on one line (its indent included), or the header's widest line."""
+        widths = [cell_len(text) + 2 * depth for text, depth, _ in self.labels]
+        return max(widths + [cell_len(line) for line in self.label_header.splitlines()] + [0])
+
+    def comfortable(self, headers: "list[str]") -> "list[int]":
+        """Per value column: its widest cell on one line, and no narrower than its header's longest
+        word (the header wraps at its spaces above the values)."""
+        return [max([cell_len(c) for c in cells] + [_longest_word(h)]) for h, cells in zip(headers, self.columns)]
+
+    def fits(self, headers: "list[str]", chunk: "list[int]", width: int) -> bool:
+        """Whether the labels, the key columns and ``chunk`` stand in ``width`` with every cell on one line."""
+        wants, shown = self.comfortable(headers), [*range(self.keys), *chunk]
+        return self.label_width() + sum(wants[j] for j in shown) + _overhead(len(shown) + 1) <= width
+
+    def chunks(self, headers: "list[str]", width: int) -> "list[list[int]]":
+        """The value columns after the keys, in order, in as few tables as fit ``width`` with every
+        label and value on one line, the row labels (and keys) repeated in each; a column too wide
+        for that stands alone (its cells then wrap at their spaces)."""
+        chunks: "list[list[int]]" = [[]]
+        for i in range(self.keys, len(headers)):
+            if chunks[-1] and not self.fits(headers, chunks[-1] + [i], width):
+                chunks.append([i])
+            else:
+                chunks[-1].append(i)
+        return chunks
+
+    def table(self, headers: "list[str]", chunk: "list[int]", width: int) -> FrameTable:
+        """The table of the key columns and the value columns ``chunk``; each keeps its cells on one
+        line where they fit ``width`` so (else the cells of its widest column wrap at their spaces)."""
+        shown = [*range(self.keys), *chunk]
+        wants = self.comfortable(headers) if self.fits(headers, chunk, width) else [0] * len(headers)
+        table = FrameTable()
+        table.add_column(Text(self.label_header), style=None)
+        for j in shown:
+            numeric = all(_NUMBER.match(c) for c in self.columns[j] if c)
+            table.add_column(Text(headers[j]), justify="right" if numeric else "left", min_width=wants[j])
+        for k, (label, depth, heading) in enumerate(self.labels):
+            if heading and depth == 0 and k:
+                table.add_section()
+            cell = Text(label, style="bold" if heading else "")
+            table.add_row(Padding(cell, (0, 0, 0, 2 * depth), expand=False) if depth else cell,
+                          *(self.columns[j][k] for j in shown))
+        return table
+
+
+def _overhead(columns: int) -> int:
+    """The width a :class:`FrameTable` of ``columns`` columns takes beyond its cells."""
+    table = FrameTable()
+    for _ in range(columns):
+        table.add_column()
+    return table._extra_width + sum(table._get_padding_width(i) for i in range(columns))
+
+
+def _bullets(lines: "Iterable[str]", style: str = "", bullet: str = "-") -> Table:
+    """Lines as a list, each wrapped at the width with its continuation indented under its text."""
+    grid = Table.grid(padding=(0, 1, 0, 0))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold", style=style)
+    for line in lines:
+        grid.add_row(bullet, line)
+    return grid
+
+
+class ConsoleTables:
+    """The blocks of ``asbound table`` (title, table, notes) laid out at the console's width.
+
+    A block whose table fits the width with every label and value on one line prints as one table.
+    Else its columns: where the rows are quantities and the columns runs (headers such as
+    ``pretraining → downstream``), the headers become keys ``(1)``, ``(2)``, ... listed under the
+    title, if that needs fewer tables; then the value columns are split into as few tables as fit,
+    each repeating the row labels. A row MultiIndex becomes group headings, each level indented
+    under the one above. The notes, the command and the run directories wrap at their spaces.
+    """
+
+    def __init__(self, blocks: "list[Any]", notes: "list[str]", provenance: "list[str]") -> None:
+        self.blocks, self.notes, self.provenance = blocks, notes, provenance
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        for block in self.blocks:
+            yield Text(block.title, style="bold")
+            yield Text("")
+            rows = _Rows.of(block.frame)
+            headers = rows.headers
+            chunks = rows.chunks(headers, width)
+            if len(chunks) > 1 and block.frame.index.names[-1] in (None, "quantity"):
+                keys = [f"({i})" for i in range(1, len(headers) + 1)]
+                keyed = rows.chunks(keys, width)
+                if len(keyed) < len(chunks):
+                    yield _keys(keys, headers)
+                    yield Text("")
+                    headers, chunks = keys, keyed
+            for chunk in chunks:
+                yield rows.table(headers, chunk, width)
+                yield Text("")
+            if block.notes:
+                yield _bullets(block.notes)
+                yield Text("")
+        yield _bullets(self.notes, style="italic")
+        grid = Table.grid(padding=(0, 1, 0, 0))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold", style="dim")
+        for line in self.provenance:
+            key, _, value = line.partition(": ")
+            grid.add_row(f"{key}:", value)
+        yield grid
+
+
+def _keys(keys: "list[str]", headers: "list[str]") -> Table:
+    grid = Table.grid(padding=(0, 1, 0, 0))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, header in zip(keys, headers):
+        grid.add_row(key, header)
+    return grid

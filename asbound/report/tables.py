@@ -60,6 +60,7 @@ from asbound.report.runs import (
 
 STYLES = ("lemma1", "theorem2", "transfer", "shift", "eps", "resize", "predict", "certify")
 FORMATS = ("md", "tex", "csv")
+CONSOLE = "console"  # not a file format: the tables laid out for a terminal (render(..., "console"))
 WIDE = 6  # more runs than this: one row per run instead of one column
 NOTE = "AS is a PGD estimate (a lower bound on the sensitivity): RHS and every bound built on it are estimates."
 
@@ -492,7 +493,9 @@ def certify(runs: "list[Run]") -> "list[Block]":
     rows = []
     for s in summaries:
         vacuous = s.get("prop_vacuous") or 0.0
-        rows.append([s.get("eps_text"), s.get("certify") or "ibp", s.get("n"), num(s["as_score"]),
+        # the bound computed: --certify crown over its budget computes crown-ibp (the run says so)
+        rows.append([s.get("eps_text"), s.get("certify_used") or s.get("certify") or "ibp", s.get("n"),
+                     num(s["as_score"]),
                      num(s["rhs_certified"]) + (" (vacuous)" if vacuous >= 1 else ""),
                      num(s.get("tightness")), pct(s.get("prop_fulfilled")), pct(s.get("prop_certified")),
                      pct(s.get("robust_accuracy"))] + ([attack_text(s)] if attack_column else []))
@@ -502,9 +505,10 @@ def certify(runs: "list[Run]") -> "list[Block]":
                          + (["attack"] if attack_column else []))
     return [Block("Certified sensitivity", frame,
                   ["n: the points each run scored; s_upper bounds every point of the ball (bound ibp: interval "
-                   "bound propagation; crown: linear relaxation, IBP for intermediate layers; both with operator "
-                   "norms where they are tighter); prop. certified: s_upper < margin, a guarantee; prop. "
-                   "fulfilled: the attack's sensitivity < margin, an empirical estimate", *attack_note])]
+                   "bound propagation; crown-ibp: linear relaxation over IBP's intermediate bounds; crown: full "
+                   "CROWN, every layer's bounds by linear relaxation; all with operator norms where they are "
+                   "tighter); prop. certified: s_upper < margin, a guarantee; prop. fulfilled: the attack's "
+                   "sensitivity < margin, an empirical estimate", *attack_note])]
 
 
 BUILDERS: "dict[str, Callable[[list[Run]], list[Block]]]" = {
@@ -529,17 +533,25 @@ def table(paths: "Iterable[str | os.PathLike]", style: str) -> Rendered:
     return Rendered(blocks, [relative(p) for p in paths], notes)
 
 
-def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str] = None) -> str:
+def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str] = None, *, width: int = 80,
+           styled: bool = False) -> str:
     """Markdown (pipe tables), LaTeX (booktabs) or CSV (one long frame with a ``table`` column), with
     the command and the run directories as footer or comment lines. A bare DataFrame (one style's
-    ``.blocks[k].frame``, or any) renders as one untitled block."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"table format {fmt!r} is not valid; valid: {', '.join(FORMATS)}")
+    ``.blocks[k].frame``, or any) renders as one untitled block.
+
+    ``console``: the same blocks as text laid out at ``width`` columns (rich,
+    :class:`asbound.report.console.ConsoleTables`: every line at most ``width`` wide, long headers
+    keyed or the columns split into several tables with the row labels repeated); ``styled``: with
+    the terminal's bold, italics and dim (ANSI codes)."""
+    if fmt not in (*FORMATS, CONSOLE):
+        raise ConfigError(f"table format {fmt!r} is not valid; valid: {', '.join((*FORMATS, CONSOLE))}")
     if isinstance(rendered, pd.DataFrame):
         rendered = Rendered([Block("table", rendered)], [], [])
     provenance = ([f"command: {command}"] if command else []) + (
         [f"runs: {', '.join(rendered.sources)}"] if rendered.sources else [])
     notes = [*rendered.notes, NOTE]
+    if fmt == CONSOLE:
+        return _console(rendered.blocks, notes, provenance, width, styled)
     if fmt == "csv":
         frames = []
         for b in rendered.blocks:
@@ -576,6 +588,22 @@ def render(rendered: "Rendered | pd.DataFrame", fmt: str, command: Optional[str]
         out += [f"% {line}" for line in notes + provenance]
         out.append(r"% needs \usepackage{booktabs} (and \usepackage{multirow} for grouped rows)")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _console(blocks: "list[Block]", notes: "list[str]", provenance: "list[str]", width: int, styled: bool) -> str:
+    import io
+
+    from rich.console import Console
+
+    from asbound.report.console import ConsoleTables
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=styled, color_system="auto" if styled else None,
+                      highlight=False, emoji=False, markup=False)
+    console.print(ConsoleTables(blocks, notes, provenance))
+    # rich pads every line to the width: no trailing spaces (the style codes among them are kept)
+    tail = re.compile(r"(?:[ ]|\x1b\[[0-9;]*m)+$")
+    return "".join(tail.sub(lambda m: m.group(0).replace(" ", ""), line) + "\n" for line in out.getvalue().splitlines())
 
 
 def _markdown(frame: pd.DataFrame) -> str:
