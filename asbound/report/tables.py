@@ -431,7 +431,8 @@ def predict(runs: "list[Run]") -> "list[Block]":
         pre = rec["pretrain"]
         pre_rel = _rel_ce(pre.get("loss_clean"), pre.get("loss_adv"))
         index.append((model_label(r), pre["label"]))
-        rows.append([num(pre["as_score"]), "1 (pretraining)" if pre["as_score"] != 0 else "undefined", "-", _ce_pair(pre.get("loss_clean"), pre.get("loss_adv")),
+        rows.append([num(pre["as_score"]), "1 (pretraining)" if pre["as_score"] != 0 else "undefined", "-",
+                     _ce_pair(pre.get("loss_clean"), pre.get("loss_adv")),
                      num(pre_rel)] + (["-"] if bounds else []))
         for t in rec["tasks"]:
             m = t.get("measured") or {}
