@@ -3,7 +3,9 @@
 The AS score needs no labels, so it can be computed on the unlabelled data of a downstream task
 before any training. :func:`predict` scores the representation on the pretraining data and on
 each downstream task, and reports the ratio ``AS(downstream) / AS(pretraining)`` with a verdict:
-a ratio at most ``threshold`` predicts that robustness transfers by linear probing. With a head
+a ratio at most ``threshold`` predicts that robustness transfers by linear probing (where the
+pretraining AS is 0, no attack moved the representation there: the ratio is undefined, recorded
+as ``null`` with the verdict ``undefined``). With a head
 norm ``B`` (``head_norm``, or the head of a reference LP run), Lemma 1 multiplied out bounds the
 mean increase of the adversarial loss: ``L * B * AS`` (an estimate: PGD gives AS from below).
 
@@ -28,11 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from asbound.errors import ConfigError, ResumeError
-from asbound.records import RunDir, environment, read_json, write_json
+from asbound.records import RunDir, clean_json, environment, read_json, write_json
 from asbound.scoring import REL_STEP, resolve_rel_step
 from asbound.specs import format_eps, parse_data_spec, parse_eps, parse_model_spec, parse_norm
 
 MANIFEST = "predict.json"
+#: a task's verdict where the ratio is undefined (the pretraining AS is 0)
+UNDEFINED = "undefined"
 #: settings added after predictions were first written, as they ran before
 OLD_DEFAULTS = {"attack": "pgd"}
 #: up to this many tasks the Spearman p-value is an exact permutation test (n! orderings)
@@ -355,11 +359,11 @@ def predict(
         record["tasks"] = []
         for task in tasks:
             s = cell("score", _score_config(cfg, task.data, as_only=True, **_task_extra(task)), f"as/{task.slug}")
-            ratio = s["as_score"] / pre_as if pre_as > 0 else math.inf
+            ratio = s["as_score"] / pre_as if pre_as > 0 else None  # undefined: no attack moved g on pretraining
             entry: "dict[str, Any]" = {
                 **task.options(), "label": task.label, "dir": f"as/{task.slug}", "as_score": s["as_score"],
                 "n": s["n"], "ratio": ratio,
-                "verdict": "transfers" if ratio <= cfg.threshold else "does not transfer",
+                "verdict": UNDEFINED if ratio is None else "transfers" if ratio <= cfg.threshold else "does not transfer",
                 "bound": None if head_norm is None else {
                     "head_norm": head_norm, "head_norm_name": NORM_NAME, "q": Q, "lipschitz": LIPSCHITZ,
                     "loss_increase": LIPSCHITZ * head_norm * s["as_score"], "source": head_source},
@@ -382,7 +386,7 @@ def predict(
                                                    "clean_accuracy": g["test"].get("clean_accuracy"),
                                                    "robust_accuracy": _strongest(g["test"])}
             record["tasks"].append(entry)
-            write_json(out / MANIFEST, {**record, "spearman": None})
+            write_json(out / MANIFEST, clean_json({**record, "spearman": None}))
         measured = [t for t in record["tasks"] if t["measured"]]
         record["spearman"] = None
         if measured:
@@ -396,7 +400,7 @@ def predict(
                 record["spearman"]["lp_accuracy_vs_adv_lp_robust_accuracy"] = spearman(
                     [t["measured"]["clean_accuracy"] for t in measured],
                     [t["measured"]["adv_lp"]["robust_accuracy"] for t in measured])
-        write_json(out / MANIFEST, record)
+        write_json(out / MANIFEST, clean_json(record))
     return record
 
 

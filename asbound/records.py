@@ -159,7 +159,7 @@ class RunDir:
         if isinstance(n, int) and not isinstance(n, bool):  # the datapoints of the run: positions 0 .. n-1
             outside = sorted(p for p in done if not 0 <= p < n)
             if outside:
-                raise _damaged(self.points_path, f"position {outside[0]} is outside this run's {n} datapoints")
+                raise damaged(self.points_path, f"position {outside[0]} is outside this run's {n} datapoints")
         return done
 
     def claim(self, config: dict, *, volatile: "tuple[str, ...]" = (), defaults: "dict | None" = None,
@@ -177,25 +177,26 @@ class RunDir:
         defaults = _normalised(defaults) if defaults else None
         config_path = self.path / CONFIG
         if config_path.exists():
-            try:
-                old = json.loads(config_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                old = None
-            if not isinstance(old, dict):
-                raise ResumeError(
-                    f"{config_path} is not a readable asbound config, so the run in {self.path} "
-                    f"cannot be resumed; choose another --out, or delete that directory to start over"
-                )
-            old = {**old, **{k: m[old[k]] for k, m in (meant or {}).items() if k in old and old[k] in m}}
+            try:  # a damaged config: the run cannot be resumed (ResumeError), the file named
+                old = read_json(config_path)
+            except RecordError as exc:
+                raise ResumeError(str(exc)) from None
+            if old is None:  # gone since exists(): as if never written
+                old = config
+            # a value of another JSON type than this run's (a number for a model spec, a string for
+            # the base model's record) is no other setting: the file is damaged
+            kind = next((k for k in config if k in old and _kind_differs(old[k], config[k])), None)
+            if kind is not None:
+                raise ResumeError(str(damaged(config_path, f"{kind} is {_a(old[kind])}, not {_a(config[kind])}")))
+            old = {**old, **{k: m[old[k]] for k, m in (meant or {}).items() if k in old and _hashable(old[k])
+                             and old[k] in m}}
             before, after = _identity(old, volatile, defaults), _identity(config, volatile, defaults)
             if before != after:
                 diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
                 shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in diff[:3])
                 more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-                raise ResumeError(
-                    f"{self.path} holds a run with other settings ({shown}{more}); "
-                    f"choose another --out, or delete that directory to start over"
-                )
+                todo = remake(self.path) or "choose another --out, or delete that directory to start over"
+                raise ResumeError(f"{self.path} holds a run with other settings ({shown}{more}); {todo}")
         elif self.points_path.exists():
             raise ResumeError(
                 f"{self.path} holds a {POINTS} without a {CONFIG}, so its records cannot be "
@@ -242,7 +243,7 @@ class RunDir:
             if columns != [str(c) for c in rows.columns]:
                 lacks = [str(c) for c in rows.columns if str(c) not in columns]
                 what = f"no {lacks[0]} column" if lacks else "its columns are not this run's"
-                raise _damaged(path, what)
+                raise damaged(path, what)
         with open(path, "a", newline="") as handle:
             rows.to_csv(handle, header=header, index=False)
             handle.flush()
@@ -253,10 +254,29 @@ class RunDir:
 
     def damaged_points(self, problem: str) -> RecordError:
         """The error for a ``points.csv`` found damaged while it is summarised (``problem``: what)."""
-        return _damaged(self.points_path, problem)
+        return damaged(self.points_path, problem)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's type, numbers as one (``null``: none)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def _kind_differs(old: object, new: object) -> bool:
+    """Whether a recorded value and this run's are of different JSON types (null is any type:
+    a value recorded before an option existed, a non-finite number)."""
+    return old is not None and new is not None and _json_kind(old) != _json_kind(new)
+
+
+def _hashable(value: object) -> bool:
+    return not isinstance(value, (dict, list))
 
 
 def _normalised(config: dict) -> dict:
@@ -361,16 +381,54 @@ REMEDIES = {
 }
 
 
-def _damaged(path: Path, problem: str, remedy: Optional[str] = None) -> RecordError:
-    remedy = remedy or REMEDIES.get(path.name, "delete it and rerun the command that wrote it")
-    return RecordError(f"{path} is damaged or not asbound's ({problem}); {remedy}")
+def enclosing_run(run: Path) -> "Optional[tuple[str, Path]]":
+    """The command and directory that made the run directory ``run`` as a part of a larger run:
+    ``("transfer", DIR)`` for ``DIR/score/before`` and ``DIR/score/after``, ``("sweep", DIR)`` for a
+    cell of the sweep in ``DIR``, ``("predict", DIR)`` for a run of the prediction in ``DIR``;
+    None for a run of its own."""
+    if run.parent.name == "score" and run.name in ("before", "after") and (run.parent.parent / CONFIG).exists():
+        return "transfer", run.parent.parent
+    if (run.parent / SWEEP).exists():
+        return "sweep", run.parent
+    if (run.parent.parent / PREDICT).exists():
+        return "predict", run.parent.parent
+    return None
+
+
+def remake(run: Path) -> Optional[str]:
+    """How to make the run directory ``run`` again when it is a part of a larger run (deleting it
+    and rerunning the command that made the larger one), or None for a run of its own."""
+    found = enclosing_run(run)
+    if found is None:
+        return None
+    command, outer = found
+    if command == "transfer":
+        return (f"delete {run} and {outer / FINAL} and rerun the transfer command that made {outer}: "
+                f"its model.pt is kept, evaluated and scored again")
+    what = "that cell runs again" if command == "sweep" else "that run is made again, the others are reused"
+    return f"delete {run} and rerun the {command} command that made {outer}: {what}"
+
+
+def remedy_for(path: Path) -> str:
+    """What to do about the damaged record ``path``: the second half of its one-line error."""
+    if path.name == CONFIG:  # a run's settings: a part of a larger run is made again with it
+        nested = remake(path.parent)
+        if nested:
+            return nested
+    return REMEDIES.get(path.name, "delete it and rerun the command that wrote it")
+
+
+def damaged(path: Path, problem: str, remedy_text: Optional[str] = None) -> RecordError:
+    """The one-line error for the record ``path`` found damaged (``problem``: what is wrong in it)."""
+    return RecordError(f"{path} is damaged or not asbound's ({problem}); {remedy_text or remedy_for(path)}")
+
 
 
 def _read_text(path: Path, remedy: Optional[str] = None) -> str:
     try:
         return path.read_text()
     except UnicodeDecodeError:
-        raise _damaged(path, "not text", remedy) from None
+        raise damaged(path, "not text", remedy) from None
     except OSError as exc:
         raise RecordError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
 
@@ -382,6 +440,10 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a numbe
 # --- what each record holds: the readers (tables, plots, reruns) index and format these fields -------
 
 _NUM, _INT, _STR, _BOOL = "a number", "a whole number", "a string", "true or false"
+#: a run directory a record names, relative to the record's own directory and inside it
+_DIR = "a folder (a string)"
+#: a torch tensor (in a checkpoint)
+_TENSOR = "a tensor"
 
 
 @dataclass(frozen=True)
@@ -435,24 +497,43 @@ RECORD_FIELDS: "dict[str, object]" = {
     STAGES: _Each(_STAGE_FIELDS),
     SWEEP: {
         "kind": _STR, "command": _STR, "run": _STR, "axes": _Each(_STR), "base": {}, "executor": _STR,
-        "!cells": _Each({"!name": _STR, "!dir": _STR, "params": {}, "!status": _STR, "error": _STR}),
+        "!cells": _Each({"!name": _STR, "!dir": _DIR, "params": {}, "!status": _STR, "error": _STR}),
         "versions": _Map(_STR),
     },
     PREDICT: {
         "!model": _STR, "eps": _NUM, "!eps_text": _STR, "!norm": _STR, "!threshold": _NUM, "command": _STR,
         "config": {}, "versions": _Map(_STR),
-        "!pretrain": {"data": _STR, "!label": _STR, "dir": _STR, "!as_score": _NUM, "as_score_both": _NUM,
+        "!pretrain": {"data": _STR, "!label": _STR, "dir": _DIR, "!as_score": _NUM, "as_score_both": _NUM,
                       "loss_clean": _NUM, "loss_adv": _NUM, "clean_accuracy": _NUM, "robust_accuracy": _NUM,
                       "n": _INT},
         "!tasks": _Each({"data": _STR, "classes": _STR, "corruption": _STR, "severity": _INT, "!label": _STR,
-                         "dir": _STR, "!as_score": _NUM, "n": _INT, "!ratio": _NUM, "!verdict": _STR,
+                         "dir": _DIR, "!as_score": _NUM, "n": _INT, "!ratio": _NUM, "!verdict": _STR,
                          "!bound": {"head_norm": _NUM, "head_norm_name": _STR, "q": _STR, "lipschitz": _NUM,
                                     "!loss_increase": _NUM, "source": _STR},
-                         "!measured": {}}),
+                         "!measured": {"dir": _DIR, "adv_lp": {"dir": _DIR}}}),
         "spearman": _Map({"n": _INT, "rho": _NUM, "p": _NUM, "p_method": _STR, "p_permutation": _NUM,
                           "permutations": _INT}),
     },
 }
+
+
+#: a row of ``epochs.csv``, as a checkpoint's history holds it
+_EPOCH_ROW: dict = {
+    "!stage": _STR, "!epoch": _INT, "train_loss": _NUM, "train_accuracy": _NUM, "lr": _NUM, "val_accuracy": _NUM,
+    "val_robust_accuracy": _NUM, "seconds": _NUM, "images_per_second": _NUM, "selected": _BOOL, "lambda1": _NUM,
+    "lambda2": _NUM,
+}
+#: a transfer run's ``checkpoints/last.pt`` (a torch.save file): what resuming reads, with the
+#: fields that must not be null besides (:data:`CHECKPOINT_NOT_NULL`)
+CHECKPOINT_FIELDS: dict = {
+    "!stage": _INT, "!model": _Map(_TENSOR),
+    "!progress": {"!epoch": _INT, "!best_metric": _NUM, "!best_epoch": _INT,
+                  "optimizer": {"!state": {}, "!param_groups": _Each({"!params": _Each(_INT)})},
+                  "scheduler": {}, "scaler": {}, "autolr": {}, "!history": _Each(_EPOCH_ROW)},
+    "!history": _Each(_EPOCH_ROW),
+}
+CHECKPOINT_NOT_NULL = ("stage", "model", "progress", "history", "progress.epoch", "progress.best_metric",
+                       "progress.best_epoch", "progress.history")
 
 
 def _a(value: object) -> str:
@@ -464,7 +545,25 @@ def _fits(value: object, expected: str) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected == _INT:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, {_STR: str, _BOOL: bool}[expected])
+    if expected == _TENSOR:
+        import torch
+
+        return isinstance(value, torch.Tensor)
+    return isinstance(value, {_STR: str, _BOOL: bool, _DIR: str}[expected])
+
+
+def outside_problem(folder: str) -> Optional[str]:
+    """Why the folder a record names (``sweep.json``'s ``cells[].dir``, ``predict.json``'s ``dir``)
+    is not a folder inside the record's own directory, or None: an absolute path, or one that
+    climbs out (``..``), would make the readers read and the reruns write elsewhere."""
+    parts = Path(folder).parts
+    if Path(folder).is_absolute():
+        return "is an absolute path, not a folder inside this directory"
+    if ".." in parts:
+        return "leads out of this directory (..)"
+    if not parts:
+        return "is this directory itself, not a folder inside it"
+    return None
 
 
 def field_problem(value: object, fields: object, where: str = "") -> Optional[str]:
@@ -473,7 +572,10 @@ def field_problem(value: object, fields: object, where: str = "") -> Optional[st
         return None
     name = where or "it"
     if isinstance(fields, str):
-        return None if _fits(value, fields) else f"{name} is {_a(value)}, not {fields}"
+        if not _fits(value, fields):
+            return f"{name} is {_a(value)}, not {fields}"
+        outside = outside_problem(value) if fields == _DIR else None  # type: ignore[arg-type]
+        return f"{name} {value!r} {outside}" if outside else None
     if isinstance(fields, _Each):
         if not isinstance(value, list):
             return f"{name} is {_a(value)}, not a list"
@@ -508,7 +610,7 @@ def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Opt
 
     A file that is not JSON, holds another type, or (for asbound's records, :data:`RECORD_FIELDS`)
     a field of another type than the record's is a :class:`RecordError` naming it and what to do
-    (``remedy``, else the file's entry in :data:`REMEDIES`).
+    (``remedy``, else :func:`remedy_for`).
     """
     p = Path(path)
     if not p.exists():
@@ -516,12 +618,12 @@ def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Opt
     try:
         value = json.loads(_read_text(p, remedy))
     except json.JSONDecodeError as exc:
-        raise _damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
+        raise damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
     if kind is not None and not isinstance(value, kind):
-        raise _damaged(p, f"it holds {_a(value)}, not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
+        raise damaged(p, f"it holds {_a(value)}, not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
     problem = field_problem(value, RECORD_FIELDS[p.name]) if p.name in RECORD_FIELDS else None
     if problem:
-        raise _damaged(p, problem, remedy)
+        raise damaged(p, problem, remedy)
     return value
 
 
@@ -541,31 +643,31 @@ def _points_frame(path: Path, text: io.StringIO) -> pd.DataFrame:
     try:
         frame = pd.read_csv(text)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise _damaged(path, f"not a CSV table: {describe(exc)}") from None
+        raise damaged(path, f"not a CSV table: {describe(exc)}") from None
     if "position" not in frame.columns:
-        raise _damaged(path, "no position column")
+        raise damaged(path, "no position column")
     positions = pd.to_numeric(frame["position"], errors="coerce")
     bad = (positions.isna() | (positions != positions.round())).to_numpy()
     if bad.any():
         row = int(bad.argmax())
-        raise _damaged(path, f"position {str(frame['position'].iloc[row])!r} in row {row + 1} is not a whole number")
+        raise damaged(path, f"position {str(frame['position'].iloc[row])!r} in row {row + 1} is not a whole number")
     twice = positions.duplicated(keep=False).to_numpy()
     if twice.any():
         rows = np.flatnonzero(positions.to_numpy() == positions.to_numpy()[twice.argmax()])
-        raise _damaged(path, f"position {int(positions.iloc[rows[0]])} is in rows {rows[0] + 1} and {rows[1] + 1}")
+        raise damaged(path, f"position {int(positions.iloc[rows[0]])} is in rows {rows[0] + 1} and {rows[1] + 1}")
     for column in NUMBER_COLUMNS:
         if column in frame.columns:
             values = frame[column]
             bad = (pd.to_numeric(values, errors="coerce").isna() & values.notna()).to_numpy()
             if bad.any():
                 row = int(bad.argmax())
-                raise _damaged(path, f"{column} {str(values.iloc[row])!r} in row {row + 1} is not a number")
+                raise damaged(path, f"{column} {str(values.iloc[row])!r} in row {row + 1} is not a number")
     for column in BOOLEAN_COLUMNS:
         if column in frame.columns and frame[column].dtype != bool:
             bad = (~frame[column].isin([True, False, "True", "False"])).to_numpy()
             if bad.any():
                 row = int(bad.argmax())
-                raise _damaged(path, f"{column} {str(frame[column].iloc[row])!r} in row {row + 1} is not True "
+                raise damaged(path, f"{column} {str(frame[column].iloc[row])!r} in row {row + 1} is not True "
                                      f"or False")
     return frame
 
@@ -576,5 +678,5 @@ def read_points(path: "str | os.PathLike") -> pd.DataFrame:
     p = Path(path)
     frame = _points_frame(p, io.StringIO(_read_text(p)))
     if frame.empty:
-        raise _damaged(p, "no rows")
+        raise damaged(p, "no rows")
     return frame

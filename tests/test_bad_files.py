@@ -39,6 +39,18 @@ def _error(capsys, argv: "list[str]") -> str:
     return lines[0]
 
 
+def _last_error(capsys, argv: "list[str]") -> str:
+    """Run ``argv``; it must fail with exit code 2 and one error line on stderr, the last (after
+    what a run says as it goes); return that line."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("asbound: error: ")]
+    assert rc == 2 and "Traceback" not in err and errors == lines[-1:], (rc, err)
+    return lines[-1]
+
+
 def _ok(capsys, argv: "list[str]") -> None:
     capsys.readouterr()
     rc = main([str(a) for a in argv])
@@ -107,6 +119,13 @@ def _set(path: str, value):
         else:
             record[last] = value
     return edit
+
+
+def _edit_json(path: Path, edit) -> None:
+    """``edit`` applied to the JSON record in ``path``."""
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
 
 
 # (run kind, record, field, value, the problem named, commands that read the field); each command
@@ -534,3 +553,281 @@ def test_a_state_dict_mismatch_names_the_keys_and_shapes(copy, tmp_path, capsys)
     assert f"5 missing: {', '.join(dropped[:3])} and 2 more" in line
     assert "1 unexpected: extra.weight" in line
     assert f"1 of another shape: head.weight (3x4 in the file, {shape[0]}x{shape[1]} in the model)" in line
+
+
+# --- transfer checkpoints: one line naming the file, a fallback to last.prev.pt where it is good ------
+
+TWO_EPOCHS = ["--epochs", "2", "--no-score"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A finished two-epoch tiny transfer run (never changed): last.pt after epoch 2, last.prev.pt
+    after epoch 1."""
+    out = tmp_path_factory.mktemp("two") / "lp"
+    assert main(tiny_runs.transfer(out, *TWO_EPOCHS)) == 0
+    return out
+
+
+def _checkpoint(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def _other_groups(state: dict) -> None:
+    groups = state["progress"]["optimizer"]["param_groups"]
+    groups.append(dict(groups[0]))
+
+
+# what a last.pt that loads holds instead of asbound's state, and the problem named; each ended in
+# a traceback on resume (TypeError, ValueError, IndexError, RuntimeError)
+LAST_DAMAGES = {
+    "epoch a string": (_set("progress.epoch", "2"), "progress.epoch is a string, not a whole number"),
+    "epoch null": (_set("progress.epoch", None), "progress.epoch is null"),
+    "optimiser state a list": (_set("progress.optimizer", [1, 2]), "progress.optimizer is a list, not an object"),
+    "optimiser state of other groups": (_other_groups, "its optimiser state does not fit this stage: ValueError"),
+    "stage a string": (_set("stage", "x"), "stage is a string, not a whole number"),
+    "a stage the method lacks": (_set("stage", 3), "stage 3 is outside the method's stages 0 to 0"),
+    "weights a list": (_set("model", [1]), "model is a list, not an object"),
+    "another model's weights": (_set("model", nn.Linear(2, 3).state_dict()),
+                                "its weights do not fit this run's model: 18 missing: "),
+    "history an object": (_set("history", {"a": 1}), "history is an object, not a list"),
+    "progress of other keys": (_set("progress.foo", 1), "progress has the key 'foo'"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAST_DAMAGES))
+def test_a_last_checkpoint_of_wrong_types_falls_back_or_is_one_line(case, two_epochs, tmp_path, capsys):
+    edit, problem = LAST_DAMAGES[case]
+    run = tmp_path / "lp"
+    shutil.copytree(two_epochs, run)
+    checkpoints = run / "checkpoints"
+    for name in ("final.json", "model.pt"):  # interrupted after epoch 2: resumed from last.pt
+        (run / name).unlink()
+    _checkpoint(checkpoints / "last.pt", edit)
+    capsys.readouterr()
+    assert main(tiny_runs.transfer(run, *TWO_EPOCHS)) == 0
+    said = " ".join(capsys.readouterr().err.split())  # the note wraps at 80 columns
+    assert "resuming lp: stage lp, after epoch 1" in said, said
+    assert f"checkpoints/last.pt is damaged or not asbound's ({problem}" in said, said
+    assert "resumed from last.prev.pt" in said
+    # the fallback is a whole epoch's state: the result is the uninterrupted run's
+    assert (run / "model.pt").read_bytes() == (two_epochs / "model.pt").read_bytes()
+    assert pd.read_csv(run / "epochs.csv")["epoch"].tolist() == [1, 2]
+    # neither usable: one line naming last.pt, nothing changed
+    for name in ("final.json", "model.pt"):
+        (run / name).unlink()
+    for name in ("last.pt", "last.prev.pt"):
+        _checkpoint(checkpoints / name, edit)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
+    assert f"{checkpoints / 'last.pt'} is damaged or not asbound's ({problem}" in line, line
+    assert "and no earlier checkpoint is usable" in line and f"delete {checkpoints} to train" in line
+    assert _snapshot(run) == before
+
+
+def _best(run: Path) -> Path:
+    return run / "checkpoints" / "0-lp-best.pt"
+
+
+def _head_of_another_shape(run: Path) -> None:
+    _checkpoint(_best(run), lambda state: state.update({"head.weight": torch.zeros(3, 64)}))
+
+
+# best.pt damaged; before: a RuntimeError traceback (another model's weights), "unreadable
+# (truncated?)" for a file that is missing or holds no state dict
+BEST_DAMAGES = {
+    "another model's weights": (lambda run: torch.save(nn.Linear(3, 2).state_dict(), _best(run)),
+                                "is damaged or not asbound's (its weights do not fit this run's model: 18 missing: "
+                                "backbone.features.conv.0.bias, backbone.features.conv.0.weight, "
+                                "backbone.features.conv.2.bias and 15 more; 2 unexpected: bias, weight)"),
+    "a head of another shape": (_head_of_another_shape,
+                                "is damaged or not asbound's (its weights do not fit this run's model: 1 of another "
+                                "shape: head.weight (3x64 in the file, 5x64 in the model))"),
+    "missing": (lambda run: _best(run).unlink(), "is missing"),
+    "a list": (lambda run: torch.save([1, 2], _best(run)), "is damaged or not asbound's (it holds a list, not a "
+                                                            "state dict)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BEST_DAMAGES))
+def test_a_damaged_best_checkpoint_says_what_is_wrong(case, copy, capsys):
+    damage, problem = BEST_DAMAGES[case]
+    run = copy("transfer")
+    for name in ("final.json", "model.pt"):  # the stage's selection is loaded again
+        (run / name).unlink()
+    damage(run)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run))
+    assert f"{_best(run)} {problem}; delete {run / 'checkpoints'} to train this method" in line, line
+    assert "truncated" not in line and "Error(s) in loading" not in line
+    assert _snapshot(run) == before
+
+
+# --- the folders a sweep or a prediction names lie inside it --------------------------------------
+
+
+def _outside(run: Path) -> "dict[str, tuple[str, str]]":
+    """Ways to name the finished score run beside ``run`` (a copy, so reading it would succeed):
+    by an absolute path, or climbing out with ``..``; and the problem each is named by."""
+    return {"absolute": (str(run.parent / "score"), "is an absolute path, not a folder inside this directory"),
+            "climbing out": ("eps-x1/../../score", "leads out of this directory (..)")}
+
+
+@pytest.mark.parametrize("how", ["absolute", "climbing out"])
+def test_a_sweep_cell_outside_the_sweep_is_refused(how, copy, capsys, tmp_path):
+    """Before: the table and the plot read the run outside as the sweep's cell."""
+    run, outside = copy("sweep"), copy("score")
+    folder, problem = _outside(run)[how]
+    _edit_json(run / "sweep.json", _set("cells.1.dir", folder))
+    before, elsewhere = _snapshot(run), _snapshot(outside)
+    for argv in (["table", run, "--style", "lemma1"], ["plot", run, "--kind", "lhs-rhs", "--out", tmp_path / "f.png"],
+                 tiny_runs.sweep(run)):
+        line = _error(capsys, argv)
+        assert f"{run / 'sweep.json'} is damaged or not asbound's (cells[1].dir {folder!r} {problem})" in line, line
+    assert _snapshot(run) == before and _snapshot(outside) == elsewhere
+
+
+@pytest.mark.parametrize("field", ["pretrain.dir", "tasks.0.dir"])
+@pytest.mark.parametrize("how", ["absolute", "climbing out"])
+def test_a_prediction_naming_a_run_outside_it_is_refused(how, field, copy, capsys):
+    run, outside = copy("predict"), copy("score")
+    folder, problem = _outside(run)[how]
+    _edit_json(run / "predict.json", _set(field, folder))
+    before, elsewhere = _snapshot(run), _snapshot(outside)
+    shown = field.replace(".0", "[0]")
+    for argv in (["table", run, "--style", "predict"], tiny_runs.predict(run)):
+        line = _error(capsys, argv)
+        assert f"{run / 'predict.json'} is damaged or not asbound's ({shown} {folder!r} {problem})" in line, line
+    assert _snapshot(run) == before and _snapshot(outside) == elsewhere
+
+
+# --- the configs inside a transfer run: the exact file, and what to do about it ----------------------
+
+# (file in the run, damage, problem); before, the nested score runs advised "choose another --out"
+# (the transfer's, with its trained model) and values of another type read "holds a run with
+# other settings", naming the directory
+NESTED_CONFIGS = {
+    "before not JSON": ("score/before/config.json", lambda path: path.write_bytes(NOT_JSON), "not JSON: "),
+    "before a list": ("score/before/config.json", lambda path: path.write_text("[1]"), "it holds a list, not an object"),
+    "after model a number": ("score/after/config.json", lambda path: _edit_json(path, _set("model", 3)),
+                             "model is a number, not a string"),
+    "after eps a string": ("score/after/config.json", lambda path: _edit_json(path, _set("eps", "x")),
+                           "eps is a string, not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CONFIGS))
+def test_a_damaged_config_of_a_transfer_runs_score_names_it_and_its_remedy_works(case, runs, copy, capsys):
+    name, damage, problem = NESTED_CONFIGS[case]
+    run = copy("transfer")
+    final = json.loads((run / "final.json").read_text())
+    damage(run / name)
+    scores = (run / name).parent
+    remedy = (f"delete {scores} and {run / 'final.json'} and rerun the transfer command that made {run}: its "
+              f"model.pt is kept, evaluated and scored again")
+    if not case.startswith("after"):  # the score run read on its own (a table reads labels, any type, from it)
+        line = _error(capsys, ["table", scores, "--style", "lemma1"])
+        assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
+    (run / "final.json").unlink()  # the rerun scores again
+    before = _snapshot(run)
+    line = _last_error(capsys, tiny_runs.transfer(run))
+    assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
+    assert "choose another --out" not in line
+    assert _snapshot(run) == before
+    shutil.rmtree(scores)  # the remedy
+    _ok(capsys, tiny_runs.transfer(run))
+    again = json.loads((run / "final.json").read_text())
+    for record in (again, final):  # the seconds taken, and the run scored after (the copy, the original)
+        del record["seconds"], record["score_after"]["model"]
+    assert again == final
+    assert (run / "model.pt").read_bytes() == (runs / "transfer" / "model.pt").read_bytes()
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("base", "garbage", "base is a string, not an object"),
+    ("n", "x", "n is a string, not a number"),
+    ("stages", {"a": 1}, "stages is an object, not a list"),
+])
+def test_a_transfer_config_with_a_value_of_another_type_is_named_damaged(field, value, problem, copy, capsys):
+    run = copy("transfer")
+    _edit_json(run / "config.json", _set(field, value))
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'config.json'} is damaged or not asbound's ({problem}); the run's settings cannot be recovered" \
+           in line, line
+    assert "other settings" not in line
+    assert _snapshot(run) == before
+
+
+# --- stages.json and epochs.csv -----------------------------------------------------------------------
+
+
+STAGE_DAMAGES = {  # before: the first three written into final.json as the run's stages, silently
+    "none": (lambda stages: stages.clear(), "it lists the stages none; the method has lp"),
+    "another stage": (lambda stages: stages[0].update(stage="ft"), "it lists the stages ft; the method has lp"),
+    "a stage twice": (lambda stages: stages.append(stages[0]), "it lists the stages lp, lp; the method has lp"),
+    "epochs a string": (lambda stages: stages[0].update(epochs="x"), "[0].epochs is a string, not a whole number"),
+    "a stage a list": (lambda stages: stages.__setitem__(0, [1]), "[0] is a list, not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_DAMAGES))
+def test_stages_damaged_or_not_the_methods_are_one_line(case, copy, capsys):
+    edit, problem = STAGE_DAMAGES[case]
+    run = copy("transfer")
+    (run / "final.json").unlink()
+    _edit_json(run / "stages.json", edit)
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'stages.json'} is damaged or not asbound's ({problem})" in line, line
+    assert "delete it, model.pt and final.json" in line
+    assert _snapshot(run) == before
+
+
+def test_a_trained_model_without_its_stages_has_them_rebuilt_from_the_checkpoints(runs, copy, capsys):
+    """Before: final.json recorded no stages (``[]``); without checkpoints training began again."""
+    run = copy("transfer")
+    stages = json.loads((run / "stages.json").read_text())
+    for name in ("final.json", "stages.json"):  # as an interruption between model.pt and stages.json left it
+        (run / name).unlink()
+    _ok(capsys, tiny_runs.transfer(run))
+    assert json.loads((run / "stages.json").read_text()) == stages
+    assert json.loads((run / "final.json").read_text())["stages"] == stages
+    assert (run / "model.pt").read_bytes() == (runs / "transfer" / "model.pt").read_bytes()
+    # no checkpoint to rebuild them from: the trained weights are never trained over
+    for name in ("final.json", "stages.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    line = _last_error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'model.pt'} has no stages.json beside it and {run / 'checkpoints'} no checkpoint" in line, line
+    assert "the trained weights are kept: delete model.pt to train this method again" in line
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", [b"\x8b\x00\xff\xfe garbage", b"a,b\n1,2\n"])
+def test_a_damaged_epochs_csv_is_written_again_from_the_checkpoint(damage, two_epochs, tmp_path, capsys):
+    """Nothing reads epochs.csv: the resumed run writes it again from the checkpoint's history."""
+    run = tmp_path / "lp"
+    shutil.copytree(two_epochs, run)
+    for name in ("final.json", "model.pt"):
+        (run / name).unlink()
+    (run / "checkpoints" / "last.pt").unlink()  # resumed after epoch 1: epoch 2 trained again
+    (run / "epochs.csv").write_bytes(damage)
+    _ok(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
+    again, first = (pd.read_csv(p / "epochs.csv") for p in (run, two_epochs))
+    pd.testing.assert_frame_equal(again.drop(columns=["seconds", "images_per_second"]),
+                                  first.drop(columns=["seconds", "images_per_second"]))
+
+
+def test_a_transfer_runs_score_with_other_settings_is_made_again_not_moved(copy, capsys):
+    """Before: "choose another --out", the transfer run's own, which holds its trained model."""
+    run = copy("transfer")
+    _edit_json(run / "score" / "before" / "config.json", _set("eps", 0.5))
+    (run / "final.json").unlink()
+    line = _last_error(capsys, tiny_runs.transfer(run))
+    assert f"{run / 'score' / 'before'} holds a run with other settings (eps: 0.5 -> 0.0313" in line, line
+    assert line.endswith(f"delete {run / 'score' / 'before'} and {run / 'final.json'} and rerun the transfer "
+                         f"command that made {run}: its model.pt is kept, evaluated and scored again")

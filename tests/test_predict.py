@@ -238,3 +238,51 @@ def test_spearman_is_exact_up_to_exact_n_tasks_and_the_permutation_p_counts_the_
     assert spearman(list(range(EXACT_N + 1)), list(range(EXACT_N + 1)))["p_method"] == "t approximation"
     perfect = spearman(list(range(12)), [x ** 2 for x in range(12)])
     assert perfect["rho"] == pytest.approx(1.0) and perfect["p_permutation"] == 1 / (PERMUTATIONS + 1)
+
+
+def test_a_pretraining_as_of_zero_leaves_the_ratio_undefined(tmp_path, capsys):
+    """g(x) = relu(x_1 + ... + x_4 - 1): 0 on the whole eps-box around x = 0 (the pretraining
+    data: AS 0), linear around x = 0.5 (the task: AS > 0). The ratio AS / 0 is undefined: recorded
+    as null with the verdict ``undefined``, shown so in every table with a note, left out of the
+    plot. Before: ``predict`` stopped with a ValueError traceback (an infinite ratio written to
+    JSON); a record holding the null ratio made ``table`` refuse the whole prediction."""
+    from asbound.report.plots import predict as predict_plot
+    from asbound.report.runs import collect
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 3))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.fill_(-1.0)
+    torch.save(model, tmp_path / "relu.pt")
+    y = torch.arange(10) % 3
+    torch.save({"x": torch.zeros(10, 1, 2, 2), "y": y}, tmp_path / "pre.pt")
+    torch.save({"x": torch.full((10, 1, 2, 2), 0.5), "y": y}, tmp_path / "down.pt")
+    out = tmp_path / "p"
+    argv = ["predict", "--model", f"file:{tmp_path / 'relu.pt'}", "--allow-pickle", "--pretrain-data",
+            f"tensors:{tmp_path / 'pre.pt'}", "--data", f"tensors:{tmp_path / 'down.pt'}", "--eps", "0.05",
+            "--steps", "5", "--n", "all", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    shown = " ".join(capsys.readouterr().out.split())
+    rec = json.loads((out / "predict.json").read_text())
+    task = rec["tasks"][0]
+    assert rec["pretrain"]["as_score"] == 0 and task["as_score"] == pytest.approx(4 * 0.05, rel=1e-5)
+    assert task["ratio"] is None and task["verdict"] == "undefined"
+    note = f"ratio undefined: the AS on {rec['pretrain']['label']} is 0 (no attack moved the representation there)"
+    assert "undefined" in shown and note in shown
+    for verdict in ("undefined", "does not transfer"):  # as predict writes it, and as it wrote it before
+        task["verdict"] = verdict
+        (out / "predict.json").write_text(json.dumps(rec))
+        assert main(["table", str(out), "--style", "predict"]) == 0
+        table = capsys.readouterr().out
+        row = next(line for line in table.splitlines() if "down.pt" in line and "|" in line)
+        assert [c.strip() for c in row.split("|")][4:6] == ["undefined", "-"], row
+        assert note in table
+    # measured tasks: the one without a ratio is left out of the plot, the other drawn
+    task["measured"] = {"relative_ce": 0.5}
+    rec["tasks"].append({**task, "label": "other", "ratio": 0.8, "verdict": "transfers",
+                         "measured": {"relative_ce": 0.25}})
+    (out / "predict.json").write_text(json.dumps(rec))
+    fig = predict_plot(collect([out])[0])
+    points = fig.axes[0].collections[0].get_offsets()
+    assert points.tolist() == [[0.8, 0.25]]
+    assert "1 task without a ratio left out" in fig.axes[0].get_title()

@@ -250,10 +250,19 @@ def predict_table(rec: dict) -> Table:
     for t in rec["tasks"]:
         bound = t["bound"]
         measured = (t["measured"] or {}).get("relative_ce")
-        table.add_row(t["label"], f"{t['as_score']:.4g}", f"{t['ratio']:.3g}", t["verdict"],
-                      "-" if bound is None else f"{bound['loss_increase']:.4g}",
+        undefined = t["ratio"] is None
+        table.add_row(t["label"], f"{t['as_score']:.4g}", "undefined" if undefined else f"{t['ratio']:.3g}",
+                      "-" if undefined else t["verdict"], "-" if bound is None else f"{bound['loss_increase']:.4g}",
                       "-" if measured is None else f"{measured:.3g}")
+    if any(t["ratio"] is None for t in rec["tasks"]):
+        table.caption = UNDEFINED_RATIO.format(pre["label"])
+        table.caption_justify = "left"
     return table
+
+
+#: the note beside a prediction whose ratios are undefined
+UNDEFINED_RATIO = ("ratio undefined: the AS on {} is 0 (no attack moved the representation there), so "
+                   "no ratio and no verdict")
 
 
 # --- asbound table on a terminal: seed 001's tables laid out for the console's width ----------------

@@ -21,6 +21,7 @@ import numpy as np
 
 from asbound.errors import ConfigError
 from asbound.records import write_output
+from asbound.report.console import UNDEFINED_RATIO
 from asbound.report.runs import (
     Run,
     attack_text,
@@ -317,9 +318,13 @@ def predict(runs: "list[Run]"):  # noqa: ANN201
     for r in runs:
         if r.kind != "predict":
             raise ConfigError(f"--kind predict: {r.path} is not an 'asbound predict' directory")
-        tasks = [t for t in r.record["tasks"] if t.get("measured") and t["measured"].get("relative_ce") is not None]
-        if not tasks:
+        measured = [t for t in r.record["tasks"] if t.get("measured") and t["measured"].get("relative_ce") is not None]
+        if not measured:
             raise ConfigError(f"--kind predict: {r.path} has no measured tasks; run asbound predict with --measure lp")
+        tasks = [t for t in measured if t.get("ratio") is not None]  # undefined where the pretraining AS is 0
+        if not tasks:
+            raise ConfigError(f"--kind predict: {r.path} has no AS ratio to plot: "
+                              + UNDEFINED_RATIO.format(r.record["pretrain"]["label"]))
         if r.record.get("threshold") is not None:
             thresholds.add(float(r.record["threshold"]))
         x = [t["ratio"] for t in tasks]
@@ -328,10 +333,12 @@ def predict(runs: "list[Run]"):  # noqa: ANN201
         for t, a, b in zip(tasks, x, y):
             ax.annotate(t["label"], (a, b), fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
         s = (r.record.get("spearman") or {}).get("ratio_vs_relative_ce")
+        left = len(measured) - len(tasks)
+        left_out = f"; {left} task{'s' if left > 1 else ''} without a ratio left out" if left else ""
         if s:
-            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} ({p_text(s)}; {s['n']} tasks)")
+            titles.append(f"{model_label(r)}: Spearman rho {s['rho']:.2f} ({p_text(s)}; {s['n']} tasks){left_out}")
         else:
-            titles.append(f"{model_label(r)}: no Spearman rho (fewer than 3 measured tasks)")
+            titles.append(f"{model_label(r)}: no Spearman rho (fewer than 3 measured tasks){left_out}")
     for threshold in sorted(thresholds):
         ax.axvline(threshold, color="0.4", ls=":", lw=1, label=f"threshold {threshold:g}: 'transfers' left of it")
     ax.set_xlabel("predicted: AS(downstream) / AS(pretraining) (both PGD estimates, lower bounds)")

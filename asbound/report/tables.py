@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Optional
 import pandas as pd
 
 from asbound.errors import ConfigError
+from asbound.report.console import UNDEFINED_RATIO
 from asbound.report.runs import (
     Run,
     attack_text,
@@ -430,14 +431,19 @@ def predict(runs: "list[Run]") -> "list[Block]":
         pre = rec["pretrain"]
         pre_rel = _rel_ce(pre.get("loss_clean"), pre.get("loss_adv"))
         index.append((model_label(r), pre["label"]))
-        rows.append([num(pre["as_score"]), "1 (pretraining)", "-", _ce_pair(pre.get("loss_clean"), pre.get("loss_adv")),
+        rows.append([num(pre["as_score"]), "1 (pretraining)" if pre["as_score"] != 0 else "undefined", "-",
+                     _ce_pair(pre.get("loss_clean"), pre.get("loss_adv")),
                      num(pre_rel)] + (["-"] if bounds else []))
         for t in rec["tasks"]:
             m = t.get("measured") or {}
             index.append((model_label(r), t["label"]))
-            rows.append([num(t["as_score"]), num(t["ratio"]), t["verdict"], _ce_pair(m.get("loss_clean"),
-                         m.get("loss_adv")), num(m.get("relative_ce"))]
+            undefined = t["ratio"] is None  # the pretraining AS is 0 (_need_predict)
+            rows.append([num(t["as_score"]), "undefined" if undefined else num(t["ratio"]),
+                         "-" if undefined else t["verdict"], _ce_pair(m.get("loss_clean"), m.get("loss_adv")),
+                         num(m.get("relative_ce"))]
                         + ([num((t.get("bound") or {}).get("loss_increase"))] if bounds else []))
+        if any(t["ratio"] is None for t in rec["tasks"]):
+            notes.append(f"{model_label(r)}: " + UNDEFINED_RATIO.format(pre["label"]))
         for name, s in (rec.get("spearman") or {}).items():
             if s:
                 notes.append(f"{model_label(r)}: Spearman {_pretty(name)}: rho {s['rho']:.3f} "
@@ -462,8 +468,11 @@ def _need_predict(r: Run) -> None:
     rec = r.record
     missing = [k for k in ("pretrain", "tasks", "eps_text", "norm", "threshold") if rec.get(k) is None]
     missing += [f"pretrain.{k}" for k in ("label", "as_score") if not missing and rec["pretrain"].get(k) is None]
+    # a ratio is undefined (null) only where the pretraining AS is 0
+    undefined = not missing and rec["pretrain"].get("as_score") == 0
     for n, t in enumerate(rec.get("tasks") or []):
-        missing += [f"tasks[{n}].{k}" for k in ("label", "as_score", "ratio", "verdict") if t.get(k) is None]
+        missing += [f"tasks[{n}].{k}" for k in ("label", "as_score", "ratio", "verdict")
+                    if t.get(k) is None and not (k == "ratio" and undefined)]
     if missing:
         raise ConfigError(f"--style predict: {r.path} lacks {', '.join(missing[:4])}"
                           + (f" and {len(missing) - 4} more" if len(missing) > 4 else "") + " in predict.json")

@@ -40,7 +40,7 @@ from torch import Tensor
 from asbound.attacks import Watch, loss_objective
 from asbound.devices import float32_exact, memory_format, to_format
 from asbound.distributed import SINGLE, World
-from asbound.errors import AsboundError
+from asbound.errors import AsboundError, ResumeError, describe
 from asbound.models import LayerOutput, SplitModel, frozen
 from asbound.models.peft import lora_branch
 from asbound.transfer.autolr import AutoLR, default_checkpoints
@@ -157,6 +157,10 @@ class Checkpointer:
 
     def load_best(self, plan: StagePlan) -> dict:  # pragma: no cover
         raise NotImplementedError
+
+    def restore_best(self, plan: StagePlan, model: SplitModel) -> None:
+        """Load the stage's best weights into ``model``."""
+        model.load_state_dict(self.load_best(plan))
 
 
 def autocast(settings: Settings) -> "contextlib.AbstractContextManager":
@@ -275,33 +279,13 @@ def train_stage(
     stage = plan.stage
     scope = plan.train_scope
     device, world = settings.device, settings.world
-    params = set_scope(model, scope)
-    optimizer = make_optimizer(params, settings.optimizer, lr=plan.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay)
+    if stage.objective == "autolora" and lambda_batches is None:
+        raise ValueError("the autolora objective needs lambda_batches")
+    optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
     n_steps = steps_per_epoch(n_train, settings.batch_size, world)
-    autolr: Optional[AutoLR] = None
-    scheduler = None
-    if stage.objective == "autolora":
-        auto = settings.autolora
-        autolr = AutoLR(plan.lr, default_checkpoints(plan.epochs), rho=auto.rho, divide=auto.divide,
-                        condition2=auto.condition2)
-        if lambda_batches is None:
-            raise ValueError("the autolora objective needs lambda_batches")
-    else:
-        scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * n_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == torch.float16)
     fmt = memory_format(settings.amp)
     born_non_finite = set(_non_finite(model))  # e.g. an infinite cap or mask the model was built with
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-        if scheduler is not None:
-            scheduler.load_state_dict(state.scheduler)
-        if state.scaler:
-            scaler.load_state_dict(state.scaler)
-    if autolr is not None:
-        if state.autolr:
-            autolr.load_state_dict(state.autolr)
-        _set_lr(optimizer, autolr.lr)
+    _restore_tools(state, optimizer, scheduler, scaler, autolr)
     cached = None
     if plan.cache_features:
         cached = _features(model, _counted(train_batches(0, False), lambda k: on_pass("features", state.epoch, k)),
@@ -391,7 +375,7 @@ def train_stage(
         if autolr is not None:  # its own best is the selection's (robust validation accuracy, strictly better)
             decision = autolr.step(float(val_robust))
             if decision.restore:  # the best weights back; the optimiser's momentum is kept (as the reference)
-                model.load_state_dict(checkpoints.load_best(plan))
+                checkpoints.restore_best(plan, model)
             _set_lr(optimizer, decision.lr)
             state.autolr = autolr.state_dict()
         state.epoch = epoch + 1
@@ -401,8 +385,70 @@ def train_stage(
         state.scaler = scaler.state_dict() if scaler.is_enabled() else None
         checkpoints.save_last(plan, model, state)
         report(record)
-    model.load_state_dict(checkpoints.load_best(plan))
+    checkpoints.restore_best(plan, model)
     return state
+
+
+def _stage_tools(model: SplitModel, plan: StagePlan, settings: Settings, n_train: int) -> "tuple[object, ...]":
+    """The stage's trainable parameters made so on ``model`` (:func:`set_scope`), and its optimiser,
+    schedule (None for AutoLoRa's stage), gradient scaler and AutoLoRa's learning-rate rule (or None)."""
+    params = set_scope(model, plan.train_scope)
+    optimizer = make_optimizer(params, settings.optimizer, lr=plan.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    autolr, scheduler = None, None
+    if plan.stage.objective == "autolora":
+        auto = settings.autolora
+        autolr = AutoLR(plan.lr, default_checkpoints(plan.epochs), rho=auto.rho, divide=auto.divide,
+                        condition2=auto.condition2)
+    else:
+        n_steps = steps_per_epoch(n_train, settings.batch_size, settings.world)
+        scheduler = make_scheduler(optimizer, settings.schedule, plan.epochs * n_steps)
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.amp == torch.float16)
+    return optimizer, scheduler, scaler, autolr
+
+
+def _restore_tools(state: StageProgress, optimizer: torch.optim.Optimizer,
+                   scheduler: "Optional[torch.optim.lr_scheduler.LRScheduler]", scaler: torch.amp.GradScaler,
+                   autolr: Optional[AutoLR]) -> None:
+    """The optimiser, schedule, scaler and learning-rate rule as a resumed ``state`` left them."""
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+    if autolr is not None:
+        if state.autolr:
+            autolr.load_state_dict(state.autolr)
+        _set_lr(optimizer, autolr.lr)
+
+
+def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_train: int,
+                   state: StageProgress) -> Optional[str]:
+    """What in a checkpointed ``state`` does not fit the stage ``plan`` trains on ``model`` (its
+    optimiser's parameter groups and buffers, its schedule, AutoLoRa's rule), or None; ``model``
+    is changed (its trainable parameters), so give a copy."""
+    try:
+        optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
+        _restore_tools(state, optimizer, scheduler, scaler, autolr)
+    except ResumeError as exc:  # AutoLoRa's rule says what differs
+        return str(exc)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        return f"its optimiser state does not fit this stage: {describe(exc)}"
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    shape = "x".join(map(str, value.shape))
+                    return (f"its optimiser's {key} is {shape} for a parameter of "
+                            f"{'x'.join(map(str, p.shape))}")
+    if scheduler is not None and state.optimizer is not None:
+        last, base = scheduler.last_epoch, scheduler.base_lrs
+        if isinstance(last, bool) or not isinstance(last, int) or not (
+                isinstance(base, list) and len(base) == len(optimizer.param_groups)
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in base)):
+            return "its schedule state is not one asbound writes"
+    return None
 
 
 def _counted(batches: "Iterator[tuple[Tensor, Tensor]]",

@@ -6,7 +6,7 @@ A method's run directory (``OUT`` for one method, ``OUT/<method>`` for several):
     epochs.csv           one row per epoch and stage: losses, lr, clean / robust validation accuracy,
                          seconds, images per second (rewritten atomically after every epoch)
     checkpoints/last.pt  the resumable state after the last complete epoch (atomic)
-    checkpoints/last.prev.pt          the one before it, resumed when last.pt is unreadable
+    checkpoints/last.prev.pt          the one before it, resumed when last.pt is unusable
     checkpoints/<i>-<stage>-best.pt   the stage's selected weights (atomic)
     model.pt             the trained split model's weights: what ``run:DIR`` loads
     final.json           test metrics (clean, PGD-k, AutoAttack, robust accuracy per point:
@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,21 @@ from asbound.errors import AsboundError, ConfigError, ModelError, ResumeError, d
 from asbound.models import SplitModel, frozen, load_model, split_model
 from asbound.models.peft import REBUILT, PeftSpec, apply_peft, check_peft, natural_branch, saved_model
 from asbound.models.runs import RUN_KIND, RUN_WEIGHTS, with_run_weights
-from asbound.records import RunDir, atomic_write, clean_json, environment, read_json, write_json
+from asbound.models.loaders import state_mismatch
+from asbound.records import (
+    CONFIG,
+    CHECKPOINT_FIELDS,
+    CHECKPOINT_NOT_NULL,
+    STAGES,
+    RunDir,
+    atomic_write,
+    clean_json,
+    damaged,
+    environment,
+    field_problem,
+    read_json,
+    write_json,
+)
 from asbound.scoring import ScoreConfig, recorded_model, score
 from asbound.specs import absolute_path, format_eps, parse_data_spec, parse_model_spec
 from asbound.transfer.config import TransferConfig, image_counts, score_request
@@ -84,7 +99,8 @@ class RunCheckpoints(Checkpointer):
     """``checkpoints/last.pt`` (stage, epoch, weights, optimiser, schedule, history) and per-stage bests.
 
     Each new ``last.pt`` is written whole beside the old one, which then becomes ``last.prev.pt``
-    (an epoch earlier): a ``last.pt`` damaged later (a copy cut short, a full disk) falls back to it.
+    (an epoch earlier): a ``last.pt`` damaged later (a copy cut short, a full disk, fields of other
+    types, weights of another model) falls back to it.
     In a distributed ``world`` rank 0 writes and reads the files and sends what it read to the others.
     """
 
@@ -123,18 +139,48 @@ class RunCheckpoints(Checkpointer):
     def load_best(self, plan: StagePlan) -> dict:
         def read() -> dict:
             path = self.best_path(plan)
-            state = _load(path, dict)
-            if state is None:
-                raise ResumeError(f"{path} is unreadable (truncated?); delete {self.folder} to train this method "
-                                  f"from its first epoch, or choose another --out")
+            state, problem = _load(path, dict)
+            if problem is not None:
+                raise ResumeError(f"{path} {problem}; {self._restart}")
             return state
 
         return self._shared(read)
 
-    def load_last(self) -> "tuple[Optional[dict], str]":
+    def restore_best(self, plan: StagePlan, model: nn.Module) -> None:
+        """The stage's best weights into ``model``."""
+        model.load_state_dict(self.fitting_best(plan, model))
+
+    def fitting_best(self, plan: StagePlan, model: nn.Module) -> dict:
+        """The stage's best weights, checked to fit ``model``: weights of another model (other
+        keys, other shapes) are a one-line error naming the file and what differs."""
+        state = self.load_best(plan)
+        mismatch = state_mismatch(model.state_dict(), state)
+        if mismatch:
+            raise ResumeError(f"{self.best_path(plan)} is damaged or not asbound's (its weights do not fit this "
+                              f"run's model: {mismatch}); {self._restart}")
+        return state
+
+    def refuse_retraining(self, weights: Path) -> None:
+        """A one-line refusal on every rank when ``weights`` (the trained ``model.pt``) exists: the
+        run has no checkpoint to resume from, so training would start over and replace them."""
+        def check() -> None:
+            if weights.exists():
+                raise ResumeError(f"{weights} has no {STAGES} beside it and {self.folder} no checkpoint to rebuild "
+                                  f"it from; the trained weights are kept: delete {weights.name} to train this "
+                                  f"method again, or choose another --out")
+
+        self._shared(check)
+
+    @property
+    def _restart(self) -> str:
+        return f"delete {self.folder} to train this method from its first epoch, or choose another --out"
+
+    def load_last(self, problem: "Callable[[dict], Optional[str]]" = lambda state: None
+                  ) -> "tuple[Optional[dict], str]":
         """The state to resume from (None: start afresh) and a note naming the checkpoint it
-        came from when that is not ``last.pt``."""
-        return self._shared(self._read_last)
+        came from when that is not ``last.pt``. ``problem(state)``: what makes a state that loads
+        unusable for this run (None: nothing); such a checkpoint is passed over as a damaged one."""
+        return self._shared(lambda: self._read_last(problem))
 
     def _shared(self, read: "Callable[[], object]") -> object:
         """``read()`` on rank 0, its result (or its one-line refusal) on every rank."""
@@ -142,7 +188,7 @@ class RunCheckpoints(Checkpointer):
         if self.world.main:
             try:
                 result = read()
-            except ResumeError as exc:
+            except AsboundError as exc:
                 if self.world.distributed:
                     self.world.broadcast(_Refusal(str(exc)), self.device)
                 raise
@@ -151,22 +197,30 @@ class RunCheckpoints(Checkpointer):
             raise ResumeError(result.message)
         return result
 
-    def _read_last(self) -> "tuple[Optional[dict], str]":
+    def _read_last(self, problem: "Callable[[dict], Optional[str]]") -> "tuple[Optional[dict], str]":
         last, previous = self.last_path, self.previous_path
         if not last.exists() and not previous.exists():
             return None, ""
-        state = _load(last, dict, RESUME_KEYS) if last.exists() else None
+        state, what = self._usable(last, problem)
         if state is not None:
             return state, ""
-        what = "is unreadable (truncated?)" if last.exists() else "is missing"
-        state = _load(previous, dict, RESUME_KEYS) if previous.exists() else None
-        if state is None:
-            raise ResumeError(
-                f"{last} {what} and no earlier checkpoint is readable; delete {self.folder} to train this "
-                f"method from its first epoch, or choose another --out")
+        fallback, _ = self._usable(previous, problem)
+        if fallback is None:
+            raise ResumeError(f"{last} {what} and no earlier checkpoint is usable; {self._restart}")
         # the damaged file goes: the next checkpoint would make it last.prev.pt, the fallback
         last.unlink(missing_ok=True)
-        return state, f"{self._name(last)} {what}: resumed from {previous.name}"
+        return fallback, f"{self._name(last)} {what}: resumed from {previous.name}"
+
+    @staticmethod
+    def _usable(path: Path, problem: "Callable[[dict], Optional[str]]") -> "tuple[Optional[dict], str]":
+        """The resumable state in ``path``, or None and what is wrong with the file."""
+        state, what = _load(path, dict)
+        if what is None:
+            found = _checkpoint_problem(state) or problem(state)
+            if found is None:
+                return state, ""
+            what = f"is damaged or not asbound's ({found})"
+        return None, what
 
     def _name(self, path: Path) -> str:
         return f"{CHECKPOINTS}/{path.name}"
@@ -183,10 +237,6 @@ class _Refusal:
     message: str
 
 
-#: what a resumable state holds
-RESUME_KEYS = ("stage", "model", "progress", "history")
-
-
 def _save(path: Path, obj: object, previous: "Path | None" = None) -> None:
     """Write ``obj`` atomically; with ``previous``, the file it replaces is kept there."""
     buffer = io.BytesIO()
@@ -200,17 +250,40 @@ def _save(path: Path, obj: object, previous: "Path | None" = None) -> None:
     os.replace(fresh, path)
 
 
-def _load(path: Path, kind: type, keys: "tuple[str, ...]" = ()) -> "object | None":
-    """``path`` read with ``weights_only=True``, or None if it cannot be read whole or lacks ``keys``."""
+def _load(path: Path, kind: type) -> "tuple[object, Optional[str]]":
+    """``path`` read with ``weights_only=True``: ``(the object, None)``, or ``(None, what is
+    wrong)`` when it is missing, cannot be read whole, or holds no ``kind``."""
+    if not path.is_file():
+        return None, "is missing"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception:  # a truncated zip, a torn pickle, a file that is not a checkpoint
-        return None
-    if not isinstance(state, kind) or any(k not in state for k in keys):
-        return None
-    return state
+        return None, "is unreadable (truncated?)"
+    if not isinstance(state, kind):
+        found = type(state).__name__
+        return None, (f"is damaged or not asbound's (it holds {'an' if found[0] in 'aeiou' else 'a'} {found}, "
+                      f"not {'a state dict' if kind is dict else kind.__name__})")
+    return state, None
+
+
+def _checkpoint_problem(state: dict) -> Optional[str]:
+    """What in a loaded ``last.pt`` is not as asbound writes it (:data:`CHECKPOINT_FIELDS`), or None."""
+    problem = field_problem(state, CHECKPOINT_FIELDS)
+    if problem:
+        return problem
+    for where in CHECKPOINT_NOT_NULL:
+        value: object = state
+        for key in where.split("."):
+            value = value[key]  # type: ignore[index]
+        if value is None:
+            return f"{where} is null"
+    known = {f.name for f in dataclasses.fields(StageProgress)}
+    unknown = sorted(set(state["progress"]) - known)
+    if unknown:
+        return f"progress has the key {unknown[0]!r}; a checkpoint's progress has {', '.join(sorted(known))}"
+    return None
 
 
 # --- one method ------------------------------------------------------------------------------------
@@ -281,13 +354,18 @@ def _train_method(
     checkpoints = RunCheckpoints(folder, [], world, settings.device)
     model = _new_head(base, train.num_classes, derived_seed(cfg.seed, method.name, "head"), cfg.head_init)
     plans = plan_stages(method, cfg, augment, world.distributed)
-    last, source = checkpoints.load_last()
+    last, source = checkpoints.load_last(
+        lambda state: _resume_problem(state, model, plans, cfg, method, settings, len(train)))
+    if last is None:  # a trained model.pt (without its stages.json) is never trained over
+        checkpoints.refuse_retraining(folder / RUN_WEIGHTS)
     start_stage, state = 0, StageProgress()
     if last is not None:
         start_stage = int(last["stage"])
     for plan in plans[:start_stage + 1]:
         _build_structure(model, plan, cfg, method)
     model = model.to(settings.device, memory_format=memory_format(settings.amp))
+    if last is not None and last["progress"]["best_epoch"] > 0:  # the stage has selected weights: read them
+        checkpoints.fitting_best(plans[start_stage], model)     # now, not after its remaining epochs
     if preface:
         printer(preface)
     if last is not None:
@@ -296,7 +374,8 @@ def _train_method(
         checkpoints.done_history = list(last["history"])
         printer(f"resuming {method.name}: stage {plans[start_stage].stage.name}, after epoch {state.epoch}")
         if source:
-            printer(f"  ({source})")
+            printer(textwrap.fill(f"({source})", 80, initial_indent="  ", subsequent_indent="   ",
+                                  break_on_hyphens=False))
     stages = []
     for plan in plans[:start_stage]:
         stages.append(_stage_summary(plan, checkpoints.done_history))
@@ -335,9 +414,31 @@ def _train_method(
             model.to(settings.device)
             checkpoints.save_last(following, model, state)
     saved, _ = saved_model(model)
-    if world.main:
+    if world.main:  # the stages first: a model.pt is never without them
+        write_json(folder / STAGES, stages)
         _save(folder / RUN_WEIGHTS, saved.state_dict())
     return stages
+
+
+def _resume_problem(state: dict, model: SplitModel, plans: "list[StagePlan]", cfg: TransferConfig, method: Method,
+                    settings: Settings, n_train: int) -> Optional[str]:
+    """What makes the checkpointed ``state`` (of the form :data:`CHECKPOINT_FIELDS` holds) unusable
+    for this run, or None: a stage or epoch outside its plan, weights that do not fit the model
+    the stage trains (``model``, a fresh head on the base, given the stage's structures here on
+    a copy), an optimiser, schedule or learning-rate state that does not fit the stage's."""
+    stage, progress = state["stage"], state["progress"]
+    if not 0 <= stage < len(plans):
+        return f"stage {stage} is outside the method's stages 0 to {len(plans) - 1}"
+    plan = plans[stage]
+    if not 0 <= progress["epoch"] <= plan.epochs:
+        return f"progress.epoch {progress['epoch']} is outside stage {plan.stage.name}'s 0 to {plan.epochs}"
+    trial = copy.deepcopy(model)
+    for earlier in plans[:stage + 1]:
+        _build_structure(trial, earlier, cfg, method)
+    mismatch = state_mismatch(trial.state_dict(), state["model"])
+    if mismatch:
+        return f"its weights do not fit this run's model: {mismatch}"
+    return loop.resume_problem(trial, plan, settings, n_train, StageProgress(**progress))
 
 
 def _stage_summary(plan: StagePlan, history: "list[dict]") -> dict:
@@ -725,7 +826,12 @@ def transfer(
                 run.claim(resolved, volatile=("workers",) if finished else EVALUATION_KEYS,
                           defaults=_option_defaults(), meant=whole_splits)
                 final = read_json(folder / FINAL)
-                needs_training = final is None and not (folder / RUN_WEIGHTS).exists()
+                if final is None and cfg.score:  # the scores' records, read before hours of training or evaluation
+                    for scores in ("before", "after"):
+                        read_json(folder / "score" / scores / CONFIG)
+                # trained: model.pt and its stages (a model.pt alone is rebuilt from the checkpoints)
+                needs_training = final is None and not ((folder / RUN_WEIGHTS).exists()
+                                                        and (folder / STAGES).exists())
                 world.broadcast(needs_training, device)
                 told = True
                 if final is None:
@@ -752,11 +858,11 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
     if needs_training:
         stages = _train_method(method, cfg, base, train, val, folder, settings, augment, printer, progress, preface)
     else:
-        stages = read_json(folder / "stages.json", kind=list) or []
+        stages = _recorded_stages(folder, plan_stages(method, cfg, augment))
     trained = _load_trained(base, train.num_classes, folder, settings.device, structure)
     if preface and not needs_training:  # once the stored records have been read: a damaged one is the only line
         printer(preface)
-    write_json(folder / "stages.json", stages)
+    write_json(folder / STAGES, stages)
     final = {"method": method.name, "peft": cfg.peft if any(st.scope == "tune" for st in method.stages) else None,
              "stages": stages, "test": evaluate(trained, test, cfg, settings.device, progress=progress),
              "seconds": time.perf_counter() - started}
@@ -765,6 +871,16 @@ def _train_and_evaluate(method: Method, cfg: TransferConfig, base: SplitModel, t
         final.update(score_before=before, score_after=after)
     write_json(folder / FINAL, clean_json(final))
     return final
+
+
+def _recorded_stages(folder: Path, plans: "list[StagePlan]") -> "list[dict]":
+    """The stages' selections as ``stages.json`` records them, checked to be this method's stages."""
+    stages = read_json(folder / STAGES, kind=list)
+    names, planned = [s.get("stage") for s in stages], [p.stage.name for p in plans]  # type: ignore[union-attr]
+    if names != planned:
+        raise damaged(folder / STAGES, f"it lists the stages {', '.join(map(str, names)) or 'none'}; the method "
+                                       f"has {', '.join(planned)}")
+    return stages  # type: ignore[return-value]
 
 
 PEFT_KEYS = ("peft", "peft_rank", "peft_alpha", "adapter_reduction", "prompt_tokens", "prompt_depth")
