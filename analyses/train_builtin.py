@@ -363,6 +363,7 @@ def main_paper(args: argparse.Namespace) -> None:
             "default_head": "orientation",
             "meta": {"name": PAPER_NAMES[name], "protocol": "paper", "targets": "minmax",
                      "eps": parse_eps(args.eps) if name == "adversarial" else 0.0, "seed": args.seed,
+                     "pgd_steps": args.pgd_steps if name == "adversarial" else 0,
                      "n_train": len(members), "epochs": 0 if name == "random" else args.epochs,
                      "bn_statistics": bn},
         }
