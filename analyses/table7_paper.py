@@ -415,8 +415,9 @@ def why(rows: "list[dict]", cells: dict, seed_cells: "list[dict]", reduced: dict
     out += bullet(
         "**The full-scale adversarial network** needs a GPU (PGD-20 on 589,824 images x 10 epochs): "
         "`python analyses/train_builtin.py --protocol paper --models adversarial --device cuda --work "
-        "runs-paper --record runs-paper/adversarial.json`; then rerun this script with its weights in "
-        "`--weights-dir`.")
+        "runs-paper-adv-full --out runs-paper-adv-full/weights --record runs-paper-adv-full/adversarial.json`; "
+        "then copy its `lenet-paper-adversarial.pt` over the builtin's (`asbound/builtin/weights/`, with the "
+        "builtin's description in `asbound/builtin/__init__.py`) and rerun this script.")
     return out
 
 
