@@ -312,6 +312,16 @@ def train_paper(name: str, images: PackedImages, y: torch.Tensor, args: argparse
     return model.eval(), history
 
 
+def paper_scale(name: str, args: argparse.Namespace, n_train: int) -> dict:
+    """The scale ``name`` (random, standard, adversarial) is trained at, as its record states it."""
+    trained, adversarial = name != "random", name == "adversarial"
+    return {"n_train": n_train if trained else 0, "of_train_split": int(split_members(737_280, "train").numel()),
+            "epochs": args.epochs if trained else 0, "batch": args.batch, "optimizer": args.optimizer,
+            "lr": args.lr, "pgd_steps": args.pgd_steps if adversarial else 0,
+            "pgd_eps": args.eps if adversarial else None, "pgd_rel_step": args.pgd_rel_step if adversarial else None,
+            "bn_images": args.bn_images, "probe_images": args.n_probe}
+
+
 def main_paper(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -353,12 +363,14 @@ def main_paper(args: argparse.Namespace) -> None:
             "default_head": "orientation",
             "meta": {"name": PAPER_NAMES[name], "protocol": "paper", "targets": "minmax",
                      "eps": parse_eps(args.eps) if name == "adversarial" else 0.0, "seed": args.seed,
+                     "pgd_steps": args.pgd_steps if name == "adversarial" else 0,
                      "n_train": len(members), "epochs": 0 if name == "random" else args.epochs,
                      "bn_statistics": bn},
         }
         atomic_write(args.out / f"{PAPER_NAMES[name]}.pt", lambda h: torch.save(state, h))
         record["models"][PAPER_NAMES[name]] = {"seconds": round(time.time() - start, 1), "history": history,
-                                              "test_metrics": metrics, "bn_statistics": bn}
+                                              "test_metrics": metrics, "bn_statistics": bn,
+                                              "scale": paper_scale(name, args, len(members))}
         print(f"  {metrics}", flush=True)
         if args.record:
             record["seconds"] = round(time.time() - t0, 1)

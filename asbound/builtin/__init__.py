@@ -15,6 +15,12 @@ the records of the runs that made them come from ``analyses/train_builtin.py``:
 * ``lenet-reference``: a layout without shipped weights, the LeNet as the seed paper's code
   built it (:mod:`asbound.builtin.reference`: affine-free batch norms, head ``fc``); its
   weights are a state dict of that code, given with ``--weights PATH``.
+* ``lenet-paper-{random,standard,adversarial}``: the LeNet in that layout, made as the code
+  behind seed 001's Table 7 made its three (``analyses/train_builtin.py --protocol paper``,
+  records in ``reports/paper-lenets/``): random (seed 0), trained on orientation regression on
+  the whole train split (589,824 images, 10 epochs, Adam), and adversarially trained with L-inf
+  PGD-20 at 8/255 on 20,000 of those images (10 epochs); batch-norm statistics re-estimated on
+  clean images, heads fitted on targets scaled to [0, 1], as ``--protocol paper`` reads dSprites.
 
 Without ``/HEAD`` the head is the dSprites factor of ``--data`` when the model has it, else the
 model's default head.
@@ -74,6 +80,12 @@ BUILTINS = {
     "digits-random": "digits CNN, random initialisation, head digits0-4 fitted by linear probing",
     "digits-standard": "digits CNN trained on digits 0-4",
     "digits-adversarial": "digits CNN adversarially trained (L-inf PGD) on digits 0-4",
+    "lenet-paper-random": "LeNet in the seed code's layout, random init; heads on targets in [0, 1] "
+                          "(--protocol paper)",
+    "lenet-paper-standard": "LeNet in the seed code's layout trained on orientation, 589,824 images x 10 "
+                            "epochs; heads on targets in [0, 1] (--protocol paper)",
+    "lenet-paper-adversarial": "LeNet in the seed code's layout, adversarial (L-inf PGD-20, 8/255) at 20,000 "
+                               "images x 10 epochs; heads on targets in [0, 1] (--protocol paper)",
     "lenet-reference": "LeNet in the layout of the seed paper's code (affine-free batch norms, head fc); "
                        "weights: a state dict of that layout given with --weights PATH",
 }
@@ -137,6 +149,10 @@ def load_builtin(
     meta = state.get("meta", {})
     if meta.get("bn_statistics"):
         notes.append(f"batch-norm statistics: {meta['bn_statistics']}")
+    if meta.get("targets", "values") != "values":  # as a named protocol reads dSprites, not as asbound's
+        units = {"minmax": "scaled to [0, 1] (minmax)"}.get(meta["targets"], f"in {meta['targets']} units")
+        notes.append(f"heads fitted on dSprites targets {units}, as --protocol "
+                     f"{meta.get('protocol', 'paper')} reads them")
     return model.eval(), arch.input_format, notes, ModelSpec("builtin", name, head=head)
 
 
