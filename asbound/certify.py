@@ -994,7 +994,8 @@ def _exact_interval(bounder: Bounder, env: "dict[str, Any]") -> "set[str]":
     """The nodes whose interval over an input box is already CROWN's (exact): an affine function
     of the input through at most one map that mixes coordinates (Linear, Conv2d, pooling, a
     broadcasting constant), the rest coordinate-wise (batch norm, constant arithmetic, reshapes):
-    ``|D W D'| = |D| |W| |D'|``. No ReLU, no branch."""
+    ``|D W D'| = |D| |W| |D'|``. No ReLU, no branch, no node that reads a bounded tensor twice
+    (``h + h`` is ``2 h``, ``h - h`` is 0: neither the intervals nor the squared rows see that)."""
     mixes: "dict[str, int]" = {}
     for node in bounder.graph.graph.nodes:
         if not _is_box(env.get(node.name)):
@@ -1002,7 +1003,8 @@ def _exact_interval(bounder: Bounder, env: "dict[str, Any]") -> "set[str]":
         if node.op == "placeholder":
             mixes[node.name] = 0
             continue
-        src = [a for a in node.all_input_nodes if _is_box(env.get(a.name))]
+        src: "list[torch.fx.Node]" = []  # every use: ``h + h`` reads h twice (all_input_nodes: once)
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda a: _is_box(env.get(a.name)) and src.append(a))
         if len(src) != 1 or src[0].name not in mixes or _is_relu(node, bounder.modules):
             continue
         mixing = env[node.name].lo[0].numel() != env[src[0].name].lo[0].numel()

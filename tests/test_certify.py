@@ -1441,6 +1441,46 @@ def test_intermediate_bounds_are_crowns_own_not_intervals(residual, norm):
     torch.testing.assert_close(out.lo, torch.relu(z - eps * dual), rtol=1e-10, atol=1e-12)
 
 
+class Twice(nn.Module):
+    """``relu(h + h)`` (or ``h - h``) with ``h = w . x + b``: one node read twice by an addition,
+    which torch.fx lists as one input."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.flat, self.lin, self.op = nn.Flatten(), nn.Linear(3, 1), op
+        self.lin.weight.data = torch.tensor([[0.6, -0.3, 0.2]])
+        self.lin.bias.data = torch.tensor([1.0])
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        return torch.relu(torch.add(h, h) if self.op == "add" else h + h if self.op == "+" else h - h)
+
+
+@pytest.mark.parametrize("op", ["+", "add", "-"])
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_a_node_added_to_itself_counts_twice(op, norm, method):
+    """``h + h`` is ``2 h``: over an interior ball where the ReLU stays active the shift is exactly
+    ``2 eps ||w||_1`` (L-inf) or ``2 eps ||w||_2`` (L2), and ``h - h`` is 0. Full CROWN's L2
+    closed form for affine ReLU inputs counted ``h + h``'s Jacobian once (s_upper 0.070 where the
+    shift reaches 0.140) and took the interval of ``h - h`` as exact (0.11 in L-inf for 0)."""
+    net = Twice(op).double().eval()
+    x, eps = torch.full((2, 1, 1, 3), 0.5, dtype=torch.float64), 0.1
+    x[1, 0, 0] = torch.tensor([0.45, 0.55, 0.5], dtype=torch.float64)
+    w = net.lin.weight.detach()[0]
+    exact = 0.0 if op == "-" else 2 * eps * float(w.abs().sum() if norm == "inf" else w.norm())
+    out = sensitivity_upper(Bounder(net), x, eps, norm, method=method)
+    assert torch.all(out["s_upper"] >= exact), (out["s_upper"], exact)
+    # an attack's point: the corner (L-inf) or the direction of w (L2)
+    d = eps * (w.sign() if norm == "inf" else w / w.norm())
+    with torch.no_grad():
+        shift = (net(x + d.view(1, 1, 1, 3)) - net(x)).norm(dim=1)
+    torch.testing.assert_close(shift, torch.full_like(shift, exact), rtol=1e-12, atol=1e-12)
+    assert torch.all(out["s_upper"] >= shift)
+    if method == "crown":  # and full CROWN is exact here
+        torch.testing.assert_close(out["s_crown"], torch.full_like(shift, exact), rtol=1e-8, atol=1e-11)
+
+
 def test_l2_first_layer_bounds_are_the_ball_and_the_box_whichever_is_tighter():
     """At ``x = 0`` the set is ``{x' >= 0, ||x'||_2 <= eps}``: a first-layer coordinate ``w . x' + b``
     reaches ``eps ||w_+||_2 + b``. Its bound is the smaller of the box's (``eps sum w_+``) and the
