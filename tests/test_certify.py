@@ -1441,6 +1441,35 @@ def test_intermediate_bounds_are_crowns_own_not_intervals(residual, norm):
     torch.testing.assert_close(out.lo, torch.relu(z - eps * dual), rtol=1e-10, atol=1e-12)
 
 
+def test_full_crown_is_never_looser_than_crown_ibp():
+    """CROWN is not monotone in its intermediate bounds: at ``x = 0`` and an L2 ball of 0.5 the
+    ball makes the first ReLU's lower bound tighter than the box's (-0.32 for -0.39, upper 0.35),
+    which flips its adaptive lower slope (``alpha = 1`` iff ``u > -l``) from 0 to 1, and the output
+    pass over those tighter bounds gave 0.342 where CROWN-IBP's gives 0.1998 (the shift reaches
+    0.1998 at an attack's point). Full CROWN's box is intersected with CROWN-IBP's."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 5),
+                        nn.ReLU(), nn.Linear(5, 1)).double().eval()
+    layers = [([[-1.24, 0.085, -0.14]], [0.30]), ([[-0.82], [0.52]], [0.66, -0.43]),
+              ([[1.74, -1.07], [-0.13, -0.35], [1.73, 0.45], [0.085, 2.45], [-0.81, 1.27]],
+               [-0.86, 0.066, -0.073, 0.45, 0.20]), ([[0.49, -0.21, -0.87, 1.27, 0.53]], [-0.88])]
+    for lin, (w, b) in zip([m for m in net if isinstance(m, nn.Linear)], layers):
+        lin.weight.data, lin.bias.data = torch.tensor(w, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x = torch.zeros(1, 1, 3, dtype=torch.float64)
+    bounder = Bounder(net)
+    for norm, eps in (("2", 0.5), ("2", 0.3), ("inf", 0.2)):
+        full = sensitivity_upper(bounder, x, eps, norm, method="crown")
+        ibp = sensitivity_upper(bounder, x, eps, norm, method="crown-ibp")
+        assert torch.all(full["s_crown"] <= ibp["s_crown_ibp"]), (norm, eps, full["s_crown"], ibp["s_crown_ibp"])
+    # the shift reaches CROWN-IBP's bound: at the point of the ball where the first ReLU is off
+    v = torch.tensor([[[1.24, 0.0, 0.14]]], dtype=torch.float64)
+    z = 0.45 * v / v.norm()
+    assert float(net[1](z.flatten(1))) < 0
+    with torch.no_grad():
+        shift = float((net(z) - net(x)).norm())
+    full = sensitivity_upper(bounder, x, 0.5, "2", method="crown")["s_crown"]
+    assert shift <= float(full) <= shift * (1 + 1e-6)
+
+
 class Twice(nn.Module):
     """``relu(h + h)`` (or ``h - h``) with ``h = w . x + b``: one node read twice by an addition,
     which torch.fx lists as one input."""
