@@ -1441,6 +1441,89 @@ def test_intermediate_bounds_are_crowns_own_not_intervals(residual, norm):
     torch.testing.assert_close(out.lo, torch.relu(z - eps * dual), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm,eps", [("inf", 0.1), ("2", 0.2)])
+@pytest.mark.parametrize("method", ["crown-ibp", "crown"])
+def test_a_relu_whose_input_is_bounded_below_by_exactly_zero_is_the_identity_there(method, norm, eps):
+    """At the corner ``x = 0`` a ReLU on the input has ``l = 0 < u``, and one after average pooling
+    of ReLUs has ``l = 0`` from the clamped intervals: both are the identity over the set, not
+    zero (a relaxation that took ``l = 0`` for inactive bounded the shift by 0). The bound is
+    above the shift the corner reaches along each coordinate and dense samples."""
+    torch.manual_seed(21)
+    net = nn.Sequential(nn.ReLU(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[1] = torch.rand(1, 4, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    env = bounder.boxes((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    assert any(bool(((env[n].lo == 0) & (env[n].hi > 0)).any()) for n in bounder.relu_inputs)
+    bound = sensitivity_upper(bounder, x, eps, norm, method=method)[f"s_{method.replace('-', '_')}"]
+    samples = _ball_samples(x, eps, norm, 400, torch.Generator().manual_seed(3))
+    g0 = net(x).flatten(1)
+    with torch.no_grad():
+        shifts = (net(samples.flatten(0, 1)).flatten(1).view(400, len(x), -1) - g0).norm(dim=2).max(0).values
+    assert torch.all(shifts > 0) and torch.all(shifts <= bound), (shifts, bound)
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.3), ("2", 0.6)])
+def test_full_crowns_intermediate_bounds_lie_inside_the_intervals(norm, eps):
+    """A backward pass can be looser than interval arithmetic on some coordinates (on a random MLP
+    at a large eps): every node's full CROWN bounds are intersected with its interval, so none is
+    wider than IBP's over the box, and some are narrower."""
+    from asbound.certify import crown_bounds
+
+    torch.manual_seed(22)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6),
+                        nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    for m in net:
+        if isinstance(m, nn.Linear):
+            m.weight.data.normal_()
+    x = torch.rand(4, 1, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    full = crown_bounds(bounder, x, eps, norm)
+    ibp = bounder.boxes((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    narrower = False
+    for name in bounder.relu_inputs:
+        tol = 1e-12 * (1 + ibp[name].hi.abs().max())  # (the same intervals, computed in another order)
+        assert torch.all(full[name].lo >= ibp[name].lo - tol) and torch.all(full[name].hi <= ibp[name].hi + tol), name
+        narrower |= bool(((full[name].hi - full[name].lo) < (ibp[name].hi - ibp[name].lo) - 1e-9).any())
+    assert narrower
+
+
+def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not(monkeypatch):
+    import asbound.certify as certify
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    bounder = Bounder(net.double().eval())
+    x = torch.rand(3, 1, 2, 3, dtype=torch.float64)
+    cost = certify.crown_cost(bounder, x)
+    # the second ReLU's input (4 coordinates, each through the sizes on its path: the input, the
+    # flatten, the first Linear and ReLU, itself) and the output (3, through those and 4 + 3 more);
+    # the first ReLU's input is an exact interval: no pass
+    assert cost == 4 * (6 + 6 + 5 + 5 + 4) + 3 * (6 + 6 + 5 + 5 + 4 + 4 + 3)
+    monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
+    assert certify.method_for(bounder, "crown", x) == ("crown", None)
+    monkeypatch.setattr(certify, "CROWN_BUDGET", cost - 1)
+    used, note = certify.method_for(bounder, "crown", x)
+    assert used == "crown-ibp" and "crown-ibp is computed instead" in note
+    assert certify.method_for(bounder, "crown-ibp", x) == ("crown-ibp", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_bound_is_widened_against_rounding(method):
+    """Where a bound is exact (an L2 ball on a linear representation: ``eps sigma_max``; over an
+    L-inf box each coordinate's range ``eps ||W_j||_1``, which IBP and CROWN both reach), float64
+    rounding could put it an ulp below the shift it bounds: every bound is widened by 1e-9."""
+    torch.manual_seed(23)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    x = torch.full((1, 1, 2, 3), 0.5, dtype=torch.float64)
+    W = net[1].weight.detach()
+    for norm, eps, exact in (("2", 0.1, 0.1 * float(torch.linalg.matrix_norm(W, ord=2))),
+                             ("inf", 0.1, 0.1 * float(W.abs().sum(1).norm()))):
+        out = sensitivity_upper(Bounder(net), x, eps, norm, method=method)
+        key = "s_upper" if norm == "2" else "s_ibp" if method == "ibp" else f"s_{method.replace('-', '_')}"
+        assert exact * (1 + 5e-10) <= float(out[key]) <= exact * (1 + 2e-9) + 2e-12, (norm, out[key], exact)
+
+
 def test_full_crown_is_never_looser_than_crown_ibp():
     """CROWN is not monotone in its intermediate bounds: at ``x = 0`` and an L2 ball of 0.5 the
     ball makes the first ReLU's lower bound tighter than the box's (-0.32 for -0.39, upper 0.35),
