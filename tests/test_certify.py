@@ -1524,6 +1524,31 @@ def test_every_bound_is_widened_against_rounding(method):
         assert exact * (1 + 5e-10) <= float(out[key]) <= exact * (1 + 2e-9) + 2e-12, (norm, out[key], exact)
 
 
+@pytest.mark.parametrize("norm,eps", [("inf", 0.1), ("2", 0.3)])
+def test_full_crown_in_chunks_of_one_coordinate_equals_it_in_one_chunk(monkeypatch, norm, eps):
+    """The backward passes run in chunks of coordinates (:data:`asbound.certify._CHUNK_BYTES`), and
+    each point has its own unstable coordinates (here 0-1 to 8-12 per layer: a batch that mixes stable
+    and unstable points). One coordinate per chunk gives the same boxes as one chunk for all."""
+    import asbound.certify as certify
+
+    torch.manual_seed(24)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                        nn.Linear(12, 5)).double().eval()
+    for m in net:
+        if isinstance(m, nn.Linear):
+            m.weight.data.normal_()
+    x = torch.rand(4, 1, 2, 3, dtype=torch.float64)
+    x[3] = 0.0
+    bounder = Bounder(net)
+    whole = crown_box(bounder, x, eps, norm)
+    env = certify.crown_bounds(bounder, x, eps, norm)
+    counts = torch.stack([((env[n].lo < 0) & (env[n].hi > 0)).flatten(1).sum(1) for n in bounder.relu_inputs])
+    assert int(counts.min()) <= 1 and int(counts.max()) > 4 and len(set(counts.flatten().tolist())) > 3
+    monkeypatch.setattr(certify, "_CHUNK_BYTES", 1)
+    parts = crown_box(bounder, x, eps, norm)
+    torch.testing.assert_close(parts.lo, whole.lo, rtol=0, atol=0)
+    torch.testing.assert_close(parts.hi, whole.hi, rtol=0, atol=0)
+
 def test_full_crown_is_never_looser_than_crown_ibp():
     """CROWN is not monotone in its intermediate bounds: at ``x = 0`` and an L2 ball of 0.5 the
     ball makes the first ReLU's lower bound tighter than the box's (-0.32 for -0.39, upper 0.35),
