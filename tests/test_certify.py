@@ -1441,6 +1441,183 @@ def test_intermediate_bounds_are_crowns_own_not_intervals(residual, norm):
     torch.testing.assert_close(out.lo, torch.relu(z - eps * dual), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm,eps", [("inf", 0.1), ("2", 0.2)])
+@pytest.mark.parametrize("method", ["crown-ibp", "crown"])
+def test_a_relu_whose_input_is_bounded_below_by_exactly_zero_is_the_identity_there(method, norm, eps):
+    """At the corner ``x = 0`` a ReLU on the input has ``l = 0 < u``, and one after average pooling
+    of ReLUs has ``l = 0`` from the clamped intervals: both are the identity over the set, not
+    zero (a relaxation that took ``l = 0`` for inactive bounded the shift by 0). The bound is
+    above the shift the corner reaches along each coordinate and dense samples."""
+    torch.manual_seed(21)
+    net = nn.Sequential(nn.ReLU(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    x[1] = torch.rand(1, 4, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    env = bounder.boxes((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    assert any(bool(((env[n].lo == 0) & (env[n].hi > 0)).any()) for n in bounder.relu_inputs)
+    bound = sensitivity_upper(bounder, x, eps, norm, method=method)[f"s_{method.replace('-', '_')}"]
+    samples = _ball_samples(x, eps, norm, 400, torch.Generator().manual_seed(3))
+    g0 = net(x).flatten(1)
+    with torch.no_grad():
+        shifts = (net(samples.flatten(0, 1)).flatten(1).view(400, len(x), -1) - g0).norm(dim=2).max(0).values
+    assert torch.all(shifts > 0) and torch.all(shifts <= bound), (shifts, bound)
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.3), ("2", 0.6)])
+def test_full_crowns_intermediate_bounds_lie_inside_the_intervals(norm, eps):
+    """A backward pass can be looser than interval arithmetic on some coordinates (on a random MLP
+    at a large eps): every node's full CROWN bounds are intersected with its interval, so none is
+    wider than IBP's over the box, and some are narrower."""
+    from asbound.certify import crown_bounds
+
+    torch.manual_seed(22)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6),
+                        nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    for m in net:
+        if isinstance(m, nn.Linear):
+            m.weight.data.normal_()
+    x = torch.rand(4, 1, 4, dtype=torch.float64)
+    bounder = Bounder(net)
+    full = crown_bounds(bounder, x, eps, norm)
+    ibp = bounder.boxes((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    narrower = False
+    for name in bounder.relu_inputs:
+        tol = 1e-12 * (1 + ibp[name].hi.abs().max())  # (the same intervals, computed in another order)
+        assert torch.all(full[name].lo >= ibp[name].lo - tol) and torch.all(full[name].hi <= ibp[name].hi + tol), name
+        narrower |= bool(((full[name].hi - full[name].lo) < (ibp[name].hi - ibp[name].lo) - 1e-9).any())
+    assert narrower
+
+
+def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not(monkeypatch):
+    import asbound.certify as certify
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    bounder = Bounder(net.double().eval())
+    x = torch.rand(3, 1, 2, 3, dtype=torch.float64)
+    cost = certify.crown_cost(bounder, x)
+    # the second ReLU's input (4 coordinates, each through the sizes on its path: the input, the
+    # flatten, the first Linear and ReLU, itself) and the output (3, through those and 4 + 3 more);
+    # the first ReLU's input is an exact interval: no pass
+    assert cost == 4 * (6 + 6 + 5 + 5 + 4) + 3 * (6 + 6 + 5 + 5 + 4 + 4 + 3)
+    monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
+    assert certify.method_for(bounder, "crown", x) == ("crown", None)
+    monkeypatch.setattr(certify, "CROWN_BUDGET", cost - 1)
+    used, note = certify.method_for(bounder, "crown", x)
+    assert used == "crown-ibp" and "crown-ibp is computed instead" in note
+    assert certify.method_for(bounder, "crown-ibp", x) == ("crown-ibp", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_bound_is_widened_against_rounding(method):
+    """Where a bound is exact (an L2 ball on a linear representation: ``eps sigma_max``; over an
+    L-inf box each coordinate's range ``eps ||W_j||_1``, which IBP and CROWN both reach), float64
+    rounding could put it an ulp below the shift it bounds: every bound is widened by 1e-9."""
+    torch.manual_seed(23)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    x = torch.full((1, 1, 2, 3), 0.5, dtype=torch.float64)
+    W = net[1].weight.detach()
+    for norm, eps, exact in (("2", 0.1, 0.1 * float(torch.linalg.matrix_norm(W, ord=2))),
+                             ("inf", 0.1, 0.1 * float(W.abs().sum(1).norm()))):
+        out = sensitivity_upper(Bounder(net), x, eps, norm, method=method)
+        key = "s_upper" if norm == "2" else "s_ibp" if method == "ibp" else f"s_{method.replace('-', '_')}"
+        assert exact * (1 + 5e-10) <= float(out[key]) <= exact * (1 + 2e-9) + 2e-12, (norm, out[key], exact)
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.1), ("2", 0.3)])
+def test_full_crown_in_chunks_of_one_coordinate_equals_it_in_one_chunk(monkeypatch, norm, eps):
+    """The backward passes run in chunks of coordinates (:data:`asbound.certify._CHUNK_BYTES`), and
+    each point has its own unstable coordinates (here 0-1 to 8-12 per layer: a batch that mixes stable
+    and unstable points). One coordinate per chunk gives the same boxes as one chunk for all."""
+    import asbound.certify as certify
+
+    torch.manual_seed(24)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                        nn.Linear(12, 5)).double().eval()
+    for m in net:
+        if isinstance(m, nn.Linear):
+            m.weight.data.normal_()
+    x = torch.rand(4, 1, 2, 3, dtype=torch.float64)
+    x[3] = 0.0
+    bounder = Bounder(net)
+    whole = crown_box(bounder, x, eps, norm)
+    env = certify.crown_bounds(bounder, x, eps, norm)
+    counts = torch.stack([((env[n].lo < 0) & (env[n].hi > 0)).flatten(1).sum(1) for n in bounder.relu_inputs])
+    assert int(counts.min()) <= 1 and int(counts.max()) > 4 and len(set(counts.flatten().tolist())) > 3
+    monkeypatch.setattr(certify, "_CHUNK_BYTES", 1)
+    parts = crown_box(bounder, x, eps, norm)
+    torch.testing.assert_close(parts.lo, whole.lo, rtol=0, atol=0)
+    torch.testing.assert_close(parts.hi, whole.hi, rtol=0, atol=0)
+
+def test_full_crown_is_never_looser_than_crown_ibp():
+    """CROWN is not monotone in its intermediate bounds: at ``x = 0`` and an L2 ball of 0.5 the
+    ball makes the first ReLU's lower bound tighter than the box's (-0.32 for -0.39, upper 0.35),
+    which flips its adaptive lower slope (``alpha = 1`` iff ``u > -l``) from 0 to 1, and the output
+    pass over those tighter bounds gave 0.342 where CROWN-IBP's gives 0.1998 (the shift reaches
+    0.1998 at an attack's point). Full CROWN's box is intersected with CROWN-IBP's."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 5),
+                        nn.ReLU(), nn.Linear(5, 1)).double().eval()
+    layers = [([[-1.24, 0.085, -0.14]], [0.30]), ([[-0.82], [0.52]], [0.66, -0.43]),
+              ([[1.74, -1.07], [-0.13, -0.35], [1.73, 0.45], [0.085, 2.45], [-0.81, 1.27]],
+               [-0.86, 0.066, -0.073, 0.45, 0.20]), ([[0.49, -0.21, -0.87, 1.27, 0.53]], [-0.88])]
+    for lin, (w, b) in zip([m for m in net if isinstance(m, nn.Linear)], layers):
+        lin.weight.data, lin.bias.data = torch.tensor(w, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x = torch.zeros(1, 1, 3, dtype=torch.float64)
+    bounder = Bounder(net)
+    for norm, eps in (("2", 0.5), ("2", 0.3), ("inf", 0.2)):
+        full = sensitivity_upper(bounder, x, eps, norm, method="crown")
+        ibp = sensitivity_upper(bounder, x, eps, norm, method="crown-ibp")
+        assert torch.all(full["s_crown"] <= ibp["s_crown_ibp"]), (norm, eps, full["s_crown"], ibp["s_crown_ibp"])
+    # the shift reaches CROWN-IBP's bound: at the point of the ball where the first ReLU is off
+    v = torch.tensor([[[1.24, 0.0, 0.14]]], dtype=torch.float64)
+    z = 0.45 * v / v.norm()
+    assert float(net[1](z.flatten(1))) < 0
+    with torch.no_grad():
+        shift = float((net(z) - net(x)).norm())
+    full = sensitivity_upper(bounder, x, 0.5, "2", method="crown")["s_crown"]
+    assert shift <= float(full) <= shift * (1 + 1e-6)
+
+
+class Twice(nn.Module):
+    """``relu(h + h)`` (or ``h - h``) with ``h = w . x + b``: one node read twice by an addition,
+    which torch.fx lists as one input."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.flat, self.lin, self.op = nn.Flatten(), nn.Linear(3, 1), op
+        self.lin.weight.data = torch.tensor([[0.6, -0.3, 0.2]])
+        self.lin.bias.data = torch.tensor([1.0])
+
+    def forward(self, x):
+        h = self.lin(self.flat(x))
+        return torch.relu(torch.add(h, h) if self.op == "add" else h + h if self.op == "+" else h - h)
+
+
+@pytest.mark.parametrize("op", ["+", "add", "-"])
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_a_node_added_to_itself_counts_twice(op, norm, method):
+    """``h + h`` is ``2 h``: over an interior ball where the ReLU stays active the shift is exactly
+    ``2 eps ||w||_1`` (L-inf) or ``2 eps ||w||_2`` (L2), and ``h - h`` is 0. Full CROWN's L2
+    closed form for affine ReLU inputs counted ``h + h``'s Jacobian once (s_upper 0.070 where the
+    shift reaches 0.140) and took the interval of ``h - h`` as exact (0.11 in L-inf for 0)."""
+    net = Twice(op).double().eval()
+    x, eps = torch.full((2, 1, 1, 3), 0.5, dtype=torch.float64), 0.1
+    x[1, 0, 0] = torch.tensor([0.45, 0.55, 0.5], dtype=torch.float64)
+    w = net.lin.weight.detach()[0]
+    exact = 0.0 if op == "-" else 2 * eps * float(w.abs().sum() if norm == "inf" else w.norm())
+    out = sensitivity_upper(Bounder(net), x, eps, norm, method=method)
+    assert torch.all(out["s_upper"] >= exact), (out["s_upper"], exact)
+    # an attack's point: the corner (L-inf) or the direction of w (L2)
+    d = eps * (w.sign() if norm == "inf" else w / w.norm())
+    with torch.no_grad():
+        shift = (net(x + d.view(1, 1, 1, 3)) - net(x)).norm(dim=1)
+    torch.testing.assert_close(shift, torch.full_like(shift, exact), rtol=1e-12, atol=1e-12)
+    assert torch.all(out["s_upper"] >= shift)
+    if method == "crown":  # and full CROWN is exact here
+        torch.testing.assert_close(out["s_crown"], torch.full_like(shift, exact), rtol=1e-8, atol=1e-11)
+
+
 def test_l2_first_layer_bounds_are_the_ball_and_the_box_whichever_is_tighter():
     """At ``x = 0`` the set is ``{x' >= 0, ||x'||_2 <= eps}``: a first-layer coordinate ``w . x' + b``
     reaches ``eps ||w_+||_2 + b``. Its bound is the smaller of the box's (``eps sum w_+``) and the

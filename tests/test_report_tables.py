@@ -659,3 +659,30 @@ def test_the_certify_table_shows_the_bound_a_run_computed(runs):
                             certify="crown", certify_used=used), _points([True], [True]))
     frame = table([str(runs / "cu" / "full"), str(runs / "cu" / "fallback")], "certify").blocks[0].frame
     assert list(frame["bound"]) == ["crown", "crown-ibp"]
+
+
+@pytest.mark.parametrize("columns", [30, 40, 50])
+def test_a_console_too_narrow_for_whole_words_folds_them_and_loses_nothing(runs, columns):
+    """Where no layout keeps every word whole (the certify table of reports/ at 50 columns: a run
+    label ``builtin:lenet-shape-adversarial`` beside the eps, bound and a value), the cells fold
+    onto the next line: no cell is cut to an ellipsis (``lenet-shape-adve…``, ``dsprites:orienta…``),
+    every character of every cell, header and label is printed."""
+    from collections import Counter
+
+    for k, (model, data) in enumerate((("builtin:lenet-shape-adversarial", "dsprites:shape"),
+                                       ("builtin:lenet-adversarial", "dsprites:orientation"))):
+        for eps in ("1/255", "8/255"):
+            _score_run(runs / "long" / f"{k}-{eps[0]}", {"model": model, "data": data, "eps": eps},
+                       _summary(model=model, data=data, eps_text=eps, rhs_certified=6.0, tightness=5.0,
+                                prop_certified=0.25, prop_vacuous=0.0, certify="crown", certify_used="crown-ibp"),
+                       _points([True], [True]))
+    rendered = table(["long"], "certify")
+    text = render(rendered, "console", width=columns)
+    lines = text.splitlines()
+    assert max(cell_len(line) for line in lines) <= columns, max(lines, key=cell_len)
+    assert "…" not in text
+    printed = Counter("".join(text.split()))
+    frame = rendered.blocks[0].frame
+    cells = sum((Counter("".join(str(c).split())) for c in [*frame.to_numpy().ravel(), *frame.index, *frame.columns]),
+                Counter())
+    assert not cells - printed, cells - printed

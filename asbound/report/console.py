@@ -33,8 +33,13 @@ class LabelledTable(Table):
     least its longest word; the labels keep their line where the values still fit beside them,
     else they wrap at their spaces too; what room is left goes to each column in proportion to
     what it lacks for one line per cell. The table is at least as wide as the longest word of its
-    title, which wraps at the table's width.
+    title, which wraps at the table's width. Where the console is too narrow for every word to
+    stand whole, a cell folds its longest words onto the next line (rich's default cuts them to an
+    ellipsis: ``dsprites:orienta…``): nothing is lost at any width.
     """
+
+    def add_column(self, *args: Any, overflow: Any = "fold", **kwargs: Any) -> None:
+        super().add_column(*args, overflow=overflow, **kwargs)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         title = Measurement.get(console, options, self.title).minimum if self.title else 0
