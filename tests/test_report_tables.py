@@ -686,3 +686,12 @@ def test_a_console_too_narrow_for_whole_words_folds_them_and_loses_nothing(runs,
     cells = sum((Counter("".join(str(c).split())) for c in [*frame.to_numpy().ravel(), *frame.index, *frame.columns]),
                 Counter())
     assert not cells - printed, cells - printed
+
+
+def test_a_regression_run_asked_for_accuracies_says_it_is_a_regression_run(runs, capsys):
+    s = json.loads((runs / "score" / "a" / "summary.json").read_text())
+    s.update(task="regression", clean_accuracy=None, robust_accuracy=None, prop_fulfilled=None)
+    (runs / "score" / "a" / "summary.json").write_text(json.dumps(s))
+    assert main(["table", "score/a", "--style", "theorem2"]) == 2
+    err = capsys.readouterr().err
+    assert "score/a is a regression run (no accuracies); give classifier runs" in err and err.count("\n") == 1

@@ -98,6 +98,8 @@ def _need(run: Run, record: Optional[dict], keys: "Iterable[str]", style: str) -
                           f"after transfer, or a prediction); give score or transfer runs")
     missing = [k for k in keys if record.get(k) is None]
     if missing:
+        if record.get("task") == "regression" and {"clean_accuracy", "robust_accuracy"} & set(missing):
+            raise ConfigError(f"--style {style}: {run.path} is a regression run (no accuracies); give classifier runs")
         why = f" ({record['task_note']})" if record.get("task_note") else ""
         raise ConfigError(f"--style {style}: {run.path} lacks {', '.join(missing)}{why}; give runs that have them")
     return record
