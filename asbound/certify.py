@@ -1133,14 +1133,18 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
 CROWN_BUDGET = 2e9
 
 
-def crown_cost(bounder: Bounder, x: Tensor) -> float:
+def crown_cost(bounder: Bounder, x: Tensor, norm: str = "inf") -> float:
     """An upper bound on the coefficients that full CROWN's backward passes move per datapoint of
-    ``x``'s shape: for every ReLU input it refines (:func:`crown_bounds`; all of its coordinates
-    unstable) and for the output, its size times the sizes of the nodes a pass goes through."""
+    ``x``'s shape in ``norm``: for every ReLU input it refines (:func:`crown_bounds`; all of its
+    coordinates unstable) and for the output, its size times the sizes of the nodes a pass goes
+    through. An exact interval needs no pass in L-inf, and in L2 none where its rows' norms are
+    computed directly (:func:`_squared_rows`; not behind pooling)."""
     x = x[:1].double()
     with torch.no_grad():
         env = bounder.boxes(x, x)
     exact = _exact_interval(bounder, env)
+    if norm == "2":
+        exact = set(_squared_rows(bounder, env, exact))
     size = {name: v.lo[0].numel() for name, v in env.items() if _is_box(v)}
     through: "dict[str, int]" = {}  # the sizes of a node and of every bounded node before it
     total = 0.0
@@ -1156,13 +1160,13 @@ def crown_cost(bounder: Bounder, x: Tensor) -> float:
     return total
 
 
-def method_for(bounder: Bounder, method: str, x: Tensor) -> "tuple[str, Optional[str]]":
+def method_for(bounder: Bounder, method: str, x: Tensor, norm: str = "inf") -> "tuple[str, Optional[str]]":
     """The method a run computes for ``method`` on inputs of ``x``'s shape, and a one-line note
     where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) falls back to
     crown-ibp."""
     if method != "crown":
         return method, None
-    cost = crown_cost(bounder, x)
+    cost = crown_cost(bounder, x, norm)
     if cost <= CROWN_BUDGET:
         return method, None
     return "crown-ibp", (f"--certify crown: full CROWN would move about {cost:.0e} coefficients per point "

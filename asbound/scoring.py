@@ -469,7 +469,8 @@ def score(
     if bounder is not None:  # so does an unsupported operation
         bounder.check_supported(to_format(probe.to(device), fmt))
     if cfg.certify == "crown":  # full CROWN, or crown-ibp where it is over its budget: said, never silent
-        certify_used, certify_note = method_for(bounder, cfg.certify, to_format(probe[:1].to(device), fmt))
+        certify_used, certify_note = method_for(bounder, cfg.certify, to_format(probe[:1].to(device), fmt),
+                                                 cfg.norm)
         resolved.update(certify_used=certify_used, certify_note=certify_note)
         notes += [certify_note] if certify_note else []
     with run.locked() if run else contextlib.nullcontext():

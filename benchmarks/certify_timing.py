@@ -108,10 +108,10 @@ def _rows(name: str, backbone: nn.Module, x: torch.Tensor, grid: "list[tuple[str
           skip: "set[str]") -> "list[dict]":
     bounder = Bounder(backbone)
     x = x.double()
-    cost = crown_cost(bounder, x)
-    used, _ = method_for(bounder, "crown", x)
     rows = []
     for norm, text in grid:
+        cost = crown_cost(bounder, x, norm)
+        used, _ = method_for(bounder, "crown", x, norm)
         row = {"network": name, "input": "x".join(map(str, x.shape[1:])), "n": len(x),
                "norm": "L-inf" if norm == "inf" else "L2", "eps": text}
         for method in METHODS:

@@ -1755,3 +1755,25 @@ def test_a_sound_run_records_no_shift_above_s_upper(tmp_path):
     exact = 0.05 * torch.linalg.matrix_norm(net[1].weight.double(), 2).item()  # g = W1 x; the last Linear is the head
     assert (pts["s_upper"] >= exact * (1 - 1e-9)).all() and (pts["s_upper"] <= exact * (1 + 1e-5)).all()
     assert (pts["s_upper"] > exact * (1 + 1e-12)).any()  # some rows were raised (else the case shows nothing)
+
+
+def test_full_crown_cost_in_l2_counts_the_passes_behind_pooling(monkeypatch):
+    # avg pooling at the input is an exact interval in L-inf (no pass), but in L2 its rows' norms
+    # are not computed directly, so full CROWN refines it by backward passes: the cost counts them
+    import asbound.certify as certify
+
+    net = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    bounder = Bounder(net.double().eval())
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    refined: "list[str]" = []
+    real = certify._refine
+    monkeypatch.setattr(certify, "_refine", lambda b, node, *a: refined.append(node.name) or real(b, node, *a))
+    certify.crown_bounds(bounder, x, 0.1, "2")
+    assert len(refined) == 2  # the pooled input and the Linear's output
+    pooled, hidden = 1 * 2 * 2, 3
+    linf = hidden * (16 + pooled + pooled + pooled + hidden) + 2 * (16 + 3 * pooled + 2 * hidden + 2)
+    assert certify.crown_cost(bounder, x, "inf") == linf
+    assert certify.crown_cost(bounder, x, "2") == linf + pooled * (16 + pooled)
+    monkeypatch.setattr(certify, "CROWN_BUDGET", linf)
+    assert certify.method_for(bounder, "crown", x, "inf")[0] == "crown"
+    assert certify.method_for(bounder, "crown", x, "2")[0] == "crown-ibp"
