@@ -1128,7 +1128,7 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
 
 #: full CROWN's budget: coefficients a datapoint's backward passes may move (:func:`crown_cost`);
 #: above it ``score --certify crown`` computes crown-ibp and says so. The dSprites LeNets (64x64)
-#: need 7.8e8 (0.5 s per point at L-inf 2/255 on one CPU thread), a CIFAR ResNet-18 2.3e9 at 8x8
+#: need 7.8e8 (0.74 s per point at L-inf 2/255 on one CPU thread), a CIFAR ResNet-18 2.3e9 at 8x8
 #: inputs (250 s), 3.7e10 at 16x16 (1,900 s) and 5.8e11 at 32x32 (benchmarks/certify_timing.py).
 CROWN_BUDGET = 2e9
 

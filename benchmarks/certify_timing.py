@@ -132,9 +132,10 @@ def _rows(name: str, backbone: nn.Module, x: torch.Tensor, grid: "list[tuple[str
     return rows
 
 
-def render(rows: "list[dict]", command: str) -> str:
+def render(rows: "list[dict]", command: str, note: str = "") -> str:
     """The timing section: the table, where full CROWN was not run after a size where it was, its
-    time estimated by the ratio of :func:`crown_cost` (``crown s, estimated``), and the command."""
+    time estimated by the ratio of :func:`crown_cost` (``crown s, estimated``), ``note`` (where
+    the rows come from several runs, say which) and the command."""
     rows = [dict(r) for r in rows]
     last: "dict[str, dict]" = {}
     for r in rows:
@@ -153,7 +154,7 @@ def render(rows: "list[dict]", command: str) -> str:
             "backward passes), the coefficients full CROWN's backward passes would move per point with all "
             "of them unstable (asbound.certify.crown_cost) and what `score --certify crown` computes there. "
             "The ResNet-18 has random weights: its bounds are vacuous and its times near the worst case.\n\n"
-            + table + f"\n\n`command: {command}`")
+            + table + (f"\n\n{note}" if note else "") + f"\n\n`command: {command}`")
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -172,7 +173,7 @@ def main(argv: "list[str] | None" = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(args.render.read_text())
-        text = render(saved["rows"], saved["command"])
+        text = render(saved["rows"], saved["command"], saved.get("note", ""))
         print(text)
         if args.out:
             write_section(args.out, HEADING, text)
