@@ -20,7 +20,10 @@ LeNets) and two RobustBench architectures with random weights (WideResNet-16-4, 
 on the digits upsized to 32x32 RGB (no weights offline): the six on which the attacks' settings
 were chosen. Held out (never used to choose a setting; ``--no-held-out`` leaves them out): a small
 timm vision transformer (patch 4, width 192, 6 blocks: attention, GELU, LayerNorm) and a ReLU
-MLP 3072-512-512-256, random weights, on the same 32x32 inputs. The reference attack (minutes per
+MLP 3072-512-512-256, random weights, on the same 32x32 inputs; and two added after results on
+those two had been seen, chosen before any result on them: torchvision's ResNet-18 in the CIFAR
+layout and a timm ConvMixer (width 256, depth 8, kernel 5, patch 2), random weights, batch norm
+statistics from uniform noise. The reference attack (minutes per
 RobustBench model on 2 CPU cores) is cached under ``benchmarks/.cache/``; ``--no-cache`` reruns it.
 
     python benchmarks/attack_strength.py [--n 64] [--rb-n 16] [--ref-steps 200] [--ref-restarts 10]
@@ -46,6 +49,8 @@ from asbound.specs import parse_model_spec
 CACHE = Path(__file__).parent / ".cache"
 #: the first N_TUNED models of _models() are those the attacks' settings were chosen on; the rest are held out
 N_TUNED = 6
+#: the first N_EARLIER models are those of earlier runs (the tuned ones and two held out); the rest were added later
+N_EARLIER = 8
 
 
 class ODI:
@@ -110,7 +115,8 @@ def _models(n: int, rb_n: int, held_out: bool = True) -> "list[tuple[str, torch.
     models = [("WideResNet-16-4 (random)", lambda: WideResNet(depth=16, widen_factor=4)),
               ("PreActResNet-18 (random)", PreActResNet18)]
     if held_out:
-        models += [("ViT-6x192 (timm, random)", _vit), ("MLP-3072-512-512-256 (random)", _mlp)]
+        models += [("ViT-6x192 (timm, random)", _vit), ("MLP-3072-512-512-256 (random)", _mlp),
+                   ("ResNet-18 CIFAR (random)", _resnet18), ("ConvMixer-256/8 (timm, random)", _convmixer)]
     for name, make in models:
         torch.manual_seed(0)
         net = make().eval()
@@ -124,6 +130,35 @@ def _vit() -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+
+
+def _noise_statistics(net: torch.nn.Module) -> torch.nn.Module:
+    """Batch norm statistics from uniform noise (cumulative averages over four batches of 32 at
+    32x32), so that the layers are normalised as a trained network's are."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.rand(32, 3, 32, 32))
+    return net.eval()
+
+
+def _resnet18() -> torch.nn.Module:
+    """torchvision's ResNet-18 in the CIFAR layout (3x3 stem, stride 1, no max pooling), random
+    weights, batch norm statistics from noise (as in ``benchmarks/certify_timing.py``)."""
+    from certify_timing import resnet18_cifar  # benchmarks/certify_timing.py
+
+    return resnet18_cifar()
+
+
+def _convmixer() -> torch.nn.Module:
+    """A small timm ConvMixer (width 256, depth 8, kernel 5, patch 2: GELU, batch norm,
+    depthwise and pointwise convolutions), random weights, batch norm statistics from noise."""
+    from timm.models.convmixer import ConvMixer
+
+    return _noise_statistics(ConvMixer(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10))
 
 
 def _mlp() -> torch.nn.Module:
@@ -196,6 +231,9 @@ def main() -> None:
             print(f"  {cname:28s} AS {float(value.mean()):9.4f}  relative to the reference {ratio:6.4f}  "
                   f"cost {costs[cname]:6.2f}x seed (passes), {wall} (seconds)")
     groups = [(f"the {n_seen} models the attacks were tuned on", slice(0, n_seen))]
+    if len(names) > N_EARLIER:
+        groups.append((f"the {N_EARLIER} models of earlier runs (held out: {', '.join(names[n_seen:N_EARLIER])})",
+                       slice(0, N_EARLIER)))
     if len(names) > n_seen:
         groups.append((f"all {len(names)} models (held out: {', '.join(names[n_seen:])})", slice(None)))
     for title, sel in groups:
