@@ -579,6 +579,9 @@ def field_problem(value: object, fields: object, where: str = "") -> Optional[st
     if isinstance(fields, _Each):
         if not isinstance(value, list):
             return f"{name} is {_a(value)}, not a list"
+        null = next((i for i, item in enumerate(value) if item is None), None)
+        if null is not None:  # no list asbound writes holds null (nor a non-finite number)
+            return f"{where}[{null}] is null, not {fields.item if isinstance(fields.item, str) else 'an object'}"
         return next((p for i, item in enumerate(value) if (p := field_problem(item, fields.item, f"{where}[{i}]"))),
                     None)
     if not isinstance(value, dict):

@@ -430,11 +430,16 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
     is changed (its trainable parameters), so give a copy."""
     try:
         optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
+        made = [dict(group) for group in optimizer.param_groups]  # the settings loading replaces
         _restore_tools(state, optimizer, scheduler, scaler, autolr)
     except ResumeError as exc:  # AutoLoRa's rule says what differs
         return str(exc)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         return f"its optimiser state does not fit this stage: {describe(exc)}"
+    for group, fresh in zip(optimizer.param_groups, made):  # a learning rate of text fails mid-epoch
+        for key, value in fresh.items():
+            if key != "params" and value is not None and _kind(group.get(key)) != _kind(value):
+                return f"its optimiser's {key} is {_kind(group.get(key))}, not {_kind(value)}"
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
@@ -449,6 +454,15 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in base)):
             return "its schedule state is not one asbound writes"
     return None
+
+
+def _kind(value: object) -> str:
+    """A setting's type as an error names it (whole and fractional numbers as one)."""
+    if isinstance(value, bool) or value is None:
+        return "true or false" if value is not None else "missing"
+    if isinstance(value, (int, float, str)):
+        return "a number" if not isinstance(value, str) else "a string"
+    return f"a {type(value).__name__}"
 
 
 def _counted(batches: "Iterator[tuple[Tensor, Tensor]]",
