@@ -805,6 +805,44 @@ def test_a_transfer_config_with_a_value_of_another_type_is_named_damaged(field, 
     assert _snapshot(run) == before
 
 
+def test_a_null_setting_is_another_setting_not_damage(copy, capsys):
+    """null is any type: a setting recorded as null (an option not given) that the rerun gives."""
+    run = copy("score")
+    _edit_json(run / "config.json", _set("classes", None))
+    line = _error(capsys, tiny_runs.score(run))
+    assert f"{run} holds a run with other settings (classes: None -> '0-4'); choose another --out" in line, line
+
+
+def test_a_damaged_config_of_a_sweeps_cell_names_the_sweep_and_its_remedy_works(copy, runs, capsys):
+    run = copy("sweep")
+    cell = run / "eps-x2"
+    (cell / "config.json").write_bytes(NOT_JSON)
+    line = _error(capsys, ["table", run, "--style", "eps"])
+    assert f"{cell / 'config.json'} is damaged or not asbound's (not JSON" in line, line
+    assert line.endswith(f"delete {cell} and rerun the sweep command that made {run}: that cell runs again")
+    shutil.rmtree(cell)  # the remedy
+    _ok(capsys, tiny_runs.sweep(run))
+    assert (cell / "summary.json").read_bytes() == (runs / "sweep" / "eps-x2" / "summary.json").read_bytes()
+    _ok(capsys, ["table", run, "--style", "eps"])
+
+
+def test_a_damaged_config_of_a_predictions_run_names_the_prediction_and_its_remedy_works(copy, runs, capsys):
+    run = copy("predict")
+    task = run / "as" / "digits"
+    (task / "config.json").write_bytes(NOT_JSON)
+    (task / "summary.json").unlink()  # not done: the rerun scores it again and reads its config
+    before = _snapshot(run)
+    line = _last_error(capsys, tiny_runs.predict(run))
+    assert f"{task / 'config.json'} is damaged or not asbound's (not JSON" in line, line
+    assert line.endswith(f"delete {task} and rerun the predict command that made {run}: that run is made again, "
+                         f"the others are reused")
+    assert _snapshot(run) == before
+    shutil.rmtree(task)  # the remedy
+    _ok(capsys, tiny_runs.predict(run))
+    assert _snapshot(run / "as" / "pretrain-digits-0-4") == _snapshot(runs / "predict" / "as" / "pretrain-digits-0-4")
+    assert (task / "summary.json").read_bytes() == (runs / "predict" / "as" / "digits" / "summary.json").read_bytes()
+
+
 # --- stages.json and epochs.csv -----------------------------------------------------------------------
 
 

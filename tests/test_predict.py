@@ -276,6 +276,8 @@ def test_a_pretraining_as_of_zero_leaves_the_ratio_undefined(tmp_path, capsys):
         table = capsys.readouterr().out
         row = next(line for line in table.splitlines() if "down.pt" in line and "|" in line)
         assert [c.strip() for c in row.split("|")][4:6] == ["undefined", "-"], row
+        pre = next(line for line in table.splitlines() if "pre.pt" in line and "|" in line)
+        assert [c.strip() for c in pre.split("|")][4:6] == ["undefined", "-"], pre  # not "1 (pretraining)"
         assert note in table
     # measured tasks: the one without a ratio is left out of the plot, the other drawn
     task["measured"] = {"relative_ce": 0.5}
