@@ -776,7 +776,8 @@ def test_a_damaged_config_of_a_transfer_runs_score_names_it_and_its_remedy_works
         assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
     (run / "final.json").unlink()  # the rerun scores again
     before = _snapshot(run)
-    line = _last_error(capsys, tiny_runs.transfer(run))
+    # a file that is no JSON object is read before anything is evaluated: the only line
+    line = (_error if case.startswith("before") else _last_error)(capsys, tiny_runs.transfer(run))
     assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
     assert "choose another --out" not in line
     assert _snapshot(run) == before
@@ -888,6 +889,29 @@ def test_a_trained_model_without_its_stages_has_them_rebuilt_from_the_checkpoint
     assert f"{run / 'model.pt'} has no stages.json beside it and {run / 'checkpoints'} no checkpoint" in line, line
     assert "the trained weights are kept: delete model.pt to train this method again" in line
     assert _snapshot(run) == before
+
+
+def test_an_interruption_while_the_trained_weights_are_written_leaves_the_stages(runs, copy, capsys, monkeypatch):
+    """stages.json is written before model.pt: a model.pt is never without its stages."""
+    import asbound.transfer.run as transfer_run
+
+    run = copy("transfer")
+    for name in ("final.json", "model.pt", "stages.json"):  # trained again from its checkpoint
+        (run / name).unlink()
+    save = transfer_run._save
+
+    def interrupted(path: Path, obj: object, previous: "Path | None" = None) -> None:
+        if path.name == "model.pt":
+            raise KeyboardInterrupt
+        save(path, obj, previous)
+
+    monkeypatch.setattr(transfer_run, "_save", interrupted)
+    assert main(tiny_runs.transfer(run)) == 130
+    assert (run / "stages.json").read_bytes() == (runs / "transfer" / "stages.json").read_bytes()
+    assert not (run / "model.pt").exists()
+    monkeypatch.setattr(transfer_run, "_save", save)
+    _ok(capsys, tiny_runs.transfer(run))
+    assert (run / "model.pt").read_bytes() == (runs / "transfer" / "model.pt").read_bytes()
 
 
 @pytest.mark.parametrize("damage", [b"\x8b\x00\xff\xfe garbage", b"a,b\n1,2\n"])
