@@ -617,6 +617,8 @@ LAST_DAMAGES = {
                                   "its optimiser's momentum_buffer is 3 for a parameter of 5x64"),
     "a schedule of other types": (_set("progress.scheduler.last_epoch", "x"),
                                   "its schedule state is not one asbound writes"),
+    # before: resumed with a fresh optimiser, silently (another model.pt than the uninterrupted run's)
+    "no optimiser state": (_set("progress.optimizer", None), "progress.optimizer is null after epoch 2"),
 }
 
 

@@ -428,6 +428,10 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
     """What in a checkpointed ``state`` does not fit the stage ``plan`` trains on ``model`` (its
     optimiser's parameter groups and buffers, its schedule, AutoLoRa's rule), or None; ``model``
     is changed (its trainable parameters), so give a copy."""
+    if state.epoch > 0:  # a stage under way resumes its optimiser (and rule), never fresh ones
+        for name, value in (("optimizer", state.optimizer), ("autolr", state.autolr)):
+            if not value and (name == "optimizer" or plan.stage.objective == "autolora"):
+                return f"progress.{name} is null after epoch {state.epoch}"
     try:
         optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
         made = [dict(group) for group in optimizer.param_groups]  # the settings loading replaces
