@@ -262,6 +262,9 @@ def _load(path: Path, kind: type) -> "tuple[object, Optional[str]]":
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
+    except OSError as exc:  # there, but not readable now (permissions, I/O): no damage, never removed
+        raise ResumeError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it is kept: make it "
+                          f"readable and rerun") from None
     except Exception:  # a truncated zip, a torn pickle, a file that is not a checkpoint
         return None, "is unreadable (truncated?)"
     if not isinstance(state, kind):
