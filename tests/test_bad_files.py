@@ -656,24 +656,23 @@ def test_a_last_checkpoint_of_wrong_types_falls_back_or_is_one_line(case, two_ep
 
 
 def test_a_last_checkpoint_that_cannot_be_read_now_is_kept(two_epochs, tmp_path, capsys, monkeypatch):
-    """Before: a PermissionError (or an I/O error) read as 'unreadable (truncated?)', and the good
-    last.pt deleted for last.prev.pt."""
-    import asbound.transfer.run as transfer_run
-
+    """Before: a PermissionError read as 'unreadable (truncated?)', and the good last.pt deleted
+    for last.prev.pt."""
     run = tmp_path / "lp"
     shutil.copytree(two_epochs, run)
     for name in ("final.json", "model.pt"):
         (run / name).unlink()
-    load = torch.load
+    opened = Path.open
 
-    def denied(path, *args, **kwargs):
-        if Path(path).name == "last.pt":
-            raise PermissionError(13, "Permission denied", str(path))
-        return load(path, *args, **kwargs)
+    def denied(self: Path, *args, **kwargs):  # as for a file of another user (the tests may run as root)
+        if self.name == "last.pt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
 
-    monkeypatch.setattr(transfer_run.torch, "load", denied)
     before = _snapshot(run)
+    monkeypatch.setattr(Path, "open", denied)
     line = _error(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
+    monkeypatch.undo()
     assert f"{run / 'checkpoints' / 'last.pt'} cannot be read (Permission denied); it is kept" in line, line
     assert _snapshot(run) == before
 

@@ -259,12 +259,15 @@ def _load(path: Path, kind: type) -> "tuple[object, Optional[str]]":
     if not path.is_file():
         return None, "is a directory, not a file" if path.is_dir() else "is missing"
     try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:  # there, but not readable now (permissions): no damage, never removed
+        raise ResumeError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it is kept: make it "
+                          f"readable and rerun") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
-    except OSError as exc:  # there, but not readable now (permissions, I/O): no damage, never removed
-        raise ResumeError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it is kept: make it "
-                          f"readable and rerun") from None
     except Exception:  # a truncated zip, a torn pickle, a file that is not a checkpoint
         return None, "is unreadable (truncated?)"
     if not isinstance(state, kind):
