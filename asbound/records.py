@@ -621,7 +621,8 @@ def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Opt
     try:
         value = json.loads(_read_text(p, remedy))
     except json.JSONDecodeError as exc:
-        raise damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
+        raise damaged(p, f"not JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}",
+                      remedy) from None
     if kind is not None and not isinstance(value, kind):
         raise damaged(p, f"it holds {_a(value)}, not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
     problem = field_problem(value, RECORD_FIELDS[p.name]) if p.name in RECORD_FIELDS else None

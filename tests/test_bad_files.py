@@ -304,6 +304,15 @@ def test_a_damaged_score_config_refuses_the_rerun(copy, capsys):
     assert _snapshot(run) == before
 
 
+def test_a_control_character_in_a_config_is_named_once(copy, tmp_path, capsys):
+    """json's message ends in 'at' ('Invalid control character at'): before, 'at at line 1'."""
+    run = copy("transfer")
+    (run / "config.json").write_text('{"model": "a\nb"}')
+    for argv in (tiny_runs.transfer(run), _score_run(run, tmp_path)):
+        line = _error(capsys, argv)
+        assert "(not JSON: Invalid control character at line 1 column 13)" in line, line
+
+
 def test_a_damaged_sweep_manifest_refuses_the_rerun(copy, capsys):
     run = copy("sweep")
     (run / "sweep.json").write_bytes(NOT_JSON)
