@@ -434,7 +434,7 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
                 return f"progress.{name} is null after epoch {state.epoch}"
     try:
         optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
-        made = [dict(group) for group in optimizer.param_groups]  # the settings loading replaces
+        made = [dict(group) for group in optimizer.param_groups]  # as made: loading puts the file's in
         _restore_tools(state, optimizer, scheduler, scaler, autolr)
     except ResumeError as exc:  # AutoLoRa's rule says what differs
         return str(exc)
@@ -462,11 +462,13 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
 
 def _kind(value: object) -> str:
     """A setting's type as an error names it (whole and fractional numbers as one)."""
-    if isinstance(value, bool) or value is None:
-        return "true or false" if value is not None else "missing"
-    if isinstance(value, (int, float, str)):
-        return "a number" if not isinstance(value, str) else "a string"
-    return f"a {type(value).__name__}"
+    if value is None:
+        return "missing"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _counted(batches: "Iterator[tuple[Tensor, Tensor]]",

@@ -255,7 +255,8 @@ def _save(path: Path, obj: object, previous: "Path | None" = None) -> None:
 
 def _load(path: Path, kind: type) -> "tuple[object, Optional[str]]":
     """``path`` read with ``weights_only=True``: ``(the object, None)``, or ``(None, what is
-    wrong)`` when it is missing, cannot be read whole, or holds no ``kind``."""
+    wrong)`` when it is missing, cannot be read whole, or holds no ``kind``. A file that cannot
+    be opened (permissions) is a ResumeError: it is not damaged, and is never removed."""
     if not path.is_file():
         return None, "is a directory, not a file" if path.is_dir() else "is missing"
     try:
