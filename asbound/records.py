@@ -579,6 +579,9 @@ def field_problem(value: object, fields: object, where: str = "") -> Optional[st
     if isinstance(fields, _Each):
         if not isinstance(value, list):
             return f"{name} is {_a(value)}, not a list"
+        null = next((i for i, item in enumerate(value) if item is None), None)
+        if null is not None:  # no list asbound writes holds null (nor a non-finite number)
+            return f"{where}[{null}] is null, not {fields.item if isinstance(fields.item, str) else 'an object'}"
         return next((p for i, item in enumerate(value) if (p := field_problem(item, fields.item, f"{where}[{i}]"))),
                     None)
     if not isinstance(value, dict):
@@ -618,7 +621,8 @@ def read_json(path: "str | os.PathLike", kind: "type | None" = dict, remedy: Opt
     try:
         value = json.loads(_read_text(p, remedy))
     except json.JSONDecodeError as exc:
-        raise damaged(p, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", remedy) from None
+        raise damaged(p, f"not JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}",
+                      remedy) from None
     if kind is not None and not isinstance(value, kind):
         raise damaged(p, f"it holds {_a(value)}, not {_JSON_TYPES.get(kind, kind.__name__)}", remedy)
     problem = field_problem(value, RECORD_FIELDS[p.name]) if p.name in RECORD_FIELDS else None

@@ -161,6 +161,11 @@ FIELDS = {
                           ["table predict"]),
     "predict spearman": ("predict", "predict.json", "spearman", "x", "spearman is a string, not an object",
                          ["table predict"]),
+    "predict task null": ("predict", "predict.json", "tasks.0", None, "tasks[0] is null, not an object",
+                          ["table predict", "plot predict"]),
+    "final stage null": ("transfer", "final.json", "stages.0", None, "stages[0] is null, not an object", ["rerun"]),
+    "summary lemma1_all null": ("score", "summary.json", "lemma1_all", [None],
+                                "lemma1_all[0] is null, not an object", ["table lemma1"]),
 }
 
 
@@ -297,6 +302,15 @@ def test_a_damaged_score_config_refuses_the_rerun(copy, capsys):
     line = _error(capsys, tiny_runs.score(run))
     assert str(run / "config.json") in line and "choose another --out" in line
     assert _snapshot(run) == before
+
+
+def test_a_control_character_in_a_config_is_named_once(copy, tmp_path, capsys):
+    """json's message ends in 'at' ('Invalid control character at'): before, 'at at line 1'."""
+    run = copy("transfer")
+    (run / "config.json").write_text('{"model": "a\nb"}')
+    for argv in (tiny_runs.transfer(run), _score_run(run, tmp_path)):
+        line = _error(capsys, argv)
+        assert "(not JSON: Invalid control character at line 1 column 13)" in line, line
 
 
 def test_a_damaged_sweep_manifest_refuses_the_rerun(copy, capsys):
@@ -575,6 +589,11 @@ def _checkpoint(path: Path, edit) -> None:
     torch.save(state, path)
 
 
+def _momentum_of_another_shape(state: dict) -> None:
+    for buffers in state["progress"]["optimizer"]["state"].values():
+        buffers["momentum_buffer"] = torch.zeros(3)
+
+
 def _other_groups(state: dict) -> None:
     groups = state["progress"]["optimizer"]["param_groups"]
     groups.append(dict(groups[0]))
@@ -594,6 +613,21 @@ LAST_DAMAGES = {
                                 "its weights do not fit this run's model: 18 missing: "),
     "history an object": (_set("history", {"a": 1}), "history is an object, not a list"),
     "progress of other keys": (_set("progress.foo", 1), "progress has the key 'foo'"),
+    # before: a traceback (TypeError, RuntimeError) when a resumed epoch trains on, or an epoch
+    # the stage lacks resumed as if the stage had ended
+    "a history row null": (lambda state: state["progress"]["history"].append(None),
+                           "progress.history[2] is null, not an object"),
+    "a weight's key no string": (lambda state: state["model"].update({0: torch.zeros(1)}),
+                                 "its weights do not fit this run's model: 1 unexpected: 0"),
+    "a learning rate of text": (lambda state: state["progress"]["optimizer"]["param_groups"][0].update(lr="x"),
+                                "its optimiser's lr is a string, not a number"),
+    "an epoch the stage lacks": (_set("progress.epoch", 7), "progress.epoch 7 is outside stage lp's 0 to 2"),
+    "momentum of another shape": (_momentum_of_another_shape,
+                                  "its optimiser's momentum_buffer is 3 for a parameter of 5x64"),
+    "a schedule of other types": (_set("progress.scheduler.last_epoch", "x"),
+                                  "its schedule state is not one asbound writes"),
+    # before: resumed with a fresh optimiser, silently (another model.pt than the uninterrupted run's)
+    "no optimiser state": (_set("progress.optimizer", None), "progress.optimizer is null after epoch 2"),
 }
 
 
@@ -615,6 +649,8 @@ def test_a_last_checkpoint_of_wrong_types_falls_back_or_is_one_line(case, two_ep
     # the fallback is a whole epoch's state: the result is the uninterrupted run's
     assert (run / "model.pt").read_bytes() == (two_epochs / "model.pt").read_bytes()
     assert pd.read_csv(run / "epochs.csv")["epoch"].tolist() == [1, 2]
+    # the damaged last.pt went: the fallback stays last.prev.pt, not replaced by the damaged file
+    assert (checkpoints / "last.prev.pt").read_bytes() == (two_epochs / "checkpoints" / "last.prev.pt").read_bytes()
     # neither usable: one line naming last.pt, nothing changed
     for name in ("final.json", "model.pt"):
         (run / name).unlink()
@@ -623,8 +659,44 @@ def test_a_last_checkpoint_of_wrong_types_falls_back_or_is_one_line(case, two_ep
     before = _snapshot(run)
     line = _error(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
     assert f"{checkpoints / 'last.pt'} is damaged or not asbound's ({problem}" in line, line
-    assert "and no earlier checkpoint is usable" in line and f"delete {checkpoints} to train" in line
+    assert "and no earlier checkpoint is usable (last.prev.pt is damaged or not asbound's (" in line, line
+    assert f"delete {checkpoints} to train" in line
     assert _snapshot(run) == before
+
+
+def test_a_last_checkpoint_that_cannot_be_read_now_is_kept(two_epochs, tmp_path, capsys, monkeypatch):
+    """Before: a PermissionError read as 'unreadable (truncated?)', and the good last.pt deleted
+    for last.prev.pt."""
+    run = tmp_path / "lp"
+    shutil.copytree(two_epochs, run)
+    for name in ("final.json", "model.pt"):
+        (run / name).unlink()
+    opened = Path.open
+
+    def denied(self: Path, *args, **kwargs):  # as for a file of another user (the tests may run as root)
+        if self.name == "last.pt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    before = _snapshot(run)
+    monkeypatch.setattr(Path, "open", denied)
+    line = _error(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
+    monkeypatch.undo()
+    assert f"{run / 'checkpoints' / 'last.pt'} cannot be read (Permission denied); it is kept" in line, line
+    assert _snapshot(run) == before
+
+
+def test_a_last_checkpoint_that_is_a_directory_is_one_line_and_kept(two_epochs, tmp_path, capsys):
+    """Before: 'is missing', then an IsADirectoryError traceback removing it."""
+    run = tmp_path / "lp"
+    shutil.copytree(two_epochs, run)
+    for name in ("final.json", "model.pt", "checkpoints/last.pt"):
+        (run / name).unlink()
+    (run / "checkpoints" / "last.pt").mkdir()
+    before = _snapshot(run)
+    line = _error(capsys, tiny_runs.transfer(run, *TWO_EPOCHS))
+    assert f"{run / 'checkpoints' / 'last.pt'} is a directory, not a checkpoint; move it out of" in line, line
+    assert _snapshot(run) == before and (run / "checkpoints" / "last.pt").is_dir()
 
 
 def _best(run: Path) -> Path:
@@ -646,6 +718,9 @@ BEST_DAMAGES = {
                                 "is damaged or not asbound's (its weights do not fit this run's model: 1 of another "
                                 "shape: head.weight (3x64 in the file, 5x64 in the model))"),
     "missing": (lambda run: _best(run).unlink(), "is missing"),
+    "a key that is no string": (lambda run: _checkpoint(_best(run), lambda state: state.update({0: torch.zeros(1)})),
+                                "is damaged or not asbound's (its weights do not fit this run's model: 1 "
+                                "unexpected: 0)"),
     "a list": (lambda run: torch.save([1, 2], _best(run)), "is damaged or not asbound's (it holds a list, not a "
                                                             "state dict)"),
 }
@@ -670,12 +745,14 @@ def test_a_damaged_best_checkpoint_says_what_is_wrong(case, copy, capsys):
 
 def _outside(run: Path) -> "dict[str, tuple[str, str]]":
     """Ways to name the finished score run beside ``run`` (a copy, so reading it would succeed):
-    by an absolute path, or climbing out with ``..``; and the problem each is named by."""
+    by an absolute path, climbing out with ``..``, or the directory itself; and the problem each
+    is named by."""
     return {"absolute": (str(run.parent / "score"), "is an absolute path, not a folder inside this directory"),
-            "climbing out": ("eps-x1/../../score", "leads out of this directory (..)")}
+            "climbing out": ("eps-x1/../../score", "leads out of this directory (..)"),
+            "itself": ("", "is this directory itself, not a folder inside it")}
 
 
-@pytest.mark.parametrize("how", ["absolute", "climbing out"])
+@pytest.mark.parametrize("how", ["absolute", "climbing out", "itself"])
 def test_a_sweep_cell_outside_the_sweep_is_refused(how, copy, capsys, tmp_path):
     """Before: the table and the plot read the run outside as the sweep's cell."""
     run, outside = copy("sweep"), copy("score")
@@ -690,7 +767,7 @@ def test_a_sweep_cell_outside_the_sweep_is_refused(how, copy, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("field", ["pretrain.dir", "tasks.0.dir"])
-@pytest.mark.parametrize("how", ["absolute", "climbing out"])
+@pytest.mark.parametrize("how", ["absolute", "climbing out", "itself"])
 def test_a_prediction_naming_a_run_outside_it_is_refused(how, field, copy, capsys):
     run, outside = copy("predict"), copy("score")
     folder, problem = _outside(run)[how]
@@ -732,7 +809,8 @@ def test_a_damaged_config_of_a_transfer_runs_score_names_it_and_its_remedy_works
         assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
     (run / "final.json").unlink()  # the rerun scores again
     before = _snapshot(run)
-    line = _last_error(capsys, tiny_runs.transfer(run))
+    # a file that is no JSON object is read before anything is evaluated: the only line
+    line = (_error if case.startswith("before") else _last_error)(capsys, tiny_runs.transfer(run))
     assert f"{run / name} is damaged or not asbound's ({problem}" in line and line.endswith(remedy), line
     assert "choose another --out" not in line
     assert _snapshot(run) == before
@@ -761,6 +839,44 @@ def test_a_transfer_config_with_a_value_of_another_type_is_named_damaged(field, 
     assert _snapshot(run) == before
 
 
+def test_a_null_setting_is_another_setting_not_damage(copy, capsys):
+    """null is any type: a setting recorded as null (an option not given) that the rerun gives."""
+    run = copy("score")
+    _edit_json(run / "config.json", _set("classes", None))
+    line = _error(capsys, tiny_runs.score(run))
+    assert f"{run} holds a run with other settings (classes: None -> '0-4'); choose another --out" in line, line
+
+
+def test_a_damaged_config_of_a_sweeps_cell_names_the_sweep_and_its_remedy_works(copy, runs, capsys):
+    run = copy("sweep")
+    cell = run / "eps-x2"
+    (cell / "config.json").write_bytes(NOT_JSON)
+    line = _error(capsys, ["table", run, "--style", "eps"])
+    assert f"{cell / 'config.json'} is damaged or not asbound's (not JSON" in line, line
+    assert line.endswith(f"delete {cell} and rerun the sweep command that made {run}: that cell runs again")
+    shutil.rmtree(cell)  # the remedy
+    _ok(capsys, tiny_runs.sweep(run))
+    assert (cell / "summary.json").read_bytes() == (runs / "sweep" / "eps-x2" / "summary.json").read_bytes()
+    _ok(capsys, ["table", run, "--style", "eps"])
+
+
+def test_a_damaged_config_of_a_predictions_run_names_the_prediction_and_its_remedy_works(copy, runs, capsys):
+    run = copy("predict")
+    task = run / "as" / "digits"
+    (task / "config.json").write_bytes(NOT_JSON)
+    (task / "summary.json").unlink()  # not done: the rerun scores it again and reads its config
+    before = _snapshot(run)
+    line = _last_error(capsys, tiny_runs.predict(run))
+    assert f"{task / 'config.json'} is damaged or not asbound's (not JSON" in line, line
+    assert line.endswith(f"delete {task} and rerun the predict command that made {run}: that run is made again, "
+                         f"the others are reused")
+    assert _snapshot(run) == before
+    shutil.rmtree(task)  # the remedy
+    _ok(capsys, tiny_runs.predict(run))
+    assert _snapshot(run / "as" / "pretrain-digits-0-4") == _snapshot(runs / "predict" / "as" / "pretrain-digits-0-4")
+    assert (task / "summary.json").read_bytes() == (runs / "predict" / "as" / "digits" / "summary.json").read_bytes()
+
+
 # --- stages.json and epochs.csv -----------------------------------------------------------------------
 
 
@@ -770,6 +886,7 @@ STAGE_DAMAGES = {  # before: the first three written into final.json as the run'
     "a stage twice": (lambda stages: stages.append(stages[0]), "it lists the stages lp, lp; the method has lp"),
     "epochs a string": (lambda stages: stages[0].update(epochs="x"), "[0].epochs is a string, not a whole number"),
     "a stage a list": (lambda stages: stages.__setitem__(0, [1]), "[0] is a list, not an object"),
+    "a stage null": (lambda stages: stages.append(None), "[1] is null, not an object"),  # before: AttributeError
 }
 
 
@@ -805,6 +922,29 @@ def test_a_trained_model_without_its_stages_has_them_rebuilt_from_the_checkpoint
     assert f"{run / 'model.pt'} has no stages.json beside it and {run / 'checkpoints'} no checkpoint" in line, line
     assert "the trained weights are kept: delete model.pt to train this method again" in line
     assert _snapshot(run) == before
+
+
+def test_an_interruption_while_the_trained_weights_are_written_leaves_the_stages(runs, copy, capsys, monkeypatch):
+    """stages.json is written before model.pt: a model.pt is never without its stages."""
+    import asbound.transfer.run as transfer_run
+
+    run = copy("transfer")
+    for name in ("final.json", "model.pt", "stages.json"):  # trained again from its checkpoint
+        (run / name).unlink()
+    save = transfer_run._save
+
+    def interrupted(path: Path, obj: object, previous: "Path | None" = None) -> None:
+        if path.name == "model.pt":
+            raise KeyboardInterrupt
+        save(path, obj, previous)
+
+    monkeypatch.setattr(transfer_run, "_save", interrupted)
+    assert main(tiny_runs.transfer(run)) == 130
+    assert (run / "stages.json").read_bytes() == (runs / "transfer" / "stages.json").read_bytes()
+    assert not (run / "model.pt").exists()
+    monkeypatch.setattr(transfer_run, "_save", save)
+    _ok(capsys, tiny_runs.transfer(run))
+    assert (run / "model.pt").read_bytes() == (runs / "transfer" / "model.pt").read_bytes()
 
 
 @pytest.mark.parametrize("damage", [b"\x8b\x00\xff\xfe garbage", b"a,b\n1,2\n"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +241,32 @@ def test_spearman_is_exact_up_to_exact_n_tasks_and_the_permutation_p_counts_the_
     assert perfect["rho"] == pytest.approx(1.0) and perfect["p_permutation"] == 1 / (PERMUTATIONS + 1)
 
 
+def _relu_files(folder: Path) -> None:
+    """relu.pt: g(x) = relu(x_1 + ... + x_4 - 1) on 1x2x2 inputs, a head of 3 classes; pre.pt: 10
+    images of 0 (g is 0 on their eps-box), down.pt: 10 images of 0.5 (g is linear there)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 3))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.fill_(-1.0)
+    torch.save(model, folder / "relu.pt")
+    y = torch.arange(10) % 3
+    torch.save({"x": torch.zeros(10, 1, 2, 2), "y": y}, folder / "pre.pt")
+    torch.save({"x": torch.full((10, 1, 2, 2), 0.5), "y": y}, folder / "down.pt")
+
+
+def test_a_ratio_at_the_threshold_transfers(tmp_path, capsys):
+    """The task is the pretraining data itself: the ratio is exactly 1, at most --threshold 1."""
+    _relu_files(tmp_path)
+    out = tmp_path / "p"
+    argv = ["predict", "--model", f"file:{tmp_path / 'relu.pt'}", "--allow-pickle", "--pretrain-data",
+            f"tensors:{tmp_path / 'down.pt'}", "--data", f"tensors:{tmp_path / 'down.pt'}@classes=0-2",
+            "--threshold", "1", "--eps", "0.05", "--steps", "5", "--n", "all", "--device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    task = json.loads((out / "predict.json").read_text())["tasks"][0]
+    assert task["ratio"] == 1.0 and task["verdict"] == "transfers"
+
+
 def test_a_pretraining_as_of_zero_leaves_the_ratio_undefined(tmp_path, capsys):
     """g(x) = relu(x_1 + ... + x_4 - 1): 0 on the whole eps-box around x = 0 (the pretraining
     data: AS 0), linear around x = 0.5 (the task: AS > 0). The ratio AS / 0 is undefined: recorded
@@ -249,14 +276,7 @@ def test_a_pretraining_as_of_zero_leaves_the_ratio_undefined(tmp_path, capsys):
     from asbound.report.plots import predict as predict_plot
     from asbound.report.runs import collect
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 3))
-    with torch.no_grad():
-        model[1].weight.fill_(1.0)
-        model[1].bias.fill_(-1.0)
-    torch.save(model, tmp_path / "relu.pt")
-    y = torch.arange(10) % 3
-    torch.save({"x": torch.zeros(10, 1, 2, 2), "y": y}, tmp_path / "pre.pt")
-    torch.save({"x": torch.full((10, 1, 2, 2), 0.5), "y": y}, tmp_path / "down.pt")
+    _relu_files(tmp_path)
     out = tmp_path / "p"
     argv = ["predict", "--model", f"file:{tmp_path / 'relu.pt'}", "--allow-pickle", "--pretrain-data",
             f"tensors:{tmp_path / 'pre.pt'}", "--data", f"tensors:{tmp_path / 'down.pt'}", "--eps", "0.05",
@@ -276,6 +296,8 @@ def test_a_pretraining_as_of_zero_leaves_the_ratio_undefined(tmp_path, capsys):
         table = capsys.readouterr().out
         row = next(line for line in table.splitlines() if "down.pt" in line and "|" in line)
         assert [c.strip() for c in row.split("|")][4:6] == ["undefined", "-"], row
+        pre = next(line for line in table.splitlines() if "pre.pt" in line and "|" in line)
+        assert [c.strip() for c in pre.split("|")][4:6] == ["undefined", "-"], pre  # not "1 (pretraining)"
         assert note in table
     # measured tasks: the one without a ratio is left out of the plot, the other drawn
     task["measured"] = {"relative_ce": 0.5}

@@ -286,7 +286,7 @@ def state_mismatch(expected: dict, got: dict) -> str:
     """How the state dict ``got`` differs from ``expected`` (a module's): its missing and
     unexpected keys and the tensors of another shape, a few of each by name, then a count."""
     missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
+    unexpected = sorted(map(str, set(got) - set(expected)))  # a key of another file may be no string
     reshaped = [f"{k} ({_shape(got[k])} in the file, {_shape(expected[k])} in the model)"
                 for k in expected if k in got and _shape(got[k]) != _shape(expected[k])]
     parts = [f"{len(keys)} {what}: {_shown(keys)}" for what, keys in

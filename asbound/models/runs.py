@@ -44,8 +44,8 @@ def read_run_config(path: "str | Path") -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelError(f"run:{path}: {config_path} cannot be read ({describe(exc)}); {lost}") from None
     except json.JSONDecodeError as exc:
-        raise ModelError(f"run:{path}: {config_path} is damaged (not JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno}); {lost}") from None
+        raise ModelError(f"run:{path}: {config_path} is damaged (not JSON: {exc.msg.removesuffix(' at')} at line "
+                         f"{exc.lineno} column {exc.colno}); {lost}") from None
     if not isinstance(config, dict) or config.get("kind") != RUN_KIND:
         found = next((what for marker, what in _OTHER_RUNS if (folder / marker).exists()), None) or (
             f"no {RUN_CONFIG}" if config is None else f"its {RUN_CONFIG} is of kind {config.get('kind')!r}"

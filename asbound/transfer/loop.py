@@ -428,13 +428,22 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
     """What in a checkpointed ``state`` does not fit the stage ``plan`` trains on ``model`` (its
     optimiser's parameter groups and buffers, its schedule, AutoLoRa's rule), or None; ``model``
     is changed (its trainable parameters), so give a copy."""
+    if state.epoch > 0:  # a stage under way resumes its optimiser (and rule), never fresh ones
+        for name, value in (("optimizer", state.optimizer), ("autolr", state.autolr)):
+            if not value and (name == "optimizer" or plan.stage.objective == "autolora"):
+                return f"progress.{name} is null after epoch {state.epoch}"
     try:
         optimizer, scheduler, scaler, autolr = _stage_tools(model, plan, settings, n_train)
+        made = [dict(group) for group in optimizer.param_groups]  # as made: loading puts the file's in
         _restore_tools(state, optimizer, scheduler, scaler, autolr)
     except ResumeError as exc:  # AutoLoRa's rule says what differs
         return str(exc)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         return f"its optimiser state does not fit this stage: {describe(exc)}"
+    for group, fresh in zip(optimizer.param_groups, made):  # a learning rate of text fails mid-epoch
+        for key, value in fresh.items():
+            if key != "params" and value is not None and _kind(group.get(key)) != _kind(value):
+                return f"its optimiser's {key} is {_kind(group.get(key))}, not {_kind(value)}"
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
@@ -449,6 +458,17 @@ def resume_problem(model: SplitModel, plan: StagePlan, settings: Settings, n_tra
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in base)):
             return "its schedule state is not one asbound writes"
     return None
+
+
+def _kind(value: object) -> str:
+    """A setting's type as an error names it (whole and fractional numbers as one)."""
+    if value is None:
+        return "missing"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _counted(batches: "Iterator[tuple[Tensor, Tensor]]",

@@ -201,12 +201,15 @@ class RunCheckpoints(Checkpointer):
         last, previous = self.last_path, self.previous_path
         if not last.exists() and not previous.exists():
             return None, ""
+        if last.is_dir():  # nothing asbound writes: not removed, and no checkpoint can be written there
+            raise ResumeError(f"{last} is a directory, not a checkpoint; move it out of {self.folder} and rerun")
         state, what = self._usable(last, problem)
         if state is not None:
             return state, ""
-        fallback, _ = self._usable(previous, problem)
+        fallback, why = self._usable(previous, problem)
         if fallback is None:
-            raise ResumeError(f"{last} {what} and no earlier checkpoint is usable; {self._restart}")
+            raise ResumeError(f"{last} {what} and no earlier checkpoint is usable ({previous.name} {why}); "
+                              f"{self._restart}")
         # the damaged file goes: the next checkpoint would make it last.prev.pt, the fallback
         last.unlink(missing_ok=True)
         return fallback, f"{self._name(last)} {what}: resumed from {previous.name}"
@@ -252,9 +255,16 @@ def _save(path: Path, obj: object, previous: "Path | None" = None) -> None:
 
 def _load(path: Path, kind: type) -> "tuple[object, Optional[str]]":
     """``path`` read with ``weights_only=True``: ``(the object, None)``, or ``(None, what is
-    wrong)`` when it is missing, cannot be read whole, or holds no ``kind``."""
+    wrong)`` when it is missing, cannot be read whole, or holds no ``kind``. A file that cannot
+    be opened (permissions) is a ResumeError: it is not damaged, and is never removed."""
     if not path.is_file():
-        return None, "is missing"
+        return None, "is a directory, not a file" if path.is_dir() else "is missing"
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:  # there, but not readable now (permissions): no damage, never removed
+        raise ResumeError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it is kept: make it "
+                          f"readable and rerun") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
