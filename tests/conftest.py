@@ -15,8 +15,9 @@ import pytest
 #: OpenMP workers competes for the same cores: with 2 cores and a load of 9, two tests took 344 s
 #: and 275 s with torch's default threads and 11 s and 48 s with one.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-for _name in THREAD_VARIABLES:
-    os.environ.setdefault(_name, "1")
+_THREADS = os.environ.get("OMP_NUM_THREADS", "1")  # a caller's OMP_NUM_THREADS sizes every pool
+for _name in THREAD_VARIABLES:  # (torch reads MKL_NUM_THREADS too: a "1" there would override it)
+    os.environ.setdefault(_name, _THREADS)
 if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"].isdigit():  # imported before this file: sized already
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
