@@ -1133,7 +1133,7 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
 CROWN_BUDGET = 2e9
 
 
-def crown_cost(bounder: Bounder, x: Tensor, norm: str = "inf") -> float:
+def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
     """An upper bound on the coefficients that full CROWN's backward passes move per datapoint of
     ``x``'s shape in ``norm``: for every ReLU input it refines (:func:`crown_bounds`; all of its
     coordinates unstable) and for the output, its size times the sizes of the nodes a pass goes
@@ -1160,10 +1160,10 @@ def crown_cost(bounder: Bounder, x: Tensor, norm: str = "inf") -> float:
     return total
 
 
-def method_for(bounder: Bounder, method: str, x: Tensor, norm: str = "inf") -> "tuple[str, Optional[str]]":
+def method_for(bounder: Bounder, method: str, x: Tensor, norm: str) -> "tuple[str, Optional[str]]":
     """The method a run computes for ``method`` on inputs of ``x``'s shape, and a one-line note
-    where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) falls back to
-    crown-ibp."""
+    where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) in ``norm`` (the
+    run's: no default, its cost differs between the norms) falls back to crown-ibp."""
     if method != "crown":
         return method, None
     cost = crown_cost(bounder, x, norm)

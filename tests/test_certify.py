@@ -1495,17 +1495,17 @@ def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not
     net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
     bounder = Bounder(net.double().eval())
     x = torch.rand(3, 1, 2, 3, dtype=torch.float64)
-    cost = certify.crown_cost(bounder, x)
+    cost = certify.crown_cost(bounder, x, "inf")
     # the second ReLU's input (4 coordinates, each through the sizes on its path: the input, the
     # flatten, the first Linear and ReLU, itself) and the output (3, through those and 4 + 3 more);
     # the first ReLU's input is an exact interval: no pass
     assert cost == 4 * (6 + 6 + 5 + 5 + 4) + 3 * (6 + 6 + 5 + 5 + 4 + 4 + 3)
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
-    assert certify.method_for(bounder, "crown", x) == ("crown", None)
+    assert certify.method_for(bounder, "crown", x, "inf") == ("crown", None)
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost - 1)
-    used, note = certify.method_for(bounder, "crown", x)
+    used, note = certify.method_for(bounder, "crown", x, "inf")
     assert used == "crown-ibp" and "crown-ibp is computed instead" in note
-    assert certify.method_for(bounder, "crown-ibp", x) == ("crown-ibp", None)
+    assert certify.method_for(bounder, "crown-ibp", x, "inf") == ("crown-ibp", None)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1777,3 +1777,20 @@ def test_full_crown_cost_in_l2_counts_the_passes_behind_pooling(monkeypatch):
     monkeypatch.setattr(certify, "CROWN_BUDGET", linf)
     assert certify.method_for(bounder, "crown", x, "inf")[0] == "crown"
     assert certify.method_for(bounder, "crown", x, "2")[0] == "crown-ibp"
+
+
+def test_score_budgets_full_crown_in_the_runs_norm(tmp_path, monkeypatch):
+    # full CROWN's cost differs between the norms (test above): score asks for the run's, and
+    # records what that answer computes
+    import asbound.scoring as scoring
+
+    asked: "list[str]" = []
+    real = scoring.method_for
+    monkeypatch.setattr(scoring, "method_for", lambda b, m, x, norm: asked.append(norm) or real(b, m, x, norm))
+    argv = ["score", "--model", "builtin:digits-adversarial", "--data", "digits", "--classes", "0-4", "--eps",
+            "0.1", "--norm", "L2", "--n", "4", "--steps", "2", "--certify", "crown", "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert asked == ["2"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["norm"] == "2" and config["certify_used"] == "crown"
