@@ -1794,3 +1794,70 @@ def test_score_budgets_full_crown_in_the_runs_norm(tmp_path, monkeypatch):
     assert asked == ["2"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["norm"] == "2" and config["certify_used"] == "crown"
+
+
+def test_full_crown_cost_counts_both_branches_of_an_addition():
+    import asbound.certify as certify
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.head(torch.relu(self.a(x) + self.b(x)))
+
+    bounder = Bounder(Branches().double().eval())
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    before = 4 + 4 + 5 + 5  # the input, its flatten and both Linears: a pass from the sum goes through all of them
+    for norm in ("inf", "2"):
+        assert certify.crown_cost(bounder, x, norm) == 5 * (before + 5) + 3 * (before + 5 + 5 + 3)
+
+
+class _FunctionalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.nn.functional.avg_pool2d(self.conv(x), 3, 1, 1)).flatten(1))
+
+
+class _Scaled(nn.Module):
+    """A one-channel input broadcast to three channels by constants of both signs, then a convolution:
+    each output is an affine function of the input with kernel ``sum_c s_c W_c``, whose absolute
+    value interval arithmetic does not see (it takes ``sum_c |s_c W_c|``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1))
+        self.conv, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x * self.s)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32, 2)),  # pooling that keeps the size mixes as much as one that shrinks it
+    _FunctionalPool,  # so does the function
+    _Scaled,  # a constant that broadcasts the input mixes its copies
+], ids=["same-size-pooling", "same-size-pooling-function", "broadcast"])
+def test_a_second_mixing_map_is_not_an_exact_interval(make):
+    # two maps that mix coordinates: the interval of the ReLU's input is not CROWN's, full CROWN
+    # refines it by backward passes, and its cost counts them
+    import asbound.certify as certify
+
+    torch.manual_seed(3)
+    bounder = Bounder(make().double().eval())
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    (pre,) = bounder.relu_inputs
+    full = certify.crown_bounds(bounder, x, 0.1, "inf")
+    ibp = bounder.boxes((x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1))
+    assert ((full[pre].hi - full[pre].lo) < (ibp[pre].hi - ibp[pre].lo) - 1e-9).any()
+    point = bounder.boxes(x[:1], x[:1])
+    sizes = [point[n.name].lo[0].numel() for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
+    names = [n.name for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
+    upto = sum(sizes[: names.index(pre) + 1])  # a chain: every node before the ReLU's input is on its passes
+    assert certify.crown_cost(bounder, x, "inf") == sizes[names.index(pre)] * upto + sizes[-1] * sum(sizes)
