@@ -1134,11 +1134,14 @@ CROWN_BUDGET = 2e9
 
 
 def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
-    """An upper bound on the coefficients that full CROWN's backward passes move per datapoint of
-    ``x``'s shape in ``norm``: for every ReLU input it refines (:func:`crown_bounds`; all of its
-    coordinates unstable) and for the output, its size times the sizes of the nodes a pass goes
-    through. An exact interval needs no pass in L-inf, and in L2 none where its rows' norms are
-    computed directly (:func:`_squared_rows`; not behind pooling)."""
+    """The coefficients that full CROWN's backward passes move per datapoint of ``x``'s shape in
+    ``norm``, one sign each, with every coordinate unstable (an upper bound of that): for every ReLU
+    input it refines (:func:`crown_bounds`) and for the output, its size times the sizes of the
+    nodes a pass goes through. An exact interval needs no pass in L-inf, and in L2 none where its
+    rows' norms are computed directly (:func:`_squared_rows`; not behind pooling). What
+    :func:`crown_box` moves is 2 to 4 times this (both signs of every pass, and crown-ibp's output
+    pass too), and its time also grows with the maps' fan-in (a Linear's ``J^T lam`` costs
+    ``in * out`` per row, counted ``in + out``); :data:`CROWN_BUDGET` is set in this count."""
     x = x[:1].double()
     with torch.no_grad():
         env = bounder.boxes(x, x)
