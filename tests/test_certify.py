@@ -1500,6 +1500,7 @@ def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not
     # flatten, the first Linear and ReLU, itself) and the output (3, through those and 4 + 3 more);
     # the first ReLU's input is an exact interval: no pass
     assert cost == 4 * (6 + 6 + 5 + 5 + 4) + 3 * (6 + 6 + 5 + 5 + 4 + 4 + 3)
+    assert certify.crown_cost(bounder, x, "2") == cost  # in L2 the first ReLU's input needs no pass either
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
     assert certify.method_for(bounder, "crown", x, "inf") == ("crown", None)
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost - 1)
