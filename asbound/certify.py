@@ -1133,12 +1133,15 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
 CROWN_BUDGET = 2e9
 
 
-def crown_cost(bounder: Bounder, x: Tensor, norm: str = "inf") -> float:
-    """An upper bound on the coefficients that full CROWN's backward passes move per datapoint of
-    ``x``'s shape in ``norm``: for every ReLU input it refines (:func:`crown_bounds`; all of its
-    coordinates unstable) and for the output, its size times the sizes of the nodes a pass goes
-    through. An exact interval needs no pass in L-inf, and in L2 none where its rows' norms are
-    computed directly (:func:`_squared_rows`; not behind pooling)."""
+def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
+    """The coefficients that full CROWN's backward passes move per datapoint of ``x``'s shape in
+    ``norm``, one sign each, with every coordinate unstable (an upper bound of that): for every ReLU
+    input it refines (:func:`crown_bounds`) and for the output, its size times the sizes of the
+    nodes a pass goes through. An exact interval needs no pass in L-inf, and in L2 none where its
+    rows' norms are computed directly (:func:`_squared_rows`; not behind pooling). What
+    :func:`crown_box` moves is 2 to 4 times this (both signs of every pass, and crown-ibp's output
+    pass too), and its time also grows with the maps' fan-in (a Linear's ``J^T lam`` costs
+    ``in * out`` per row, counted ``in + out``); :data:`CROWN_BUDGET` is set in this count."""
     x = x[:1].double()
     with torch.no_grad():
         env = bounder.boxes(x, x)
@@ -1160,10 +1163,10 @@ def crown_cost(bounder: Bounder, x: Tensor, norm: str = "inf") -> float:
     return total
 
 
-def method_for(bounder: Bounder, method: str, x: Tensor, norm: str = "inf") -> "tuple[str, Optional[str]]":
+def method_for(bounder: Bounder, method: str, x: Tensor, norm: str) -> "tuple[str, Optional[str]]":
     """The method a run computes for ``method`` on inputs of ``x``'s shape, and a one-line note
-    where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) falls back to
-    crown-ibp."""
+    where that is not ``method``: full CROWN over its budget (:data:`CROWN_BUDGET`) in ``norm`` (the
+    run's: no default, its cost differs between the norms) falls back to crown-ibp."""
     if method != "crown":
         return method, None
     cost = crown_cost(bounder, x, norm)

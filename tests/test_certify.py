@@ -1501,17 +1501,18 @@ def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not
     net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
     bounder = Bounder(net.double().eval())
     x = torch.rand(3, 1, 2, 3, dtype=torch.float64)
-    cost = certify.crown_cost(bounder, x)
+    cost = certify.crown_cost(bounder, x, "inf")
     # the second ReLU's input (4 coordinates, each through the sizes on its path: the input, the
     # flatten, the first Linear and ReLU, itself) and the output (3, through those and 4 + 3 more);
     # the first ReLU's input is an exact interval: no pass
     assert cost == 4 * (6 + 6 + 5 + 5 + 4) + 3 * (6 + 6 + 5 + 5 + 4 + 4 + 3)
+    assert certify.crown_cost(bounder, x, "2") == cost  # in L2 the first ReLU's input needs no pass either
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
-    assert certify.method_for(bounder, "crown", x) == ("crown", None)
+    assert certify.method_for(bounder, "crown", x, "inf") == ("crown", None)
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost - 1)
-    used, note = certify.method_for(bounder, "crown", x)
+    used, note = certify.method_for(bounder, "crown", x, "inf")
     assert used == "crown-ibp" and "crown-ibp is computed instead" in note
-    assert certify.method_for(bounder, "crown-ibp", x) == ("crown-ibp", None)
+    assert certify.method_for(bounder, "crown-ibp", x, "inf") == ("crown-ibp", None)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1783,3 +1784,87 @@ def test_full_crown_cost_in_l2_counts_the_passes_behind_pooling(monkeypatch):
     monkeypatch.setattr(certify, "CROWN_BUDGET", linf)
     assert certify.method_for(bounder, "crown", x, "inf")[0] == "crown"
     assert certify.method_for(bounder, "crown", x, "2")[0] == "crown-ibp"
+
+
+def test_score_budgets_full_crown_in_the_runs_norm(tmp_path, monkeypatch):
+    # full CROWN's cost differs between the norms (test above): score asks for the run's, and
+    # records what that answer computes
+    import asbound.scoring as scoring
+
+    asked: "list[str]" = []
+    real = scoring.method_for
+    monkeypatch.setattr(scoring, "method_for", lambda b, m, x, norm: asked.append(norm) or real(b, m, x, norm))
+    argv = ["score", "--model", "builtin:digits-adversarial", "--data", "digits", "--classes", "0-4", "--eps",
+            "0.1", "--norm", "L2", "--n", "4", "--steps", "2", "--certify", "crown", "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert asked == ["2"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["norm"] == "2" and config["certify_used"] == "crown"
+
+
+def test_full_crown_cost_counts_both_branches_of_an_addition():
+    import asbound.certify as certify
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.head(torch.relu(self.a(x) + self.b(x)))
+
+    bounder = Bounder(Branches().double().eval())
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    before = 4 + 4 + 5 + 5  # the input, its flatten and both Linears: a pass from the sum goes through all of them
+    for norm in ("inf", "2"):
+        assert certify.crown_cost(bounder, x, norm) == 5 * (before + 5) + 3 * (before + 5 + 5 + 3)
+
+
+class _FunctionalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.nn.functional.avg_pool2d(self.conv(x), 3, 1, 1)).flatten(1))
+
+
+class _Scaled(nn.Module):
+    """A one-channel input broadcast to three channels by constants of both signs, then a convolution:
+    each output is an affine function of the input with kernel ``sum_c s_c W_c``, whose absolute
+    value interval arithmetic does not see (it takes ``sum_c |s_c W_c|``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1))
+        self.conv, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x * self.s)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32, 2)),  # pooling that keeps the size mixes as much as one that shrinks it
+    _FunctionalPool,  # so does the function
+    _Scaled,  # a constant that broadcasts the input mixes its copies
+], ids=["same-size-pooling", "same-size-pooling-function", "broadcast"])
+def test_a_second_mixing_map_is_not_an_exact_interval(make):
+    # two maps that mix coordinates: the interval of the ReLU's input is not CROWN's, full CROWN
+    # refines it by backward passes, and its cost counts them
+    import asbound.certify as certify
+
+    torch.manual_seed(3)
+    bounder = Bounder(make().double().eval())
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    (pre,) = bounder.relu_inputs
+    full = certify.crown_bounds(bounder, x, 0.1, "inf")
+    ibp = bounder.boxes((x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1))
+    assert ((full[pre].hi - full[pre].lo) < (ibp[pre].hi - ibp[pre].lo) - 1e-9).any()
+    point = bounder.boxes(x[:1], x[:1])
+    sizes = [point[n.name].lo[0].numel() for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
+    names = [n.name for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
+    upto = sum(sizes[: names.index(pre) + 1])  # a chain: every node before the ReLU's input is on its passes
+    assert certify.crown_cost(bounder, x, "inf") == sizes[names.index(pre)] * upto + sizes[-1] * sum(sizes)

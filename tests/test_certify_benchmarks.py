@@ -62,6 +62,6 @@ def test_the_cifar_resnet18_is_bounded_by_every_method(size):
     split = split_model(timing.resnet18_cifar(), torch.rand(2, 3, 32, 32))
     bounder = timing.Bounder(split.backbone)
     x = torch.rand(1, 3, size, size, dtype=torch.float64)
-    assert timing.method_for(bounder, "crown", x)[0] == "crown-ibp"
+    assert timing.method_for(bounder, "crown", x, "inf")[0] == "crown-ibp"
     seconds, bound = timing._time(bounder, x, 1 / 255, "inf", "ibp", limit=60)
     assert seconds is not None and bound > 0
