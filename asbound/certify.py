@@ -1126,22 +1126,42 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
         return bounder.boxes(lo, hi, refine=refine)
 
 
-#: full CROWN's budget: coefficients a datapoint's backward passes may move (:func:`crown_cost`);
-#: above it ``score --certify crown`` computes crown-ibp and says so. The dSprites LeNets (64x64)
-#: need 7.8e8 (0.74 s per point at L-inf 2/255 on one CPU thread), a CIFAR ResNet-18 2.3e9 at 8x8
-#: inputs (250 s), 3.7e10 at 16x16 (1,900 s) and 5.8e11 at 32x32 (benchmarks/certify_timing.py).
-CROWN_BUDGET = 2e9
+#: full CROWN's budget: multiply-adds a datapoint's backward passes may take with every ReLU unstable
+#: (:func:`crown_cost`); above it ``score --certify crown`` computes crown-ibp and says so. Set on one
+#: CPU thread (benchmarks/certify_timing.py, 2026-12-05): the dSprites LeNets (64x64) need 2.5e10 (0.74 s
+#: per point at L-inf 2/255: 1% of their ReLUs are unstable), a CIFAR ResNet-18 3.9e11 at 8x8 inputs
+#: (250 s), 6.1e12 at 16x16 (1,900 s) and 9.6e13 at 32x32; the representation of a 3072-h-h-10 MLP
+#: with every ReLU unstable 2.4e11 at h = 4096 (32 s) and 1.5e12 at h = 8192 (166 s).
+CROWN_BUDGET = 2e11
+
+
+def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]") -> int:
+    """Multiply-adds that carrying one row of a backward pass back through ``node`` costs: a Linear's
+    ``out * in``, a Conv2d's ``out * in_channels / groups * kernel area``, an average pooling's
+    ``out * kernel area`` (adaptive: its input's size); else the larger of its own and its inputs'
+    sizes (coordinate-wise maps, reshapes, sums, concatenations)."""
+    own = size[node.name]
+    if node.op == "call_module":
+        m = bounder.modules[node.target]
+        if isinstance(m, nn.Linear):
+            return own * m.in_features
+        if isinstance(m, nn.Conv2d):
+            return own * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        if isinstance(m, nn.AvgPool2d):
+            k = m.kernel_size
+            return own * (math.prod(k) if isinstance(k, tuple) else k * k)
+    return max([own] + [size[a.name] for a in node.all_input_nodes if a.name in size])
 
 
 def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
-    """The coefficients that full CROWN's backward passes move per datapoint of ``x``'s shape in
-    ``norm``, one sign each, with every coordinate unstable (an upper bound of that): for every ReLU
-    input it refines (:func:`crown_bounds`) and for the output, its size times the sizes of the
-    nodes a pass goes through. An exact interval needs no pass in L-inf, and in L2 none where its
-    rows' norms are computed directly (:func:`_squared_rows`; not behind pooling). What
-    :func:`crown_box` moves is 2 to 4 times this (both signs of every pass, and crown-ibp's output
-    pass too), and its time also grows with the maps' fan-in (a Linear's ``J^T lam`` costs
-    ``in * out`` per row, counted ``in + out``); :data:`CROWN_BUDGET` is set in this count."""
+    """The multiply-adds of full CROWN's backward passes per datapoint of ``x``'s shape in ``norm``,
+    one sign each, with every coordinate unstable (an upper bound of that): for every ReLU input it
+    refines (:func:`crown_bounds`) and for the output, its size times the work of carrying one row
+    back through each node a pass goes through (:func:`_row_work`: a Linear's ``J^T lam`` costs
+    ``in * out`` per row). An exact interval needs no pass in L-inf, and in L2 none where its rows'
+    norms are computed directly (:func:`_squared_rows`; not behind pooling). What :func:`crown_box`
+    does is 2 to 4 times this (both signs of every pass, and crown-ibp's output pass too);
+    :data:`CROWN_BUDGET` is set in this count."""
     x = x[:1].double()
     with torch.no_grad():
         env = bounder.boxes(x, x)
@@ -1149,17 +1169,19 @@ def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
     if norm == "2":
         exact = set(_squared_rows(bounder, env, exact))
     size = {name: v.lo[0].numel() for name, v in env.items() if _is_box(v)}
-    through: "dict[str, int]" = {}  # the sizes of a node and of every bounded node before it
+    work: "dict[str, int]" = {}
+    through: "dict[str, set[str]]" = {}  # a node and every bounded node before it
     total = 0.0
     for node in bounder.graph.graph.nodes:
         if node.name not in size:
             continue
+        work[node.name] = size[node.name] if node.op == "placeholder" else _row_work(bounder, node, size)
         ancestors = {node.name}
         for a in node.all_input_nodes:
             ancestors |= through.get(a.name, set())
         through[node.name] = ancestors
         if (node.name in bounder.relu_inputs and node.name not in exact) or node is bounder.output:
-            total += size[node.name] * sum(size[a] for a in ancestors)
+            total += size[node.name] * sum(work[a] for a in ancestors)
     return total
 
 
@@ -1172,7 +1194,7 @@ def method_for(bounder: Bounder, method: str, x: Tensor, norm: str) -> "tuple[st
     cost = crown_cost(bounder, x, norm)
     if cost <= CROWN_BUDGET:
         return method, None
-    return "crown-ibp", (f"--certify crown: full CROWN would move about {cost:.0e} coefficients per point "
+    return "crown-ibp", (f"--certify crown: full CROWN would take about {cost:.0e} multiply-adds per point "
                          f"(budget {CROWN_BUDGET:.0e}); crown-ibp is computed instead")
 
 

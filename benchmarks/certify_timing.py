@@ -10,12 +10,15 @@ Seconds per point of each method's box on ``g`` (:data:`asbound.certify.OUTPUT_B
   are normalised as a trained network's are), the representation the 512 features before ``fc``;
   ``--resnet-n`` uniform inputs at each size of ``--sizes`` (32 is CIFAR's), L-inf; full CROWN
   at the sizes of ``--crown-sizes`` only (``-`` elsewhere: its cost grows about 16x per doubling
-  of the side, see the coefficients column).
+  of the side, see the multiply-adds column);
+* ``mlp``: ``3072-h-h-10`` ReLU MLPs with random weights at each width of ``--mlp-widths``, one
+  uniform 3x32x32 input, L-inf ``--mlp-eps`` (8/255: every ReLU unstable), the case where the
+  maps' fan-in, not their sizes, sets the cost.
 
 Each call has ``--limit`` seconds; one that runs longer is stopped and recorded as ``> limit``,
 and the method is not tried at larger sizes. Besides the times: the mean bound (``||max(u - g(x),
-g(x) - l)||_2``, without the operator-norm bound ``score`` also takes), the coefficients full
-CROWN's backward passes would move per point (:func:`asbound.certify.crown_cost`) and what
+g(x) - l)||_2``, without the operator-norm bound ``score`` also takes), the multiply-adds full
+CROWN's backward passes would take per point (:func:`asbound.certify.crown_cost`) and what
 ``score --certify crown`` computes there (:func:`asbound.certify.method_for`: ``crown``, or
 ``crown-ibp`` over :data:`asbound.certify.CROWN_BUDGET`).
 
@@ -48,6 +51,7 @@ from timing import write_section  # benchmarks/timing.py
 
 HEADING = "## Time per point"
 METHODS = ("ibp", "crown-ibp", "crown")
+COST = "full CROWN multiply-adds"
 
 
 class _TooLong(Exception):
@@ -124,7 +128,7 @@ def _rows(name: str, backbone: nn.Module, x: torch.Tensor, grid: "list[tuple[str
             row[f"{method} s"], row[method] = (seconds if seconds is not None else f"> {limit}"), bound
         if norm == "inf":
             row["unstable ReLUs (IBP)"] = _unstable(bounder, x, float(Fraction(text)))
-        row["full CROWN coefficients"] = cost
+        row[COST] = cost
         row["score --certify crown computes"] = used
         rows.append(row)
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -143,7 +147,7 @@ def render(rows: "list[dict]", command: str, note: str = "") -> str:
             last[r["network"]] = r
         elif r["network"] in last:
             prev = last[r["network"]]
-            r["crown s, estimated"] = prev["crown s"] * r["full CROWN coefficients"] / prev["full CROWN coefficients"]
+            r["crown s, estimated"] = prev["crown s"] * r[COST] / prev[COST]
     for r in rows:
         for key, value in r.items():
             r[key] = f"{value:.4g}" if isinstance(value, float) else "-" if value is None else value
@@ -151,7 +155,7 @@ def render(rows: "list[dict]", command: str, note: str = "") -> str:
     return ("Seconds per point (float64, one CPU thread, batched over the n points), the mean bound "
             "||max(u - g(x), g(x) - l)||_2 of each method (without the operator-norm bound), the share of "
             "ReLU inputs interval arithmetic leaves unstable over the L-inf box (full CROWN bounds those by "
-            "backward passes), the coefficients full CROWN's backward passes would move per point with all "
+            "backward passes), the multiply-adds full CROWN's backward passes would take per point with all "
             "of them unstable (asbound.certify.crown_cost) and what `score --certify crown` computes there. "
             "The ResNet-18 has random weights: its bounds are vacuous and its times near the worst case.\n\n"
             + table + (f"\n\n{note}" if note else "") + f"\n\n`command: {command}`")
@@ -166,7 +170,9 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--l2", default="8/255", help="L2 eps for the LeNet ('' for none)")
     p.add_argument("--crown-sizes", default="8,16", help="ResNet-18 sizes at which full CROWN is tried")
     p.add_argument("--limit", type=int, default=3000, help="seconds per call")
-    p.add_argument("--only", choices=("lenet", "resnet18"), help="one network")
+    p.add_argument("--mlp-widths", default="4096,8192", help="hidden widths of the MLPs ('' for none)")
+    p.add_argument("--mlp-eps", default="8/255")
+    p.add_argument("--only", choices=("lenet", "resnet18", "mlp"), help="one network")
     p.add_argument("--out", type=Path, help="markdown file whose timing section is replaced")
     p.add_argument("--json", type=Path, help="also write the measured rows here")
     p.add_argument("--render", type=Path, metavar="JSON", help="render rows written by --json; measure nothing")
@@ -199,6 +205,15 @@ def main(argv: "list[str] | None" = None) -> int:
             x = torch.rand(args.resnet_n, 3, size, size, generator=torch.Generator().manual_seed(size))
             rows += _rows("resnet18 (CIFAR layout, random)", split.backbone, x,
                           [("inf", e) for e in args.linf.split(",")], args.limit, skip)
+    if args.only in (None, "mlp"):
+        for width in (int(w) for w in args.mlp_widths.split(",") if w):
+            torch.manual_seed(0)
+            mlp = nn.Sequential(nn.Flatten(), nn.Linear(3072, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                nn.Linear(width, 10))
+            backbone = split_model(mlp.eval(), torch.rand(2, 3, 32, 32)).backbone
+            x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(width))
+            rows += _rows(f"mlp 3072-{width}-{width}-10 (random)", backbone, x, [("inf", args.mlp_eps)],
+                          args.limit, set())
     if args.json:
         args.json.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     text = render(rows, command)

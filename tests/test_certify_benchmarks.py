@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -65,3 +66,19 @@ def test_the_cifar_resnet18_is_bounded_by_every_method(size):
     assert timing.method_for(bounder, "crown", x, "inf")[0] == "crown-ibp"
     seconds, bound = timing._time(bounder, x, 1 / 255, "inf", "ibp", limit=60)
     assert seconds is not None and bound > 0
+
+
+def test_the_mlp_rows_time_every_method_and_say_what_score_computes(tmp_path, capsys):
+    """--only mlp at a tiny width: one row, every method timed, its multiply-adds and the method
+    score computes there (crown: far under the budget); --json keeps the rows for --render."""
+    timing = _load("certify_timing")
+    out = tmp_path / "rows.json"
+    assert timing.main(["--only", "mlp", "--mlp-widths", "16", "--limit", "60", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["network"] == "mlp 3072-16-16-10 (random)" and row["score --certify crown computes"] == "crown"
+    assert all(isinstance(row[f"{m} s"], float) for m in timing.METHODS)
+    # the multiply-adds: 16 rows through the second pre-activation's path (the first is an exact
+    # interval) and 16 through the representation's (its ReLU and the Identity the head left)
+    path = 3072 + 3072 + 16 * 3072 + 16 + 16 * 16  # the input, its flatten, Linear, ReLU, Linear
+    assert row[timing.COST] == 16 * path + 16 * (path + 16 + 16)
+    assert "mlp 3072-16-16-10" in capsys.readouterr().out
