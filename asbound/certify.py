@@ -1135,11 +1135,15 @@ def crown_bounds(bounder: Bounder, x: Tensor, eps: float, norm: str) -> "dict[st
 CROWN_BUDGET = 2e11
 
 
+def _area(kernel: "int | tuple[int, ...] | list[int]") -> int:
+    return math.prod(kernel) if isinstance(kernel, (tuple, list)) else kernel * kernel
+
+
 def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]") -> int:
     """Multiply-adds that carrying one row of a backward pass back through ``node`` costs: a Linear's
     ``out * in``, a Conv2d's ``out * in_channels / groups * kernel area``, an average pooling's
-    ``out * kernel area`` (adaptive: its input's size); else the larger of its own and its inputs'
-    sizes (coordinate-wise maps, reshapes, sums, concatenations)."""
+    (module or function) ``out * kernel area`` (adaptive: its input's size); else the larger of its
+    own and its inputs' sizes (coordinate-wise maps, reshapes, sums, concatenations)."""
     own = size[node.name]
     if node.op == "call_module":
         m = bounder.modules[node.target]
@@ -1148,8 +1152,10 @@ def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]") -
         if isinstance(m, nn.Conv2d):
             return own * (m.in_channels // m.groups) * math.prod(m.kernel_size)
         if isinstance(m, nn.AvgPool2d):
-            k = m.kernel_size
-            return own * (math.prod(k) if isinstance(k, tuple) else k * k)
+            return own * _area(m.kernel_size)
+    elif node.op == "call_function" and _OUT_OF_PLACE.get(node.target, node.target) is F.avg_pool2d:
+        kernel = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
+        return own * _area(kernel)
     return max([own] + [size[a.name] for a in node.all_input_nodes if a.name in size])
 
 

@@ -1780,14 +1780,16 @@ def test_full_crown_cost_counts_each_maps_multiply_adds_per_row():
             self.pool, self.adaptive, self.lin = nn.AvgPool2d(3, 1, 1), nn.AdaptiveAvgPool2d(2), nn.Linear(16, 5)
 
         def forward(self, x):
-            return self.lin(torch.relu(self.adaptive(self.pool(self.grouped(self.conv(x))))).flatten(1))
+            h = torch.nn.functional.avg_pool2d(self.pool(self.grouped(self.conv(x))), (3, 1), 1, (1, 0))
+            return self.lin(torch.relu(self.adaptive(h)).flatten(1))
 
     bounder = Bounder(Maps().double().eval())
     env = bounder.boxes(torch.rand(1, 2, 4, 4, dtype=torch.float64), torch.ones(1, 2, 4, 4, dtype=torch.float64))
     size = {n: v.lo[0].numel() for n, v in env.items() if certify._is_box(v)}
-    work = {n.target: certify._row_work(bounder, n, size) for n in bounder.graph.graph.nodes
-            if n.op == "call_module"}
-    assert work == {"conv": 64 * 2 * 9, "grouped": 64 * 2 * 3, "pool": 64 * 9, "adaptive": 64, "lin": 5 * 16}
+    work = {n.target if n.op == "call_module" else n.name: certify._row_work(bounder, n, size)
+            for n in bounder.graph.graph.nodes if n.op in ("call_module", "call_function")}
+    assert work == {"conv": 64 * 2 * 9, "grouped": 64 * 2 * 3, "pool": 64 * 9, "avg_pool2d": 64 * 3, "adaptive": 64,
+                    "relu": 16, "lin": 5 * 16}
 
 
 def test_full_crown_cost_in_l2_counts_the_passes_behind_pooling(monkeypatch):
