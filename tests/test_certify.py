@@ -1505,8 +1505,8 @@ def test_full_crown_at_its_budget_is_computed_and_one_coefficient_over_it_is_not
     # the second ReLU's input (4 rows, each carried back through the nodes on its path: the input
     # and the flatten (6 each), the first Linear (5 x 6 multiply-adds), its ReLU (5), itself (4 x 5))
     # and the output (3 rows, through those, the second ReLU (4) and itself (3 x 4)); the first
-    # ReLU's input is an exact interval: no pass
-    assert cost == 4 * (6 + 6 + 30 + 5 + 20) + 3 * (6 + 6 + 30 + 5 + 20 + 4 + 12)
+    # ReLU's input is an exact interval: no pass; and a constant per node visited (5 and 7)
+    assert cost == 4 * (6 + 6 + 30 + 5 + 20) + 3 * (6 + 6 + 30 + 5 + 20 + 4 + 12) + certify._VISIT * (5 + 7)
     assert certify.crown_cost(bounder, x, "2") == cost  # in L2 the first ReLU's input needs no pass either
     monkeypatch.setattr(certify, "CROWN_BUDGET", cost)
     assert certify.method_for(bounder, "crown", x, "inf") == ("crown", None)
@@ -1767,7 +1767,7 @@ def test_a_sound_run_records_no_shift_above_s_upper(tmp_path):
 
 def test_full_crown_cost_counts_each_maps_multiply_adds_per_row():
     """A row carried back through a map costs its fan-in per output: a Linear ``out * in``, a
-    Conv2d ``out * in_channels / groups * kernel area``, an average pooling ``out * kernel area``,
+    Conv2d ``out * in_channels * kernel area`` (grouped too), an average pooling ``out * kernel area``,
     an adaptive one its input's size, anything else the larger of its own and its inputs' sizes.
     (Counted by sizes alone, a 3072-16384-16384 MLP came out below a CIFAR ResNet-18 at 8x8 inputs
     that it outlasts: 371 s against 248 s per point.)"""
@@ -1786,9 +1786,9 @@ def test_full_crown_cost_counts_each_maps_multiply_adds_per_row():
     bounder = Bounder(Maps().double().eval())
     env = bounder.boxes(torch.rand(1, 2, 4, 4, dtype=torch.float64), torch.ones(1, 2, 4, 4, dtype=torch.float64))
     size = {n: v.lo[0].numel() for n, v in env.items() if certify._is_box(v)}
-    work = {n.target if n.op == "call_module" else n.name: certify._row_work(bounder, n, size)
+    work = {n.target if n.op == "call_module" else n.name: certify._row_work(bounder, n, size, env)
             for n in bounder.graph.graph.nodes if n.op in ("call_module", "call_function")}
-    assert work == {"conv": 64 * 2 * 9, "grouped": 64 * 2 * 3, "pool": 64 * 9, "avg_pool2d": 64 * 3, "adaptive": 64,
+    assert work == {"conv": 64 * 2 * 9, "grouped": 64 * 4 * 3, "pool": 64 * 9, "avg_pool2d": 64 * 3, "adaptive": 64,
                     "relu": 16, "lin": 5 * 16}
 
 
@@ -1809,8 +1809,9 @@ def test_full_crown_cost_in_l2_counts_the_passes_behind_pooling(monkeypatch):
     pool = pooled * 4  # multiply-adds per row: each pooled value averages a 2x2 window
     upto = 16 + pool + pooled + pooled + hidden * pooled  # the input, pooling, ReLU, flatten, Linear(4, 3)
     linf = hidden * upto + 2 * (upto + hidden + 2 * hidden)
+    linf += certify._VISIT * (5 + 7)  # the nodes each pass visits
     assert certify.crown_cost(bounder, x, "inf") == linf
-    assert certify.crown_cost(bounder, x, "2") == linf + pooled * (16 + pool)
+    assert certify.crown_cost(bounder, x, "2") == linf + pooled * (16 + pool) + certify._VISIT * 2
     monkeypatch.setattr(certify, "CROWN_BUDGET", linf)
     assert certify.method_for(bounder, "crown", x, "inf")[0] == "crown"
     assert certify.method_for(bounder, "crown", x, "2")[0] == "crown-ibp"
@@ -1849,7 +1850,8 @@ def test_full_crown_cost_counts_both_branches_of_an_addition():
     x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
     before = 4 + 4 + 5 * 4 + 5 * 4  # the input, its flatten and both Linears: a pass from the sum goes through all
     for norm in ("inf", "2"):
-        assert certify.crown_cost(bounder, x, norm) == 5 * (before + 5) + 3 * (before + 5 + 5 + 3 * 5)
+        visits = certify._VISIT * (5 + 7)
+        assert certify.crown_cost(bounder, x, norm) == 5 * (before + 5) + 3 * (before + 5 + 5 + 3 * 5) + visits
 
 
 class _FunctionalPool(nn.Module):
@@ -1896,7 +1898,8 @@ def test_a_second_mixing_map_is_not_an_exact_interval(make):
     point = bounder.boxes(x[:1], x[:1])
     nodes = [n for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
     size = {n.name: point[n.name].lo[0].numel() for n in nodes}
-    work = [size[n.name] if n.op == "placeholder" else certify._row_work(bounder, n, size) for n in nodes]
+    work = [size[n.name] if n.op == "placeholder" else certify._row_work(bounder, n, size, point) for n in nodes]
     names = [n.name for n in nodes]
     upto = sum(work[: names.index(pre) + 1])  # a chain: every node before the ReLU's input is on its passes
-    assert certify.crown_cost(bounder, x, "inf") == size[pre] * upto + size[names[-1]] * sum(work)
+    visits = certify._VISIT * (names.index(pre) + 1 + len(names))
+    assert certify.crown_cost(bounder, x, "inf") == size[pre] * upto + size[names[-1]] * sum(work) + visits

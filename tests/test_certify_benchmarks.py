@@ -80,5 +80,5 @@ def test_the_mlp_rows_time_every_method_and_say_what_score_computes(tmp_path, ca
     # the multiply-adds: 16 rows through the second pre-activation's path (the first is an exact
     # interval) and 16 through the representation's (its ReLU and the Identity the head left)
     path = 3072 + 3072 + 16 * 3072 + 16 + 16 * 16  # the input, its flatten, Linear, ReLU, Linear
-    assert row[timing.COST] == 16 * path + 16 * (path + 16 + 16)
+    assert row[timing.COST] == 16 * path + 16 * (path + 16 + 16) + 2e5 * (5 + 7)  # and 2e5 per node visited
     assert "mlp 3072-16-16-10" in capsys.readouterr().out
