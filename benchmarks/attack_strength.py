@@ -132,19 +132,6 @@ def _vit() -> torch.nn.Module:
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10)
 
 
-def _noise_statistics(net: torch.nn.Module) -> torch.nn.Module:
-    """Batch norm statistics from uniform noise (cumulative averages over four batches of 32 at
-    32x32), so that the layers are normalised as a trained network's are."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        for _ in range(4):
-            net(torch.rand(32, 3, 32, 32))
-    return net.eval()
-
-
 def _resnet18() -> torch.nn.Module:
     """torchvision's ResNet-18 in the CIFAR layout (3x3 stem, stride 1, no max pooling), random
     weights, batch norm statistics from noise (as in ``benchmarks/certify_timing.py``)."""
@@ -156,9 +143,10 @@ def _resnet18() -> torch.nn.Module:
 def _convmixer() -> torch.nn.Module:
     """A small timm ConvMixer (width 256, depth 8, kernel 5, patch 2: GELU, batch norm,
     depthwise and pointwise convolutions), random weights, batch norm statistics from noise."""
+    from certify_timing import noise_statistics  # benchmarks/certify_timing.py
     from timm.models.convmixer import ConvMixer
 
-    return _noise_statistics(ConvMixer(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10))
+    return noise_statistics(ConvMixer(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10))
 
 
 def _mlp() -> torch.nn.Module:

@@ -62,22 +62,28 @@ def _alarm(signum, frame):  # noqa: ARG001 - signal handler
     raise _TooLong
 
 
-def resnet18_cifar(seed: int = 0) -> nn.Module:
-    """torchvision's ResNet-18 in the CIFAR layout, random weights, batch norm statistics from
-    uniform noise (cumulative averages over four batches of 32 at 32x32)."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(num_classes=10)
-    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+def noise_statistics(net: nn.Module) -> nn.Module:
+    """Batch norm statistics from uniform noise (cumulative averages over four batches of 32 at
+    32x32), so that the layers are normalised as a trained network's are."""
     for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None
     net.train()
     with torch.no_grad():
         for _ in range(4):
             net(torch.rand(32, 3, 32, 32))
     return net.eval()
+
+
+def resnet18_cifar(seed: int = 0) -> nn.Module:
+    """torchvision's ResNet-18 in the CIFAR layout, random weights, batch norm statistics from
+    uniform noise (:func:`noise_statistics`)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return noise_statistics(net)
 
 
 def _time(bounder: Bounder, x: torch.Tensor, eps: float, norm: str, method: str,
@@ -157,7 +163,8 @@ def render(rows: "list[dict]", command: str, note: str = "") -> str:
             "ReLU inputs interval arithmetic leaves unstable over the L-inf box (full CROWN bounds those by "
             "backward passes), the multiply-adds full CROWN's backward passes would take per point with all "
             "of them unstable (asbound.certify.crown_cost) and what `score --certify crown` computes there. "
-            "The ResNet-18 has random weights: its bounds are vacuous and its times near the worst case.\n\n"
+            "The ResNet-18 and the MLPs have random weights: their bounds are vacuous and their times near "
+            "the worst case.\n\n"
             + table + (f"\n\n{note}" if note else "") + f"\n\n`command: {command}`")
 
 
