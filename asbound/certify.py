@@ -1141,16 +1141,16 @@ CROWN_BUDGET = 2e11
 _VISIT = 2e5
 
 
-def _area(kernel: Any) -> int:
-    return math.prod(int(k) for k in kernel) if isinstance(kernel, (tuple, list)) else int(kernel) ** 2
+def _area(kernel: "int | tuple[int, ...] | list[int]") -> int:
+    return math.prod(kernel) if isinstance(kernel, (tuple, list)) else kernel * kernel
 
 
-def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]", env: "dict[str, Any]") -> int:
+def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]") -> int:
     """Multiply-adds that carrying one row of a backward pass back through ``node`` costs: a Linear's
     ``out * in``, a Conv2d's ``out * in_channels * kernel area`` (grouped ones too: on the CPU a
-    depthwise chain took 0.8 times a dense one's time, not 1 / groups), an average pooling's (module
-    or function) ``out * kernel area`` (adaptive: its input's size); else the larger of its own and its inputs' sizes (coordinate-wise
-    maps, reshapes, sums, concatenations)."""
+    depthwise chain took 0.8-0.95 times a dense one's time, not 1 / groups), an average pooling's
+    (module or function) ``out * kernel area`` (adaptive: its input's size); else the larger of its
+    own and its inputs' sizes (the input, coordinate-wise maps, reshapes, sums, concatenations)."""
     own = size[node.name]
     if node.op == "call_module":
         m = bounder.modules[node.target]
@@ -1161,8 +1161,7 @@ def _row_work(bounder: Bounder, node: "torch.fx.Node", size: "dict[str, int]", e
         if isinstance(m, nn.AvgPool2d):
             return own * _area(m.kernel_size)
     elif node.op == "call_function" and _OUT_OF_PLACE.get(node.target, node.target) is F.avg_pool2d:
-        kernel = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
-        return own * _area(torch.fx.node.map_arg(kernel, lambda n: env[n.name]))  # (a Node: a value in env)
+        return own * _area(node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"])
     return max([own] + [size[a.name] for a in node.all_input_nodes if a.name in size])
 
 
@@ -1188,7 +1187,7 @@ def crown_cost(bounder: Bounder, x: Tensor, norm: str) -> float:
     for node in bounder.graph.graph.nodes:
         if node.name not in size:
             continue
-        work[node.name] = size[node.name] if node.op == "placeholder" else _row_work(bounder, node, size, env)
+        work[node.name] = _row_work(bounder, node, size)
         ancestors = {node.name}
         for a in node.all_input_nodes:
             ancestors |= through.get(a.name, set())

@@ -1786,7 +1786,7 @@ def test_full_crown_cost_counts_each_maps_multiply_adds_per_row():
     bounder = Bounder(Maps().double().eval())
     env = bounder.boxes(torch.rand(1, 2, 4, 4, dtype=torch.float64), torch.ones(1, 2, 4, 4, dtype=torch.float64))
     size = {n: v.lo[0].numel() for n, v in env.items() if certify._is_box(v)}
-    work = {n.target if n.op == "call_module" else n.name: certify._row_work(bounder, n, size, env)
+    work = {n.target if n.op == "call_module" else n.name: certify._row_work(bounder, n, size)
             for n in bounder.graph.graph.nodes if n.op in ("call_module", "call_function")}
     assert work == {"conv": 64 * 2 * 9, "grouped": 64 * 4 * 3, "pool": 64 * 9, "avg_pool2d": 64 * 3, "adaptive": 64,
                     "relu": 16, "lin": 5 * 16}
@@ -1898,7 +1898,7 @@ def test_a_second_mixing_map_is_not_an_exact_interval(make):
     point = bounder.boxes(x[:1], x[:1])
     nodes = [n for n in bounder.graph.graph.nodes if certify._is_box(point.get(n.name))]
     size = {n.name: point[n.name].lo[0].numel() for n in nodes}
-    work = [size[n.name] if n.op == "placeholder" else certify._row_work(bounder, n, size, point) for n in nodes]
+    work = [certify._row_work(bounder, n, size) for n in nodes]
     names = [n.name for n in nodes]
     upto = sum(work[: names.index(pre) + 1])  # a chain: every node before the ReLU's input is on its passes
     visits = certify._VISIT * (names.index(pre) + 1 + len(names))
